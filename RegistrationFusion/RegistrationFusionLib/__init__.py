@@ -1,0 +1,1 @@
+"""RegistrationFusion library: everything below the Slicer module file."""

@@ -1,0 +1,1 @@
+"""SmartBiopsy library: everything below the Slicer module file."""

@@ -1,0 +1,1 @@
+"""TrajectoryPlanner library: everything below the Slicer module file."""
