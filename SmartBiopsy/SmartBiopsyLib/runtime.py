@@ -69,6 +69,10 @@ def new_runtime(cache_dir: str | None = None) -> HeadlessRuntime:
     scene.SetRootDirectory(cache_dir)
 
     app_logic = slicer.vtkSlicerApplicationLogic()
+    # The colour logic looks for optional colour files below the home directory; the pip package ships
+    # none (the built-in tables are created in code), so point it at the cache to keep the log clean.
+    app_logic.SetHomeDirectory(cache_dir)
+    app_logic.SetShareDirectory("share")
     app_logic.SetMRMLScene(scene)
     data_io_logic = slicer.vtkDataIOManagerLogic()
     data_io_logic.SetMRMLApplicationLogic(app_logic)
