@@ -71,6 +71,7 @@ def new_runtime(cache_dir: str | None = None) -> HeadlessRuntime:
     app_logic = slicer.vtkSlicerApplicationLogic()
     # The colour logic looks for optional colour files below the home directory; the pip package ships
     # none (the built-in tables are created in code), so point it at the cache to keep the log clean.
+    os.makedirs(os.path.join(cache_dir, "share", "ColorFiles"), exist_ok=True)
     app_logic.SetHomeDirectory(cache_dir)
     app_logic.SetShareDirectory("share")
     app_logic.SetMRMLScene(scene)
