@@ -599,7 +599,7 @@ class StreamDecoder:
                     self._garbage = 0
                 pos += HEADER_SIZE
                 if header.body_size > self.max_body_bytes:
-                    out.append(Rejection("oversized", f"{header.type_name} body of {header.body_size} bytes exceeds "
+                    out.append(Rejection("oversized", f"{header.type_name} {header.device_name!r}: body of {header.body_size} bytes exceeds "
                                          f"the {self.max_body_bytes}-byte limit; skipped", header.type_name,
                                          header.device_name))
                     self._skip = header.body_size

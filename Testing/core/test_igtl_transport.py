@@ -1,0 +1,132 @@
+"""OpenIGTLink transport over loopback: echo, TCP_NODELAY, bad input rejected while the server stays up."""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from TrajectoryPlannerLib import igtl_codec as C
+from TrajectoryPlannerLib.errors import RobotBridgeError
+from TrajectoryPlannerLib.igtl_transport import IgtlClient, IgtlServer
+
+
+@pytest.fixture
+def echo_server():
+    srv = IgtlServer(0, on_message=lambda conn, msg: conn.send(msg), max_body_bytes=4096)
+    yield srv
+    srv.stop()
+
+
+def _wait(pred, timeout=3.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
+
+
+def test_server_binds_loopback_by_default(echo_server):
+    assert echo_server.host == "127.0.0.1"
+
+
+def test_client_round_trip_and_nodelay(echo_server):
+    with IgtlClient("127.0.0.1", echo_server.port) as cl:
+        cl.connect()
+        assert cl.connection.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        m = np.eye(4)
+        for i in range(50):
+            m[:3, 3] = [i, 2 * i, -i]
+            cl.send(C.TransformMessage("SEQ", m, header_version=1 + i % 2))
+            back = cl.receive(("TRANSFORM", "SEQ"), timeout=2)
+            assert back is not None and back.header_version == 1 + i % 2
+            np.testing.assert_allclose(back.matrix[:3, 3], [i, 2 * i, -i])
+
+
+def test_bursts_arrive_complete_and_in_order(echo_server):
+    with IgtlClient("127.0.0.1", echo_server.port) as cl:
+        cl.connect()
+        n = 2000
+        for i in range(n):
+            m = np.eye(4)
+            m[0, 3] = i
+            cl.send(C.TransformMessage("B", m))
+        got = [cl.receive(timeout=5) for _ in range(n)]
+        assert all(g is not None for g in got)
+        assert [int(g.matrix[0, 3]) for g in got] == list(range(n))
+
+
+def test_server_rejects_bad_input_reports_it_and_stays_up(echo_server):
+    with IgtlClient("127.0.0.1", echo_server.port) as cl:
+        cl.connect()
+        bad_crc = bytearray(C.TransformMessage("BADCRC", np.eye(4)).pack())
+        bad_crc[-1] ^= 1
+        cl.send_bytes(bytes(bad_crc))
+        cl.send_bytes(C.StringMessage("HUGE", "z" * 6000).pack())            # over the 4096-byte limit
+        body = b"\0" * 10
+        cl.send_bytes(struct.pack(">H12s20sQQQ", 1, b"TRANSFORM", b"SHORT", 0, 10, C.crc64(body)) + body)
+        cl.send_bytes(b"\x13\x37 not igtl at all " * 10)
+        cl.send(C.StringMessage("AFTER", "still here"))
+        after = cl.receive(("STRING", "AFTER"), timeout=3)
+        assert after is not None and after.text == "still here"
+        reasons = {}
+        while (st := cl.receive(("STATUS", "REJECTED"), timeout=0.5)) is not None:
+            reasons[st.error_name] = st
+        assert set(reasons) == {"crc_mismatch", "oversized", "malformed_body", "malformed_header"}
+        assert reasons["crc_mismatch"].code == C.StatusCode.CHECKSUM_ERROR and "BADCRC" in reasons["crc_mismatch"].status_string
+        assert reasons["oversized"].code == C.StatusCode.OVERFLOW and "HUGE" in reasons["oversized"].status_string
+    # a truncated message: the peer closes mid-body; the server records it and accepts new clients
+    raw = socket.create_connection(("127.0.0.1", echo_server.port))
+    raw.sendall(C.TransformMessage("CUT", np.eye(4)).pack()[:80])
+    raw.close()
+    assert _wait(lambda: any(r.reason == "truncated" for r in echo_server.rejections))
+    with IgtlClient("127.0.0.1", echo_server.port) as cl2:
+        cl2.connect()
+        cl2.send(C.StringMessage("NEW", "hello"))
+        assert cl2.receive(("STRING", "NEW"), timeout=3) is not None
+
+
+def test_unsynchronisable_stream_closes_only_that_connection():
+    srv = IgtlServer(0, on_message=lambda c, m: c.send(m))
+    try:
+        raw = socket.create_connection(("127.0.0.1", srv.port))
+        raw.sendall(b"\xff" * (1 << 20) + b"\xff" * 4096)
+        raw.settimeout(3)
+        data = b""
+        try:
+            while chunk := raw.recv(65536):
+                data += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+        raw.close()
+        assert any(r.reason == "unsynchronised" for r in srv.rejections)
+        with IgtlClient("127.0.0.1", srv.port) as cl:
+            cl.connect()
+            cl.send(C.StringMessage("OK", "x"))
+            assert cl.receive(("STRING", "OK"), timeout=3) is not None
+    finally:
+        srv.stop()
+
+
+def test_send_after_server_stop_raises_clear_error():
+    srv = IgtlServer(0)
+    cl = IgtlClient("127.0.0.1", srv.port)
+    cl.connect()
+    srv.stop()
+    assert _wait(lambda: not cl.connected)
+    with pytest.raises(RobotBridgeError, match="reconnect"):
+        cl.send(C.StringMessage("X", "y"))
+    cl.close()
+
+
+def test_connect_refused_is_a_clear_error():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with IgtlClient("127.0.0.1", port) as cl:
+        with pytest.raises(RobotBridgeError, match="Cannot connect"):
+            cl.connect(timeout=1)
