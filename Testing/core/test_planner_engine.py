@@ -1,0 +1,198 @@
+"""Planner engine on a synthetic abdomen, verified by an independent dense ray-march (KD-tree distances)."""
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from planner_oracle import Oracle
+from TrajectoryPlannerLib import engine, needles, risk, synthetic
+from TrajectoryPlannerLib.errors import TrajectoryPlannerError
+
+# planner structure name -> label values of the synthetic abdomen; automatic 'bone'/'gas' come from HU and
+# coincide with labels 3 and 8 there.
+ORACLE_LABELS = {"bone": (3,), "gas": (8,), "aorta": (4,), "ivc": (5,), "kidney": (6,), "bowel": (7,),
+                 "bowel_gas": (8,)}
+
+
+@pytest.fixture(scope="module")
+def abdomen():
+    return synthetic.make_abdomen()
+
+
+@pytest.fixture(scope="module")
+def oracle(abdomen):
+    return Oracle(abdomen[1], ORACLE_LABELS)
+
+
+@pytest.fixture(scope="module")
+def oblique_plan(abdomen):
+    ct, labels, targets = abdomen
+    return engine.plan(ct, targets, labelmaps=[(labels, synthetic.RISK_LABELS)])
+
+
+def _assert_safe(tr, oracle, needle, bound):
+    d = oracle.axis_distances(tr.entry_ras, tr.tip_ras)
+    for name, dist in d.items():
+        surface = dist - needle.outer_radius_mm
+        assert surface >= tr.margin_mm[name] - 1e-6, (tr.name, name, surface)
+        # the reported clearance is a lower bound, and not looser than twice the stated bound
+        assert tr.clearance_mm[name] <= surface + 1e-6, (tr.name, name)
+        if surface < 25:  # below the distance cap the value is informative
+            assert tr.clearance_mm[name] >= surface - 2 * bound - 1e-6, (tr.name, name)
+    assert not oracle.leaves_body(tr.entry_ras, tr.target_ras)
+
+
+def test_every_returned_path_clears_every_structure_by_its_margin(oblique_plan, oracle):
+    r = oblique_plan
+    assert {t.target for t in r.trajectories} == {"A", "B", "C"}
+    assert len(r.trajectories) == 15
+    for tr in r.trajectories + (r.shared_entry.trajectories if r.shared_entry else []):
+        _assert_safe(tr, oracle, r.needle, r.error_bound_mm)
+        assert tr.length_mm <= r.needle.max_reach_mm + 1e-9
+        assert abs(np.linalg.norm(tr.target_ras - tr.entry_ras) - tr.length_mm) < 1e-6
+
+
+def test_error_bound_is_half_voxel_diagonal_plus_half_step(oblique_plan, abdomen):
+    sp = abdomen[0].spacing
+    assert oblique_plan.error_bound_mm == pytest.approx(0.5 * np.linalg.norm(sp) + 0.25)
+
+
+def test_ranks_are_ordered_by_score_and_entries_are_separated(oblique_plan):
+    for t in "ABC":
+        trs = sorted([tr for tr in oblique_plan.trajectories if tr.target == t], key=lambda tr: tr.rank)
+        assert [tr.rank for tr in trs] == list(range(1, len(trs) + 1))
+        assert all(a.score >= b.score - 1e-12 for a, b in zip(trs, trs[1:]))
+        for a in trs:
+            for b in trs:
+                if a is not b:
+                    assert np.linalg.norm(a.entry_ras - b.entry_ras) >= 10.0 - 1e-9
+
+
+def test_no_entry_on_the_table_side(oblique_plan):
+    excl = risk.EntryExclusion()
+    for tr in oblique_plan.trajectories:
+        u = (tr.entry_ras - tr.target_ras) / tr.length_mm
+        assert math.degrees(math.acos(u @ np.array([0, -1.0, 0]))) >= 60.0 - 1e-6
+        assert not excl.excluded(tr.target_ras, tr.entry_ras[None])[0]
+
+
+def test_rejection_funnel_accounts_for_every_candidate(oblique_plan):
+    r = oblique_plan
+    for t in "ABC":
+        n_valid_or_rejected = sum(r.rejections[t].values())
+        assert 0 < n_valid_or_rejected < r.candidates[t]
+        assert r.rejections[t].get("entry_region", 0) > 0 and r.rejections[t].get("needle_length", 0) > 0
+
+
+def test_shared_entry_is_one_point_and_reports_the_tradeoff(oblique_plan):
+    s = oblique_plan.shared_entry
+    assert s is not None
+    assert len(s.trajectories) == 3
+    for tr in s.trajectories:
+        assert np.allclose(tr.entry_ras, s.entry_ras)
+        best = next(b for b in oblique_plan.trajectories if b.target == tr.target and b.rank == 1)
+        assert s.tradeoff[tr.target]["score_loss"] == pytest.approx(best.score - tr.score, abs=1e-3)
+        assert s.tradeoff[tr.target]["score_loss"] >= -1e-9
+    assert 0 < s.fan_angle_deg < 180
+
+
+def test_plan_serialises_to_the_documented_json_shape(oblique_plan):
+    d = json.loads(json.dumps(oblique_plan.to_dict()))
+    assert set(d) >= {"targets", "trajectories", "shared_entry", "rejections"}
+    t0 = d["trajectories"][0]
+    assert set(t0) >= {"name", "region", "entry_ras", "target_ras", "needle", "length_mm", "clearance_mm",
+                       "angle_to_axial_deg", "score", "rank"}
+
+
+def test_in_plane_mode_keeps_paths_in_the_target_axial_plane(abdomen, oracle):
+    ct, labels, targets = abdomen
+    s = engine.PlanSettings(mode="in-plane", in_plane_tolerance_deg=1.0, top_n=3)
+    r = engine.plan(ct, targets[1:], labelmaps=[(labels, synthetic.RISK_LABELS)], settings=s)  # A lies in a rib slab
+    assert r.trajectories
+    for tr in r.trajectories:
+        assert tr.angle_to_axial_deg <= 1.0 + 1e-9
+        assert abs(tr.entry_ras[2] - tr.target_ras[2]) <= tr.length_mm * math.sin(math.radians(1.0)) + 1e-6
+        _assert_safe(tr, oracle, r.needle, r.error_bound_mm)
+
+
+def test_oblique_mode_respects_the_maximum_angle(abdomen):
+    ct, labels, targets = abdomen
+    s = engine.PlanSettings(max_angle_deg=10.0, top_n=5, shared_entry=False)
+    r = engine.plan(ct, targets[:1], labelmaps=[(labels, synthetic.RISK_LABELS)], settings=s)
+    assert all(tr.angle_to_axial_deg <= 10.0 + 1e-9 for tr in r.trajectories)
+    assert r.rejections["A"].get("angle_to_axial", 0) > 0
+
+
+def test_no_safe_path_says_which_constraint_removed_how_many(abdomen):
+    ct, labels, targets = abdomen
+    with pytest.raises(engine.NoSafePathError) as e:
+        engine.plan(ct, targets[:1], labelmaps=[(labels, synthetic.RISK_LABELS)], margins={"bone": 60.0},
+                    settings=engine.PlanSettings(shared_entry=False))
+    msg = str(e.value)
+    f = e.value.rejections
+    assert f.get("clearance:bone", 0) > 0
+    assert f"{f['clearance:bone']} too close to bone" in msg
+    assert f"{f['entry_region']} in the excluded entry region" in msg
+
+
+def test_target_outside_the_body_or_inside_bone_is_a_clear_error(abdomen):
+    ct, labels, _ = abdomen
+    with pytest.raises(TrajectoryPlannerError, match="outside the body"):
+        engine.plan(ct, [{"name": "X", "point_ras": [0.0, 112.0, 0.0]}])  # just anterior of the skin
+    with pytest.raises(TrajectoryPlannerError, match="inside bone"):
+        engine.plan(ct, [{"name": "S", "point_ras": [0.0, -75.0, 0.0]}])  # vertebral body
+    with pytest.raises(TrajectoryPlannerError, match="outside the CT"):
+        engine.plan(ct, [{"name": "Far", "point_ras": [0.0, 0.0, 500.0]}])
+    with pytest.raises(TrajectoryPlannerError, match="point_ras"):
+        engine.plan(ct, [{"name": "Bad"}])
+
+
+def test_needle_too_short_says_the_length_needed(abdomen, oracle):
+    ct, labels, targets = abdomen
+    core = needles.CoreNeedle(18, 1.27, 60.0, 20.0, 5.0, 22.0)
+    short = needles.NeedleModel("short", core, needles.CoaxialIntroducer(17, 1.473, 30.0))
+    with pytest.raises(engine.NoSafePathError) as e:
+        engine.plan(ct, targets[:1], short, labelmaps=[(labels, synthetic.RISK_LABELS)])
+    needed = e.value.needed_length_mm
+    assert needed is not None and needed > short.max_reach_mm
+    assert f"at least {math.ceil(needed)} mm" in str(e.value)
+    # a needle with that reach succeeds, and its best path is no shorter than the stated need
+    intro = needles.CoaxialIntroducer(17, 1.473, math.ceil(needed) - short.pre_fire_gap_mm + 0.5)
+    ok = needles.NeedleModel("ok", core.__class__(18, 1.27, 200.0, 20.0, 5.0, 22.0), intro)
+    r = engine.plan(ct, targets[:1], ok, labelmaps=[(labels, synthetic.RISK_LABELS)])
+    assert min(tr.length_mm for tr in r.trajectories) >= needed - 1e-6
+
+
+def test_cancel_stops_planning(abdomen):
+    ct, _, targets = abdomen
+    with pytest.raises(TrajectoryPlannerError, match="cancelled"):
+        engine.plan(ct, targets, should_cancel=lambda: True)
+
+
+def test_distance_maps_equal_exact_edt_and_trilinear_stays_within_the_bound(abdomen):
+    ct, labels, _ = abdomen
+    sub = risk.crop_volume(ct, (20, 40, 40), (60, 160, 200))
+    rm = risk.build_risk_model(sub, [(risk.crop_volume(labels, (20, 40, 40), (60, 160, 200)), {6: "kidney"})])
+    maps = engine.DistanceMaps(rm, cap_mm=30.0)
+    kid = rm.structure("kidney")
+    lo, d = maps.maps["kidney"]
+    exact = ndimage.distance_transform_edt(~kid.mask, sampling=sub.spacing[::-1])
+    region = exact[lo[0]:lo[0] + d.shape[0], lo[1]:lo[1] + d.shape[1], lo[2]:lo[2] + d.shape[2]]
+    sel = (region < 30) & (region > 0)
+    assert np.abs(d[sel] - region[sel]).max() < 1e-3
+    # trilinear reading vs exact KD-tree distance at random off-grid points
+    tree = cKDTree(sub.voxel_centres_ras(kid.mask))
+    rng = np.random.default_rng(1)
+    kji = rng.uniform([0, 0, 0], np.array(sub.array.shape) - 1, size=(5000, 3))
+    ras = sub.kji_to_ras_points(kji)
+    true = tree.query(ras)[0]
+    interp = maps.sample_structure("kidney", kji)
+    h = maps.half_diagonal_mm
+    ok = true < 25
+    assert ok.sum() > 500
+    assert np.all(interp[ok] - h <= true[ok] + 1e-4)  # the conservative side, everywhere
+    out = ok & (true > 2 * h)  # inside a structure the map is signed (negative), the KD-tree is not
+    assert np.all(interp[out] + h >= true[out] - 1e-4)

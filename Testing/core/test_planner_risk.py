@@ -1,0 +1,102 @@
+"""Risk structures from CT and label maps, skin, table-side exclusion."""
+import numpy as np
+import pytest
+
+from RegistrationFusionLib.geometry import RasVolume
+from TrajectoryPlannerLib import risk, synthetic
+from TrajectoryPlannerLib.errors import TrajectoryPlannerError
+
+
+@pytest.fixture(scope="module")
+def abdomen():
+    return synthetic.make_abdomen(spacing=(2.0, 2.0, 2.0), fov_mm=(360, 300, 80))
+
+
+def _dice(a, b):
+    return 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def test_body_excludes_the_table_and_fills_internal_gas(abdomen):
+    ct, labels, _ = abdomen
+    body = risk.body_mask(ct)
+    lab = labels.array
+    assert not body[lab == 11].any()
+    assert body[lab == 8].all()  # bowel gas is inside the body
+    assert _dice(body, (lab != 0) & (lab != 11)) > 0.99
+
+
+def test_body_hole_filling_survives_a_crop_through_the_gas(abdomen):
+    ct, labels, _ = abdomen
+    # make the bowel gas run through the whole crop in z: it touches the top and bottom faces
+    a = ct.array.copy()
+    a[labels.array == 8] = -1000
+    x = ct.with_array(a)
+    body = risk.body_mask(x)
+    assert body[labels.array == 8].all()
+
+
+def test_skin_is_the_body_surface_but_not_the_crop_faces(abdomen):
+    ct, labels, _ = abdomen
+    body = risk.body_mask(ct)
+    skin = risk.skin_mask(body)
+    from scipy import ndimage
+    interior = ndimage.binary_erosion(body[0], iterations=2)  # inside the first slice, away from its edge
+    assert interior.sum() > 1000 and not skin[0][interior].any()
+    pts = ct.voxel_centres_ras(skin)
+    r = np.hypot(pts[:, 0] / 150.0, pts[:, 1] / 110.0)
+    assert np.all(r > 0.95) and np.all(r <= 1.01)
+
+
+def test_automatic_bone_and_gas_match_the_labels_and_drop_noise(abdomen):
+    ct, labels, _ = abdomen
+    a = ct.array.copy()
+    rng = np.random.default_rng(0)
+    noise = (rng.random(a.shape) < 0.0005) & (labels.array == 1)
+    a[noise] = 900  # isolated bright voxels (noise, tiny calcifications)
+    noisy = ct.with_array(a)
+    body = risk.body_mask(noisy)
+    s = {st.name: st for st in risk.auto_structures(noisy, body)}
+    assert _dice(s["bone"].mask, labels.array == 3) > 0.98
+    assert _dice(s["gas"].mask, labels.array == 8) > 0.95
+    assert s["bone"].margin_mm == 3.0 and s["gas"].margin_mm == 5.0
+
+
+def test_user_label_maps_get_default_margins_and_overrides(abdomen):
+    ct, labels, _ = abdomen
+    st = risk.structures_from_labelmap(labels, ct, synthetic.RISK_LABELS, margins={"kidney": 7.5})
+    m = {s.name: s.margin_mm for s in st}
+    assert m["aorta"] == 10 and m["ivc"] == 10 and m["bowel"] == 5 and m["bone"] == 3 and m["kidney"] == 7.5
+    unnamed = risk.structures_from_labelmap(labels, ct, None)
+    assert {s.name for s in unnamed} >= {"label_4", "label_9"}
+    assert all(s.margin_mm == risk.GENERIC_MARGIN_MM for s in unnamed)
+
+
+def test_label_map_on_another_grid_is_resampled(abdomen):
+    ct, labels, _ = abdomen
+    coarse = RasVolume(labels.array[:, ::2, ::2], labels.ijk_to_ras @ np.diag([2, 2, 1, 1]), "coarse")
+    st = {s.name: s for s in risk.structures_from_labelmap(coarse, ct, {4: "aorta"})}
+    assert st["aorta"].mask.shape == ct.array.shape
+    assert _dice(st["aorta"].mask, labels.array == 4) > 0.7
+
+
+def test_table_side_exclusion_cone_and_azimuth():
+    tgt = np.zeros(3)
+    entries = np.array([[0, -100, 0], [100, 0, 0], [0, 100, 0], [70, -80, 0]], float)
+    cone = risk.EntryExclusion.for_patient_position("supine")
+    assert cone.excluded(tgt, entries).tolist() == [True, False, False, True]
+    prone = risk.EntryExclusion.for_patient_position("prone")
+    assert prone.excluded(tgt, entries).tolist() == [False, False, True, False]
+    az = risk.EntryExclusion(kind="azimuth", azimuth_range_deg=(135, 225))
+    assert az.excluded(tgt, entries).tolist() == [True, False, False, True]
+    assert risk.EntryExclusion.for_patient_position("none") is None
+    with pytest.raises(TrajectoryPlannerError):
+        risk.EntryExclusion.for_patient_position("standing")
+
+
+def test_rejects_a_ct_that_is_not_in_hounsfield_units(abdomen):
+    ct, _, _ = abdomen
+    shifted = ct.with_array((ct.array.astype(np.int32) + 1024).clip(0, 4095).astype(np.uint16) // 40)
+    with pytest.raises(TrajectoryPlannerError, match="Hounsfield"):
+        risk.build_risk_model(shifted)
+    with pytest.raises(TrajectoryPlannerError, match="no body"):
+        risk.build_risk_model(ct.with_array(np.full(ct.array.shape, -1000, np.int16)))
