@@ -54,6 +54,8 @@ SPACING_REL_TOL = 0.02
 #: A gap larger than this multiple of the median spacing means missing slices.
 MISSING_GAP_FACTOR = 1.5
 
+#: Element values larger than this are read from the file only when used (the pixel data).
+_DEFER_BYTES = 4096
 #: File endings never parsed as DICOM while scanning a folder.
 _NOT_DICOM_EXTENSIONS = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".raw", ".json", ".txt", ".csv",
                          ".md", ".py", ".png", ".jpg", ".jpeg", ".zip", ".gz", ".seg.nrrd", ".mrb", ".mrml",
@@ -130,16 +132,16 @@ def _number(value) -> float | None:
 
 def _siemens_b_value(ds) -> float | None:
     """Siemens (0019,xx0C) B_value when the block is owned by a Siemens creator (or unlabeled 0019,100C)."""
-    for block in range(0x10, 0x100):
-        creator = ds.get((0x0019, block))
-        if creator is None:
-            continue
-        if _text(creator.value).upper().startswith("SIEMENS"):
-            el = ds.get((0x0019, (block << 8) | 0x0C))
+    tags = [t for t in ds.keys() if t.group == 0x0019]
+    if not tags:
+        return None
+    for tag in tags:
+        if 0x10 <= tag.element <= 0xFF and _text(ds[tag].value).upper().startswith("SIEMENS"):
+            el = ds.get((0x0019, (tag.element << 8) | 0x0C))
             if el is not None:
                 return _number(el.value)
     el = ds.get((0x0019, 0x100C))
-    if el is not None and ds.get((0x0019, 0x0010)) is None:
+    if el is not None and (0x0019, 0x0010) not in ds:
         return _number(el.value)
     return None
 
@@ -215,7 +217,8 @@ def _scan(path, progress=None, should_cancel=None) -> _ScanResult:
         if name == "DICOMDIR" or name.lower().endswith(_NOT_DICOM_EXTENSIONS):
             continue
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, force=not f.lower().endswith((".json", ".txt")))
+            # one parse per file: large values (pixel data) are deferred and read from the file on use
+            ds = pydicom.dcmread(f, defer_size=_DEFER_BYTES, force=True)
         except InvalidDicomError:
             continue
         except Exception as exc:  # truncated headers raise EOFError/ValueError/struct errors
@@ -339,7 +342,7 @@ def _unit_vector_checks(info: DicomSeriesInfo, headers):
 
 
 def _sorted_geometry(info: DicomSeriesInfo, files: list[str], headers: list, b_text: str = ""):
-    """Sort slices along the normal and return (files, origin_lps, spacing ijk, direction 3x3 LPS)."""
+    """Sort slices along the normal: (files, headers, origin_lps, spacing ijk, direction 3x3 LPS)."""
     row, col, ps = _unit_vector_checks(info, headers)
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
@@ -349,6 +352,7 @@ def _sorted_geometry(info: DicomSeriesInfo, files: list[str], headers: list, b_t
     dist = dist[order]
     pos = pos[order]
     files = [files[i] for i in order]
+    headers = [headers[i] for i in order]
     where = f"series {info.label}{b_text}"
     if len(files) > 1:
         steps = np.diff(dist)
@@ -386,26 +390,46 @@ def _sorted_geometry(info: DicomSeriesInfo, files: list[str], headers: list, b_t
         slice_spacing = float(st) if st and st > 0 else 1.0
     direction = np.column_stack([row, col, normal])
     spacing = np.array([float(ps[1]), float(ps[0]), slice_spacing])
-    return files, pos[0], spacing, direction
+    return files, headers, pos[0], spacing, direction
 
 
-def _read_pixels(info: DicomSeriesInfo, files: list[str], b_text: str = "",
+def _stored_pixels(ds) -> np.ndarray:
+    """Stored (not rescaled) pixels of one single-frame slice; uncompressed data without a copy."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    stored = int(ds.get("BitsStored", bits) or bits)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    simple = (ts is not None and not ts.is_compressed and ts.is_little_endian and bits in (8, 16, 32)
+              and int(ds.get("SamplesPerPixel", 1)) == 1 and int(ds.get("NumberOfFrames", 1) or 1) == 1
+              and (stored == bits or not signed))
+    if not simple:
+        try:
+            return ds.pixel_array
+        except (NotImplementedError, RuntimeError, ImportError):
+            return _pixels_with_gdcm(ds.filename)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    data = ds.PixelData
+    if data is None or len(data) < rows * cols * dtype.itemsize:
+        raise ValueError(f"pixel data holds {0 if data is None else len(data)} bytes, expected "
+                         f"{rows * cols * dtype.itemsize}")
+    arr = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    if stored < bits:
+        arr = arr & dtype.type((1 << stored) - 1)
+    return arr
+
+
+def _read_pixels(info: DicomSeriesInfo, files: list[str], headers: list, b_text: str = "",
                  progress=None, should_cancel=None) -> np.ndarray:
     """Rescaled voxel values, array[k, j, i]; integer dtype when the rescale keeps integers."""
-    import pydicom
-
     raws, slopes, intercepts = [], [], []
-    for n, f in enumerate(files):
+    for n, (f, ds) in enumerate(zip(files, headers)):
         if should_cancel is not None and should_cancel():
             raise InputDataError("loading the DICOM series was cancelled")
         if progress is not None and n % 20 == 0:
             progress(n / len(files), f"reading {info.description or 'DICOM'} slice {n + 1}/{len(files)}")
         try:
-            ds = pydicom.dcmread(f)
-            try:
-                arr = ds.pixel_array
-            except (NotImplementedError, RuntimeError, ImportError):
-                arr = _pixels_with_gdcm(f)
+            arr = _stored_pixels(ds)
         except InputDataError:
             raise
         except Exception as exc:
@@ -468,8 +492,8 @@ def _units(info: DicomSeriesInfo, first) -> str:
 def _build_volume(info: DicomSeriesInfo, files: list[str], headers: list, b_value: float | None,
                   progress=None, should_cancel=None) -> RasVolume:
     b_text = f" (b = {b_value:g})" if b_value is not None else ""
-    files, origin_lps, spacing, direction = _sorted_geometry(info, files, headers, b_text)
-    array = _read_pixels(info, files, b_text, progress, should_cancel)
+    files, headers, origin_lps, spacing, direction = _sorted_geometry(info, files, headers, b_text)
+    array = _read_pixels(info, files, headers, b_text, progress, should_cancel)
     if array.shape[1:] != (info.rows, info.columns):
         raise InputDataError(f"series {info.label}{b_text}: pixel data size {array.shape[1:]} does not match "
                              f"the header ({info.rows} x {info.columns}); the files are corrupt")
@@ -624,9 +648,16 @@ class _Rescale:
     intercept: float
 
     def store(self, values: np.ndarray) -> np.ndarray:
-        v = (np.asarray(values, np.float64) - self.intercept) / self.slope
+        values = np.asarray(values)
         info = np.iinfo(self.dtype)
-        return np.clip(np.round(v), info.min, info.max).astype(self.dtype)
+        if self.slope == 1.0 and self.intercept == 0.0 and np.issubdtype(values.dtype, np.integer):
+            if values.dtype == self.dtype:
+                return values
+            return np.clip(values, info.min, info.max).astype(self.dtype)
+        v = (values.astype(np.float64) - self.intercept) / self.slope
+        np.rint(v, out=v)
+        np.clip(v, info.min, info.max, out=v)
+        return v.astype(self.dtype)
 
 
 def _choose_rescale(arrays) -> _Rescale:
@@ -752,77 +783,78 @@ def _write_series(items, out_dir, *, modality, series_description, series_number
         nk, nj, ni = vol.array.shape
         stored = rescale.store(vol.array)
         iop = [_ds_str(float(x)) for x in (*row, *col)]
+        # attributes shared by every slice are set once; the loop sets the per-slice ones and writes
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["DERIVED", "PRIMARY", "AXIAL" if modality == "CT" else "OTHER"]
+        if b is not None:
+            ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"]
+        ds.SOPClassUID = sop_class
+        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
+        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
+        ds.AccessionNumber = ""
+        ds.Modality = modality
+        ds.Manufacturer = "SmartBiopsy"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = study_description
+        ds.SeriesDescription = series_description
+        ds.PatientName = patient_name or patient_id
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = ""
+        ds.PatientPosition = "HFS"
+        ds.SliceThickness = _ds_str(float(spacing[2]))
+        if modality == "CT":
+            ds.KVP = ""
+        else:
+            ds.ScanningSequence = "EP" if b is not None else "SE"
+            ds.SequenceVariant = "NONE"
+            ds.ScanOptions = ""
+            ds.MRAcquisitionType = "2D"
+            ds.EchoTime = ""
+            ds.RepetitionTime = ""
+            ds.EchoTrainLength = ""
+            ds.MagneticFieldStrength = "1.5"
+            ds.SpacingBetweenSlices = _ds_str(float(spacing[2]))
+            if b is not None:
+                ds.SequenceName = f"*ep_b{b:g}t"
+                ds.add_new((0x0018, 0x9087), "FD", float(b))
+                ds.add_new((0x0019, 0x0010), "LO", SIEMENS_MR_CREATOR)
+                ds.add_new((0x0019, 0x100C), "IS", str(int(round(b))))
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = int(series_number)
+        ds.AcquisitionNumber = 1
+        ds.ImageOrientationPatient = iop
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = nj
+        ds.Columns = ni
+        ds.PixelSpacing = [_ds_str(float(spacing[1])), _ds_str(float(spacing[0]))]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1 if rescale.dtype == np.int16 else 0
+        ds.RescaleIntercept = _ds_str(rescale.intercept)
+        ds.RescaleSlope = _ds_str(rescale.slope)
+        ds.RescaleType = "HU" if modality == "CT" else "US"
         for k in range(nk):
             instance += 1
             ipp = origin + k * spacing[2] * kdir
             sop_uid = _uid(seed, "sop", instance)
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = sop_class
             meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SpecificCharacterSet = "ISO_IR 100"
-            ds.ImageType = ["DERIVED", "PRIMARY", "AXIAL" if modality == "CT" else "OTHER"]
-            if b is not None:
-                ds.ImageType = ["DERIVED", "PRIMARY", "DIFFUSION", "TRACEW"]
-            ds.SOPClassUID = sop_class
             ds.SOPInstanceUID = sop_uid
-            ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
-            ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
-            ds.AccessionNumber = ""
-            ds.Modality = modality
-            ds.Manufacturer = "SmartBiopsy"
-            ds.ReferringPhysicianName = ""
-            ds.StudyDescription = study_description
-            ds.SeriesDescription = series_description
-            ds.PatientName = patient_name or patient_id
-            ds.PatientID = patient_id
-            ds.PatientBirthDate = ""
-            ds.PatientSex = ""
-            ds.PatientPosition = "HFS"
-            ds.SliceThickness = _ds_str(float(spacing[2]))
-            if modality == "CT":
-                ds.KVP = ""
-            else:
-                ds.ScanningSequence = "EP" if b is not None else "SE"
-                ds.SequenceVariant = "NONE"
-                ds.ScanOptions = ""
-                ds.MRAcquisitionType = "2D"
-                ds.EchoTime = ""
-                ds.RepetitionTime = ""
-                ds.EchoTrainLength = ""
-                ds.MagneticFieldStrength = "1.5"
-                ds.SpacingBetweenSlices = _ds_str(float(spacing[2]))
-                if b is not None:
-                    ds.SequenceName = f"*ep_b{b:g}t"
-                    ds.add_new((0x0018, 0x9087), "FD", float(b))
-                    ds.add_new((0x0019, 0x0010), "LO", SIEMENS_MR_CREATOR)
-                    ds.add_new((0x0019, 0x100C), "IS", str(int(round(b))))
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uid
-            ds.StudyID = "1"
-            ds.SeriesNumber = int(series_number)
-            ds.AcquisitionNumber = 1
             ds.InstanceNumber = instance
             ds.ImagePositionPatient = [_ds_str(float(x)) for x in ipp]
-            ds.ImageOrientationPatient = iop
-            ds.FrameOfReferenceUID = for_uid
-            ds.PositionReferenceIndicator = ""
             ds.SliceLocation = _ds_str(float(ipp @ np.cross(row, col)))
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows = nj
-            ds.Columns = ni
-            ds.PixelSpacing = [_ds_str(float(spacing[1])), _ds_str(float(spacing[0]))]
-            ds.BitsAllocated = 16
-            ds.BitsStored = 16
-            ds.HighBit = 15
-            ds.PixelRepresentation = 1 if rescale.dtype == np.int16 else 0
-            ds.RescaleIntercept = _ds_str(rescale.intercept)
-            ds.RescaleSlope = _ds_str(rescale.slope)
-            ds.RescaleType = "HU" if modality == "CT" else "US"
             ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
             path = os.path.join(out_dir, f"{file_prefix}{instance:05d}.dcm")
             ds.save_as(path, enforce_file_format=True)
