@@ -326,13 +326,14 @@ class JournalState:
     last_seq: int = 0
     last_sha256: str = ""
     torn_tail: bool = False
+    record_dicts: dict = field(default_factory=dict, repr=False)  # pot_id -> stored dict (records never change)
 
     def to_dict(self) -> dict:
         return {
             "format": JOURNAL_FORMAT,
             "last_seq": self.last_seq,
             "last_sha256": self.last_sha256,
-            "specimens": {k: v.to_dict() for k, v in self.specimens.items()},
+            "specimens": {k: self.record_dicts.get(k) or v.to_dict() for k, v in self.specimens.items()},
             "pathology": {k: v.to_dict() for k, v in self.pathology.items()},
             "pathology_history": {k: [p.to_dict() for p in v] for k, v in self.pathology_history.items()},
             "procedure": self.procedure,
@@ -429,6 +430,7 @@ def _apply(st: "JournalState", ev: JournalEvent) -> None:
     if ev.kind == "specimen":
         rec = SpecimenRecord.from_dict(ev.event["record"])
         st.specimens[rec.pot_id] = rec
+        st.record_dicts[rec.pot_id] = ev.event["record"]
     elif ev.kind == "pathology":
         for row in ev.event["results"]:
             pr = PathologyResult(**row)
@@ -706,7 +708,7 @@ class SpecimenJournal:
                     stale.unlink()
                 except OSError:
                     pass
-        data = json.dumps(self.state.to_dict(), indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
+        data = (json.dumps(self.state.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
