@@ -73,8 +73,17 @@ class JournalCorruptError(SmartBiopsyError):
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+def _json_default(obj):
+    """Accept numpy scalars/arrays and result dataclasses (``to_dict``) inside records (e.g. notch ROI corners)."""
+    for attr in ("to_dict", "tolist", "item"):
+        if hasattr(obj, attr):
+            return getattr(obj, attr)()
+    raise TypeError(f"{type(obj).__name__} cannot be stored in the journal")
+
+
 def _canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=_json_default)
 
 
 def _checksum(obj_without_sum: dict) -> str:

@@ -336,3 +336,28 @@ def test_record_roundtrip_dict(journal):
     rec = journal.append_specimen(make_record())
     again = SpecimenRecord.from_dict(rec.to_dict())
     assert again == rec
+
+
+def test_numpy_values_in_records_are_stored_as_plain_numbers(journal):
+    import numpy as np
+    rec = make_record(notch_roi={"mode": "tip_distal", "corners_ras": np.arange(6.0).reshape(2, 3)},
+                      needle_tip_ras=np.array([1.0, 2.0, 3.0]),
+                      values={"adc": {"mean": np.float64(1000), "median": np.float32(990), "min": np.int64(700),
+                                      "sd": np.float64(20), "n_voxels": np.int64(12), "volume_mm3": np.float64(24)}})
+    saved = journal.append_specimen(rec)
+    assert saved.notch_roi["corners_ras"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert saved.values["adc"].n_voxels == 12 and type(saved.values["adc"].n_voxels) is int
+    with pytest.raises(InputDataError, match="cannot be stored"):
+        journal.append_specimen(make_record("X-2", notch_roi={"corner": np.array([np.nan, 0, 0])}))
+
+
+def test_two_writers_see_each_others_records(tmp_path):
+    path = tmp_path / "shared.jsonl"
+    with SpecimenJournal(path) as first, SpecimenJournal(path) as second:
+        first.append_specimen(make_record("W-1"))
+        second.append_specimen(make_record("W-2"))
+        with pytest.raises(InputDataError, match="already recorded"):
+            first.append_specimen(make_record("W-2"))
+        first.append_specimen(make_record("W-3"))
+    events, torn, _ = read_events(path)
+    assert [e.seq for e in events] == [1, 2, 3] and not torn
