@@ -112,7 +112,8 @@ def signal_mask(image: RasVolume | np.ndarray, threshold: float | None = None) -
         pos = arr[finite & (arr > 0)]
         if pos.size == 0:
             return np.zeros(arr.shape, bool)
-        threshold = float(np.expm1(otsu_threshold(np.log1p(pos))))
+        # a single intensity level (synthetic or already masked images): everything positive is signal
+        threshold = 0.0 if pos.min() == pos.max() else float(np.expm1(otsu_threshold(np.log1p(pos))))
     mask = finite & (arr > threshold)
     lab, n = ndimage.label(mask)
     if n:
