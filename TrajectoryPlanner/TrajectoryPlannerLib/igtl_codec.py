@@ -22,7 +22,10 @@ truncated message when the stream ends, and resynchronises on the next plausible
 """
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import re
 import struct
 import time
 from dataclasses import KW_ONLY, dataclass, field
@@ -52,6 +55,8 @@ _STATUS_FIXED = struct.Struct(">Hq20s")
 _STRING_FIXED = struct.Struct(">HH")
 _POINT = struct.Struct(">64s32s4B3ff20s")
 _TRAJ = struct.Struct(">64s32sbB4B3f3ff20s")
+_TRANSFORM = struct.Struct(">12f")
+_NAME_RE = re.compile(rb"[\x20-\x7e]*\x00*")
 
 MIB_US_ASCII = 3
 MIB_UTF8 = 106
@@ -105,6 +110,7 @@ def crc64(data: bytes) -> int:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=4096)
 def _encode_name(name: str, size: int, what: str) -> bytes:
     try:
         raw = name.encode("ascii")
@@ -219,25 +225,29 @@ class TransformMessage(IgtlMessage):
     def __post_init__(self):
         super().__post_init__()
         m = np.asarray(self.matrix, dtype=float)
-        if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        if m.shape != (4, 4) or not np.isfinite(m).all():
             raise IgtlCodecError(f"A TRANSFORM for {self.device_name} needs a finite 4x4 matrix; got shape {m.shape}.")
         self.matrix = m
 
     def pack_content(self) -> bytes:
-        m = self.matrix
-        return np.concatenate([m[:3, :3].T.ravel(), m[:3, 3]]).astype(">f4").tobytes()
+        (a, b, c, tx), (d, e, f, ty), (g, h, i, tz) = self.matrix[:3].tolist()
+        return _TRANSFORM.pack(a, d, g, b, e, h, c, f, i, tx, ty, tz)
 
     @classmethod
     def unpack_content(cls, device_name, content, **common):
         if len(content) != 48:
             raise IgtlCodecError(f"TRANSFORM body is {len(content)} bytes instead of 48")
-        v = np.frombuffer(content, dtype=">f4").astype(float)
-        if not np.all(np.isfinite(v)):
+        v = _TRANSFORM.unpack(content)
+        if not all(map(math.isfinite, v)):
             raise IgtlCodecError("TRANSFORM contains non-finite numbers")
-        m = np.eye(4)
-        m[:3, :3] = v[:9].reshape(3, 3).T
-        m[:3, 3] = v[9:]
-        return cls(device_name, m, **common)
+        m = np.array([[v[0], v[3], v[6], v[9]], [v[1], v[4], v[7], v[10]], [v[2], v[5], v[8], v[11]],
+                      [0.0, 0.0, 0.0, 1.0]])
+        # fields were validated above: skip __post_init__ (hot path for tracking streams)
+        obj = cls.__new__(cls)
+        obj.__dict__.update(device_name=device_name, timestamp=common.get("timestamp", 0.0),
+                            metadata=common.get("metadata", {}), header_version=common.get("header_version", 1),
+                            message_id=common.get("message_id", 0), matrix=m)
+        return obj
 
     def content_dict(self):
         return {"matrix": np.round(self.matrix, 6).tolist()}
@@ -462,10 +472,10 @@ class Rejection:
 
 
 def _plausible_name(raw: bytes, allow_empty: bool) -> bool:
-    head, _, tail = raw.partition(b"\0")
-    if not head and not allow_empty:
+    """Printable ASCII followed only by NUL padding (and non-empty unless allowed)."""
+    if not allow_empty and raw[:1] == b"\0":
         return False
-    return all(0x20 <= c < 0x7F for c in head) and not tail.strip(b"\0")
+    return _NAME_RE.fullmatch(raw) is not None
 
 
 def parse_header(raw: bytes) -> Header | None:

@@ -31,6 +31,8 @@ from .igtl_codec import (DEFAULT_MAX_BODY_BYTES, IgtlMessage, Rejection, StatusC
 
 logger = logging.getLogger(__name__)
 
+#: Bytes allowed to wait in a connection's send buffer before ``send`` refuses (peer not reading).
+MAX_PENDING_SEND_BYTES = 64 << 20
 _REJECTION_CODES = {"crc_mismatch": StatusCode.CHECKSUM_ERROR, "oversized": StatusCode.OVERFLOW}
 
 
@@ -221,6 +223,9 @@ class Connection:
                     return
                 self._out += data[n:]
             else:
+                if len(self._out) > MAX_PENDING_SEND_BYTES:
+                    raise RobotBridgeError(f"{self.peer} is not reading what is sent ({len(self._out)} bytes "
+                                           "pending); check the receiving program.")
                 self._out += data
             need_writer = not self._writing
             self._writing = True
