@@ -316,3 +316,52 @@ def test_irregular_slice_spacing_is_refused(tmp_path):
     ds.save_as(files[3])
     with pytest.raises(InputDataError, match=r"'irr' \(series 8\) has irregular slice spacing"):
         dicomio.load_dicom_series(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ encodings
+def test_rle_compressed_series_is_decoded(tmp_path):
+    from pydicom.uid import RLELossless
+
+    rng = np.random.default_rng(11)
+    arr = rng.integers(-1000, 2000, (4, 12, 10)).astype(np.int16)
+    vol = RasVolume(arr, make_grid([0.0, 0.0, 0.0], [0.5, 0.5, 1.5], arr.shape), "ct")
+    for f in dicomio.write_dicom_series(vol, tmp_path, modality="CT", series_description="rle"):
+        ds = pydicom.dcmread(f)
+        ds.compress(RLELossless)
+        ds.save_as(f)
+    assert pydicom.dcmread(next(tmp_path.iterdir())).file_meta.TransferSyntaxUID == RLELossless
+    back = dicomio.load_dicom_series(tmp_path)
+    np.testing.assert_array_equal(back.array, arr)
+
+
+def test_signed_12_bit_pixels_and_per_slice_rescale_are_applied(tmp_path):
+    rng = np.random.default_rng(12)
+    arr = rng.integers(-2000, 2000, (3, 8, 8)).astype(np.int16)
+    vol = RasVolume(arr, make_grid([0.0, 0.0, 0.0], [1.0, 1.0, 2.0], arr.shape), "ct")
+    files = dicomio.write_dicom_series(vol, tmp_path, modality="CT", series_description="12bit")
+    for n, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.RescaleSlope, ds.RescaleIntercept = str(n + 1), str(-10 * n)  # a different rescale per slice
+        ds.save_as(f)
+    back = dicomio.load_dicom_series(tmp_path)
+    expected = arr.astype(np.int64) * np.arange(1, 4)[:, None, None] - 10 * np.arange(3)[:, None, None]
+    np.testing.assert_array_equal(back.array.astype(np.int64), expected)
+    np.testing.assert_array_equal(_sitk_volume(tmp_path).array.astype(np.int64), expected)
+
+
+# ------------------------------------------------------------------------------------------------ phantom
+def test_phantom_ct_and_dwi_dicom_copies_match_their_volumes(phantom0, tmp_path):
+    ct = phantom0.ct
+    dicomio.write_dicom_series(ct, tmp_path / "ct", modality="CT", series_description="CT", series_number=2)
+    dwi = {b: phantom0.mri[f"dwi_b{b}"] for b in (0, 50, 400, 800)}
+    dicomio.write_dwi_series(dwi, tmp_path / "dwi", series_description="DWI", series_number=5)
+    back_ct = dicomio.load_dicom_series(tmp_path / "ct")
+    np.testing.assert_allclose(back_ct.ijk_to_ras, ct.ijk_to_ras, atol=1e-3)
+    np.testing.assert_array_equal(back_ct.array.astype(np.int32), np.asarray(ct.array).astype(np.int32))
+    back = dicomio.load_dwi_series(tmp_path / "dwi")
+    assert sorted(back) == [0.0, 50.0, 400.0, 800.0]
+    top = max(float(v.array.max()) for v in dwi.values())
+    for b, v in dwi.items():
+        np.testing.assert_allclose(back[float(b)].ijk_to_ras, v.ijk_to_ras, atol=1e-3)
+        assert np.max(np.abs(back[float(b)].array - v.array)) <= top / 65000.0

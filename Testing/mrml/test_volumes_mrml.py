@@ -1,4 +1,4 @@
-"""RasVolume <-> MRML volume nodes on a real headless scene."""
+"""RasVolume <-> MRML volume nodes on a real headless scene (the ``scene`` fixture of Testing/conftest.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,15 +9,6 @@ from scipy.spatial.transform import Rotation
 slicer = pytest.importorskip("slicer")
 
 from SmartBiopsyLib import volumes_mrml  # noqa: E402
-
-
-@pytest.fixture
-def scene():
-    try:
-        from SmartBiopsyLib.runtime import new_scene
-    except ImportError:  # pragma: no cover - runtime not there yet
-        return slicer.vtkMRMLScene()
-    return new_scene()
 
 
 def _oblique(dtype=np.float32, shape=(4, 6, 9)) -> RasVolume:
