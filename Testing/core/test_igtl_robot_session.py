@@ -18,7 +18,7 @@ PLAN = {
     ],
     "registration_qa": {"passed": True, "tre_mm": 1.2},
 }
-FAST = dict(ack_timeout_s=0.3, status_timeout_s=2.0, motion_timeout_s=5.0, reconnect_delay_s=0.05)
+FAST = dict(ack_timeout_s=1.0, status_timeout_s=2.0, motion_timeout_s=5.0, reconnect_delay_s=0.05)
 
 
 def _session(sim, plan=PLAN, confirm=True, **kw):
@@ -108,7 +108,7 @@ def test_drop_during_motion_resumes_and_waits_for_the_move():
 def test_short_ack_delay_needs_no_retry():
     sim = _sim(Fault("delay_ack", phase="START_UP", delay_s=0.1))
     try:
-        s = _session(sim, ack_timeout_s=0.6)
+        s = _session(sim, ack_timeout_s=2.0)
         s.command("START_UP")
         s.close()
     finally:
@@ -132,7 +132,7 @@ def test_ack_later_than_timeout_is_retried_and_acted_on_once():
 def test_missing_ack_once_is_retried():
     sim = _sim(Fault("missing_ack", phase="START_UP"))
     try:
-        s = _session(sim)
+        s = _session(sim, ack_timeout_s=0.3)
         assert s.command("START_UP").ok
         s.close()
     finally:
@@ -144,7 +144,7 @@ def test_missing_ack_always_fails_after_bounded_retries(tmp_path):
     sim = _sim(Fault("missing_ack", phase="START_UP", count=-1))
     log = tmp_path / "s.jsonl"
     try:
-        s = _session(sim, retries=2, log_path=log)
+        s = _session(sim, retries=2, log_path=log, ack_timeout_s=0.3)
         with pytest.raises(RobotBridgeError, match="did not acknowledge START_UP .* after 3 attempts"):
             s.command("START_UP")
         s.close()
@@ -329,3 +329,57 @@ def test_fault_spec_parsing():
         Fault.parse("explode")
     with pytest.raises(RobotBridgeError, match="key=value"):
         Fault.parse("refuse:TARGETING")
+
+
+def test_simulator_rejects_bad_messages_mid_session_and_the_session_continues(tmp_path):
+    from TrajectoryPlannerLib import igtl_codec as C
+
+    sim = _sim()
+    log = tmp_path / "s.jsonl"
+    try:
+        s = _session(sim, log_path=log)
+        s.command("START_UP")
+        bad = bytearray(C.TransformMessage("TGT_bad", np.eye(4)).pack())
+        bad[-2] ^= 0xFF
+        s.client.send_bytes(bytes(bad))                                   # wrong CRC
+        s.client.send_bytes(C.StringMessage("CMD_big", "x" * 60000).pack()[:40])   # truncated header...
+        s.client.send_bytes(b"\0" * 18 + b"garbage" * 5)                  # ...then garbage
+        result = s.run_plan(confirm=True)
+        s.close()
+    finally:
+        sim.stop()
+    assert result.completed
+    reasons = {r.reason for r in sim.rejections}
+    assert {"crc_mismatch", "malformed_header"} <= reasons
+    assert any("TGT_bad" in st.status_string for st in s.rejections_reported)
+    assert not any(t.target_id == "bad" for t in sim.targets.values())
+
+
+def test_session_client_survives_malformed_input_from_the_robot(tmp_path):
+    import socket
+    import threading
+
+    from TrajectoryPlannerLib import igtl_codec as C
+    from TrajectoryPlannerLib.igtl_transport import IgtlClient
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+
+    def robot():
+        conn, _ = lsock.accept()
+        bad = bytearray(C.StatusMessage("TARGET", status_string="x").pack())
+        bad[-1] ^= 1
+        conn.sendall(bytes(bad) + b"\x00\x09noise" + C.StringMessage("ACK_1", "START_UP").pack())
+        conn.recv(10)
+        conn.close()
+
+    th = threading.Thread(target=robot, daemon=True)
+    th.start()
+    with IgtlClient("127.0.0.1", lsock.getsockname()[1]) as cl:
+        cl.connect()
+        ack = cl.receive(("STRING", "ACK_1"), timeout=3)
+        assert ack is not None and ack.text == "START_UP"
+        assert [r.reason for r in cl.rejections][:2] == ["crc_mismatch", "malformed_header"]
+    th.join(3)
+    lsock.close()
