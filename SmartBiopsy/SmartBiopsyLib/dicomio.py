@@ -393,8 +393,21 @@ def _sorted_geometry(info: DicomSeriesInfo, files: list[str], headers: list, b_t
     return files, headers, pos[0], spacing, direction
 
 
+def _release_pixels(ds) -> None:
+    """Drop a slice's pixel bytes from its cached header (they are re-read from the file if needed)."""
+    if "PixelData" in ds:
+        del ds.PixelData
+    for attr in ("_pixel_array", "_pixel_id"):
+        if hasattr(ds, attr):
+            setattr(ds, attr, None if attr == "_pixel_array" else {})
+
+
 def _stored_pixels(ds) -> np.ndarray:
     """Stored (not rescaled) pixels of one single-frame slice; uncompressed data without a copy."""
+    if "PixelData" not in ds:
+        import pydicom
+
+        ds = pydicom.dcmread(ds.filename)
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     bits = int(ds.get("BitsAllocated", 0) or 0)
     stored = int(ds.get("BitsStored", bits) or bits)
@@ -429,7 +442,8 @@ def _read_pixels(info: DicomSeriesInfo, files: list[str], headers: list, b_text:
         if progress is not None and n % 20 == 0:
             progress(n / len(files), f"reading {info.description or 'DICOM'} slice {n + 1}/{len(files)}")
         try:
-            arr = _stored_pixels(ds)
+            arr = np.array(_stored_pixels(ds), copy=True)
+            _release_pixels(ds)
         except InputDataError:
             raise
         except Exception as exc:
@@ -577,6 +591,11 @@ def load_dicom_series(path, series_uid: str | None = None, b_value: float | None
     Values are rescaled (RescaleSlope/Intercept); geometry is IJK->RAS in mm.
     """
     res, info = _resolve(path, series_uid)
+    return _load_from_scan(res, info, b_value, progress, should_cancel)
+
+
+def _load_from_scan(res: _ScanResult, info: DicomSeriesInfo, b_value=None, progress=None,
+                    should_cancel=None) -> RasVolume:
     groups = _group_by_b(info, res)
     if b_value is None:
         if len(groups) > 1:
@@ -615,6 +634,11 @@ def load_dwi_series(path, series_uid: str | None = None, progress: Callable | No
         _refuse_corrupt(res, path)
     else:
         res, info = _resolve(path, series_uid)
+    return _load_dwi_from_scan(res, info, progress, should_cancel)
+
+
+def _load_dwi_from_scan(res: _ScanResult, info: DicomSeriesInfo, progress=None,
+                        should_cancel=None) -> dict[float, RasVolume]:
     groups = _group_by_b(info, res)
     if None in groups:
         if len(groups) == 1:

@@ -177,10 +177,10 @@ def load_study(path, progress: Callable | None = None,
         if progress is not None:
             progress(done / max(total, 1), f"loading {info.description or info.uid}")
         if info.is_multi_b:
-            for b, vol in dicomio.load_dwi_series(path, info.uid).items():
+            for b, vol in dicomio._load_dwi_from_scan(res, info, should_cancel=should_cancel).items():
                 put(f"{info.description or 'dwi'}_b{b:g}", vol, info.number)
         else:
-            vol = dicomio.load_dicom_series(path, info.uid)
+            vol = dicomio._load_from_scan(res, info, should_cancel=should_cancel)
             if min(vol.array.shape) < 2:
                 logger.info("skipping single-slice series %s (a localiser or screenshot)", info.label)
                 continue
