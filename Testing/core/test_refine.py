@@ -1,0 +1,150 @@
+"""Intensity refinement on the real RIRE head CT/T2 pair: MI gain, recovery of a known perturbation, acceptance checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from RegistrationFusionLib import refine as R
+from RegistrationFusionLib.errors import RegistrationFusionError
+from RegistrationFusionLib.geometry import RasVolume
+from RegistrationFusionLib.landmarks import apply_transform, rotation_angle_deg
+
+
+def rigid(axis, deg, t) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.radians(deg)
+    m = np.eye(4)
+    m[:3, :3] = np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+    m[:3, 3] = t
+    return m
+
+
+def _load_rire(shared_data, shrink):
+    import SimpleITK as sitk
+
+    d = shared_data / "rire-pat002"
+    ct = RasVolume.from_sitk(sitk.Shrink(sitk.ReadImage(str(d / "pat002_ct.nrrd")), [shrink, shrink, 1]), "ct")
+    mr = RasVolume.from_sitk(sitk.Shrink(sitk.ReadImage(str(d / "pat002_mr_T2.nrrd")), [shrink, shrink, 1]), "t2")
+    return ct, mr
+
+
+@pytest.fixture(scope="module")
+def rire_full(shared_data):
+    """The pair as shipped (CT 1.4 mm, MR 0.98 mm in-plane, 5 mm slices): for accuracy checks."""
+    return _load_rire(shared_data, 1)
+
+
+@pytest.fixture(scope="module")
+def rire(shared_data):
+    """In-plane resolution halved to keep the acceptance-logic tests fast."""
+    return _load_rire(shared_data, 2)
+
+
+@pytest.fixture(scope="module")
+def rire_reference(rire):
+    """Refinement of the small pair from a centre-of-mass start (no ground truth is shipped)."""
+    ct, mr = rire
+    start = R.moments_initialisation(ct, mr)
+    return start, R.refine_registration(ct, mr, start)
+
+
+def inner_box_points(vol: RasVolume, fraction=0.6) -> np.ndarray:
+    lo, hi = vol.bounds_ras()
+    c, h = (lo + hi) / 2, (hi - lo) / 2 * fraction
+    return np.array([c + h * np.array([a, b, d]) for a in (-1, 1) for b in (-1, 1) for d in (-1, 1)] + [c])
+
+
+def test_mutual_information_improves_over_identity_and_perturbed_start(rire, rire_reference):
+    ct, mr = rire
+    start, res = rire_reference
+    mi_identity = R.mutual_information(ct, mr, np.eye(4))
+    assert res.accepted, res.reason
+    assert res.mi_final > mi_identity + 0.1
+    perturbed = res.matrix @ rigid((0, 0, 1), 4, (5, -3, 4))
+    mi_perturbed = R.mutual_information(ct, mr, perturbed)
+    again = R.refine_registration(ct, mr, perturbed)
+    assert again.mi_final > mi_perturbed + 0.05
+    assert again.accepted
+
+
+def test_recovers_known_rigid_perturbation_of_the_mri(rire_full):
+    ct, mr = rire_full
+    ref = R.refine_registration(ct, mr, R.moments_initialisation(ct, mr))
+    p = rigid((1, 0.5, 0.2), 5, (6, -4, 5))  # moves the MRI world: x' = P x
+    moved = RasVolume(mr.array, p @ mr.ijk_to_ras, "t2 moved")
+    res = R.refine_registration(ct, moved, ref.matrix)  # starts 5 degrees / ~9 mm off
+    recovered = res.matrix @ p  # should equal the reference registration of the unmoved MRI
+    pts = inner_box_points(ct)
+    err = np.linalg.norm(apply_transform(recovered, pts) - apply_transform(ref.matrix, pts), axis=1)
+    assert err.max() < 2.0, err
+    assert rotation_angle_deg(recovered @ np.linalg.inv(ref.matrix)) < 1.0
+
+
+def test_keeps_landmark_result_when_capsules_would_move_too_far(rire, rire_reference):
+    ct, mr = rire
+    start, ref = rire_reference
+    caps_mri = apply_transform(np.linalg.inv(ref.matrix), inner_box_points(ct)[:6])
+    perturbed = ref.matrix @ rigid((0, 1, 0), 3, (3, 0, 2))
+    res = R.refine_registration(ct, mr, perturbed, capsules_mri=caps_mri, capsule_allowed_mm=0.5,
+                                targets_ct=inner_box_points(ct)[-1:])
+    assert not res.accepted
+    assert "capsule" in res.reason and "localisation error" in res.reason
+    assert np.allclose(res.matrix, perturbed)
+    assert res.capsule_displacement_mm.max() > 0.5
+    assert len(res.target_displacement_mm) == 1 and res.target_displacement_mm[0] > 0.5
+    assert res.to_dict()["accepted"] is False
+
+
+def test_keeps_landmark_result_when_metric_does_not_improve(rire, rire_reference):
+    ct, mr = rire
+    _, ref = rire_reference
+    res = R.refine_registration(ct, mr, ref.matrix, min_mi_gain=0.05)
+    assert not res.accepted and "did not improve" in res.reason
+    assert np.allclose(res.matrix, ref.matrix)
+
+
+def test_deformable_stage_is_optional_and_checked(rire, rire_reference):
+    ct, mr = rire
+    _, ref = rire_reference
+    res = R.refine_registration(ct, mr, ref.matrix, deformable=True, iterations=5, max_bending_energy=0.0,
+                                bspline_grid_mm=80.0)
+    assert not res.deformable_accepted
+    assert "bending energy" in res.deformable_reason
+    assert res.deformable_transform is None
+    assert res.to_dict()["deformable"]["accepted"] is False
+    plain = R.refine_registration(ct, mr, ref.matrix, iterations=5)
+    assert plain.deformable_reason == "" and plain.deformable_transform is None
+
+
+def test_transform_file_round_trip_is_exact(tmp_path):
+    m = rigid((0.3, -1, 0.4), 17, (12.5, -40.25, 7.0))
+    for ext in ("tfm", "h5"):
+        path = tmp_path / f"mri_to_ct.{ext}"
+        R.write_itk_transform(m, str(path))
+        assert np.allclose(R.read_itk_transform(str(path)), m, atol=1e-6)
+
+
+def test_itk_transform_maps_ct_points_to_mri_points_in_lps():
+    m = rigid((0, 0, 1), 30, (10, 20, 30))
+    tx = R.itk_from_ras(m)
+    p_mri_ras = np.array([5.0, -7.0, 9.0])
+    p_ct_ras = apply_transform(m, p_mri_ras)
+    lps = lambda p: p * np.array([-1, -1, 1])  # noqa: E731 (test oracle only)
+    assert np.allclose(tx.TransformPoint(tuple(lps(p_ct_ras))), lps(p_mri_ras), atol=1e-9)
+
+
+def test_rejects_invalid_initial_transform_and_empty_mask(rire):
+    ct, mr = rire
+    with pytest.raises(RegistrationFusionError, match="not a valid 4x4"):
+        R.refine_registration(ct, mr, np.zeros((4, 4)))
+    with pytest.raises(RegistrationFusionError, match="mask"):
+        R.refine_registration(ct, mr, np.eye(4), ct_mask=ct.with_array(np.zeros(ct.array.shape, np.uint8)))
+
+
+def test_resample_mri_on_ct_grid(rire, rire_reference):
+    ct, mr = rire
+    _, ref = rire_reference
+    out = R.resample_mri_on_ct(mr, ct, ref)
+    assert out.same_grid(ct)
+    assert np.count_nonzero(out.array) > 0.3 * out.array.size
