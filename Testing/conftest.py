@@ -22,3 +22,21 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (see ../shared/data/README.md)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def phantom0():
+    """The default phantom case (seed 0, rigid MRI pose), generated once per test session."""
+    from SmartBiopsyLib.phantom import generate_phantom
+
+    return generate_phantom(0)
+
+
+@pytest.fixture
+def scene():
+    """A fresh real MRML scene from the headless runtime (slicer-core)."""
+    from SmartBiopsyLib.runtime import new_runtime
+
+    rt = new_runtime()
+    yield rt.scene
+    rt.scene.Clear(True)

@@ -502,17 +502,23 @@ class PhantomCase:
         if dicom:
             from SmartBiopsyLib.dicomio import write_dicom_series, write_dwi_series
 
-            study_uid = _uid(self.seed, 1)
+            # CT and MRI come from different scanners and days: separate studies and frames of reference
+            ct_study, mr_study = _uid(self.seed, 1), _uid(self.seed, 2)
+            ct_for, mr_for = _uid(self.seed, 3), _uid(self.seed, 4)
             d = out / "dicom"
             write_dicom_series(self.ct, d / "ct", modality="CT", series_description="Planning CT with skin capsules",
-                               series_number=2, study_uid=study_uid)
+                               series_number=2, study_uid=ct_study, frame_of_reference_uid=ct_for,
+                               patient_id=f"PHANTOM{self.seed:04d}", uid_seed=f"phantom-{self.seed}-ct")
             series = [("t2", "T2 TSE axial", 3), ("dixon_water", "Dixon water", 6), ("dixon_fat", "Dixon fat", 7),
                       ("t1_pre", "T1 VIBE pre-contrast", 8), ("t1_post", "T1 VIBE post-contrast", 9)]
             for key, desc, num in series:
                 write_dicom_series(self.mri[key], d / key, modality="MR", series_description=desc,
-                                   series_number=num, study_uid=study_uid)
-            write_dwi_series({b: self.mri[f"dwi_b{int(b)}"] for b in B_VALUES}, d / "dwi", modality="MR",
-                             series_description="ep2d_diff b0-50-400-800", series_number=5, study_uid=study_uid)
+                                   series_number=num, study_uid=mr_study, frame_of_reference_uid=mr_for,
+                                   patient_id=f"PHANTOM{self.seed:04d}", uid_seed=f"phantom-{self.seed}-{key}")
+            write_dwi_series({b: self.mri[f"dwi_b{int(b)}"] for b in B_VALUES}, d / "dwi",
+                             series_description="ep2d_diff b0-50-400-800", series_number=5, study_uid=mr_study,
+                             frame_of_reference_uid=mr_for, patient_id=f"PHANTOM{self.seed:04d}",
+                             uid_seed=f"phantom-{self.seed}-dwi")
             paths["dicom"] = str(d)
         return paths
 
@@ -560,13 +566,43 @@ def _deformation(anat: Anatomy, rng: np.random.Generator):
     return disp
 
 
+_CACHE: dict = {}
+_CACHE_MAX = 4
+
+
 def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, should_cancel=None,
-                     ct_noise_hu: float = 10.0, mri_noise: float = 0.012) -> PhantomCase:
+                     ct_noise_hu: float = 10.0, mri_noise: float = 0.012, cache: bool = True) -> PhantomCase:
     """Generate the phantom case for ``seed`` (deterministic). See the module docstring.
 
     Noise levels: CT Gaussian ``ct_noise_hu``; MRI Rician with sigma = ``mri_noise`` x the 95th
-    percentile of the body signal of each series.
+    percentile of the body signal of each series. With ``cache`` (default) the last few cases are kept
+    in memory and returned again for the same arguments; their arrays are read-only (copy before
+    modifying).
     """
+    key = (int(seed), bool(deformation), float(ct_noise_hu), float(mri_noise))
+    if cache and key in _CACHE:
+        if progress:
+            progress(1.0, "phantom ready (cached)")
+        return _CACHE[key]
+    case = _generate(int(seed), deformation, progress, should_cancel, ct_noise_hu, mri_noise)
+    if cache:
+        _freeze(case)
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = case
+    return case
+
+
+def _freeze(case: PhantomCase) -> None:
+    vols = [case.ct, case.ct_labels, case.ct_habitats, *case.mri.values(), case.truth.adc, case.truth.ff,
+            case.truth.ef, case.truth.mri_labels, case.truth.mri_habitats, case.truth.tumour_mask_mri]
+    for v in vols:
+        v.array.setflags(write=False)
+    for a in (case.truth.mri_to_ct, case.truth.capsules_ct, case.truth.capsules_mri, case.truth.capsule_axes_ct):
+        a.setflags(write=False)
+
+
+def _generate(seed, deformation, progress, should_cancel, ct_noise_hu, mri_noise) -> PhantomCase:
     t0 = time.perf_counter()
     anat = Anatomy(seed)
     rng = np.random.default_rng(seed + 1000)
@@ -584,9 +620,10 @@ def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, sh
     cls = np.empty(ct.shape_kji, np.int16)
     jj, ii = np.mgrid[0:nj, 0:ni]
     plane_ijk = np.stack([ii.ravel(), jj.ravel(), np.zeros(ii.size)], axis=1).astype(float)
+    plane0 = ct.ijk_to_ras_points(plane_ijk)
+    dk = ct.ijk_to_ras[:3, 2]
     for k in range(nk):
-        plane_ijk[:, 2] = k
-        cls[k] = anat.classify(ct.ijk_to_ras_points(plane_ijk)).reshape(nj, ni)
+        cls[k] = anat.classify(plane0 + k * dk).reshape(nj, ni)
     check_cancel()
     # table under the patient (CT only): carbon shell with foam core
     table_top = -anat.body_b - 1.0
@@ -652,7 +689,7 @@ def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, sh
     )
     timings["total_s"] = time.perf_counter() - t0
     _progress(progress, 1.0, "phantom ready")
-    logger.info("phantom seed %d: tumour %.2f L, %d capsules, %.1f s", seed, truth.tumour_volume_ml,
+    logger.info("phantom seed %d: tumour %.0f mL, %d capsules, %.1f s", seed, truth.tumour_volume_ml,
                 len(caps_ct), timings["total_s"])
     return PhantomCase(seed, ct, ct_labels, ct_hab, mri, truth, anat, timings)
 
@@ -722,15 +759,18 @@ def _render_mri(anat: Anatomy, grid: RasVolume, world_fn):
     centre_cls = np.empty((nk, nj * ni), np.int16)
     centre_pts = np.empty((nk, nj * ni, 3), np.float32)
     dz = grid.spacing[2]
+    plane0 = grid.ijk_to_ras_points(plane)
+    dkv = grid.ijk_to_ras[:3, 2]
+    tumour_classes = np.array([t[0].startswith("tumour") for t in _TISSUES])
     for k in range(nk):
         for off in _SLAB_OFFSETS:
-            plane[:, 2] = k + off / dz
-            p = world_fn(grid.ijk_to_ras_points(plane))
+            p = world_fn(plane0 + (k + off / dz) * dkv)
             c = anat.classify(p)
             vals = _PROPS[c].T.copy()  # (7, N)
-            tex = anat.texture_factor
-            for which, prop in ((0, P_ADC), (1, P_EF)):
-                vals[prop] *= tex(which, p)
+            tum = np.nonzero(tumour_classes[c])[0]
+            if tum.size:  # smooth texture inside the tumour (the truth maps carry the same factor)
+                for which, prop in ((0, P_ADC), (1, P_EF)):
+                    vals[prop, tum] *= anat.texture_factor(which, p[tum])
             acc[:, k] += vals.astype(np.float32)
             if off == 0.0:
                 centre_cls[k] = c
@@ -772,8 +812,13 @@ def _synthesise_series(anat, grid, props, centre_cls, centre_pts, rng, noise):
     # truth maps at voxel centres (texture included)
     c = centre_cls
     p = centre_pts.reshape(-1, 3).astype(float)
-    adc_t = _PROPS[c, P_ADC] * anat.texture_factor(0, p).reshape(c.shape)
-    ef_t = _PROPS[c, P_EF] * anat.texture_factor(1, p).reshape(c.shape)
+    tumour_classes = np.array([t[0].startswith("tumour") for t in _TISSUES])
+    tum = tumour_classes[c.ravel()]
+    adc_t = _PROPS[c, P_ADC].ravel().copy()
+    ef_t = _PROPS[c, P_EF].ravel().copy()
+    adc_t[tum] *= anat.texture_factor(0, p[tum])
+    ef_t[tum] *= anat.texture_factor(1, p[tum])
+    adc_t, ef_t = adc_t.reshape(c.shape), ef_t.reshape(c.shape)
     ff_t = _PROPS[c, P_FF]
     truth = {"adc": grid.with_array(adc_t.astype(np.float32), name="ADC truth", units="1e-6 mm^2/s"),
              "ff": grid.with_array(ff_t.astype(np.float32), name="FF truth", units="%"),
