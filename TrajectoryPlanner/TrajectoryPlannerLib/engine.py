@@ -2,24 +2,29 @@
 
 How a plan is made (:func:`plan`):
 
-1. The CT is cropped to the box the needle can reach around the targets (reach + ``extra_reach_mm`` +
+1. The CT is cropped to the box the needle can reach around the targets (reach +
    ``distance_cap_mm``); body, skin and risk structures are built there (:mod:`.risk`).
-2. Distance maps: one SimpleITK ``SignedMaurerDistanceMap`` per structure (multi-threaded, mm, spacing
-   aware), each on the structure's bounding box grown by ``distance_cap_mm``; values are capped at that
-   distance (clearances beyond it are reported as the cap, a lower bound). A combined field
-   ``V = min_s(d_s - margin_s)`` and the index of the structure attaining it are kept.
+2. Distance maps: one SimpleITK ``SignedMaurerDistanceMap`` per distinct margin (structures with the same
+   margin share a map: the distance to a union is the minimum distance), multi-threaded, in mm with the
+   voxel spacing, each on its structures' bounding box grown by ``distance_cap_mm`` and capped there. The
+   combined field ``V = min_s(d_s - margin_s)`` and the margin group attaining it are kept.
 3. Candidate entries: skin voxel centres, subsampled on a ``entry_spacing_mm`` grid (oblique mode), or the
    skin voxels within half a voxel of each target's axial plane, projected onto it (in-plane mode).
 4. Every candidate path, entry -> fired needle tip (target + the needle's tip overshoot), is sampled every
    <= ``sample_step_mm`` and V is read by trilinear interpolation (vectorised; a coarse pass on every 8th
    sample first rejects paths the fine pass would reject anyway).
 
-Clearance bound. The maps hold exact Euclidean distances (mm) from voxel centres to the nearest structure
-voxel centre; distances are 1-Lipschitz, so trilinear interpolation differs from the true distance by at
-most h = half the voxel diagonal, and between two samples the distance can dip by at most half the step.
-Every reported clearance is therefore ``min(interpolated) - h - step/2 - needle outer radius``: a
-guaranteed lower bound on the distance from the needle's outer surface to the structure (voxel centres),
-at most ``2h + step/2`` below the true value. A path is accepted when that bound is >= the margin.
+Acceptance bound. The maps hold exact Euclidean distances (mm) from voxel centres to the nearest structure
+voxel centre; distances (and V) are 1-Lipschitz, so trilinear interpolation differs from the true value by
+at most h = half the voxel diagonal (sum of trilinear weights x corner distance <= h), and between two
+samples the value can dip by at most half the step. A path is accepted only if
+``min(interpolated V) - h - step/2 >= needle outer radius``, so every accepted path truly keeps every
+margin from the needle's outer surface (structures taken as their voxel centres). The price is that paths
+whose true excess is below ``2h + step/2`` may be rejected.
+
+Reported clearances (per structure, for the returned trajectories) use exact nearest-voxel distances
+(KD-tree of boundary voxel centres) at the same samples, minus step/2 and the needle's outer radius: a
+lower bound on the surface-to-structure distance, at most step/2 below it.
 
 Angle to the axial plane: angle between the path and the CT's slice plane (normal = i x j axis of the CT),
 so gantry-tilted CTs are handled. Rejections are counted as a funnel in this order: needle_length,
@@ -29,7 +34,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -200,9 +208,11 @@ class PlanResult:
     skin_clearance_mm: np.ndarray = field(default=None, repr=False)
     skin_targets_reachable: np.ndarray = field(default=None, repr=False)
     shared_entry_note: str = ""
+    shortest_safe_length_mm: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
+            "shortest_safe_length_mm": {k: round(v, 2) for k, v in self.shortest_safe_length_mm.items()},
             "targets": [t.to_dict() for t in self.targets],
             "trajectories": [t.to_dict() for t in self.trajectories],
             "shared_entry": None if self.shared_entry is None else self.shared_entry.to_dict(),
@@ -218,7 +228,13 @@ class PlanResult:
 
 # ------------------------------------------------------------------------------------------------
 class DistanceMaps:
-    """Per-structure capped distance maps (mm) and the combined margin field on the risk model's grid."""
+    """Capped distance maps (mm) per margin group, the combined margin field, exact per-structure distances.
+
+    Structures sharing a margin share one Maurer map (the distance to a union is the minimum of the
+    distances), so the combined field ``V = min_s(d_s - margin_s)`` needs one map per distinct margin.
+    Per-structure clearances of the returned trajectories come from exact nearest-voxel distances
+    (KD-tree of each structure's boundary voxel centres), not from the maps.
+    """
 
     def __init__(self, risk: RiskModel, cap_mm: float = 30.0, threads: int | None = None):
         import SimpleITK as sitk
@@ -228,20 +244,25 @@ class DistanceMaps:
         self.spacing_kji = risk.grid.spacing[::-1].astype(float)
         self.names = [s.name for s in risk.structures]
         self.margins = {s.name: float(s.margin_mm) for s in risk.structures}
+        self.masks = {s.name: s.mask for s in risk.structures}
         self.cap = float(max(cap_mm, max(self.margins.values(), default=0.0) + 10.0))
         self.half_diagonal_mm = 0.5 * float(np.linalg.norm(self.spacing_kji))
-        self.maps: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (offset kji, capped map)
-        max_m = max(self.margins.values(), default=0.0)
+        margins = sorted(set(self.margins.values()))
+        self.groups: list[tuple[float, list[str]]] = [(m, [n for n in self.names if self.margins[n] == m])
+                                                      for m in margins]
+        self.maps: list[tuple[np.ndarray, np.ndarray]] = []  # per group: (offset kji, capped map)
+        max_m = margins[-1] if margins else 0.0
         self.combined = np.full(self.shape, self.cap - max_m, np.float32)
-        self.argmin = np.full(self.shape, int(np.argmax([self.margins[n] for n in self.names])) if self.names else 0,
-                              np.uint8)
+        self.argmin = np.full(self.shape, len(margins) - 1 if margins else 0, np.uint8)  # group index
         pad = np.ceil(self.cap / self.spacing_kji).astype(int) + 1
-        for idx, s in enumerate(risk.structures):
-            nz = np.nonzero(s.mask.any(axis=(1, 2)))[0], np.nonzero(s.mask.any(axis=(0, 2)))[0], \
-                np.nonzero(s.mask.any(axis=(0, 1)))[0]
+        for gi, (margin, names) in enumerate(self.groups):
+            mask = self.masks[names[0]].copy()
+            for n in names[1:]:
+                mask |= self.masks[n]
+            nz = [np.nonzero(mask.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
             lo = np.maximum([a[0] for a in nz] - pad, 0)
             hi = np.minimum([a[-1] + 1 for a in nz] + pad, self.shape)
-            sub = s.mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            sub = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             img = sitk.GetImageFromArray(sub.astype(np.uint8))
             img.SetSpacing(tuple(float(v) for v in self.spacing_kji[::-1]))
             f = sitk.SignedMaurerDistanceMapImageFilter()
@@ -250,15 +271,17 @@ class DistanceMaps:
             f.SetUseImageSpacing(True)
             if threads:
                 f.SetNumberOfThreads(int(threads))
-            d = sitk.GetArrayFromImage(f.Execute(img)).astype(np.float32)
-            np.minimum(d, self.cap, out=d)
-            self.maps[s.name] = (lo, d)
-            v = d - np.float32(s.margin_mm)
+            d = sitk.GetArrayFromImage(f.Execute(img))
+            np.minimum(d, np.float32(self.cap), out=d)
+            self.maps.append((lo, d))
+            v = d - np.float32(margin)
             view = self.combined[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             better = v < view
             view[better] = v[better]
-            self.argmin[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][better] = idx
+            self.argmin[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][better] = gi
         self.body = risk.body.astype(np.uint8)
+        self._trees: dict = {}
+        self._lock = threading.Lock()
 
     # sampling ------------------------------------------------------------------------------------
     def ras_to_kji(self, ras: np.ndarray) -> np.ndarray:
@@ -268,11 +291,13 @@ class DistanceMaps:
         return ijk[..., ::-1]
 
     def sample_combined(self, kji: np.ndarray) -> np.ndarray:
+        """Trilinear reading of V (mm) at continuous (k, j, i) points."""
         return ndimage.map_coordinates(self.combined, kji.reshape(-1, 3).T, order=1, mode="nearest",
                                        prefilter=False).reshape(kji.shape[:-1])
 
-    def sample_structure(self, name: str, kji: np.ndarray) -> np.ndarray:
-        lo, d = self.maps[name]
+    def sample_group(self, gi: int, kji: np.ndarray) -> np.ndarray:
+        """Trilinear reading of margin group ``gi``'s capped distance map (mm)."""
+        lo, d = self.maps[gi]
         c = (kji.reshape(-1, 3) - lo).T
         return ndimage.map_coordinates(d, c, order=1, mode="constant", cval=self.cap,
                                        prefilter=False).reshape(kji.shape[:-1])
@@ -286,8 +311,42 @@ class DistanceMaps:
     def inside_body(self, kji: np.ndarray) -> np.ndarray:
         return self.body.ravel()[self._nearest_flat(kji)].astype(bool)
 
-    def structure_at(self, kji: np.ndarray) -> np.ndarray:
+    def group_at(self, kji: np.ndarray) -> np.ndarray:
         return self.argmin.ravel()[self._nearest_flat(kji)]
+
+    def exact_distance(self, name: str, kji: np.ndarray) -> np.ndarray:
+        """Exact distance (mm) from points to the nearest voxel centre of structure ``name``; 0 inside it."""
+        from scipy.spatial import cKDTree
+
+        from .risk import _erode6
+
+        with self._lock:
+            if name not in self._trees:
+                m = self.masks[name]
+                boundary = m & ~_erode6(m, edge=False)  # nearest voxel seen from outside is a boundary voxel
+                self._trees[name] = cKDTree(np.argwhere(boundary) * self.spacing_kji)
+        pts = kji.reshape(-1, 3)
+        d = self._trees[name].query(pts * self.spacing_kji)[0]
+        d[self.masks[name].ravel()[self._nearest_flat(pts)]] = 0.0
+        return d.reshape(kji.shape[:-1])
+
+    def worst_structure(self, kji: np.ndarray) -> np.ndarray:
+        """Index into ``names`` of the structure with the smallest distance - margin at points (N, 3).
+
+        The margin group attaining V at the nearest voxel decides; within a group the nearest structure wins.
+        """
+        kji = kji.reshape(-1, 3)
+        out = np.zeros(len(kji), np.int64)
+        grp = self.group_at(kji)
+        for gi in np.unique(grp):
+            sel = grp == gi
+            names = self.groups[gi][1]
+            if len(names) == 1:
+                out[sel] = self.names.index(names[0])
+                continue
+            d = np.stack([self.exact_distance(n, kji[sel]) for n in names], axis=-1)
+            out[sel] = np.array([self.names.index(n) for n in names])[np.argmin(d, axis=-1)]
+        return out
 
     def bound_mm(self, step_mm: float) -> float:
         """Conservative error bound (mm) subtracted from interpolated clearances."""
@@ -363,40 +422,61 @@ def evaluate_paths(maps: DistanceMaps, target_ras, entries: np.ndarray, needle: 
         e_kji = maps.ras_to_kji(entries[todo])
         tip_kji = maps.ras_to_kji(t + direction[todo] * overshoot)
         skip_frac = settings.skin_skip_mm / total
+        coarse_step = COARSE_EVERY * step
+        # A fine pass cannot change a path whose coarse minimum already proves (V is 1-Lipschitz, trilinear
+        # error <= h) an excess above clearance_ref: it is valid and its clearance term is saturated.
+        h = maps.half_diagonal_mm
+        saturate = threshold + settings.clearance_ref_mm + 2 * h + coarse_step / 2.0
+
+        def run_chunk(g):
+            idx = todo[g]
+            fc = np.linspace(0.0, 1.0, n_steps[g[0]] + 1)
+            frac = fc
+            fc = fc[::COARSE_EVERY]
+            pts = e_kji[g, None, :] + fc[None, :, None] * (tip_kji[g] - e_kji[g])[:, None, :]
+            vals = maps.sample_combined(pts)
+            am = vals.argmin(axis=1)
+            mins = vals[np.arange(len(g)), am]
+            worst = pts[np.arange(len(g)), am]
+            bad = mins < threshold
+            good = ~bad
+            out_body = np.zeros(len(g), bool)
+            # body check at every fine sample (nearest voxel) for paths the coarse pass kept
+            if good.any():
+                gg = g[good]
+                ptsf = e_kji[gg, None, :] + frac[None, :, None] * (tip_kji[gg] - e_kji[gg])[:, None, :]
+                insf = maps.inside_body(ptsf) | (frac[None, :] < skip_frac[gg, None])
+                out_body[good] = ~insf.all(axis=1)
+                fine = np.nonzero(good)[0]
+                fine = fine[~out_body[fine] & (mins[fine] < saturate)]
+                if len(fine):
+                    sel = np.isin(np.nonzero(good)[0], fine)
+                    vf = maps.sample_combined(ptsf[sel])
+                    amf = vf.argmin(axis=1)
+                    mins[fine] = vf[np.arange(len(fine)), amf]
+                    worst[fine] = ptsf[sel][np.arange(len(fine)), amf]
+                sat = good & ~out_body & (mins >= saturate)
+                mins[sat] -= 2 * h + coarse_step / 2.0  # proven lower bound of the fine minimum
+            excess[idx] = mins - threshold
+            r = np.full(len(g), -1, np.int32)
+            r[out_body] = 3
+            viol = (~out_body) & (mins < threshold)
+            if viol.any():
+                r[viol] = 4 + maps.worst_structure(worst[viol]).astype(np.int32)
+            reason[idx] = r
+
+        chunks = []
         for ns in np.unique(n_steps):
             grp = np.nonzero(n_steps == ns)[0]
-            frac = np.linspace(0.0, 1.0, ns + 1)
-            chunk = max(1, 2_000_000 // (ns + 1))
-            for c0 in range(0, len(grp), chunk):
-                g = grp[c0:c0 + chunk]
-                idx = todo[g]
-                # coarse pass on every COARSE_EVERY-th sample
-                fc = frac[::COARSE_EVERY]
-                pts = e_kji[g, None, :] + fc[None, :, None] * (tip_kji[g] - e_kji[g])[:, None, :]
-                inside = maps.inside_body(pts) | (fc[None, :] < skip_frac[g, None])
-                vals = maps.sample_combined(pts)
-                coarse_min = vals.min(axis=1)
-                out_body = ~inside.all(axis=1)
-                bad = coarse_min < threshold
-                # fine pass only where the coarse pass could not reject
-                fine = np.nonzero(~out_body & ~bad)[0]
-                worst_pts = pts[np.arange(len(g)), vals.argmin(axis=1)]
-                mins = coarse_min.copy()
-                if len(fine):
-                    gf = g[fine]
-                    ptsf = e_kji[gf, None, :] + frac[None, :, None] * (tip_kji[gf] - e_kji[gf])[:, None, :]
-                    insf = maps.inside_body(ptsf) | (frac[None, :] < skip_frac[gf, None])
-                    vf = maps.sample_combined(ptsf)
-                    am = vf.argmin(axis=1)
-                    mins[fine] = vf[np.arange(len(fine)), am]
-                    worst_pts[fine] = ptsf[np.arange(len(fine)), am]
-                    out_body[fine] = ~insf.all(axis=1)
-                excess[idx] = mins - threshold
-                r = np.full(len(g), -1, np.int32)
-                r[out_body] = 3
-                viol = (~out_body) & (mins < threshold)
-                r[viol] = 4 + maps.structure_at(worst_pts[viol]).astype(np.int32)
-                reason[idx] = r
+            size = max(1, 400_000 // (ns + 1))
+            chunks += [grp[c0:c0 + size] for c0 in range(0, len(grp), size)]
+        workers = max(1, int(threads or settings.threads or os.cpu_count() or 1))
+        if workers > 1 and len(chunks) > 1:
+            with ThreadPoolExecutor(workers) as ex:
+                list(ex.map(run_chunk, chunks))  # scipy releases the GIL in map_coordinates
+        else:
+            for c in chunks:
+                run_chunk(c)
     wsum = settings.weight_length + settings.weight_clearance + settings.weight_obliquity
     score = (settings.weight_length * np.clip(1 - length / max(reach, 1e-6), 0, 1)
              + settings.weight_clearance * np.clip(np.nan_to_num(excess, nan=0.0) / settings.clearance_ref_mm, 0, 1)
@@ -445,8 +525,9 @@ def _make_trajectory(maps: DistanceMaps, target: Target, entry, ev: CandidateEva
     tip = t + d * needle.tip_overshoot_mm
     ns = max(1, int(math.ceil((L + needle.tip_overshoot_mm) / settings.sample_step_mm)))
     pts = maps.ras_to_kji(e[None, :] + np.linspace(0, 1, ns + 1)[:, None] * (tip - e)[None, :])
-    sub = maps.bound_mm(settings.sample_step_mm) + needle.outer_radius_mm
-    clearance = {s: float(maps.sample_structure(s, pts).min()) - sub for s in maps.names}
+    # exact nearest-voxel distances at the samples; between samples the distance dips by <= step / 2
+    sub = settings.sample_step_mm / 2.0 + needle.outer_radius_mm
+    clearance = {s: float(maps.exact_distance(s, pts).min()) - sub for s in maps.names}
     return Trajectory(name, target.name, target.region, e, t, needle.name, L, clearance, dict(maps.margins),
                       float(ev.angle_deg[i]), float(ev.score[i]), rank, tip)
 
@@ -480,7 +561,7 @@ def _parse_targets(targets) -> list[Target]:
 def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
          labelmaps: list[tuple[RasVolume, dict | None]] | None = None, margins: dict | None = None,
          settings: PlanSettings | None = None, exclusion: EntryExclusion | None | str = "supine",
-         auto_structures: bool = True, progress=None, should_cancel=None) -> PlanResult:
+         auto_structures: bool = True, body_hu: float = -300.0, progress=None, should_cancel=None) -> PlanResult:
     """Plan ranked safe trajectories for each target (CT in HU; targets RAS mm; see module docstring).
 
     ``labelmaps``: list of (label volume, {value: name}) user structures; ``margins``: name -> mm overrides.
@@ -507,16 +588,22 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
             raise TrajectoryPlannerError(
                 f"target {t.name} at RAS {tuple(round(v, 1) for v in t.point_ras)} lies outside the CT; "
                 "check the target coordinates (RAS, mm) and that the CT covers the tumour")
-    pad_mm = needle.max_reach_mm + settings.extra_reach_mm + settings.distance_cap_mm
+    pad_mm = needle.max_reach_mm + settings.distance_cap_mm
     pad = np.ceil(pad_mm / ct.spacing[::-1]).astype(int)
     lo = np.maximum(np.floor(pts_kji.min(axis=0)).astype(int) - pad, 0)
     hi = np.minimum(np.ceil(pts_kji.max(axis=0)).astype(int) + pad + 1, shape)
+    blo, bhi = _rough_body_box(ct, body_hu)
+    lo, hi = np.maximum(lo, blo), np.minimum(hi, bhi)
     grid = crop_volume(ct, lo, hi)
     timings["crop"] = time.perf_counter() - t0
     progress(0.05, "risk structures")
 
     t0 = time.perf_counter()
-    risk = build_risk_model(grid, labelmaps, margins, exclusion, auto=auto_structures, threads=settings.threads)
+    lms = []
+    for lm, names in labelmaps or []:  # crop label maps that share the CT grid; others are resampled
+        lms.append((crop_volume(lm, lo, hi) if lm.same_grid(ct) else lm, names))
+    risk = build_risk_model(grid, lms, margins, exclusion, auto=auto_structures, body_hu=body_hu,
+                            threads=settings.threads)
     timings["risk_structures"] = time.perf_counter() - t0
     check_cancel()
 
@@ -547,6 +634,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     failures: dict[str, str] = {}
     trajectories: list[Trajectory] = []
     best: dict[str, Trajectory] = {}
+    shortest: dict[str, float] = {}
     n_paths = 0
     for ti, t in enumerate(tg):
         progress(0.3 + 0.6 * ti / len(tg), f"evaluating paths to {t.name}")
@@ -559,12 +647,10 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
         if not ev.valid.any():
             msg = _funnel_message(t.name, ev, needle, settings)
             needed = None
-            far = ev.reason == 0
-            if far.any():  # would a longer needle help?
-                ev2 = evaluate_paths(maps, t.point_ras, entries[far], needle, settings, exclusion,
-                                     reach_mm=needle.max_reach_mm + settings.extra_reach_mm)
-                if ev2.valid.any():
-                    needed = float(ev2.length_mm[ev2.valid].min())
+            if (ev.reason == 0).any() and settings.extra_reach_mm > 0:  # would a longer needle help?
+                needed = _shortest_safe_length(ct, t, needle, labelmaps, margins, settings, exclusion,
+                                               auto_structures, body_hu)
+                if needed is not None:
                     msg = (f"needle {needle.name} is too short for target {t.name}: it reaches "
                            f"{needle.max_reach_mm:.0f} mm but the shortest safe path is {needed:.0f} mm; choose a "
                            f"needle with at least {math.ceil(needed)} mm reach")
@@ -573,6 +659,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
             failures[t.name] = msg
             logger.warning(msg)
             continue
+        shortest[t.name] = float(ev.length_mm[ev.valid].min())
         for r, i in enumerate(_rank(ev, settings.top_n, settings.min_entry_separation_mm), start=1):
             tr = _make_trajectory(maps, t, ev.entries[i], ev, i, needle, settings, r, f"{t.name}-{r}")
             trajectories.append(tr)
@@ -615,7 +702,34 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
                 len(trajectories), len(tg), n_paths, bound)
     return PlanResult(tg, trajectories, shared, {k: v.funnel() for k, v in evals.items()},
                       {k: int(len(v.entries)) for k, v in evals.items()}, failures, needle, settings, bound,
-                      risk.to_dict(), timings, skin_pts, np.clip(best_excess, 0, None), reachable, note)
+                      risk.to_dict(), timings, skin_pts, np.clip(best_excess, 0, None), reachable, note, shortest)
+
+
+def _rough_body_box(ct: RasVolume, body_hu: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) k, j, i index box around everything above ``body_hu`` (read every 4th voxel), 8 voxels wider."""
+    a = np.asarray(ct.array)
+    sub = a[::2, ::4, ::4] > body_hu
+    if not sub.any():
+        raise TrajectoryPlannerError(f"no body found in the CT (nothing above {body_hu:.0f} HU); check that the CT is in HU")
+    step = np.array([2, 4, 4])
+    lo = np.array([np.nonzero(sub.any(axis=ax))[0][0] for ax in ((1, 2), (0, 2), (0, 1))]) * step - step - 8
+    hi = np.array([np.nonzero(sub.any(axis=ax))[0][-1] for ax in ((1, 2), (0, 2), (0, 1))]) * step + step + 9
+    return np.maximum(lo, 0), np.minimum(hi, a.shape)
+
+
+def _shortest_safe_length(ct, target, needle, labelmaps, margins, settings, exclusion, auto,
+                          body_hu) -> float | None:
+    """Shortest safe skin-to-target length (mm) with a needle ``extra_reach_mm`` longer, or None."""
+    import dataclasses
+
+    extra = settings.extra_reach_mm
+    core = dataclasses.replace(needle.core, usable_length_mm=needle.core.usable_length_mm + extra)
+    intro = None if needle.introducer is None else dataclasses.replace(
+        needle.introducer, usable_length_mm=needle.introducer.usable_length_mm + extra)
+    longer = dataclasses.replace(needle, name=needle.name + " (longer)", core=core, introducer=intro)
+    s2 = dataclasses.replace(settings, extra_reach_mm=0.0, allow_partial=True, shared_entry=False, top_n=1)
+    r = plan(ct, [target], longer, labelmaps, margins, s2, exclusion, auto, body_hu)
+    return r.shortest_safe_length_mm.get(target.name)
 
 
 def _shared_entry(maps, tg, evals, best, needle, settings):

@@ -148,7 +148,7 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
     rel = sitk.RelabelComponentImageFilter()
     rel.SetSortByObjectSize(True)
     rel.SetMinimumObjectSize(int(math.ceil(min_mm3 / voxel)) if min_mm3 > 0 else 0)
-    out = sitk.GetArrayViewFromImage(rel.Execute(lab))
+    out = sitk.GetArrayFromImage(rel.Execute(lab))
     return (out == 1) if largest_only else (out > 0)
 
 
