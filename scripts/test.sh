@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite: core, MRML (real headless scene), end-to-end command line, static checks.
+# Extra pytest arguments are passed through (e.g. scripts/test.sh -k phantom).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+# The OpenIGTLink interoperability tests need the real C++ library (Debian packages); they skip if absent.
+if [ ! -d /usr/include/openigtlink ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenigtlink-dev openigtlink-examples g++ >/dev/null) \
+    || echo "note: could not install libopenigtlink-dev/openigtlink-examples; interoperability tests will skip" >&2
+fi
+export MPLBACKEND=Agg
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
