@@ -1,0 +1,133 @@
+"""Command line: ``smartbiopsy sample`` as a user runs it (synthetic confirmation CT, MRI-grid maps, plan)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from RegistrationFusionLib.geometry import RasVolume, make_grid
+from SmartBiopsyLib.imageio import save_image
+from SmartBiopsyLib.needle_sim import simulate_confirmation_ct
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def smartbiopsy(*args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "SmartBiopsy"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "SmartBiopsyLib.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def assert_user_error(res, fragment):
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    assert fragment.lower() in lines[-1].lower(), lines[-1]
+
+
+def _rot(axis, deg):
+    a = np.asarray(axis, float) / np.linalg.norm(axis)
+    t = np.radians(deg)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    rng = np.random.default_rng(4)
+    shape = (60, 120, 120)
+    ct0 = RasVolume(np.rint(20 + rng.normal(0, 10, shape)).astype(np.int16),
+                    make_grid([-60.0, -60.0, -60.0], [1.0, 1.0, 2.0], shape), "ct")
+    direction = np.array([0.3, 1.0, 0.4]) / np.linalg.norm([0.3, 1.0, 0.4])
+    target = np.array([2.0, 3.0, -1.0])
+    entry = target - 55.0 * direction
+    sim = simulate_confirmation_ct(ct0, entry, target, "17G/18G-10mm", lateral_error_mm=1.0, depth_error_mm=1.5, seed=2)
+    save_image(sim.ct, d / "confirm_ct.nrrd")
+    save_image(ct0, d / "ct_without_needle.nrrd")
+    # MRI world in another pose; maps constant around the target so the expected values are exact
+    m2c = np.eye(4)
+    m2c[:3, :3] = _rot([0.2, 0.3, 1.0], 12.0)
+    m2c[:3, 3] = [30.0, -80.0, 60.0]
+    target_mri = np.linalg.inv(m2c) @ np.append(target, 1.0)
+    grid = make_grid(target_mri[:3] - 60.0, [1.5, 1.5, 5.0], (24, 80, 80))
+    const = {"adc": 1234.0, "ff": 7.5, "ef": 42.0}
+    for name, value in const.items():
+        save_image(RasVolume(np.full((24, 80, 80), value, np.float32), grid, name), d / f"{name}.nrrd")
+    (d / "mri_to_ct.json").write_text(json.dumps({"mri_to_ct_ras": m2c.tolist()}))
+    (d / "ct_to_mri.json").write_text(json.dumps({"mri_to_ct_ras": np.linalg.inv(m2c).tolist()}))
+    far = np.eye(4)
+    far[:3, 3] = [0.0, 0.0, 400.0]
+    (d / "wrong.json").write_text(json.dumps({"mri_to_ct_ras": far.tolist()}))
+    plan = {"needle": {"name": "17G/18G-10mm"},
+            "trajectories": [
+                {"name": "A-2", "target": "A", "region": "A", "entry_ras": (entry + [5, 0, 0]).tolist(),
+                 "target_ras": target.tolist(), "rank": 2},
+                {"name": "A-1", "target": "A", "region": "A", "entry_ras": entry.tolist(),
+                 "target_ras": target.tolist(), "rank": 1}]}
+    (d / "plan.json").write_text(json.dumps(plan))
+    (d / "broken.json").write_text("{not json")
+    return d, sim, const
+
+
+def test_sample_writes_needle_and_notch_values(case, tmp_path):
+    d, sim, const = case
+    out = tmp_path / "out"
+    res = smartbiopsy("sample", "--confirm-ct", d / "confirm_ct.nrrd", "--plan", d / "plan.json", "--target", "A",
+                      "--maps", d / "adc.nrrd", d / "ff.nrrd", d / "ef.nrrd", "--transform", d / "mri_to_ct.json",
+                      "--mode", "side-notch", "--out", out)
+    assert res.returncode == 0, res.stderr
+    needle = json.loads((out / "needle.json").read_text())
+    assert np.linalg.norm(np.array(needle["tip_ras"]) - sim.truth.tip_ras) <= 1.0
+    assert needle["depth_error_mm"] == pytest.approx(1.5, abs=1.0)
+    assert needle["lateral_error_mm"] == pytest.approx(1.0, abs=1.0)
+    values = json.loads((out / "notch_values.json").read_text())
+    assert values["roi"]["mode"] == "side-notch" and values["roi"]["length_mm"] == pytest.approx(10.0)
+    for name, value in const.items():
+        assert values["maps"][name]["mean"] == pytest.approx(value, rel=1e-4)
+        assert values["maps"][name]["volume_mm3"] == pytest.approx(values["roi"]["volume_mm3"], rel=0.03)
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["means"]["adc"] == pytest.approx(const["adc"], rel=1e-4)
+
+
+def test_tip_distal_mode_without_maps_writes_the_region(case, tmp_path):
+    d, sim, _ = case
+    res = smartbiopsy("sample", "--confirm-ct", d / "confirm_ct.nrrd", "--plan", d / "plan.json", "--target", "a",
+                      "--mode", "tip-distal", "--out", tmp_path)
+    assert res.returncode == 0, res.stderr
+    values = json.loads((tmp_path / "notch_values.json").read_text())
+    assert values["roi"]["shape"] == "cylinder" and values["roi"]["radius_mm"] == 1.0
+    np.testing.assert_allclose(values["roi"]["start_ras"], sim.truth.tip_ras, atol=1.0)
+
+
+def test_refuses_ct_without_needle(case, tmp_path):
+    d, _, _ = case
+    res = smartbiopsy("sample", "--confirm-ct", d / "ct_without_needle.nrrd", "--plan", d / "plan.json",
+                      "--target", "A", "--out", tmp_path)
+    assert_user_error(res, "no metal needle")
+
+
+@pytest.mark.parametrize("transform,fragment", [("ct_to_mri.json", "outside map"), ("wrong.json", "outside map"),
+                                                ("missing.json", "does not exist"), ("broken.json", "not valid JSON")])
+def test_refuses_mismatched_or_invalid_transform(case, tmp_path, transform, fragment):
+    d, _, _ = case
+    res = smartbiopsy("sample", "--confirm-ct", d / "confirm_ct.nrrd", "--plan", d / "plan.json", "--target", "A",
+                      "--maps", d / "adc.nrrd", "--transform", d / transform, "--out", tmp_path)
+    assert_user_error(res, fragment)
+
+
+def test_refuses_unknown_target_and_broken_plan(case, tmp_path):
+    d, _, _ = case
+    res = smartbiopsy("sample", "--confirm-ct", d / "confirm_ct.nrrd", "--plan", d / "plan.json", "--target", "Z",
+                      "--out", tmp_path)
+    assert_user_error(res, "target 'Z' is not in the plan")
+    res = smartbiopsy("sample", "--confirm-ct", d / "confirm_ct.nrrd", "--plan", d / "broken.json", "--target", "A",
+                      "--out", tmp_path)
+    assert_user_error(res, "not valid JSON")
