@@ -209,6 +209,7 @@ class PlanResult:
     skin_targets_reachable: np.ndarray = field(default=None, repr=False)
     shared_entry_note: str = ""
     shortest_safe_length_mm: dict = field(default_factory=dict)
+    body: RasVolume | None = field(default=None, repr=False)  # body mask (uint8) on the planning grid
 
     def to_dict(self) -> dict:
         return {
@@ -702,7 +703,8 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
                 len(trajectories), len(tg), n_paths, bound)
     return PlanResult(tg, trajectories, shared, {k: v.funnel() for k, v in evals.items()},
                       {k: int(len(v.entries)) for k, v in evals.items()}, failures, needle, settings, bound,
-                      risk.to_dict(), timings, skin_pts, np.clip(best_excess, 0, None), reachable, note, shortest)
+                      risk.to_dict(), timings, skin_pts, np.clip(best_excess, 0, None), reachable, note, shortest,
+                      grid.with_array(risk.body.astype(np.uint8), name="body"))
 
 
 def _rough_body_box(ct: RasVolume, body_hu: float) -> tuple[np.ndarray, np.ndarray]:
