@@ -1,0 +1,136 @@
+"""Self-test scenarios of the TrajectoryPlanner module (shared by Slicer's self-test and headless pytest).
+
+Each ``scenario_*(scene) -> dict`` builds small synthetic data, runs the Lib functions the module's Logic
+calls on the given MRML scene, asserts the results and returns the measured numbers. Units: RAS mm,
+degrees, HU. The robot scenario talks to the project's robot simulator over loopback (127.0.0.1).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def _distance_maps(labels, risk_labels: dict) -> dict:
+    """Euclidean distance (mm) of every voxel centre to each labelled structure's voxel centres."""
+    from scipy import ndimage
+
+    lab = np.asarray(labels.array)
+    return {name: ndimage.distance_transform_edt(lab != value, sampling=labels.spacing[::-1])
+            for value, name in risk_labels.items() if np.any(lab == value)}
+
+
+def _independent_clearance(labels, dist_maps: dict, entry, tip, step_mm: float = 0.25) -> dict:
+    """Smallest distance (mm) from the densely sampled straight path to each structure (nearest voxel)."""
+    n = max(2, int(np.ceil(np.linalg.norm(np.subtract(tip, entry)) / step_mm)) + 1)
+    pts = np.linspace(entry, tip, n)
+    kji = np.round(labels.ras_to_ijk_points(pts)[:, ::-1]).astype(int)
+    kji = np.clip(kji, 0, np.array(labels.array.shape) - 1)
+    return {name: float(d[tuple(kji.T)].min()) for name, d in dist_maps.items()}
+
+
+def scenario_plan_three_targets(scene) -> dict:
+    """Three targets in a synthetic abdomen: ranked safe paths per target, each clearing every risk
+    structure by its margin (checked by an independent dense ray-march on the label map), within the
+    needle's reach, and the CT and structures loaded into the scene."""
+    from TrajectoryPlannerLib import engine, needles, synthetic
+
+    ct, labels, targets = synthetic.make_abdomen(spacing=(2.0, 2.0, 3.0))
+    ct_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Planning CT")
+    needle = needles.get_needle(needles.DEFAULT_NEEDLE)
+    settings = engine.PlanSettings(top_n=2)
+    steps = []
+    result = engine.plan(ct, targets, needle, labelmaps=[(labels, synthetic.RISK_LABELS)], settings=settings,
+                         progress=lambda f, msg: steps.append(f))
+    assert steps and steps[-1] <= 1.0, "no progress reported"
+    per_target = {}
+    for t in result.trajectories:
+        per_target.setdefault(t.target, []).append(t)
+    assert sorted(per_target) == sorted(x["name"] for x in targets), f"targets without a path: {per_target.keys()}"
+    voxel_half_diagonal = 0.5 * float(np.linalg.norm(labels.spacing))
+    worst_excess = np.inf
+    dist_maps = _distance_maps(labels, synthetic.RISK_LABELS)
+    for t in result.trajectories:
+        assert t.length_mm <= needle.max_reach_mm + 1e-6, f"{t.name} needs {t.length_mm:.1f} mm"
+        assert t.angle_to_axial_deg <= settings.max_angle_deg + 1e-6
+        tip = t.tip_ras if t.tip_ras is not None else t.target_ras
+        dense = _independent_clearance(labels, dist_maps, t.entry_ras, tip)
+        for name, d in dense.items():
+            margin = t.margin_mm.get(name, 0.0)
+            excess = d - needle.outer_radius_mm - margin
+            worst_excess = min(worst_excess, excess)
+            assert excess >= -voxel_half_diagonal, f"{t.name} passes {d:.1f} mm from {name} (margin {margin} mm)"
+    ranks = {k: [t.score for t in sorted(v, key=lambda x: x.rank)] for k, v in per_target.items()}
+    assert all(s == sorted(s, reverse=True) for s in ranks.values()), f"ranking not by score: {ranks}"
+    assert ct_node.GetScene() is scene
+    return {"trajectories": len(result.trajectories), "worst_margin_excess_mm": float(worst_excess),
+            "shared_entry": result.shared_entry is not None, "rejections": result.rejections}
+
+
+def scenario_rejects_target_in_bone(scene) -> dict:
+    """A target placed inside bone (the spine) is refused with a message a radiologist can act on."""
+    from TrajectoryPlannerLib import engine, synthetic
+    from TrajectoryPlannerLib.errors import TrajectoryPlannerError
+
+    ct, labels, _ = synthetic.make_abdomen(spacing=(3.0, 3.0, 4.0))
+    deep = [{"name": "spine", "region": "A", "point_ras": [0.0, -75.0, 0.0]}]
+    try:
+        engine.plan(ct, deep, labelmaps=[(labels, synthetic.RISK_LABELS)], settings=engine.PlanSettings(top_n=1))
+    except TrajectoryPlannerError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a target inside bone got a path")
+    assert "spine" in message and "bone" in message, message
+    return {"message": message}
+
+
+def scenario_robot_safety(scene) -> dict:
+    """Robot session against the simulator: targets are refused until the plan is confirmed and QA
+    passed; after confirmation a target is sent and echoed within tolerance; STOP is always accepted."""
+    from TrajectoryPlannerLib.errors import RobotBridgeError
+    from TrajectoryPlannerLib.robot_protocol import RobotPlan, RobotSession
+    from TrajectoryPlannerLib.robot_simulator import RobotSimulator
+
+    plan = RobotPlan.from_dict({"trajectories": [
+        {"name": "A", "region": "A", "entry_ras": [-140.0, 40.0, 10.0], "target_ras": [-78.0, 26.0, 6.0]},
+        {"name": "B", "region": "B", "entry_ras": [-130.0, 60.0, -10.0], "target_ras": [-64.0, 16.0, -6.0]}],
+        "registration_qa": {"passed": False}})
+    sim = RobotSimulator(port=0, speed_mm_s=2000.0).start()
+    session = RobotSession("127.0.0.1", sim.port, ack_timeout_s=1.0, status_timeout_s=3.0, motion_timeout_s=10.0)
+    refusals = []
+    try:
+        session.connect()
+        session.load_plan(plan)
+        for attempt in ("unconfirmed", "qa-failed"):
+            try:
+                session.send_target("A", confirm=True)
+            except RobotBridgeError as exc:
+                refusals.append(str(exc))
+            else:
+                raise AssertionError(f"target sent while {attempt}")
+            if attempt == "unconfirmed":
+                session.confirm_plan("self-test")
+        assert "confirm" in refusals[0] and "QA" in refusals[1], refusals
+        assert session.stop().ok, "STOP was not accepted"
+        session.set_registration_qa(True, {"fre_mm": 0.4})
+        session.command("START_UP")
+        session.calibrate()
+        session.command("PLANNING")
+        session.command("TARGETING", confirm=True)
+        t = session.send_target("A", confirm=True)
+        assert t.state == "reachable", t.to_dict()
+        assert t.echo_error_mm is not None and t.echo_error_mm <= session.tolerance_mm
+        assert session.emergency().ok, "EMERGENCY was not accepted"
+    finally:
+        session.close()
+        sim.stop()
+    return {"refusals": refusals, "echo_error_mm": float(t.echo_error_mm), "state": t.state}
+
+
+SCENARIOS = {
+    "plan_three_targets": scenario_plan_three_targets,
+    "rejects_target_in_bone": scenario_rejects_target_in_bone,
+    "robot_safety": scenario_robot_safety,
+}
