@@ -206,6 +206,51 @@ def _index_box(ct: RasVolume, p0, p1, margin):
     return max(k0, 0), min(k1, nk), max(j0, 0), min(j1, nj), max(i0, 0), min(i1, ni)
 
 
+def _tube_voxels(ct: RasVolume, p0, p1, radius_mm: float) -> np.ndarray:
+    """Array indices (N, 3) k, j, i of the voxels whose centres lie within ``radius_mm`` of segment p0-p1.
+
+    Works slice by slice on the small index block the tube crosses, so a long oblique needle in a large CT
+    never materialises its full bounding box.
+    """
+    inv = ct.ras_to_ijk
+    q0 = inv[:3, :3] @ p0 + inv[:3, 3]
+    q1 = inv[:3, :3] @ p1 + inv[:3, 3]
+    reach = radius_mm * np.linalg.norm(inv[:3, :3], axis=1)  # index-space reach along i, j, k
+    nk, nj, ni = ct.array.shape
+    seg = p1 - p0
+    length = float(np.linalg.norm(seg))
+    d = seg / length
+    m = ct.ijk_to_ras
+    out = []
+    k_lo = max(int(np.floor(min(q0[2], q1[2]) - reach[2])), 0)
+    k_hi = min(int(np.ceil(max(q0[2], q1[2]) + reach[2])), nk - 1)
+    dq = q1 - q0
+    for k in range(k_lo, k_hi + 1):
+        if abs(dq[2]) > 1e-9:
+            ta, tb = sorted(((k - reach[2] - q0[2]) / dq[2], (k + reach[2] - q0[2]) / dq[2]))
+            ta, tb = max(ta, 0.0), min(tb, 1.0)
+            if ta > tb:
+                continue
+        else:
+            ta, tb = 0.0, 1.0
+        qa, qb = q0 + ta * dq, q0 + tb * dq
+        i0 = max(int(np.floor(min(qa[0], qb[0]) - reach[0])), 0)
+        i1 = min(int(np.ceil(max(qa[0], qb[0]) + reach[0])), ni - 1)
+        j0 = max(int(np.floor(min(qa[1], qb[1]) - reach[1])), 0)
+        j1 = min(int(np.ceil(max(qa[1], qb[1]) + reach[1])), nj - 1)
+        if i1 < i0 or j1 < j0:
+            continue
+        jj, ii = np.mgrid[j0:j1 + 1, i0:i1 + 1]
+        ras = (m[:3, 0][:, None, None] * ii + m[:3, 1][:, None, None] * jj
+               + (m[:3, 2] * k + m[:3, 3] - p0)[:, None, None])
+        t = np.clip(np.tensordot(d, ras, axes=1), 0.0, length)
+        r2 = (ras * ras).sum(axis=0) - 2 * t * np.tensordot(d, ras, axes=1) + t * t
+        sel = r2 <= radius_mm * radius_mm
+        if sel.any():
+            out.append(np.stack([np.full(sel.sum(), k), jj[sel], ii[sel]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 3), int)
+
+
 def _dist_to_segment(pts, p0, d, length):
     rel = pts - p0
     t = np.clip(rel @ d, 0.0, length)
@@ -349,13 +394,10 @@ def detect_needle(ct: RasVolume, planned_entry_ras, planned_target_ras, *, targe
     half_diag = 0.5 * float(np.linalg.norm(spacing))
     rho = max(3.0, radius + half_diag + 1.0)
     t_far = float((p1 - c) @ a) + 5.0
-    kb = _index_box(ct, c + t_lo * a, c + max(t_far, t_hi) * a, rho + 4.0 + float(spacing.max()))
-    box = ct.array[kb[0]:kb[1], kb[2]:kb[3], kb[4]:kb[5]]
-    kk, jj, ii = np.meshgrid(np.arange(kb[0], kb[1]), np.arange(kb[2], kb[3]), np.arange(kb[4], kb[5]),
-                             indexing="ij")
-    box_pts = ct.ijk_to_ras_points(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=1))
-    box_vals = box.ravel().astype(float)
-    del kk, jj, ii
+    # voxels of the tube the refinement can reach (the axis moves by well under a millimetre)
+    tube_kji = _tube_voxels(ct, c + (t_lo - 5.0) * a, c + max(t_far, t_hi) * a, rho + 6.0)
+    box_pts = ct.kji_to_ras_points(tube_kji)
+    box_vals = ct.array[tuple(tube_kji.T)].astype(float)
     warnings: list[str] = []
     axis_rms, bg, n_used = float("nan"), float("nan"), int(run.size)
     for it in range(2):

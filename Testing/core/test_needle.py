@@ -182,3 +182,33 @@ def _phantom_path(case, habitat, direction, depth_mm):
     target = case.ct.kji_to_ras_points(np.array([np.unravel_index(np.argmax(dist), dist.shape)]))[0]
     d = _unit(direction)
     return target, target + depth_mm * d
+
+
+def test_tube_voxels_match_brute_force_on_an_oblique_grid():
+    from SmartBiopsyLib.needle import _tube_voxels
+
+    rot = np.array([[0.96, -0.2, 0.19], [0.22, 0.97, -0.05], [-0.17, 0.09, 0.98]])
+    u, _, vt = np.linalg.svd(rot)
+    direction = u @ vt  # orthonormal, a tilted gantry-like grid
+    ct = RasVolume(np.zeros((30, 40, 50), np.int16), make_grid([-20.0, -15.0, -25.0], [0.8, 0.9, 1.5], (30, 40, 50),
+                                                                direction), "ct")
+    p0, p1 = np.array([-10.0, 5.0, -8.0]), np.array([12.0, -6.0, 10.0])
+    got = {tuple(x) for x in _tube_voxels(ct, p0, p1, 3.0)}
+    kji = np.argwhere(np.ones(ct.array.shape, bool))
+    pts = ct.kji_to_ras_points(kji)
+    d = (p1 - p0) / np.linalg.norm(p1 - p0)
+    t = np.clip((pts - p0) @ d, 0, np.linalg.norm(p1 - p0))
+    inside = np.linalg.norm(pts - p0 - np.outer(t, d), axis=1) <= 3.0
+    assert got == {tuple(x) for x in kji[inside]}
+
+
+def test_detects_needle_in_tilted_ct_grid(body_ct):
+    theta = np.radians(12.0)
+    tilt = np.array([[1, 0, 0], [0, np.cos(theta), -np.sin(theta)], [0, np.sin(theta), np.cos(theta)]])
+    ct = RasVolume(body_ct.array, make_grid([-80.0, -80.0, -80.0], [1.0, 1.0, 2.0], body_ct.array.shape, tilt), "tilted")
+    d = _unit([0.5, 1.0, 0.2])
+    entry = TARGET - 70.0 * d
+    sim = simulate_confirmation_ct(ct, entry, TARGET, lateral_error_mm=1.0, seed=8)
+    det = detect_needle(sim.ct, entry, TARGET)
+    assert np.linalg.norm(det.tip_ras - sim.truth.tip_ras) <= 1.0
+    assert _angle_deg(det.axis, sim.truth.axis) <= 2.0
