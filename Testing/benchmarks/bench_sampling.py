@@ -116,7 +116,6 @@ def main(argv=None) -> int:
     direction = np.array([0.45, 1.0, 0.3]) / np.linalg.norm([0.45, 1.0, 0.3])
     target = np.array([25.0, -10.0, 12.0])
     entry = target + 110.0 * direction  # anterior entry, needle pointing posteriorly
-    entry, target = entry, target
     sim = simulate_confirmation_ct(ct, entry, target, "17G/18G-20mm", lateral_error_mm=2.0, depth_error_mm=-1.5,
                                    seed=3)
     truth = sim.truth
