@@ -399,8 +399,11 @@ def detect_capsules(volume: RasVolume, modality: str, *, body_mask: np.ndarray |
                 list(size if size is not None else sorted(ext_mm, reverse=True)),
                 float(vol if vol is not None else vol_c), dict(metrics)))
 
-        if max(ext_mm) > 3.0 * p.max_length_mm:
-            reject("elongated (tube?)" if vol_c <= 2.0 * p.max_volume_mm3 else "too large (table or skin fold edge)")
+        ext_sorted = np.sort(ext_mm)[::-1]
+        if ext_sorted[0] > 3.0 * p.max_length_mm:
+            # long and thin (a line or tube lying on the skin) or long and wide (table plate, body edge)
+            thin = ext_sorted[1] <= 2.0 * p.max_width_mm + 2.0 * float(cspacing.max())
+            reject("elongated (tube?)" if thin else "too large (table or body edge)")
             continue
         if vol_c > 3.0 * p.max_volume_mm3:
             reject("too large")
