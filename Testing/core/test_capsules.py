@@ -262,3 +262,16 @@ def test_phantom_detected_sets_pair_and_register_within_1mm(cases, detections):
         predicted.append(np.mean(pred ** 2))
     ratio = float(np.sqrt(np.mean(predicted) / np.mean(measured)))
     assert 0.7 <= ratio <= 1.3, ratio
+
+
+@pytest.mark.parametrize("rel, modality", [("rire-pat002/pat002_ct.nrrd", "ct"), ("rire-pat002/pat002_mr_T2.nrrd", "mr"),
+                                           ("prostatex-0000/t2_tra", "mr")])
+def test_real_scans_without_markers_give_no_false_capsules(shared_data, rel, modality):
+    """Real patients scanned without skin markers: every surface protrusion (ears, nose, table, skin
+    folds) must be rejected, ending in the clear 'no skin capsules found' message."""
+    from SmartBiopsyLib.imageio import load_image
+
+    vol = load_image(shared_data / rel)
+    with pytest.raises(CapsuleDetectionError, match="no skin capsules found") as info:
+        detect_capsules(vol, modality)
+    assert len(info.value.rejected) > 0
