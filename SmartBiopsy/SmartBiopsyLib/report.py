@@ -318,6 +318,15 @@ class _Case:
             return [x for x in t["targets"] if isinstance(x, dict)]
         return []
 
+    def target_mri(self, t):
+        """A target's MRI-world point: ``point_ras``, else ``point_ct_ras`` taken back through the fusion."""
+        if t.get("point_ras") is not None:
+            return np.asarray(t["point_ras"], float)
+        m = self.mri_to_ct()
+        if m is not None and t.get("point_ct_ras") is not None:
+            return _apply(np.linalg.inv(m), t["point_ct_ras"])[0]
+        return None
+
     def target_ct(self, t):
         if t.get("point_ct_ras") is not None:
             return np.asarray(t["point_ct_ras"], float)
@@ -560,8 +569,8 @@ def _section_habitats(case: _Case, figs: _Figures) -> str:
     else:
         base = t2 if t2 is not None else case.volume("characterisation/adc.nrrd")
         base_name = "T2" if t2 is not None else "ADC"
-        pts = [(t.get("name", f"T{i + 1}"), t.get("region", ""), np.asarray(t["point_ras"], float))
-               for i, t in enumerate(targets) if t.get("point_ras") is not None]
+        pts = [(t.get("name", f"T{i + 1}"), t.get("region", ""), case.target_mri(t)) for i, t in enumerate(targets)]
+        pts = [p for p in pts if p[2] is not None]
         if not pts:  # no targets: the slice through the habitat map's centre of mass
             c = hab.kji_to_ras_points(np.argwhere(hab.array > 0).mean(axis=0)[None])[0] if np.any(hab.array > 0) \
                 else np.mean(hab.bounds_ras(), axis=0)
@@ -622,7 +631,8 @@ def _section_habitats(case: _Case, figs: _Figures) -> str:
             sv = lambda k: (f"{_fmt((sig.get(k) or {}).get('mean'))} ± {_fmt((sig.get(k) or {}).get('sd'))}"  # noqa: E731
                             if sig.get(k) else "-")
             ctp = case.target_ct(t)
-            rows.append((t.get("name"), t.get("region"), " ".join(_fmt(v) for v in t.get("point_ras") or []),
+            mrp = case.target_mri(t)
+            rows.append((t.get("name"), t.get("region"), "-" if mrp is None else " ".join(_fmt(v) for v in mrp),
                          "-" if ctp is None else " ".join(_fmt(v) for v in ctp), _fmt(t.get("depth_mm")),
                          "yes" if t.get("targetable", True) else "NO: " + "; ".join(t.get("reasons") or []),
                          sv("adc"), sv("ef"), sv("ff")))
@@ -634,12 +644,19 @@ def _section_habitats(case: _Case, figs: _Figures) -> str:
 
 
 def _chosen_trajectories(plan: dict) -> tuple[list, str]:
+    """The best-ranked path per target (what the workflow sends to the robot and samples)."""
+    trajs = [t for t in plan.get("trajectories") or [] if isinstance(t, dict)]
+    best: dict = {}
+    for t in trajs:
+        key = t.get("target", t.get("name"))
+        if key not in best or int(t.get("rank", 1)) < int(best[key].get("rank", 1)):
+            best[key] = t
+    if best:
+        return [best[k] for k in sorted(best, key=str)], "best-ranked path per target"
     shared = plan.get("shared_entry")
     if isinstance(shared, dict) and shared.get("trajectories"):
         return list(shared["trajectories"]), "shared skin entry"
-    trajs = [t for t in plan.get("trajectories") or [] if isinstance(t, dict)]
-    best = [t for t in trajs if int(t.get("rank", 1)) == 1]
-    return (best or trajs), "best-ranked path per target"
+    return [], ""
 
 
 def _skin_points(case: _Case, ct, centre=None, radius_mm: float | None = None,
@@ -814,6 +831,8 @@ def _notch_docs(case: _Case) -> list[tuple[str, dict, dict | None]]:
         rel = f"sampling/{d.name}"
         notch = case.json(f"{rel}/notch.json")
         needle = case.json(f"{rel}/needle.json")
+        if isinstance(needle, dict) and isinstance(needle.get("detection"), dict):
+            needle = needle["detection"]  # {"detection": NeedleDetection.to_dict(), "simulated_truth": ...}
         if isinstance(notch, dict):
             values = notch.get("values") if isinstance(notch.get("values"), dict) else notch
             roi = notch.get("roi") or (values or {}).get("roi")

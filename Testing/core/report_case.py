@@ -104,8 +104,7 @@ def build_case(root: Path, pathology: bool = True, synthetic_case: bool = True) 
     pdir.mkdir(parents=True, exist_ok=True)
     pdoc = plan.to_dict()
     (pdir / "plan.json").write_text(json.dumps(pdoc))
-    chosen = pdoc["shared_entry"]["trajectories"] if pdoc["shared_entry"] else \
-        [t for t in pdoc["trajectories"] if t["rank"] == 1]
+    chosen = sorted((t for t in pdoc["trajectories"] if t["rank"] == 1), key=lambda t: t["target"])
     # robot
     session = SessionResult([RobotTarget(t["target"], t["region"], t["entry_ras"], t["target_ras"], state="reached",
                                          target_id=f"TGT_{i}", transmissions=1, echo_error_mm=0.01,
@@ -134,7 +133,7 @@ def build_case(root: Path, pathology: bool = True, synthetic_case: bool = True) 
         vals = notch.sample_maps(roi, maps, reg.matrix)
         tdir = sdir / t["target"].replace(" ", "_")
         tdir.mkdir(parents=True, exist_ok=True)
-        (tdir / "needle.json").write_text(json.dumps(det.to_dict()))
+        (tdir / "needle.json").write_text(json.dumps({"detection": det.to_dict()}))
         (tdir / "notch.json").write_text(json.dumps({"roi": roi.to_dict(), "values": vals.to_dict()}))
         all_values[t["target"]] = vals.to_dict()
         mv = {k: {"mean": s.mean, "median": s.median, "min": s.min, "sd": s.sd, "n_voxels": s.voxels_touched,

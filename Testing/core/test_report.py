@@ -90,6 +90,13 @@ def test_tables_carry_the_numbers_of_the_artefacts(full_report, case_dir):
             vals = json.loads((d / "notch.json").read_text())["values"]
             for name, st in vals["maps"].items():
                 assert f"{st['mean']:.1f}" in s5 and f"{st['sd']:.1f}" in s5, (d.name, name)
+    for d in (root / "sampling").iterdir():
+        if d.is_dir():
+            det = json.loads((d / "needle.json").read_text())["detection"]
+            assert f"{det['tip_error_mm']:.1f}" in s5 and f"{det['lateral_error_mm']:.1f}" in s5
+    s4 = _section(text, 4)
+    for t in facts["trajectories"]:
+        assert t["name"] in s4 and f"{t['length_mm']:.1f}" in s4
     s6 = _section(text, 6)
     for t in facts["trajectories"]:
         assert f"POT-{t['region']}" in s6
@@ -108,6 +115,13 @@ def test_failed_step_makes_later_sections_say_why(case_dir, tmp_path):
         shutil.rmtree(root / sub)
     msg = "no safe path to Target B: the bowel lies across every candidate"
     set_stage(root, "plan", "failed", msg)
+    # user-supplied targets carry only the CT point: the MRI point comes back through the fusion
+    tdoc = json.loads((root / "characterisation" / "targets.json").read_text())
+    for t in tdoc["targets"]:
+        t.pop("point_ras")
+    (root / "characterisation" / "targets.json").write_text(json.dumps(tdoc))
+    m = np.linalg.inv(np.asarray(json.loads((root / "registration" / "fusion.json").read_text())
+                                 ["matrix_mri_to_ct_ras"]))
     text = Path(write_report(root)).read_text(encoding="utf-8")
     for title in SECTION_TITLES:
         assert f">{title}</h2>" in text
@@ -117,6 +131,10 @@ def test_failed_step_makes_later_sections_say_why(case_dir, tmp_path):
         s = _section(text, n)
         assert "not available" in s and msg in s, n
     assert "not available" in _section(text, 8)
+    s3 = _section(text, 3)
+    for t in tdoc["targets"]:
+        p = m[:3, :3] @ np.asarray(t["point_ct_ras"]) + m[:3, 3]
+        assert " ".join(f"{v:.1f}" for v in p) in s3
     for n in (2, 3):  # what finished is still reported with its pictures
         s = _section(text, n)
         assert "not available" not in s and "data:image/png" in s
