@@ -550,6 +550,10 @@ def _section_fusion(case: _Case, figs: _Figures) -> str:
     return "\n".join(out)
 
 
+def _mean_sd(st) -> str:
+    return f"{_fmt(st.get('mean'))} ± {_fmt(st.get('sd'))}" if isinstance(st, dict) and st else "-"
+
+
 def _habitat_rgba(lab: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     rgba = np.zeros(lab.shape + (4,), float)
     for code, col in HABITAT_COLOURS.items():
@@ -628,8 +632,7 @@ def _section_habitats(case: _Case, figs: _Figures) -> str:
         rows = []
         for t in targets:
             sig = t.get("signature") or {}
-            sv = lambda k: (f"{_fmt((sig.get(k) or {}).get('mean'))} ± {_fmt((sig.get(k) or {}).get('sd'))}"  # noqa: E731
-                            if sig.get(k) else "-")
+            sv = lambda k: _mean_sd(sig.get(k))  # noqa: E731
             ctp = case.target_ct(t)
             mrp = case.target_mri(t)
             rows.append((t.get("name"), t.get("region"), "-" if mrp is None else " ".join(_fmt(v) for v in mrp),
@@ -1021,7 +1024,8 @@ def _section_procedure(case: _Case, figs: _Figures) -> str:
                    f"{' (cancelled)' if sess.get('cancelled') else ''}.</p>")
         if sess.get("auto_confirmed") or (case.summary.get("case") or {}).get("auto_confirmed"):
             out.append('<p class="note">Demo: the plan was confirmed automatically and the robot was a simulator.</p>')
-        rows = [(t.get("name"), t.get("region"), t.get("state"), t.get("transmissions"), _fmt(t.get("echo_error_mm"), 3),
+        rows = [(t.get("name"), t.get("region"), t.get("state"), t.get("transmissions"),
+                 _fmt(t.get("echo_error_mm"), 3),
                  _fmt(t.get("echo_error_deg"), 3), _fmt(t.get("reached_error_mm"), 2), t.get("robot_status") or "-")
                 for t in sess.get("targets") or [] if isinstance(t, dict)]
         out.append(_table(("target", "region", "state", "sent", "echo error (mm)", "echo error (deg)",
@@ -1035,8 +1039,12 @@ def _section_heterogeneity(case: _Case, figs: _Figures) -> str:
     path = _pathology(case)
     if not path:
         why = case.problems.get("specimens/pathology.csv")
-        return _na(f"not available ({why})" if why else
-                   "not available (no pathology results: specimens/pathology.csv is absent)")
+        if why:
+            return _na(f"not available ({why})")
+        st = case.stage_for("specimens")
+        if (st is not None and st.get("status") != "done") or (st is None and case.first_failed() is not None):
+            return _na(case.why("specimens", "specimens/pathology.csv"))
+        return _na("not available (no pathology results: specimens/pathology.csv is absent)")
     rows = case.csv("specimens/specimens.csv") or []
     sites = []
     for r in rows:

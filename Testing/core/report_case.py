@@ -22,7 +22,7 @@ from SmartBiopsyLib.specimen_journal import SpecimenJournal
 from TrajectoryPlannerLib import engine, synthetic
 from TrajectoryPlannerLib.robot_protocol import RobotTarget, SessionResult
 
-STAGES = ("load", "register", "characterise", "plan", "robot", "sample", "specimens")
+STAGES = ("load", "register", "characterise", "plan", "robot", "sample", "specimens", "report")
 
 
 def _rot_z(deg):
@@ -115,8 +115,8 @@ def build_case(root: Path, pathology: bool = True, synthetic_case: bool = True) 
     # sampling: needle 1 mm lateral of the plan, tip-distal notch sampled on the maps' own grid
     sdir = root / "sampling"
     all_values = {}
-    journal = SpecimenJournal(root / "specimens" / "specimens.jsonl") if (root / "specimens").mkdir(
-        parents=True, exist_ok=True) is None else None
+    (root / "specimens").mkdir(parents=True, exist_ok=True)
+    journal = SpecimenJournal(root / "specimens" / "journal.jsonl")
     log = ProcedureLog(participant_id="P001", planning_topogram_utc="2024-05-01T09:00:00Z", operator="Dr Test")
     log.add_scan("planning", "2024-05-01T09:02:00Z", 310.0)
     for i, t in enumerate(chosen):
@@ -155,7 +155,8 @@ def build_case(root: Path, pathology: bool = True, synthetic_case: bool = True) 
             for k, t in enumerate(chosen):
                 w.writerow([f"POT-{t['region']}", 10.0 + 15.0 * k, 2])
     summary = {"case": {"name": "report-test", "source": "phantom seed 0", "synthetic": synthetic_case},
-               "stages": [{"name": s, "status": "done", "seconds": 0.5 + i, "message": ""} for i, s in enumerate(STAGES)],
+               "stages": [{"name": s, "status": "done", "seconds": 0.5 + i, "message": ""}
+                          for i, s in enumerate(STAGES)],
                "peak_memory_mb": 321.0}
     (root / "summary.json").write_text(json.dumps(summary))
     return {"mri_to_ct": reg.matrix, "targets": tdoc["targets"], "trajectories": chosen, "maps": maps}

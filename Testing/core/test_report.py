@@ -130,7 +130,8 @@ def test_failed_step_makes_later_sections_say_why(case_dir, tmp_path):
     for n in (5, 6, 7):  # later steps were skipped: their sections name the failed step and its message
         s = _section(text, n)
         assert "not available" in s and msg in s, n
-    assert "not available" in _section(text, 8)
+    assert f"not available (step specimens did not finish: skipped because step plan failed: {msg}" \
+        in _section(text, 8)
     s3 = _section(text, 3)
     for t in tdoc["targets"]:
         p = m[:3, :3] @ np.asarray(t["point_ct_ras"]) + m[:3, 3]
