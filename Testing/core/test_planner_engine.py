@@ -201,3 +201,25 @@ def test_distance_maps_equal_exact_edt_and_trilinear_stays_within_the_bound(abdo
     assert np.all(interp[ok] - h <= true[ok] + 1e-4)  # the conservative side, everywhere
     out = ok & (true > 2 * h)  # inside a structure the map is signed (negative), the KD-tree is not
     assert np.all(interp[out] + h >= true[out] - 1e-4)
+
+
+def test_pooled_planning_grid_stays_safe_with_the_larger_bound(abdomen, oracle):
+    ct, labels, targets = abdomen
+    s = engine.PlanSettings(planning_spacing_mm=3.0, top_n=3)
+    r = engine.plan(ct, targets, labelmaps=[(labels, synthetic.RISK_LABELS)], settings=s)
+    # blocks of 2 x 2 x 1 fine voxels (1.5, 1.5, 2 mm): offset 0.5 * |(1.5, 1.5, 0)|
+    coarse_h = 0.5 * np.linalg.norm([3.0, 3.0, 2.0])
+    assert r.error_bound_mm == pytest.approx(coarse_h + 0.25 + 0.5 * np.linalg.norm([1.5, 1.5, 0]))
+    assert len(r.trajectories) == 9
+    for tr in r.trajectories + r.shared_entry.trajectories:
+        d = oracle.axis_distances(tr.entry_ras, tr.tip_ras)
+        for name, dist in d.items():
+            assert dist - r.needle.outer_radius_mm >= tr.margin_mm[name] - 1e-6, (tr.name, name)
+            assert tr.clearance_mm[name] <= dist - r.needle.outer_radius_mm + 1e-6
+
+
+def test_plan_keeps_the_positional_order_the_module_logic_uses():
+    import inspect
+    names = list(inspect.signature(engine.plan).parameters)
+    assert names[:10] == ["ct", "targets", "needle", "labelmaps", "margins", "settings", "exclusion",
+                          "auto_structures", "progress", "should_cancel"]

@@ -97,6 +97,7 @@ class PlanSettings:
     shared_entry: bool = True
     allow_partial: bool = False  # False: a target without a safe path raises NoSafePathError
     threads: int | None = None
+    planning_spacing_mm: float | None = None  # None: plan on the CT grid; else max-pool masks to about this
 
     def __post_init__(self):
         if self.mode not in ("oblique", "in-plane"):
@@ -237,7 +238,10 @@ class DistanceMaps:
     (KD-tree of each structure's boundary voxel centres), not from the maps.
     """
 
-    def __init__(self, risk: RiskModel, cap_mm: float = 30.0, threads: int | None = None):
+    def __init__(self, risk: RiskModel, cap_mm: float = 30.0, threads: int | None = None,
+                 pool_offset_mm: float = 0.0):
+        """``pool_offset_mm``: when the masks were max-pooled from a finer grid, the largest distance from a
+        pooled voxel centre to a fine voxel centre inside it; it is added to every bound."""
         import SimpleITK as sitk
 
         self.grid = risk.grid
@@ -248,6 +252,7 @@ class DistanceMaps:
         self.masks = {s.name: s.mask for s in risk.structures}
         self.cap = float(max(cap_mm, max(self.margins.values(), default=0.0) + 10.0))
         self.half_diagonal_mm = 0.5 * float(np.linalg.norm(self.spacing_kji))
+        self.pool_offset_mm = float(pool_offset_mm)
         margins = sorted(set(self.margins.values()))
         self.groups: list[tuple[float, list[str]]] = [(m, [n for n in self.names if self.margins[n] == m])
                                                       for m in margins]
@@ -324,8 +329,11 @@ class DistanceMaps:
         with self._lock:
             if name not in self._trees:
                 m = self.masks[name]
-                boundary = m & ~_erode6(m, edge=False)  # nearest voxel seen from outside is a boundary voxel
-                self._trees[name] = cKDTree(np.argwhere(boundary) * self.spacing_kji)
+                nz = [np.nonzero(m.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
+                lo = np.array([a[0] for a in nz])
+                sub = m[lo[0]:nz[0][-1] + 1, lo[1]:nz[1][-1] + 1, lo[2]:nz[2][-1] + 1]
+                boundary = sub & ~_erode6(sub, edge=False)  # nearest voxel seen from outside is a boundary voxel
+                self._trees[name] = cKDTree((np.argwhere(boundary) + lo) * self.spacing_kji)
         pts = kji.reshape(-1, 3)
         d = self._trees[name].query(pts * self.spacing_kji)[0]
         d[self.masks[name].ravel()[self._nearest_flat(pts)]] = 0.0
@@ -351,7 +359,7 @@ class DistanceMaps:
 
     def bound_mm(self, step_mm: float) -> float:
         """Conservative error bound (mm) subtracted from interpolated clearances."""
-        return self.half_diagonal_mm + step_mm / 2.0
+        return self.half_diagonal_mm + step_mm / 2.0 + self.pool_offset_mm
 
 
 # ------------------------------------------------------------------------------------------------
@@ -527,7 +535,7 @@ def _make_trajectory(maps: DistanceMaps, target: Target, entry, ev: CandidateEva
     ns = max(1, int(math.ceil((L + needle.tip_overshoot_mm) / settings.sample_step_mm)))
     pts = maps.ras_to_kji(e[None, :] + np.linspace(0, 1, ns + 1)[:, None] * (tip - e)[None, :])
     # exact nearest-voxel distances at the samples; between samples the distance dips by <= step / 2
-    sub = settings.sample_step_mm / 2.0 + needle.outer_radius_mm
+    sub = settings.sample_step_mm / 2.0 + needle.outer_radius_mm + maps.pool_offset_mm
     clearance = {s: float(maps.exact_distance(s, pts).min()) - sub for s in maps.names}
     return Trajectory(name, target.name, target.region, e, t, needle.name, L, clearance, dict(maps.margins),
                       float(ev.angle_deg[i]), float(ev.score[i]), rank, tip)
@@ -562,7 +570,7 @@ def _parse_targets(targets) -> list[Target]:
 def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
          labelmaps: list[tuple[RasVolume, dict | None]] | None = None, margins: dict | None = None,
          settings: PlanSettings | None = None, exclusion: EntryExclusion | None | str = "supine",
-         auto_structures: bool = True, body_hu: float = -300.0, progress=None, should_cancel=None) -> PlanResult:
+         auto_structures: bool = True, progress=None, should_cancel=None, body_hu: float = -300.0) -> PlanResult:
     """Plan ranked safe trajectories for each target (CT in HU; targets RAS mm; see module docstring).
 
     ``labelmaps``: list of (label volume, {value: name}) user structures; ``margins``: name -> mm overrides.
@@ -603,8 +611,14 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     lms = []
     for lm, names in labelmaps or []:  # crop label maps that share the CT grid; others are resampled
         lms.append((crop_volume(lm, lo, hi) if lm.same_grid(ct) else lm, names))
-    risk = build_risk_model(grid, lms, margins, exclusion, auto=auto_structures, body_hu=body_hu,
-                            threads=settings.threads)
+    factors = _pool_factors(grid.spacing, settings.planning_spacing_mm)
+    pool_offset = 0.0
+    if factors is not None:
+        grid, risk, pool_offset = _pooled_risk_model(grid, factors, lms, margins, exclusion, auto_structures,
+                                                     body_hu, settings.threads)
+    else:
+        risk = build_risk_model(grid, lms, margins, exclusion, auto=auto_structures, body_hu=body_hu,
+                                threads=settings.threads)
     timings["risk_structures"] = time.perf_counter() - t0
     check_cancel()
 
@@ -624,7 +638,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
 
     progress(0.2, "distance maps")
     t0 = time.perf_counter()
-    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads)
+    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset)
     timings["distance_maps"] = time.perf_counter() - t0
     check_cancel()
 
@@ -707,6 +721,72 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
                       grid.with_array(risk.body.astype(np.uint8), name="body"))
 
 
+def _pool_factors(spacing_ijk, planning_spacing_mm):
+    """Integer block size per (k, j, i) axis bringing the spacing up to about ``planning_spacing_mm``."""
+    if not planning_spacing_mm:
+        return None
+    f = np.maximum(1, np.floor(planning_spacing_mm / np.asarray(spacing_ijk, float)[::-1] + 1e-6)).astype(int)
+    return None if np.all(f == 1) else f
+
+
+def _block(a: np.ndarray, f, reduce):
+    """Reduce ``a`` (k, j, i) over blocks of size ``f`` (edge blocks padded with the edge values)."""
+    pad = [(0, (-n) % b) for n, b in zip(a.shape, f)]
+    if any(p[1] for p in pad):
+        a = np.pad(a, pad, mode="edge")
+    k, j, i = (n // b for n, b in zip(a.shape, f))
+    return reduce(reduce(reduce(a.reshape(k, f[0], j, f[1], i, f[2]), axis=5), axis=3), axis=1)
+
+
+def _pooled_risk_model(grid, f, labelmaps, margins, exclusion, auto, body_hu, threads):
+    """Risk model on a grid coarser by ``f`` with conservatively max-pooled structures.
+
+    Body and bone use the block maximum of HU, gas the block minimum (inside the eroded body), user label
+    maps "any voxel of the block". Returns (coarse grid, risk model, pool offset mm): every fine structure
+    voxel centre lies within the offset of its pooled voxel centre, so distances shrink by at most that.
+    """
+    from .risk import (RiskStructure, _erode6, _keep_components, body_mask, default_margin, skin_mask,
+                       structures_from_labelmap)
+
+    a = np.asarray(grid.array)
+    m = grid.ijk_to_ras.copy()
+    m[:3, :3] = grid.ijk_to_ras[:3, :3] @ np.diag(f[::-1].astype(float))
+    # the pooled voxel centre is the centre of its block of fine voxels
+    m[:3, 3] = grid.ijk_to_ras_points((f[::-1] - 1) / 2.0)[0]
+    hi_ct = RasVolume(_block(a, f, np.max), m, grid.name, dict(grid.meta))
+    lo_hu = _block(a, f, np.min)
+    spacing = hi_ct.spacing
+    body = body_mask(hi_ct, body_hu, threads=threads)
+    skin = skin_mask(body)
+    margins_l = {k.lower(): float(v) for k, v in (margins or {}).items()}
+    structures = []
+    if auto:
+        bone = _keep_components((hi_ct.array > 200.0) & body, spacing, 50.0, threads=threads)
+        gas = _keep_components((lo_hu < -400.0) & _erode6(body, edge=True), spacing, 50.0, threads=threads)
+        for name, mask in (("bone", bone), ("gas", gas)):
+            if mask.any():
+                structures.append(RiskStructure(name, mask, margins_l.get(name, default_margin(name)), "ct"))
+    user = []
+    for lm, names in labelmaps:
+        fine = lm if lm.same_grid(grid) else None
+        if fine is None:  # other grid: resample onto the fine grid first
+            user += [RiskStructure(s.name, _block(s.mask, f, np.max), s.margin_mm, s.source)
+                     for s in structures_from_labelmap(lm, grid, names, margins)]
+            continue
+        arr = np.asarray(fine.array)
+        values = sorted(names) if names else [int(v) for v in np.unique(arr) if v != 0]
+        for v in values:
+            name = names[v] if names else f"label_{v}"
+            mask = _block(arr == v, f, np.max)
+            if mask.any():
+                user.append(RiskStructure(name, mask, margins_l.get(name.lower(), default_margin(name)), "user"))
+    user_names = {s.name for s in user}
+    structures = [s for s in structures if s.name not in user_names] + user
+    offset = 0.5 * float(np.linalg.norm((f[::-1] - 1) * grid.spacing))
+    logger.info("planning grid pooled by %s (k, j, i): offset %.2f mm added to the clearance bound", f.tolist(), offset)
+    return hi_ct, RiskModel(hi_ct, body, skin, structures, exclusion), offset
+
+
 def _rough_body_box(ct: RasVolume, body_hu: float) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi) k, j, i index box around everything above ``body_hu`` (read every 4th voxel), 8 voxels wider."""
     a = np.asarray(ct.array)
@@ -730,7 +810,7 @@ def _shortest_safe_length(ct, target, needle, labelmaps, margins, settings, excl
         needle.introducer, usable_length_mm=needle.introducer.usable_length_mm + extra)
     longer = dataclasses.replace(needle, name=needle.name + " (longer)", core=core, introducer=intro)
     s2 = dataclasses.replace(settings, extra_reach_mm=0.0, allow_partial=True, shared_entry=False, top_n=1)
-    r = plan(ct, [target], longer, labelmaps, margins, s2, exclusion, auto, body_hu)
+    r = plan(ct, [target], longer, labelmaps, margins, s2, exclusion, auto, body_hu=body_hu)
     return r.shortest_safe_length_mm.get(target.name)
 
 
