@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for noisy in ("radiomics", "pykwalify"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         if unavailable:

@@ -1,0 +1,107 @@
+"""Build the case's Slicer scene from a finished (or partly finished) workflow run (MRML glue).
+
+Every node is named, coloured and placed in a subject-hierarchy folder: Images, Registration, Habitats,
+Plan, Sampling. MRI-derived volumes sit under the MRI->CT transform, so they overlay the CT when the
+scene is opened in Slicer. Takes the scene explicitly; returns the number of nodes per class.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+REGION_COLOURS = {"A": (0.90, 0.20, 0.20), "B": (0.95, 0.80, 0.15), "C": (0.20, 0.45, 0.95)}
+
+
+def _folder(sh, name: str) -> int:
+    return sh.CreateFolderItem(sh.GetSceneItemID(), name)
+
+
+def _put(sh, node, folder: int) -> None:
+    if node is None:
+        return
+    item = sh.GetItemByDataNode(node)
+    if not item:
+        item = sh.CreateItem(folder, node)
+    sh.SetItemParent(item, folder)
+
+
+def _flatten(obj):
+    if obj is None:
+        return []
+    if isinstance(obj, dict):
+        return [n for v in obj.values() for n in _flatten(v)]
+    if isinstance(obj, (list, tuple)):
+        return [n for v in obj for n in _flatten(v)]
+    return [obj] if hasattr(obj, "GetID") else []
+
+
+def build_case_scene(scene, run) -> dict:
+    """Populate ``scene`` with the run's nodes. ``run`` is a :class:`SmartBiopsyLib.workflow.CaseRun`."""
+    from SmartBiopsyLib.volumes_mrml import add_volume_node
+
+    sh = scene.GetSubjectHierarchyNode()
+    res, inputs = run.results, run.inputs
+    f_img = _folder(sh, "Images")
+    ct_node = add_volume_node(scene, inputs.ct, "Planning CT")
+    _put(sh, ct_node, f_img)
+    mri_nodes = []
+    if inputs.mri_anatomical is not None:
+        n = add_volume_node(scene, inputs.mri_anatomical, "MRI T2")
+        _put(sh, n, f_img)
+        mri_nodes.append(n)
+    maps = res.get("maps") or {}
+    names = {"adc": "ADC (1e-6 mm2 per s)", "ff": "Fat fraction (%)", "ef": "Enhancement fraction (%)"}
+    for k, v in maps.items():
+        n = add_volume_node(scene, v, names.get(k, k))
+        _put(sh, n, f_img)
+        mri_nodes.append(n)
+    m = res.get("mri_to_ct")
+    if m is not None:
+        from RegistrationFusionLib.registration_mrml import apply_registration
+
+        f_reg = _folder(sh, "Registration")
+        fusion = res.get("fusion")
+        kw = {}
+        if fusion is not None:
+            lm = fusion.landmark
+            kw = {"capsules_ct": np.asarray(lm.fixed_points), "capsules_mri": np.asarray(lm.moving_points)}
+        reg_nodes = apply_registration(scene, m, mri_nodes, **kw)
+        for node in reg_nodes.values():
+            _put(sh, node, f_reg)
+    hab = res.get("habitats")
+    if hab is not None:
+        from SmartBiopsyLib.characterisation_mrml import characterisation_nodes
+
+        f_hab = _folder(sh, "Habitats")
+        nodes = characterisation_nodes(scene, hab, res.get("targets") or [], res.get("radiomics") or None)
+        tnode = scene.GetFirstNodeByClass("vtkMRMLLinearTransformNode")
+        for node in nodes.values():
+            if node is None:
+                continue
+            if tnode is not None and hasattr(node, "SetAndObserveTransformNodeID") and node.IsA("vtkMRMLTransformableNode"):
+                node.SetAndObserveTransformNodeID(tnode.GetID())  # habitats and targets live in MRI world
+            _put(sh, node, f_hab)
+    plan = res.get("plan")
+    if plan is not None:
+        from TrajectoryPlannerLib.planner_mrml import show_plan
+
+        f_plan = _folder(sh, "Plan")
+        for node in _flatten(show_plan(scene, plan, skin_poly=res.get("skin_poly"))):
+            _put(sh, node, f_plan)
+    samples = res.get("samples") or []
+    if samples:
+        from SmartBiopsyLib.sampling_mrml import add_sampling_nodes
+
+        f_s = _folder(sh, "Sampling")
+        for t, det, roi, vals in samples:
+            for node in add_sampling_nodes(scene, det, roi).values():
+                _put(sh, node, f_s)
+    counts: dict = {}
+    for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLLinearTransformNode",
+                "vtkMRMLSegmentationNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsLineNode",
+                "vtkMRMLMarkupsROINode", "vtkMRMLTableNode", "vtkMRMLModelNode"):
+        counts[cls] = scene.GetNumberOfNodesByClass(cls)
+    return counts

@@ -1,0 +1,647 @@
+"""The whole smart-biopsy procedure, headless: load -> fuse -> characterise -> plan -> robot -> sample ->
+record -> scene -> report. Used by ``smartbiopsy demo`` (phantom case) and ``smartbiopsy run`` (user data).
+
+Every stage writes its outputs into the case folder as soon as it finishes; a stage that cannot proceed
+stops the run with one clear message, the outputs of the finished stages are kept, and ``summary.json``
+plus the report describe what happened. Folder layout (all coordinates RAS mm)::
+
+    summary.json                 stages (status, seconds, message), case description, peak memory
+    inputs/                      ct.nrrd, mri_t2.nrrd (the anatomical MRI used for fusion)
+    registration/                fusion.json, qa.json, mri_to_ct.json, mri_to_ct.tfm, t2_on_ct.nrrd, *.png
+    characterisation/            adc/ff/ef.nrrd, tumour.nrrd, habitats.nrrd (MRI grid), regions.csv,
+                                 targets.json (point_ras: MRI world, point_ct_ras: CT world), radiomics.csv
+    plan/                        plan.json, skin_model.vtp
+    robot/                       session.json, session.jsonl
+    sampling/<target>/           confirm_ct.nrrd, needle.json, notch.json; sampling/notch_values.json
+    specimens/                   journal.jsonl, specimens.csv, procedure.json, pathology.csv (if any)
+    scene.mrb, report.html
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from RegistrationFusionLib.geometry import RasVolume
+
+from .errors import InputDataError, SmartBiopsyError
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("load", "fuse", "characterise", "plan", "robot", "sample", "record", "scene", "report")
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+def write_json(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default, allow_nan=False if False else True))
+    tmp.replace(path)
+    return path
+
+
+def _apply(m: np.ndarray, pts) -> np.ndarray:
+    p = np.atleast_2d(np.asarray(pts, float))
+    return p @ m[:3, :3].T + m[:3, 3]
+
+
+@dataclass
+class CaseInputs:
+    """What a run starts from. Volumes already loaded (RAS); optional results supplied instead of computed."""
+
+    name: str
+    ct: RasVolume
+    mri_anatomical: RasVolume | None = None      # T2 (or another anatomical MRI) for fusion
+    dwi: dict | None = None                      # b -> RasVolume
+    dixon_water: RasVolume | None = None
+    dixon_fat: RasVolume | None = None
+    t1_pre: RasVolume | None = None
+    t1_post: RasVolume | None = None
+    tumour: RasVolume | None = None              # mask on an MRI grid (MRI world)
+    risk_labelmaps: list = field(default_factory=list)   # [(label volume on CT grid, {value: name})]
+    # results supplied instead of computed
+    mri_to_ct: np.ndarray | None = None
+    adc: RasVolume | None = None
+    ff: RasVolume | None = None
+    ef: RasVolume | None = None
+    targets_ct: dict | None = None               # {name: RAS point in CT world}
+    synthetic: bool = False
+    source: str = ""
+    truth: object = None                         # phantom truth, for the demo's accuracy lines
+
+
+@dataclass
+class RunOptions:
+    needle: str = ""
+    notch_mode: str = "side-notch"
+    planning_mode: str = "oblique"
+    max_angle_deg: float = 60.0
+    refine: bool = True
+    operator: str = "operator"
+    auto_confirm: bool = False                   # demo only: confirms the plan for the simulator, logged
+    robot: str = "simulator"                     # "simulator" or "none"
+    placement_error_mm: float = 1.5              # simulated confirmation CT: lateral needle error (demo)
+    synthetic_pathology: bool = False            # demo: a clearly labelled synthetic pathology file
+    seed: int = 0
+    write_confirm_ct: bool = True
+
+
+@dataclass
+class StageRecord:
+    name: str
+    status: str = "pending"
+    seconds: float = 0.0
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 2), "message": self.message}
+
+
+class StageFailed(SmartBiopsyError):
+    """A stage could not proceed; ``stage`` names it. Outputs of earlier stages are kept."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+
+
+@dataclass
+class CaseRun:
+    """State of one run; ``results`` holds each stage's in-memory outputs."""
+
+    out: Path
+    inputs: CaseInputs
+    options: RunOptions
+    stages: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+    lines: list = field(default_factory=list)     # summary lines printed at the end
+
+    def summary(self) -> dict:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return {
+            "case": {"name": self.inputs.name, "source": self.inputs.source, "synthetic": self.inputs.synthetic},
+            "stages": [s.to_dict() for s in self.stages],
+            "total_seconds": round(sum(s.seconds for s in self.stages), 2),
+            "peak_memory_mb": round(peak, 1),
+            "options": self.options.__dict__,
+            "lines": self.lines,
+        }
+
+    def write_summary(self) -> None:
+        write_json(self.out / "summary.json", self.summary())
+
+
+def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
+             progress_factory: Callable[[str], Callable[[float, str], None]] | None = None,
+             should_cancel: Callable[[], bool] | None = None, stop_after: str | None = None) -> CaseRun:
+    """Run every stage on ``inputs`` into ``out_dir``. Raises :class:`StageFailed` at the first stage that
+    cannot proceed, after writing ``summary.json`` and the report of what finished."""
+    options = options or RunOptions()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = CaseRun(out, inputs, options)
+    progress_factory = progress_factory or (lambda name: (lambda f, m: None))
+    stage_funcs = {"load": _stage_load, "fuse": _stage_fuse, "characterise": _stage_characterise,
+                   "plan": _stage_plan, "robot": _stage_robot, "sample": _stage_sample, "record": _stage_record,
+                   "scene": _stage_scene, "report": _stage_report}
+    failure: StageFailed | None = None
+    for name in STAGES:
+        rec = StageRecord(name)
+        run.stages.append(rec)
+        if failure is not None:
+            rec.status, rec.message = "skipped", f"not run: stage '{failure.stage}' failed"
+            if name != "report":
+                continue
+        progress = progress_factory(name)
+        t0 = time.perf_counter()
+        try:
+            if should_cancel is not None and should_cancel():
+                raise SmartBiopsyError("cancelled by the user")
+            msg = stage_funcs[name](run, progress, should_cancel) or ""
+            rec.status, rec.message = ("done" if failure is None or name != "report" else "done"), msg
+            progress(1.0, msg[:60])
+        except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence in the summary
+            rec.status = "failed"
+            rec.message = _sentence(exc)
+            logger.debug("stage %s failed", name, exc_info=True)
+            if failure is None:
+                failure = StageFailed(name, rec.message)
+                failure.__cause__ = exc
+        finally:
+            rec.seconds = time.perf_counter() - t0
+            run.write_summary()
+        if stop_after == name and failure is None:
+            break
+    if failure is not None:
+        raise failure
+    return run
+
+
+def _sentence(exc: Exception) -> str:
+    from SmartBiopsyLib.cli import user_errors
+
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, user_errors()):
+        return text.splitlines()[0]
+    return f"unexpected {type(exc).__name__}: {text.splitlines()[0]}"
+
+
+# ====================================================================== stages
+def _stage_load(run: CaseRun, progress, should_cancel) -> str:
+    from SmartBiopsyLib.imageio import save_image
+
+    i = run.inputs
+    if i.ct is None:
+        raise InputDataError("no planning CT was given; pass --ct (a DICOM folder or volume file)")
+    _check_ct(i.ct)
+    d = run.out / "inputs"
+    d.mkdir(parents=True, exist_ok=True)
+    progress(0.3, "writing inputs")
+    save_image(i.ct, d / "ct.nrrd", compress=False)
+    if i.mri_anatomical is not None:
+        _check_mri(i.mri_anatomical, "anatomical MRI")
+        save_image(i.mri_anatomical, d / "mri_t2.nrrd", compress=False)
+    n = sum(v is not None for v in (i.mri_anatomical, i.dixon_water, i.dixon_fat, i.t1_pre, i.t1_post)) + len(i.dwi or {})
+    return f"CT {'x'.join(map(str, i.ct.array.shape[::-1]))} and {n} MRI volumes"
+
+
+def _check_ct(ct: RasVolume) -> None:
+    a = ct.array
+    if a.size == 0:
+        raise InputDataError("the CT is empty")
+    lo, hi = float(np.percentile(a, 1)), float(np.percentile(a, 99.5))
+    if lo > -500 or hi < 100:
+        raise InputDataError(
+            f"the volume given as CT does not look like a CT in Hounsfield units (1st-99.5th percentile "
+            f"{lo:.0f}..{hi:.0f}; air should be near -1000 HU); was an MRI given as --ct?")
+
+
+def _check_mri(mri: RasVolume, what: str) -> None:
+    if mri.array.size == 0:
+        raise InputDataError(f"the {what} is empty")
+    if float(np.percentile(mri.array, 1)) < -200:
+        raise InputDataError(f"the {what} has strongly negative values like a CT in HU; was the CT given as MRI?")
+
+
+def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
+    from RegistrationFusionLib.pipeline import fuse_ct_mri
+    from RegistrationFusionLib.qa import write_fusion_pictures
+    from RegistrationFusionLib.refine import resample_mri_on_ct, write_itk_transform
+    from SmartBiopsyLib.imageio import save_image
+
+    i = run.inputs
+    d = run.out / "registration"
+    d.mkdir(parents=True, exist_ok=True)
+    if i.mri_to_ct is not None:
+        m = np.asarray(i.mri_to_ct, float)
+        run.results["mri_to_ct"] = m
+        run.results["fusion"] = None
+        write_json(d / "mri_to_ct.json", {"matrix_mri_to_ct_ras": m, "source": "supplied by the user"})
+        return "transform supplied by the user (no capsule QA)"
+    if i.mri_anatomical is None:
+        raise InputDataError("no anatomical MRI (e.g. T2) was given for the capsule fusion; pass --t2 or a transform")
+    fusion = fuse_ct_mri(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
+                         should_cancel=should_cancel)
+    m = np.asarray(fusion.matrix, float)
+    run.results["fusion"] = fusion
+    run.results["mri_to_ct"] = m
+    write_json(d / "fusion.json", fusion.to_dict())
+    write_json(d / "qa.json", fusion.report.to_dict())
+    write_json(d / "mri_to_ct.json", {"matrix_mri_to_ct_ras": m, "source": "capsule fusion"})
+    write_itk_transform(m, str(d / "mri_to_ct.tfm"))
+    progress(0.96, "resampling MRI on CT")
+    t2_on_ct = resample_mri_on_ct(i.mri_anatomical, i.ct, m)
+    save_image(t2_on_ct, d / "t2_on_ct.nrrd")
+    run.results["t2_on_ct"] = t2_on_ct
+    # tumour centre for the pictures, when known; else the capsule centroid
+    centre = None
+    if i.tumour is not None and np.any(i.tumour.array):
+        centre = _apply(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))[0]
+    if centre is None:
+        centre = np.asarray(fusion.landmark.fixed_points).mean(axis=0)
+    write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+    lm = fusion.landmark
+    msg = f"{int(np.count_nonzero(np.asarray(lm.used)) if np.asarray(lm.used).dtype == bool else len(lm.used))} capsule pairs, FRE {lm.fre_mm:.2f} mm"
+    if i.truth is not None:
+        err = _truth_tre(i.truth, m)
+        run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
+        msg += f", true TRE {err:.2f} mm"
+    return msg
+
+
+def _truth_tre(truth, m: np.ndarray) -> float:
+    mask = truth.tumour_mask_mri
+    pts = mask.voxel_centres_ras(mask.array > 0)[::97]
+    return float(np.linalg.norm(_apply(m, pts) - _apply(truth.mri_to_ct, pts), axis=1).mean())
+
+
+def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
+    from SmartBiopsyLib.habitats import compute_habitats
+    from SmartBiopsyLib.imageio import save_image
+    from SmartBiopsyLib.maps import compute_adc, compute_ef, compute_ff
+    from SmartBiopsyLib.radiomics_features import compute_radiomics, write_radiomics_csv
+    from SmartBiopsyLib.targets import plan_targets
+    from SmartBiopsyLib.tumour import measure_tumour
+
+    i = run.inputs
+    d = run.out / "characterisation"
+    d.mkdir(parents=True, exist_ok=True)
+    m = run.results["mri_to_ct"]
+    if i.targets_ct:
+        run.results["targets_ct"] = {k: np.asarray(v, float) for k, v in i.targets_ct.items()}
+        run.results["targets"] = []
+        write_json(d / "targets.json", {"targets": [{"name": k, "region": k[-1:], "point_ct_ras": v}
+                                                    for k, v in i.targets_ct.items()], "source": "supplied"})
+        return f"{len(i.targets_ct)} targets supplied by the user"
+    progress(0.05, "ADC")
+    adc = i.adc if i.adc is not None else (compute_adc(i.dwi) if i.dwi else None)
+    if adc is None:
+        raise InputDataError("no DWI (two or more b-values) and no ADC map were given; pass --dwi or --adc")
+    progress(0.25, "FF")
+    ff = i.ff if i.ff is not None else (compute_ff(i.dixon_water, i.dixon_fat)
+                                        if i.dixon_water is not None and i.dixon_fat is not None else None)
+    progress(0.35, "EF")
+    ef = i.ef if i.ef is not None else (compute_ef(i.t1_pre, i.t1_post)
+                                        if i.t1_pre is not None and i.t1_post is not None else None)
+    if ef is None:
+        raise InputDataError("no pre/post-contrast T1 and no EF map were given; pass --t1-pre and --t1-post or --ef")
+    if i.tumour is None:
+        raise InputDataError("no tumour segmentation was given; pass --tumour (a label map on the MRI grid)")
+    tumour = i.tumour
+    if not np.any(tumour.array):
+        raise InputDataError("the tumour segmentation is empty; segment the tumour first")
+    if not tumour.same_grid(adc):
+        # a tumour drawn on another MRI grid: bring it onto the map grid (same MRI world)
+        from RegistrationFusionLib.geometry import resample
+        lo, hi = tumour.bounds_ras()
+        alo, ahi = adc.bounds_ras()
+        if np.any(hi < alo) or np.any(lo > ahi):
+            raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
+        tumour = resample(tumour, adc, None, order=0)
+        if not np.any(tumour.array):
+            raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
+    maps = {"adc": adc, "ef": ef}
+    if ff is not None:
+        maps["ff"] = ff
+    for k, v in maps.items():
+        save_image(v, d / f"{k}.nrrd")
+    save_image(tumour, d / "tumour.nrrd")
+    size = measure_tumour(tumour)
+    progress(0.45, "habitats")
+    hab = compute_habitats(adc, ef, ff, tumour, should_cancel=should_cancel)
+    save_image(hab.labels, d / "habitats.nrrd")
+    fusion = run.results.get("fusion")
+
+    def tre_at(point_mri):
+        if fusion is None:
+            return 2.0
+        return float(fusion.landmark.predicted_tre(_apply(m, point_mri))[0])
+
+    progress(0.6, "targets")
+    targets = plan_targets(hab.labels, maps, predicted_tre_mm=tre_at)
+    targets_ct = {t.region: _apply(m, t.point_ras)[0] for t in targets}
+    tdicts = []
+    for t in targets:
+        td = t.to_dict()
+        td["point_ct_ras"] = targets_ct[t.region].tolist()
+        tdicts.append(td)
+    write_json(d / "targets.json", {"targets": tdicts, "frame": "point_ras: MRI world; point_ct_ras: CT world"})
+    _write_regions_csv(d / "regions.csv", hab)
+    progress(0.7, "radiomics")
+    try:
+        rows = compute_radiomics(hab.labels, maps)
+        write_radiomics_csv(rows, d / "radiomics.csv")
+        run.results["radiomics"] = rows
+    except ImportError as exc:  # pyradiomics missing: the rest of the procedure does not depend on it
+        logger.warning("radiomics skipped: %s", exc)
+        run.results["radiomics"] = []
+    write_json(d / "characterisation.json", {"tumour": size.to_dict(), "habitats": hab.to_dict(),
+                                             "targets": tdicts})
+    run.results.update({"maps": maps, "habitats": hab, "targets": targets, "targets_ct": targets_ct,
+                        "tumour": tumour, "tumour_size": size})
+    if fusion is not None:
+        from RegistrationFusionLib.qa import build_report
+        rep = build_report(fusion.landmark, {t.region: targets_ct[t.region] for t in targets},
+                           correspondence=fusion.correspondence, refinement=fusion.refinement)
+        fusion.report = rep
+        write_json(run.out / "registration" / "qa.json", rep.to_dict())
+        write_json(run.out / "registration" / "fusion.json", fusion.to_dict())
+    if i.truth is not None:
+        run.lines.append("targets inside the true habitat: " + ", ".join(
+            f"{t.region}={'yes' if _true_habitat(i.truth, t.point_ras) == t.region else 'NO'}" for t in targets))
+    regions = ", ".join(f"{t.region} depth {t.depth_mm:.0f} mm" for t in targets)
+    return f"tumour {size.voxel_volume_ml / 1000:.2f} L; {regions}"
+
+
+def _true_habitat(truth, point_mri) -> str:
+    h = truth.mri_habitats
+    ijk = np.round(h.ras_to_ijk_points(point_mri)[0]).astype(int)
+    code = int(h.array[ijk[2], ijk[1], ijk[0]])
+    return {1: "A", 2: "B", 3: "C"}.get(code, "-")
+
+
+def _write_regions_csv(path: Path, hab) -> None:
+    import csv
+
+    rows = [r.to_dict() for r in hab.regions]
+    if not rows:
+        path.write_text("")
+        return
+    flat = []
+    for r in rows:
+        fr = {}
+        for k, v in r.items():
+            if isinstance(v, dict):
+                for k2, v2 in v.items():
+                    fr[f"{k}_{k2}"] = v2
+            else:
+                fr[k] = v
+        flat.append(fr)
+    keys = list(dict.fromkeys(k for r in flat for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(flat)
+
+
+def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
+    from TrajectoryPlannerLib.engine import PlanSettings, plan
+    from TrajectoryPlannerLib.needles import DEFAULT_NEEDLE
+
+    i = run.inputs
+    d = run.out / "plan"
+    d.mkdir(parents=True, exist_ok=True)
+    tct = run.results.get("targets_ct") or {}
+    if not tct:
+        raise InputDataError("there are no targets to plan for; the habitat step proposed none")
+    targets = [{"name": k, "region": k, "point_ras": list(map(float, v))} for k, v in tct.items()]
+    settings = PlanSettings(mode=run.options.planning_mode, max_angle_deg=run.options.max_angle_deg)
+    needle = run.options.needle or DEFAULT_NEEDLE
+    result = plan(i.ct, targets, needle=needle, labelmaps=i.risk_labelmaps or None, settings=settings,
+                  progress=progress, should_cancel=should_cancel)
+    run.results["plan"] = result
+    pdict = result.to_dict()
+    best = _best_trajectories(result)
+    qa_passed = True
+    fusion = run.results.get("fusion")
+    if fusion is not None:
+        qa_passed = bool(fusion.report.to_dict().get("passed", False))
+    pdict["robot_trajectories"] = [{"name": t.region or t.target, "region": t.region or t.target,
+                                    "entry_ras": t.entry_ras, "target_ras": t.target_ras} for t in best]
+    pdict["registration_qa"] = {"passed": qa_passed}
+    write_json(d / "plan.json", pdict)
+    from TrajectoryPlannerLib.skinmap import skin_model, write_skin_model
+
+    progress(0.9, "skin accessibility model")
+    poly = skin_model(result)
+    write_skin_model(poly, d / "skin_model.vtp")
+    run.results["skin_poly"] = poly
+    run.results["best_trajectories"] = best
+    return "; ".join(f"{t.target}: {t.length_mm:.0f} mm, {t.angle_to_axial_deg:.0f} deg" for t in best)
+
+
+def _best_trajectories(result) -> list:
+    best = {}
+    for t in result.trajectories:
+        if t.target not in best or t.rank < best[t.target].rank:
+            best[t.target] = t
+    return [best[k] for k in sorted(best)]
+
+
+def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
+    from TrajectoryPlannerLib.robot_protocol import RobotPlan, RobotSession
+    from TrajectoryPlannerLib.robot_simulator import RobotSimulator, Workspace
+
+    if run.options.robot == "none":
+        return "skipped (no robot)"
+    d = run.out / "robot"
+    d.mkdir(parents=True, exist_ok=True)
+    best = run.results["best_trajectories"]
+    fusion = run.results.get("fusion")
+    qa_passed = True if fusion is None else bool(fusion.report.to_dict().get("passed", False))
+    plan = RobotPlan.from_dict({
+        "trajectories": [{"name": t.target, "region": t.region or t.target, "entry_ras": list(t.entry_ras),
+                          "target_ras": list(t.target_ras)} for t in best],
+        "registration_qa": {"passed": qa_passed}})
+    if not run.options.auto_confirm:
+        raise SmartBiopsyError("the robot session needs the operator's confirmation of the plan; "
+                               "rerun with --confirm after reviewing plan/plan.json")
+    centre = np.mean([t.target_ras for t in best], axis=0)
+    ws = Workspace(lower_mm=tuple(centre - 250.0), upper_mm=tuple(centre + 250.0))
+    sim = RobotSimulator(0, "127.0.0.1", workspace=ws, speed_mm_s=400.0, log_path=d / "robot_side.jsonl").start()
+    try:
+        with RobotSession("127.0.0.1", sim.port, log_path=d / "session.jsonl") as session:
+            session.load_plan(plan)
+            logger.warning("DEMO: plan auto-confirmed for the robot simulator (operator '%s')", run.options.operator)
+            session.confirm_plan(operator=f"{run.options.operator} (auto-confirmed in the demo)")
+            session.set_registration_qa(qa_passed, {"source": "registration QA"})
+            result = session.run_plan(confirm=True, progress=lambda f, msg: progress(0.1 + 0.85 * f, str(msg)[:60]),
+                                      should_cancel=should_cancel)
+    finally:
+        sim.stop()
+    rd = result.to_dict()
+    rd["auto_confirmed"] = True
+    write_json(d / "session.json", rd)
+    run.results["robot"] = result
+    states = ", ".join(f"{t.name} {t.state}" for t in result.targets)
+    if not result.completed:
+        raise SmartBiopsyError(f"the robot did not reach every target ({states}); see robot/session.jsonl")
+    return f"{len(best)} targets via OpenIGTLink (auto-confirmed demo): {states}"
+
+
+def _stage_sample(run: CaseRun, progress, should_cancel) -> str:
+    from SmartBiopsyLib.imageio import save_image
+    from SmartBiopsyLib.needle import detect_needle
+    from SmartBiopsyLib.needle_sim import simulate_confirmation_ct
+    from SmartBiopsyLib.notch import notch_roi_from_detection, sample_maps
+
+    i = run.inputs
+    d = run.out / "sampling"
+    best = run.results["best_trajectories"]
+    maps = run.results.get("maps")
+    if not maps:
+        raise InputDataError("no parameter maps to sample; the characterisation step did not produce them")
+    m = run.results["mri_to_ct"]
+    needle = run.results["plan"].needle
+    rng = np.random.default_rng(run.options.seed + 77)
+    all_values, samples = {}, []
+    for n, t in enumerate(best):
+        progress(n / len(best), f"confirmation CT {t.target}")
+        tip_plan = t.tip_ras if t.tip_ras is not None else t.target_ras
+        sim = simulate_confirmation_ct(i.ct, t.entry_ras, tip_plan, needle,
+                                       lateral_error_mm=float(rng.uniform(0.3, 1.0) * run.options.placement_error_mm),
+                                       depth_error_mm=float(rng.uniform(-1.0, 1.0)), seed=run.options.seed + n)
+        det = detect_needle(sim.ct, t.entry_ras, tip_plan, target_name=t.target, needle=needle)
+        roi = notch_roi_from_detection(det, mode=run.options.notch_mode, needle=needle)
+        vals = sample_maps(roi, maps, mri_to_ct=m)
+        td = d / t.target
+        td.mkdir(parents=True, exist_ok=True)
+        if run.options.write_confirm_ct:
+            save_image(_crop_around(sim.ct, [t.entry_ras, tip_plan], 40.0), td / "confirm_ct.nrrd")
+        write_json(td / "needle.json", {"detection": det.to_dict(), "simulated_truth": sim.truth.to_dict()})
+        write_json(td / "notch.json", {"roi": roi.to_dict(), "values": vals.to_dict()})
+        all_values[t.target] = vals.to_dict()
+        samples.append((t, det, roi, vals))
+    write_json(d / "notch_values.json", all_values)
+    run.results["samples"] = samples
+    errs = [f"{t.target} tip {det.tip_error_mm:.1f} mm" for t, det, _, _ in samples]
+    if i.truth is not None:
+        truth_maps = {"adc": i.truth.adc, "ef": i.truth.ef}
+        devs = []
+        for t, det, roi, vals in samples:
+            tv = sample_maps(roi, truth_maps, mri_to_ct=i.truth.mri_to_ct)
+            for k in truth_maps:
+                devs.append(abs(vals.maps[k].mean / tv.maps[k].mean - 1.0))
+        run.lines.append(f"notch ADC/EF vs truth in the same ROI: max deviation {100 * max(devs):.1f} %")
+    return "; ".join(errs)
+
+
+def _crop_around(vol: RasVolume, pts, margin_mm: float) -> RasVolume:
+    ijk = vol.ras_to_ijk_points(np.asarray(pts, float))
+    pad = margin_mm / vol.spacing
+    lo = np.maximum(np.floor(ijk.min(axis=0) - pad).astype(int), 0)
+    hi = np.minimum(np.ceil(ijk.max(axis=0) + pad).astype(int) + 1, np.array(vol.array.shape[::-1]))
+    arr = vol.array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
+    m = vol.ijk_to_ras.copy()
+    m[:3, 3] = vol.ijk_to_ras_points(lo[None].astype(float))[0]
+    return RasVolume(np.ascontiguousarray(arr), m, vol.name, dict(vol.meta))
+
+
+def _stage_record(run: CaseRun, progress, should_cancel) -> str:
+    from SmartBiopsyLib.procedure_log import ProcedureLog
+    from SmartBiopsyLib.specimen_journal import MapValues, SpecimenJournal, SpecimenRecord
+
+    d = run.out / "specimens"
+    d.mkdir(parents=True, exist_ok=True)
+    journal_path = d / "journal.jsonl"
+    if journal_path.exists():
+        journal_path.unlink()  # a fresh run of the demo records a fresh procedure
+        for extra in d.glob("journal*"):
+            extra.unlink()
+    journal = SpecimenJournal(journal_path)
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    participant = run.inputs.name
+    for n, (t, det, roi, vals) in enumerate(run.results["samples"]):
+        values = {k: MapValues(mean=s.mean, median=s.median, min=s.min, sd=s.sd, n_voxels=int(s.voxels_touched),
+                               volume_mm3=s.volume_mm3) for k, s in vals.maps.items()}
+        rec = SpecimenRecord(pot_id=f"{participant}-POT-{t.target}", region=t.region or t.target,
+                             target_name=t.target, needle_tip_ras=list(map(float, det.tip_ras)),
+                             needle_direction_ras=list(map(float, det.axis)), notch_roi=roi.to_dict(),
+                             values=values, operator=run.options.operator,
+                             time_utc=(now + _dt.timedelta(minutes=12 + 8 * n)).isoformat(),
+                             participant_id=participant,
+                             notes="simulated confirmation CT (phantom demo)" if run.inputs.synthetic else "")
+        journal.append_specimen(rec)
+    journal.export_csv(d / "specimens.csv")
+    log = ProcedureLog(participant_id=participant, operator=run.options.operator)
+    log.set_planning_topogram(now.isoformat())
+    if run.inputs.synthetic:
+        # the demo's dose record is a plausible simulated one and is labelled so in the report
+        log.add_scan("planning CT (simulated)", (now + _dt.timedelta(minutes=2)).isoformat(), 420.0)
+        for n, (t, *_rest) in enumerate(run.results["samples"]):
+            log.add_scan(f"confirmation CT {t.target} (simulated)",
+                         (now + _dt.timedelta(minutes=11 + 8 * n)).isoformat(), 38.0)
+            log.add_manipulation(t.region or t.target, 2)
+    write_json(d / "procedure.json", log.to_dict())
+    journal.append_procedure(log)
+    if run.options.synthetic_pathology and run.inputs.synthetic:
+        _write_synthetic_pathology(run, d / "pathology.csv")
+        journal.import_pathology_csv(d / "pathology.csv")
+        journal.export_csv(d / "specimens.csv")
+    return f"{len(run.results['samples'])} specimen pots recorded"
+
+
+def _write_synthetic_pathology(run: CaseRun, path: Path) -> None:
+    """Demo only: Ki-67 from a documented toy model of the phantom (denser tissue, lower ADC, more Ki-67).
+
+    Ki-67 % = clip(55 - 0.025 x ADC_notch + N(0, 2)); labelled synthetic everywhere it appears.
+    """
+    rng = np.random.default_rng(run.options.seed + 5)
+    lines = ["pot_id,ki67_percent,fnclcc_grade"]
+    for t, det, roi, vals in run.results["samples"]:
+        adc = vals.maps["adc"].mean
+        ki = float(np.clip(55 - 0.025 * adc + rng.normal(0, 2), 1, 90))
+        grade = 3 if ki > 25 else (2 if ki > 10 else 1)
+        lines.append(f"{run.inputs.name}-POT-{t.target},{ki:.1f},{grade}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _stage_scene(run: CaseRun, progress, should_cancel) -> str:
+    from SmartBiopsyLib.runtime import new_runtime
+    from SmartBiopsyLib.scene_io import save_scene_bundle
+    from SmartBiopsyLib.scene_build import build_case_scene
+
+    rt = new_runtime()
+    counts = build_case_scene(rt.scene, run)
+    progress(0.6, "saving scene bundle")
+    save_scene_bundle(rt.scene, run.out / "scene.mrb", rt.app_logic)
+    write_json(run.out / "scene_nodes.json", counts)
+    return f"scene.mrb with {sum(counts.values())} nodes"
+
+
+def _stage_report(run: CaseRun, progress, should_cancel) -> str:
+    from SmartBiopsyLib.report import write_report
+
+    run.write_summary()
+    path = write_report(run.out)
+    return f"report {Path(path).name}"
