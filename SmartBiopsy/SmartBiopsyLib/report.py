@@ -126,8 +126,9 @@ def figure_checks(path, min_width: int = 200, min_height: int = 150, min_std: fl
 # ------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------
-def _esc(x) -> str:
-    return html.escape("" if x is None else str(x))
+def _esc(x, quote: bool = False) -> str:
+    """HTML text (``quote=True`` for attribute values); text keeps quotes readable in the source."""
+    return html.escape("" if x is None else str(x), quote=quote)
 
 
 def _fmt(v, nd: int = 1) -> str:
@@ -381,7 +382,7 @@ class _Figures:
     @staticmethod
     def embed(data: bytes, name: str, caption: str) -> str:
         b64 = base64.b64encode(data).decode("ascii")
-        return (f'<figure id="fig-{_esc(name)}"><img alt="{_esc(caption)}" src="data:image/png;base64,{b64}">'
+        return (f'<figure id="fig-{_esc(name, True)}"><img alt="{_esc(caption, True)}" src="data:image/png;base64,{b64}">'
                 f"<figcaption>{_esc(caption)}</figcaption></figure>")
 
 
