@@ -169,11 +169,15 @@ def _method(bins: int, sampling: float, seed: int, fixed_mask=None, moving_mask=
 
 
 def mutual_information(ct: RasVolume, mri: RasVolume, mri_to_ct_ras: np.ndarray, *, bins: int = 32,
-                       ct_mask: RasVolume | None = None, sampling: float = 1.0, seed: int = 1) -> float:
+                       ct_mask: RasVolume | None = None, sampling: float = 1.0, seed: int = 1,
+                       max_samples: int | None = 400_000) -> float:
     """Mattes mutual information (nats, larger = better aligned) of the CT and the MRI under a transform.
 
-    Evaluated on the CT grid (optionally inside ``ct_mask``); ``sampling`` < 1 uses a regular subset.
+    Evaluated on the CT grid (optionally inside ``ct_mask``); ``sampling`` < 1 uses a regular subset, and
+    at most about ``max_samples`` grid points are used (None: no cap).
     """
+    if max_samples:
+        sampling = min(sampling, max_samples / float(ct.array.size))
     reg = _method(bins, sampling, seed, _mask_image(ct_mask))
     reg.SetInitialTransform(itk_from_ras(mri_to_ct_ras))
     return -float(reg.MetricEvaluate(_float_image(ct), _float_image(mri)))
@@ -303,7 +307,7 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
                         mri_mask: RasVolume | None = None, affine: bool = False, deformable: bool = False,
                         shrink: tuple[int, ...] = (4, 2, 1), smoothing_mm: tuple[float, ...] = (2.0, 1.0, 0.0),
                         iterations: int = 200, bins: int = 32, sampling: float = 0.2, seed: int = 7,
-                        learning_rate: float = 20.0,
+                        max_step_mm: float = 2.0, min_step: float = 1e-2, max_samples: int | None = 100_000,
                         min_mi_gain: float = 0.0, max_target_displacement_mm: float = 5.0,
                         bspline_grid_mm: float = 60.0, bspline_max_coefficient_mm: float = 4.0,
                         max_bending_energy: float = 1e-3,
@@ -316,6 +320,8 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
     further, or MI does not improve by more than ``min_mi_gain`` nats, the initial (landmark) transform
     is kept and ``reason`` says why. ``targets_ct``: CT-RAS points at which displacement is reported.
     ``ct_mask``/``mri_mask``: optional body/tumour masks (RasVolume on each image's grid).
+    ``sampling``: fraction of CT grid points used by the metric at each level, capped at about
+    ``max_samples`` points per level (keeps large CTs fast; None: no cap).
     ``deformable``: try a coarse B-spline (control spacing ``bspline_grid_mm``, coefficients bounded by
     ``bspline_max_coefficient_mm``); it is accepted only if MI improves, the capsules and targets stay
     plausible and the bending energy (mm^-2, mean squared second derivative) stays under
@@ -343,14 +349,21 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
         reg = _method(bins, sampling, seed, fmask, mmask)
         init = _rigid_from_matrix(current_lps, centre) if name == "rigid" else _affine_from_matrix(current_lps, centre)
         reg.SetInitialTransform(init, inPlace=False)
-        # physical-shift scales make one unit of step about 1 mm of voxel motion; the step halves whenever the
-        # gradient direction reverses and the stage stops once it falls below 0.01 mm
-        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=float(learning_rate), minStep=1e-2,
+        # the learning rate is estimated at the start of each level so that the first step moves voxels by at
+        # most ``max_step_mm``; the step halves whenever the gradient direction reverses and the level stops once
+        # it falls below ``min_step`` (in the same physical-shift units)
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=float(min_step),
                                                      numberOfIterations=int(iterations), relaxationFactor=0.5,
-                                                     gradientMagnitudeTolerance=1e-8)
+                                                     gradientMagnitudeTolerance=1e-8,
+                                                     estimateLearningRate=reg.Once,
+                                                     maximumStepSizeInPhysicalUnits=float(max_step_mm))
         reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetShrinkFactorsPerLevel(list(shrink))
         reg.SetSmoothingSigmasPerLevel(list(smoothing_mm))
+        if max_samples and sampling < 1.0:
+            n_vox = float(ct.array.size)
+            reg.SetMetricSamplingPercentagePerLevel(
+                [float(min(sampling, max_samples * f ** 3 / n_vox)) for f in shrink], int(seed))
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         out, iters, stop = _run_stage(reg, fixed, moving, name, progress, should_cancel, si / n_lin, (si + 1) / n_lin)
         current_lps = _itk_linear_to_matrix(out)
