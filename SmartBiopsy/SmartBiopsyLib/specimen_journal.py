@@ -218,6 +218,20 @@ class MapValues:
         return cls(mean=f["mean"], median=f["median"], min=f["min"], sd=f["sd"], n_voxels=nv, volume_mm3=f["volume_mm3"])
 
 
+def values_from_notch(notch_values) -> dict:
+    """Map statistics of a :class:`SmartBiopsyLib.notch.NotchValues` as the {map: MapValues} of a specimen record.
+
+    ``n_voxels`` is the number of map voxels the notch ROI touches (partial-volume weights are in the notch
+    record itself); ``volume_mm3`` the effective sampled volume.
+    """
+    maps = getattr(notch_values, "maps", None)
+    if not maps:
+        raise InputDataError("the notch has no map values; sample the maps in the notch first")
+    return {name: MapValues(mean=float(st.mean), median=float(st.median), min=float(st.min), sd=float(st.sd),
+                            n_voxels=int(st.voxels_touched), volume_mm3=float(st.volume_mm3))
+            for name, st in maps.items()}
+
+
 @dataclass
 class SpecimenRecord:
     """One biopsy core in its specimen pot.

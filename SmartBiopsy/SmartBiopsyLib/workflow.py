@@ -569,7 +569,7 @@ def _crop_around(vol: RasVolume, pts, margin_mm: float) -> RasVolume:
 
 def _stage_record(run: CaseRun, progress, should_cancel) -> str:
     from SmartBiopsyLib.procedure_log import ProcedureLog
-    from SmartBiopsyLib.specimen_journal import MapValues, SpecimenJournal, SpecimenRecord
+    from SmartBiopsyLib.specimen_journal import SpecimenJournal, SpecimenRecord, values_from_notch
 
     d = run.out / "specimens"
     d.mkdir(parents=True, exist_ok=True)
@@ -582,8 +582,7 @@ def _stage_record(run: CaseRun, progress, should_cancel) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     participant = run.inputs.name
     for n, (t, det, roi, vals) in enumerate(run.results["samples"]):
-        values = {k: MapValues(mean=s.mean, median=s.median, min=s.min, sd=s.sd, n_voxels=int(s.voxels_touched),
-                               volume_mm3=s.volume_mm3) for k, s in vals.maps.items()}
+        values = values_from_notch(vals)
         rec = SpecimenRecord(pot_id=f"{participant}-POT-{t.target}", region=t.region or t.target,
                              target_name=t.target, needle_tip_ras=list(map(float, det.tip_ras)),
                              needle_direction_ras=list(map(float, det.axis)), notch_roi=roi.to_dict(),

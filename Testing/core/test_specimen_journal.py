@@ -361,3 +361,21 @@ def test_two_writers_see_each_others_records(tmp_path):
         first.append_specimen(make_record("W-3"))
     events, torn, _ = read_events(path)
     assert [e.seq for e in events] == [1, 2, 3] and not torn
+
+
+def test_values_from_notch_carries_every_map_statistic():
+    import numpy as np
+
+    from RegistrationFusionLib.geometry import RasVolume, make_grid
+    from SmartBiopsyLib.notch import notch_roi, sample_maps
+    from SmartBiopsyLib.specimen_journal import values_from_notch
+
+    grid = make_grid((-20, -20, -20), (1.0, 1.0, 2.0), (21, 41, 41))
+    adc = RasVolume(np.full((21, 41, 41), 900.0, np.float32), grid, "adc", {"units": "1e-6 mm^2/s"})
+    roi = notch_roi([0, 0, 5], [0, 0, -1], "tip-distal")
+    nv = sample_maps(roi, {"adc": adc})
+    vals = values_from_notch(nv)
+    assert set(vals) == {"adc"}
+    v = vals["adc"]
+    assert abs(v.mean - 900.0) < 1e-3 and v.sd < 1e-3 and v.n_voxels == nv.maps["adc"].voxels_touched
+    assert abs(v.volume_mm3 - np.pi * 1.0 ** 2 * 20.0) < 0.05 * np.pi * 20.0

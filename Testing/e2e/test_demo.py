@@ -1,0 +1,153 @@
+"""The main job as a user runs it: ``smartbiopsy demo`` and ``smartbiopsy run`` on bad user input."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_cli_foundation import assert_clean_error, smartbiopsy
+
+SECTIONS = ("Case and procedure summary", "Fusion QA", "Habitat map and targets", "Trajectories on CT",
+            "Notch ROIs and values", "Specimens", "Procedure summary", "Heterogeneity")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    proc = smartbiopsy("demo", "--out", out, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "total" in proc.stdout and "report.html" in proc.stdout
+    return out
+
+
+def test_demo_runs_every_stage(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert list(stages) == ["load", "fuse", "characterise", "plan", "robot", "sample", "record", "scene", "report"]
+    assert all(s["status"] == "done" for s in stages.values()), stages
+    assert summary["case"]["synthetic"] is True
+    session = json.loads((demo_dir / "robot" / "session.json").read_text())
+    assert session["auto_confirmed"] is True and session["completed"] is True
+    assert [t["state"] for t in session["targets"]] == ["reached"] * 3
+
+
+def test_demo_results_are_accurate_against_the_phantom_truth(demo_dir):
+    from SmartBiopsyLib.phantom import generate_phantom
+
+    truth = generate_phantom(0).truth
+    m = np.asarray(json.loads((demo_dir / "registration" / "mri_to_ct.json").read_text())["matrix_mri_to_ct_ras"])
+    pts = truth.tumour_mask_mri.voxel_centres_ras(truth.tumour_mask_mri.array > 0)[::50]
+    err = np.linalg.norm((pts @ m[:3, :3].T + m[:3, 3]) - (pts @ truth.mri_to_ct[:3, :3].T + truth.mri_to_ct[:3, 3]), axis=1)
+    assert err.mean() < 1.0
+    targets = json.loads((demo_dir / "characterisation" / "targets.json").read_text())["targets"]
+    assert sorted(t["region"] for t in targets) == ["A", "B", "C"]
+    hab = truth.mri_habitats
+    for t in targets:
+        ijk = np.round(hab.ras_to_ijk_points(t["point_ras"])[0]).astype(int)
+        assert {1: "A", 2: "B", 3: "C"}[int(hab.array[ijk[2], ijk[1], ijk[0]])] == t["region"]
+        assert t["depth_mm"] >= 5.0
+    for name in ("A", "B", "C"):
+        det = json.loads((demo_dir / "sampling" / name / "needle.json").read_text())
+        sim_tip = np.asarray(det["simulated_truth"]["tip_ras"])
+        assert np.linalg.norm(np.asarray(det["detection"]["tip_ras"]) - sim_tip) < 1.0
+
+
+def test_scene_bundle_reloads_with_the_expected_nodes(demo_dir):
+    from SmartBiopsyLib.scene_io import load_scene_bundle
+
+    expected = json.loads((demo_dir / "scene_nodes.json").read_text())
+    rt = load_scene_bundle(demo_dir / "scene.mrb")
+    scene = rt.scene
+    for cls, n in expected.items():
+        assert scene.GetNumberOfNodesByClass(cls) == n, cls
+    assert expected["vtkMRMLScalarVolumeNode"] >= 5          # CT, T2, ADC, FF, EF
+    assert expected["vtkMRMLLinearTransformNode"] == 1
+    assert expected["vtkMRMLSegmentationNode"] >= 1
+    assert expected["vtkMRMLMarkupsROINode"] == 3            # one notch per target
+    assert expected["vtkMRMLMarkupsLineNode"] >= 6           # trajectories + needles
+    seg = scene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+    names = {seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments())}
+    assert {"A", "B", "C"} <= {n[:1] for n in names} or {"A", "B", "C"} <= names
+    ct = scene.GetFirstNodeByName("Planning CT")
+    assert ct is not None and ct.GetImageData().GetDimensions() == (400, 288, 111)
+    sh = scene.GetSubjectHierarchyNode()
+    folders = {sh.GetItemName(sh.GetItemByPositionUnderParent(sh.GetSceneItemID(), i))
+               for i in range(sh.GetNumberOfItemChildren(sh.GetSceneItemID()))}
+    assert {"Images", "Registration", "Habitats", "Plan", "Sampling"} <= folders
+
+
+def test_report_holds_every_section_and_real_figures(demo_dir):
+    from SmartBiopsyLib.report import figure_checks
+
+    html = (demo_dir / "report.html").read_text()
+    for title in SECTIONS:
+        assert title in html, title
+    assert "not available" not in html
+    assert not re.search(r"(src|href)=\"(https?:|//)", html)
+    figs = sorted((demo_dir / "figures").glob("*.png"))
+    assert len(figs) >= 8
+    assert html.count("data:image/png;base64,") >= len(figs)
+    for f in figs:
+        assert figure_checks(f)["ok"], f.name
+    assert "synthetic pathology" in html
+
+
+# ----------------------------------------------------------------------------------------------- run: bad input
+def _case_file(demo_dir, name):
+    return demo_dir / "phantom" / name
+
+
+def test_run_without_mri_stops_at_fusion_and_keeps_loaded_inputs(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = smartbiopsy("run", "--ct", _case_file(demo_dir, "ct.nrrd"), "--out", out)
+    assert_clean_error(proc, "fuse", "MRI")
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["stages"]}
+    assert status["load"] == "done" and status["fuse"] == "failed" and status["plan"] == "skipped"
+    assert (out / "inputs" / "ct.nrrd").exists() and (out / "report.html").exists()
+
+
+def test_run_refuses_mri_given_as_ct(demo_dir, tmp_path):
+    proc = smartbiopsy("run", "--ct", _case_file(demo_dir, "mri_t2.nrrd"), "--out", tmp_path / "run")
+    assert_clean_error(proc, "does not look like a CT")
+
+
+def test_run_stops_when_the_ct_has_no_capsules(demo_dir, tmp_path):
+    from SmartBiopsyLib.imageio import load_image, save_image
+
+    ct = load_image(_case_file(demo_dir, "ct.nrrd"))
+    labels = load_image(_case_file(demo_dir, "truth/ct_labels.nrrd"))
+    arr = ct.array.copy()
+    arr[np.isin(labels.array, [10])] = -1000  # remove the capsules
+    from scipy import ndimage
+    arr[ndimage.binary_dilation(labels.array == 10, iterations=2) & (labels.array == 0)] = -1000
+    save_image(ct.with_array(arr), tmp_path / "ct_nocaps.nrrd")
+    out = tmp_path / "run"
+    proc = smartbiopsy("run", "--ct", tmp_path / "ct_nocaps.nrrd", "--t2", _case_file(demo_dir, "mri_t2.nrrd"),
+                       "--out", out)
+    assert_clean_error(proc, "fuse", "capsule")
+    assert (out / "inputs" / "mri_t2.nrrd").exists()
+
+
+def test_run_stops_when_the_tumour_lies_outside_the_images(demo_dir, tmp_path):
+    from SmartBiopsyLib.imageio import load_image, save_image
+
+    tumour = load_image(_case_file(demo_dir, "truth/tumour_mask_mri.nrrd"))
+    moved = tumour.ijk_to_ras.copy()
+    moved[:3, 3] += 2000.0
+    from RegistrationFusionLib.geometry import RasVolume
+    save_image(RasVolume(tumour.array, moved, "tumour"), tmp_path / "tumour_far.nrrd")
+    out = tmp_path / "run"
+    p = _case_file(demo_dir, "")
+    proc = smartbiopsy(
+        "run", "--ct", p / "ct.nrrd", "--transform", demo_dir / "registration" / "mri_to_ct.json",
+        "--adc", demo_dir / "characterisation" / "adc.nrrd", "--ef", demo_dir / "characterisation" / "ef.nrrd",
+        "--tumour", tmp_path / "tumour_far.nrrd", "--out", out)
+    assert_clean_error(proc, "characterise", "outside")
+    status = {s["name"]: s["status"] for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert status["fuse"] == "done" and status["characterise"] == "failed"
+    assert (out / "registration" / "mri_to_ct.json").exists()
