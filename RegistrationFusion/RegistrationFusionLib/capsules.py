@@ -59,7 +59,9 @@ class CapsuleParams:
 
     nominal_length_mm: float = 10.0       #: capsule length (long axis)
     nominal_width_mm: float = 5.0         #: capsule diameter
-    opening_radius_mm: float = 6.0        #: ball that fits in the body but not in a capsule
+    opening_radius_mm: float = 6.0        #: disc/ball that fits in the body but not in a capsule (centroid)
+    detect_radius_mm: float | None = None  #: ball for finding candidates; None: 6 mm CT, 9 mm MRI (thick
+    #: slices blur the capsule into the skin, a larger ball keeps it out of the opened body)
     min_length_mm: float = 6.0
     max_length_mm: float = 16.0
     min_width_mm: float = 2.5
@@ -78,7 +80,7 @@ class CapsuleParams:
     fle_inplane_factor: float = 0.05      #: sampling/partial-volume FLE, fraction of the in-plane pixel size
     fle_slice_factor: float = 0.02        #: the same through-plane, fraction of the slice spacing
     fle_floor_mm: float = 0.05            #: smallest per-axis FLE reported
-    min_confidence: float = 0.2           #: candidates below are rejected as "unlike a capsule"
+    min_confidence: float = 0.4           #: candidates below are rejected as "unlike a capsule"
 
     @classmethod
     def from_any(cls, params) -> "CapsuleParams":
@@ -356,7 +358,8 @@ def detect_capsules(volume: RasVolume, modality: str, *, body_mask: np.ndarray |
             "check the image and the modality")
     fg_c = _fill_holes_per_slice(fg_c)
     report(0.10, "opening the patient outline")
-    opened_c = _binary_open_edt(fg_c, p.opening_radius_mm, cspacing)
+    r_detect = p.detect_radius_mm if p.detect_radius_mm is not None else (6.0 if mod == "ct" else 9.0)
+    opened_c = _binary_open_edt(fg_c, r_detect, cspacing)
     report(0.40, "labelling candidates")
     tophat_c = fg_c & ~opened_c
     labels_c, n = ndimage.label(tophat_c, structure=ndimage.generate_binary_structure(3, 2))
@@ -365,7 +368,7 @@ def detect_capsules(volume: RasVolume, modality: str, *, body_mask: np.ndarray |
 
     voxel_mm3 = float(np.prod(spacing_ijk))
     ball = _ball(p.opening_radius_mm, spacing_ijk)
-    margin_vox = np.ceil((2 * p.opening_radius_mm + p.window_margin_mm) / spacing_kji).astype(int)
+    margin_vox = np.ceil((2 * max(p.opening_radius_mm, r_detect) + p.window_margin_mm) / spacing_kji).astype(int)
     cross2d = np.zeros((3, 3, 3), bool)
     cross2d[1] = ndimage.generate_binary_structure(2, 1)
     grow2d = _ball(p.window_margin_mm, (spacing_ijk[0], spacing_ijk[1], 1.0))
@@ -415,10 +418,11 @@ def detect_capsules(volume: RasVolume, modality: str, *, body_mask: np.ndarray |
         win = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         img = arr[win].astype(np.float64)
         fg = bm[win] if bm is not None else img > threshold
-        opened = _binary_open_edt(fg, p.opening_radius_mm, spacing_kji)
+        opened = _binary_open_edt(fg, r_detect, spacing_kji)
         th = ndimage.binary_opening(fg & ~opened, structure=cross2d)
         lab_w, nw = ndimage.label(th, structure=ndimage.generate_binary_structure(3, 2))
         if nw == 0:
+            reject("too small")
             continue
         # the full-resolution component(s) overlapping the coarse candidate
         cmask = np.zeros(img.shape, bool)
@@ -428,6 +432,7 @@ def detect_capsules(volume: RasVolume, modality: str, *, body_mask: np.ndarray |
         cmask[off[0]:off[0] + cm.shape[0], off[1]:off[1] + cm.shape[1], off[2]:off[2] + cm.shape[2]] = cm
         hit = np.unique(lab_w[ccomp_dilate(cmask) & (lab_w > 0)])
         if hit.size == 0:
+            reject("too small")
             continue
         comp = np.isin(lab_w, hit) & ~taken[win]
         nvox = int(comp.sum())
