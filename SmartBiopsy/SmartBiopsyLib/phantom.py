@@ -116,7 +116,7 @@ class Anatomy:
         self.body_wobble = u(0.02, 0.05)
         self.fat_mm = u(14, 24)
         self.wall_mm = u(9, 12)
-        self.z_extent = 110.0                # body spans z in [-110, 110] in the CT
+        self.z_extent = 120.0                # body spans z in [-120, 120] in the CT
         ysp = -self.body_b + 45.0
         self.spine = np.array([0.0, ysp])
         self.aorta = np.array([-14.0 + u(-3, 3), ysp + 31.0])
@@ -157,22 +157,28 @@ class Anatomy:
         return 4.0 / 3.0 * math.pi * float(np.prod(self.tumour_semi)) / 1000.0
 
     def _fit_tumour_inside_body(self):
-        # keep the tumour inside the abdominal wall with a 6 mm gap, at volume 1.0-2.0 L
+        """Scale the tumour to a seeded volume of 1.0-1.9 L, then keep it inside the abdominal wall with a
+        6 mm gap by moving it medially and, only if that is not enough, shrinking it (never below 1.0 L)."""
+        target_ml = float(self.rng.uniform(1000.0, 1750.0))
+        self.tumour_semi = self.tumour_semi * (target_ml / self.tumour_volume_ml()) ** (1 / 3)
+        if self.tumour_semi[2] > 95.0:  # stay inside the MRI slab: widen instead of lengthening
+            f = self.tumour_semi[2] / 95.0
+            self.tumour_semi[2] = 95.0
+            self.tumour_semi[:2] *= math.sqrt(f)
         a, b = self.body_semi(self.tumour_centre[2])
         inner_a = a - self.fat_mm - self.wall_mm - 6.0
         inner_b = b - self.fat_mm - self.wall_mm - 6.0
-        for _ in range(60):
+        for _ in range(120):
             pts = self._tumour_surface_samples()
             q = (pts[:, 0] / inner_a) ** 2 + (pts[:, 1] / inner_b) ** 2
-            if q.max() <= 1.0 and self.tumour_volume_ml() >= 1000.0:
+            if q.max() <= 1.0:
                 break
-            if q.max() > 1.0:
+            if abs(self.tumour_centre[0]) > 45.0:
                 self.tumour_centre[0] -= self.side * 2.0
-            if self.tumour_volume_ml() < 1000.0:
-                self.tumour_semi *= 1.02
-        vol = self.tumour_volume_ml()
-        if vol > 2000.0:
-            self.tumour_semi *= (2000.0 / vol) ** (1 / 3)
+            elif self.tumour_volume_ml() > 1000.0 * 1.03:
+                self.tumour_semi *= 0.99
+            else:
+                self.tumour_centre[1] -= 1.0
 
     def _tumour_surface_samples(self, n=400):
         g = np.random.default_rng(0).normal(size=(n, 3))
@@ -535,7 +541,7 @@ def _progress(progress, f, msg):
 
 def _ct_grid() -> RasVolume:
     spacing = (1.0, 1.0, 2.0)
-    shape_kji = (111, 288, 400)
+    shape_kji = (121, 288, 400)
     origin = (-(shape_kji[2] - 1) / 2 * spacing[0], -(shape_kji[1] - 1) / 2 * spacing[1] - 6.0,
               -(shape_kji[0] - 1) / 2 * spacing[2])
     return RasVolume(np.zeros(shape_kji, np.int16), make_grid(origin, spacing, shape_kji), "CT")
@@ -726,7 +732,7 @@ def _supersample_capsules(anat: Anatomy, grid: RasVolume, centres_grid: np.ndarr
 def _mri_grid(anat: Anatomy, mri_to_ct: np.ndarray) -> RasVolume:
     spacing = (1.5, 1.5, 6.0)  # 5 mm slices + 1 mm gap
     ni, nj = 264, 200
-    nk = 33
+    nk = 38
     ct_to_mri = np.linalg.inv(mri_to_ct)
     zc = float(anat.tumour_centre[2])
     c_mri = np.array([0.0, -4.0, zc]) @ ct_to_mri[:3, :3].T + ct_to_mri[:3, 3]

@@ -73,7 +73,8 @@ def test_scene_bundle_reloads_with_the_expected_nodes(demo_dir):
     names = {seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments())}
     assert {"A", "B", "C"} <= {n[:1] for n in names} or {"A", "B", "C"} <= names
     ct = scene.GetFirstNodeByName("Planning CT")
-    assert ct is not None and ct.GetImageData().GetDimensions() == (400, 288, 111)
+    from SmartBiopsyLib.phantom import generate_phantom
+    assert ct is not None and ct.GetImageData().GetDimensions() == generate_phantom(0).ct.array.shape[::-1]
     sh = scene.GetSubjectHierarchyNode()
     folders = {sh.GetItemName(sh.GetItemByPositionUnderParent(sh.GetSceneItemID(), i))
                for i in range(sh.GetNumberOfItemChildren(sh.GetSceneItemID()))}
