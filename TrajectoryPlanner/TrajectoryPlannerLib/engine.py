@@ -29,6 +29,23 @@ lower bound on the surface-to-structure distance, at most step/2 below it.
 Angle to the axial plane: angle between the path and the CT's slice plane (normal = i x j axis of the CT),
 so gantry-tilted CTs are handled. Rejections are counted as a funnel in this order: needle_length,
 angle_to_axial, entry_region, leaves_body, then the structure with the worst margin violation.
+
+Score (higher is better, 0..1): weighted mean of (1 - length / reach), min(margin excess / clearance_ref, 1)
+and (1 - angle / 90 deg); weights in :class:`PlanSettings`. Per target the top-N by score are returned,
+with entries at least ``min_entry_separation_mm`` apart.
+
+Shared entry (definition): one skin puncture from which a separate straight path reaches each target, every
+path meeting all constraints on its own; clinically the coaxial introducer is withdrawn to the subcutaneous
+tissue and redirected through the same puncture (no pivot inside the tumour is assumed). The entry with
+the best mean score is chosen; the trade-off per target (score loss, length increase, loss of margin
+excess vs the target's individual best path) and the fan angle are reported.
+
+Pooled planning grid (``planning_spacing_mm``): for very fine CTs the masks can be max-pooled to a coarser
+grid (bone/body from the block maximum of HU, gas from the block minimum, user labels "any voxel"), which
+is conservative; the largest offset from a pooled voxel centre to a fine voxel centre is added to the bound.
+
+Needle too short: when every candidate within reach fails and some lie beyond it, the plan is repeated with
+a needle ``extra_reach_mm`` longer and the error states the shortest safe length.
 """
 from __future__ import annotations
 
@@ -239,9 +256,11 @@ class DistanceMaps:
     """
 
     def __init__(self, risk: RiskModel, cap_mm: float = 30.0, threads: int | None = None,
-                 pool_offset_mm: float = 0.0):
+                 pool_offset_mm: float = 0.0, domain: tuple | None = None):
         """``pool_offset_mm``: when the masks were max-pooled from a finer grid, the largest distance from a
-        pooled voxel centre to a fine voxel centre inside it; it is added to every bound."""
+        pooled voxel centre to a fine voxel centre inside it; it is added to every bound.
+        ``domain``: (lo, hi) k, j, i box where paths will be sampled; maps are computed on it grown by the cap
+        (values there are exact up to the cap); outside it the combined field is not valid."""
         import SimpleITK as sitk
 
         self.grid = risk.grid
@@ -268,6 +287,12 @@ class DistanceMaps:
             nz = [np.nonzero(mask.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
             lo = np.maximum([a[0] for a in nz] - pad, 0)
             hi = np.minimum([a[-1] + 1 for a in nz] + pad, self.shape)
+            if domain is not None:
+                lo = np.maximum(lo, np.asarray(domain[0]) - pad)
+                hi = np.minimum(hi, np.asarray(domain[1]) + pad)
+                if np.any(hi <= lo):  # the structure is farther than the cap from every path
+                    self.maps.append((np.zeros(3, int), np.full((1, 1, 1), self.cap, np.float32)))
+                    continue
             sub = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             img = sitk.GetImageFromArray(sub.astype(np.uint8))
             img.SetSpacing(tuple(float(v) for v in self.spacing_kji[::-1]))
@@ -638,13 +663,16 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
 
     progress(0.2, "distance maps")
     t0 = time.perf_counter()
-    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset)
+    common = oblique_entries(risk, settings.entry_spacing_mm) if settings.mode == "oblique" else None
+    entry_sets = {t.name: common if common is not None else
+                  in_plane_entries(risk, t.point_ras, settings.entry_spacing_mm / 2.0) for t in tg}
+    domain = _path_domain(grid, tg, entry_sets, needle, settings, exclusion)
+    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain)
     timings["distance_maps"] = time.perf_counter() - t0
     check_cancel()
 
     t0 = time.perf_counter()
     bound = maps.bound_mm(settings.sample_step_mm)
-    common = oblique_entries(risk, settings.entry_spacing_mm) if settings.mode == "oblique" else None
     evals: dict[str, CandidateEval] = {}
     failures: dict[str, str] = {}
     trajectories: list[Trajectory] = []
@@ -654,8 +682,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     for ti, t in enumerate(tg):
         progress(0.3 + 0.6 * ti / len(tg), f"evaluating paths to {t.name}")
         check_cancel()
-        entries = common if common is not None else in_plane_entries(risk, t.point_ras,
-                                                                     settings.entry_spacing_mm / 2.0)
+        entries = entry_sets[t.name]
         ev = evaluate_paths(maps, t.point_ras, entries, needle, settings, exclusion)
         n_paths += ev.paths_evaluated
         evals[t.name] = ev
@@ -721,6 +748,38 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
                       grid.with_array(risk.body.astype(np.uint8), name="body"))
 
 
+def _path_domain(grid, targets, entry_sets, needle, settings, exclusion):
+    """(lo, hi) k, j, i box holding every path that passes the cheap constraints (length, angle, entry region),
+    including the fired tip; None when nothing passes (the maps are then built on the whole grid)."""
+    pts = []
+    reach = needle.max_reach_mm
+    n = _axial_normal(grid)
+    max_angle = settings.in_plane_tolerance_deg if settings.mode == "in-plane" else settings.max_angle_deg
+    for t in targets:
+        tp = np.asarray(t.point_ras, float)
+        e = entry_sets[t.name]
+        if len(e) == 0:
+            continue
+        v = tp - e
+        L = np.linalg.norm(v, axis=1)
+        ok = (L <= reach) & (L > 1e-6)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ang = np.degrees(np.arcsin(np.clip(np.abs((v / L[:, None]) @ n), 0, 1)))
+        ok &= ang <= max_angle + 1e-9
+        if exclusion is not None:
+            ok &= ~exclusion.excluded(tp, e)
+        if ok.any():
+            pts.append(e[ok])
+            pts.append(tp[None] + needle.tip_overshoot_mm * np.array([[s1, s2, s3] for s1 in (-1, 1)
+                                                                      for s2 in (-1, 1) for s3 in (-1, 1)]))
+    if not pts:
+        return None
+    kji = grid.ras_to_ijk_points(np.concatenate(pts))[:, ::-1]
+    lo = np.maximum(np.floor(kji.min(axis=0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 2, grid.array.shape)
+    return lo, hi
+
+
 def _pool_factors(spacing_ijk, planning_spacing_mm):
     """Integer block size per (k, j, i) axis bringing the spacing up to about ``planning_spacing_mm``."""
     if not planning_spacing_mm:
@@ -730,12 +789,19 @@ def _pool_factors(spacing_ijk, planning_spacing_mm):
 
 
 def _block(a: np.ndarray, f, reduce):
-    """Reduce ``a`` (k, j, i) over blocks of size ``f`` (edge blocks padded with the edge values)."""
+    """Reduce ``a`` (k, j, i) over blocks of size ``f`` with ``reduce`` (np.max or np.min), edge blocks padded
+    with edge values; element-wise over the strided sub-grids (no 6-D reshape, no large temporaries)."""
     pad = [(0, (-n) % b) for n, b in zip(a.shape, f)]
     if any(p[1] for p in pad):
         a = np.pad(a, pad, mode="edge")
-    k, j, i = (n // b for n, b in zip(a.shape, f))
-    return reduce(reduce(reduce(a.reshape(k, f[0], j, f[1], i, f[2]), axis=5), axis=3), axis=1)
+    op = np.maximum if reduce is np.max else np.minimum
+    out = None
+    for dk in range(f[0]):
+        for dj in range(f[1]):
+            for di in range(f[2]):
+                v = a[dk::f[0], dj::f[1], di::f[2]]
+                out = v.copy() if out is None else op(out, v, out=out)
+    return out
 
 
 def _pooled_risk_model(grid, f, labelmaps, margins, exclusion, auto, body_hu, threads):
@@ -775,9 +841,15 @@ def _pooled_risk_model(grid, f, labelmaps, margins, exclusion, auto, body_hu, th
             continue
         arr = np.asarray(fine.array)
         values = sorted(names) if names else [int(v) for v in np.unique(arr) if v != 0]
+        pad = [(0, (-n) % b) for n, b in zip(arr.shape, f)]
+        if any(p[1] for p in pad):
+            arr = np.pad(arr, pad, mode="edge")
+        views = [arr[dk::f[0], dj::f[1], di::f[2]] for dk in range(f[0]) for dj in range(f[1]) for di in range(f[2])]
         for v in values:
             name = names[v] if names else f"label_{v}"
-            mask = _block(arr == v, f, np.max)
+            mask = views[0] == v
+            for w in views[1:]:
+                mask |= w == v
             if mask.any():
                 user.append(RiskStructure(name, mask, margins_l.get(name.lower(), default_margin(name)), "user"))
     user_names = {s.name for s in user}
