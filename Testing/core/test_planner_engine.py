@@ -223,3 +223,23 @@ def test_plan_keeps_the_positional_order_the_module_logic_uses():
     names = list(inspect.signature(engine.plan).parameters)
     assert names[:10] == ["ct", "targets", "needle", "labelmaps", "margins", "settings", "exclusion",
                           "auto_structures", "progress", "should_cancel"]
+
+
+def test_paths_that_leave_the_body_are_rejected(abdomen):
+    ct, labels, targets = abdomen
+    # an air-filled groove open to the outside (like the gap between arm and flank), anterior-left
+    x = ct.kji_to_ras_points(np.argwhere(np.ones(ct.array.shape[1:], bool)[None]))  # one slice is enough
+    lab = labels.array.copy()
+    hu = ct.array.copy()
+    xs = x[:, 0].reshape(ct.array.shape[1:])
+    ys = x[:, 1].reshape(ct.array.shape[1:])
+    groove = (np.abs(xs + 105.0) < 3.0) & (ys > 30.0)
+    lab[:, groove] = 0
+    hu[:, groove] = -1000
+    ct2, lab2 = ct.with_array(hu), labels.with_array(lab)
+    r = engine.plan(ct2, targets[:1], labelmaps=[(lab2, synthetic.RISK_LABELS)],
+                    settings=engine.PlanSettings(shared_entry=False, top_n=5))
+    assert r.rejections["A"].get("leaves_body", 0) > 50
+    o = Oracle(lab2, {"bone": (3,)}, outside_values=(0, 11))
+    for tr in r.trajectories:
+        assert not o.leaves_body(tr.entry_ras, tr.target_ras), tr.name

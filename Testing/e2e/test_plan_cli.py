@@ -102,3 +102,23 @@ def test_no_safe_path_names_the_constraints_and_counts(case_files, tmp_path):
                     "--out", tmp_path / "o")
     line = assert_clean_error(p, "no safe path", "too close to bone", "in the excluded entry region")
     assert any(ch.isdigit() for ch in line)
+
+
+def test_segment_names_come_from_a_seg_nrrd_header(tmp_path):
+    import SimpleITK as sitk
+
+    from SmartBiopsyLib import cmd_plan
+    from SmartBiopsyLib.errors import InputDataError
+
+    img = sitk.Image([8, 8, 4], sitk.sitkUInt8)
+    for i, (name, value) in enumerate((("Aorta", 1), ("Bowel", 2))):
+        img.SetMetaData(f"Segment{i}_Name", name)
+        img.SetMetaData(f"Segment{i}_LabelValue", str(value))
+        img.SetMetaData(f"Segment{i}_Layer", "0")
+    path = tmp_path / "risk.seg.nrrd"
+    sitk.WriteImage(img, str(path))
+    assert cmd_plan._segment_names(path) == {1: "Aorta", 2: "Bowel"}
+    img.SetMetaData("Segment1_Layer", "1")
+    sitk.WriteImage(img, str(path))
+    with pytest.raises(InputDataError, match="layers"):
+        cmd_plan._segment_names(path)
