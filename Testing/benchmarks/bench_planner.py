@@ -137,6 +137,14 @@ def main():
                  + ", ".join(f"{t.target} {t.score:.3f}" for t in res_p.trajectories if t.rank == 1)
                  + " vs " + ", ".join(f"{t.score:.3f}" for t in res.trajectories if t.rank == 1)))
 
+    short = get_needle("15G/16G-10cm")
+    t0 = time.perf_counter()
+    res_s = engine.plan(ct, targets, short, labelmaps=[(labels, synthetic.RISK_LABELS)], settings=pooled)
+    t_short = time.perf_counter() - t0
+    rows.append((f"  same, pooled, needle {short.name} (reach {short.max_reach_mm:.0f} mm)", f"{t_short:.2f} s",
+                 "aim <= 3 s", "; ".join(f"{k} {v:.2f}" for k, v in res_s.timings_s.items())
+                 + f"; {len(res_s.trajectories)} trajectories"))
+
     # 2. path evaluation rate vs mesh baseline, on the same candidate paths to target A
     from TrajectoryPlannerLib.risk import build_risk_model, crop_volume  # noqa: F401
     lo, hi = _crop_of(ct, targets, needle, settings)

@@ -340,7 +340,9 @@ class DistanceMaps:
         return (r[..., 0] * self.shape[1] + r[..., 1]) * self.shape[2] + r[..., 2]
 
     def inside_body(self, kji: np.ndarray) -> np.ndarray:
-        return self.body.ravel()[self._nearest_flat(kji)].astype(bool)
+        """Body mask at the nearest voxel of continuous (k, j, i) points (outside the grid: edge value)."""
+        return ndimage.map_coordinates(self.body, kji.reshape(-1, 3).T, order=0, mode="nearest",
+                                       prefilter=False).reshape(kji.shape[:-1]).astype(bool)
 
     def group_at(self, kji: np.ndarray) -> np.ndarray:
         return self.argmin.ravel()[self._nearest_flat(kji)]
