@@ -105,7 +105,9 @@ def fuse_ct_mri(ct: RasVolume, mri: RasVolume, *, targets_ct=None, capsules_ct=N
         report(0.45, "intensity refinement")
         opts = dict(refine_options or {})
         opts.setdefault("capsules_mri", reg.moving_points[reg.used])
-        opts.setdefault("capsule_allowed_mm", capsule_tolerance_mm(reg)[reg.used])
+        opts.setdefault("capsules_ct", reg.fixed_points[reg.used])
+        # the refined transform must still fit every capsule pair within ~2x its combined localisation error
+        opts.setdefault("capsule_allowed_mm", capsule_tolerance_mm(reg, factor=2.0, floor_mm=0.5)[reg.used])
         if use_body_mask and "ct_mask" not in opts:
             opts["ct_mask"] = body_mask_ct(ct)
         ref = refine.refine_registration(ct, mri, reg.matrix, targets_ct=tgt_arr, progress=sub(0.45, 0.95),

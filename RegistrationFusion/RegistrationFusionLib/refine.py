@@ -303,6 +303,7 @@ def _run_stage(reg, fixed, moving, name, progress, should_cancel, lo, hi):
 
 def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.ndarray, *,
                         capsules_mri: np.ndarray | None = None, capsule_allowed_mm=None,
+                        capsules_ct: np.ndarray | None = None,
                         targets_ct: np.ndarray | None = None, ct_mask: RasVolume | None = None,
                         mri_mask: RasVolume | None = None, affine: bool = False, deformable: bool = False,
                         shrink: tuple[int, ...] = (4, 2, 1), smoothing_mm: tuple[float, ...] = (2.0, 1.0, 0.0),
@@ -318,7 +319,9 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
     ``capsules_mri``: capsule centres in MRI RAS (mm); ``capsule_allowed_mm``: how far each may move
     (scalar or one per capsule, mm; e.g. 3x its combined CT+MRI localisation error). If any capsule moves
     further, or MI does not improve by more than ``min_mi_gain`` nats, the initial (landmark) transform
-    is kept and ``reason`` says why. ``targets_ct``: CT-RAS points at which displacement is reported.
+    is kept and ``reason`` says why. With ``capsules_ct`` (the paired CT capsule centres, CT RAS) the
+    check is stricter and closer to the evidence: the refined transform must map each MRI capsule to
+    within ``capsule_allowed_mm`` of its CT partner (displacements are still reported). ``targets_ct``: CT-RAS points at which displacement is reported.
     ``ct_mask``/``mri_mask``: optional body/tumour masks (RasVolume on each image's grid).
     ``sampling``: fraction of CT grid points used by the metric at each level, capped at about
     ``max_samples`` points per level (keeps large CTs fast; None: no cap).
@@ -348,6 +351,9 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
     for si, name in enumerate(plan):
         reg = _method(bins, sampling, seed, fmask, mmask)
         init = _rigid_from_matrix(current_lps, centre) if name == "rigid" else _affine_from_matrix(current_lps, centre)
+        # the affine stage starts from a good rigid result: only the two finest levels and half the step
+        levels, sigmas = (shrink, smoothing_mm) if name == "rigid" else (shrink[-2:], smoothing_mm[-2:])
+        step = max_step_mm if name == "rigid" else 0.5 * max_step_mm
         reg.SetInitialTransform(init, inPlace=False)
         # the learning rate is estimated at the start of each level so that the first step moves voxels by at
         # most ``max_step_mm``; the step halves whenever the gradient direction reverses and the level stops once
@@ -356,21 +362,29 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
                                                      numberOfIterations=int(iterations), relaxationFactor=0.5,
                                                      gradientMagnitudeTolerance=1e-8,
                                                      estimateLearningRate=reg.Once,
-                                                     maximumStepSizeInPhysicalUnits=float(max_step_mm))
+                                                     maximumStepSizeInPhysicalUnits=float(step))
         reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel(list(shrink))
-        reg.SetSmoothingSigmasPerLevel(list(smoothing_mm))
+        reg.SetShrinkFactorsPerLevel(list(levels))
+        reg.SetSmoothingSigmasPerLevel(list(sigmas))
         if max_samples and sampling < 1.0:
             n_vox = float(ct.array.size)
             reg.SetMetricSamplingPercentagePerLevel(
-                [float(min(sampling, max_samples * f ** 3 / n_vox)) for f in shrink], int(seed))
+                [float(min(sampling, max_samples * f ** 3 / n_vox)) for f in levels], int(seed))
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         out, iters, stop = _run_stage(reg, fixed, moving, name, progress, should_cancel, si / n_lin, (si + 1) / n_lin)
-        current_lps = _itk_linear_to_matrix(out)
-        m_stage = np.linalg.inv(lps_to_ras_matrix(current_lps))
+        stage_lps = _itk_linear_to_matrix(out)
+        m_stage = np.linalg.inv(lps_to_ras_matrix(stage_lps))
         mi_s = mutual_information(ct, mri, m_stage, bins=bins, ct_mask=ct_mask, sampling=min(1.0, 4 * sampling), seed=seed)
-        stages.append(StageResult(name, m_stage, stages[-1].mi_after if stages else mi0, mi_s, iters, stop))
-        logger.info("%s refinement: MI %.4f -> %.4f after %d iterations", name, stages[-1].mi_before, mi_s, iters)
+        mi_prev = stages[-1].mi_after if stages else mi0
+        if stages and mi_s < mi_prev:
+            # a later stage that lowers MI is dropped: the previous stage's transform stays the candidate
+            logger.info("%s stage lowered MI (%.4f -> %.4f); keeping the %s result", name, mi_prev, mi_s, stages[-1].name)
+            stages.append(StageResult(name, stages[-1].matrix, mi_prev, mi_prev, iters,
+                                      f"dropped: MI decreased to {mi_s:.4f} ({stop})"))
+            continue
+        current_lps = stage_lps
+        stages.append(StageResult(name, m_stage, mi_prev, mi_s, iters, stop))
+        logger.info("%s refinement: MI %.4f -> %.4f after %d iterations", name, mi_prev, mi_s, iters)
 
     cand = stages[-1].matrix
     mi1 = stages[-1].mi_after
@@ -387,7 +401,16 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
     reasons = []
     if not mi1 > mi0 + min_mi_gain:
         reasons.append(f"mutual information did not improve ({mi0:.4f} -> {mi1:.4f} nats)")
-    if len(cap_disp) and np.any(cap_disp > allowed):
+    if caps is not None and capsules_ct is not None:
+        pc = np.asarray(capsules_ct, float).reshape(-1, 3)
+        if pc.shape != caps.shape:
+            raise RegistrationFusionError("capsules_ct and capsules_mri must be the same paired capsules")
+        resid = np.linalg.norm(_apply(cand, caps) - pc, axis=1)
+        if np.any(resid > allowed):
+            k = int(np.argmax(resid - allowed))
+            reasons.append(f"it leaves capsule {k} {resid[k]:.2f} mm from its CT position, more than the "
+                           f"{allowed[k]:.2f} mm its localisation error allows")
+    elif len(cap_disp) and np.any(cap_disp > allowed):
         k = int(np.argmax(cap_disp - allowed))
         reasons.append(f"it moved capsule {k} by {cap_disp[k]:.2f} mm, more than the {allowed[k]:.2f} mm its "
                        "localisation error allows")
@@ -405,6 +428,13 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
     if progress is not None:
         progress(1.0, "refinement done")
     return result
+
+
+def _evaluate(bins, sampling, seed, fmask, transform, fixed, moving) -> float:
+    """Mattes metric value (negative MI) of ``transform`` with the same sampling and mask for every call."""
+    ev = _method(bins, sampling, seed, fmask)
+    ev.SetInitialTransform(transform)
+    return float(ev.MetricEvaluate(fixed, moving))
 
 
 def _bspline_stage(result: RefinementResult, ct, mri, fixed, moving, fmask, mmask, caps, tgt, bins, sampling, seed,
@@ -426,14 +456,14 @@ def _bspline_stage(result: RefinementResult, ct, mri, fixed, moving, fmask, mmas
     reg.SetShrinkFactorsPerLevel([2, 1])
     reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    mi_before = mutual_information(ct, mri, result.matrix, bins=bins, sampling=min(1.0, 4 * sampling), seed=seed)
+    mi_before = -float(_evaluate(bins, min(1.0, 4 * sampling, 400_000 / float(ct.array.size)), seed, fmask, lin,
+                                 fixed, moving))
     out, iters, stop = _run_stage(reg, fixed, moving, "deformable", progress, should_cancel, lo, 1.0)
     comp = sitk.CompositeTransform([lin, out])  # ITK applies the last one first: B-spline on CT points, then linear
 
     # metric after, same sampling as before
-    ev = _method(bins, min(1.0, 4 * sampling), seed, fmask)
-    ev.SetInitialTransform(comp)
-    mi_after = -float(ev.MetricEvaluate(fixed, moving))
+    mi_after = -float(_evaluate(bins, min(1.0, 4 * sampling, 400_000 / float(ct.array.size)), seed, fmask, comp,
+                                fixed, moving))
 
     # displacement field on a coarse grid -> bending energy (mean squared second derivatives, mm^-2)
     step = 8.0

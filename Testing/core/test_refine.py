@@ -151,3 +151,14 @@ def test_resample_mri_on_ct_grid(rire, rire_reference):
     out = R.resample_mri_on_ct(mr, ct, ref)
     assert out.same_grid(ct)
     assert np.count_nonzero(out.array) > 0.3 * out.array.size
+
+
+def test_affine_stage_follows_rigid_and_reports_both(rire, rire_reference):
+    ct, mr = rire
+    _, ref = rire_reference
+    res = R.refine_registration(ct, mr, ref.matrix @ rigid((0, 0, 1), 2, (2, 0, 0)), affine=True, iterations=40)
+    assert [s.name for s in res.stages] == ["rigid", "affine"]
+    assert res.stages[1].mi_before == pytest.approx(res.stages[0].mi_after)
+    assert res.stages[1].mi_after >= res.stages[0].mi_after  # a stage that lowers MI is dropped
+    a = res.candidate_matrix[:3, :3]
+    assert np.all(np.abs(np.linalg.svd(a, compute_uv=False) - 1) < 0.1)  # plausible scaling/shear only
