@@ -28,9 +28,9 @@ def oracle(phantom0):
 @pytest.mark.parametrize("mode", ["oblique", "in-plane"])
 def test_phantom_paths_clear_every_structure_by_its_margin(phantom0, oracle, mode):
     r = engine.plan(phantom0.ct, _targets(phantom0), "15G/16G-16cm", labelmaps=[(phantom0.ct_labels, LABELS)],
-                    settings=engine.PlanSettings(mode=mode, top_n=3, allow_partial=(mode == "in-plane")))
+                    settings=engine.PlanSettings(mode=mode, top_n=2, allow_partial=(mode == "in-plane")))
     trs = r.trajectories + (r.shared_entry.trajectories if r.shared_entry else [])
-    assert len(trs) >= (9 if mode == "oblique" else 3)
+    assert len(trs) >= (6 if mode == "oblique" else 2)
     radius = r.needle.outer_radius_mm
     for tr in trs:
         d = oracle.axis_distances(tr.entry_ras, tr.tip_ras, step_mm=0.1)

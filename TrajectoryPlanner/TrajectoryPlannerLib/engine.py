@@ -466,9 +466,8 @@ def evaluate_paths(maps: DistanceMaps, target_ras, entries: np.ndarray, needle: 
 
         def run_chunk(g):
             idx = todo[g]
-            fc = np.linspace(0.0, 1.0, n_steps[g[0]] + 1)
-            frac = fc
-            fc = fc[::COARSE_EVERY]
+            frac = np.linspace(0.0, 1.0, n_steps[g[0]] + 1)  # fine samples, <= step apart
+            fc = frac[::COARSE_EVERY]  # coarse pass: every COARSE_EVERY-th fine sample (includes both ends)
             pts = e_kji[g, None, :] + fc[None, :, None] * (tip_kji[g] - e_kji[g])[:, None, :]
             vals = maps.sample_combined(pts)
             am = vals.argmin(axis=1)

@@ -83,10 +83,12 @@ class NeedleModel:
     # derived geometry --------------------------------------------------------------------------
     @property
     def tip_overshoot_mm(self) -> float:
-        """Distance (mm) from the specimen centre (the target) to the fired needle tip."""
+        """Distance (mm) from the specimen centre (the target) to the fired needle tip.
+
+        Side-notch: offset of the notch's distal end from the tip + half the notch; end-cut: the specimen
+        starts at the tip (offset normally 0), so the same formula gives half the specimen length.
+        """
         c = self.core
-        if c.design == END_CUT:
-            return c.notch_offset_from_tip_mm + c.notch_length_mm / 2.0
         return c.notch_offset_from_tip_mm + c.notch_length_mm / 2.0
 
     @property
