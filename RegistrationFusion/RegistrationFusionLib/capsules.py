@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace, asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -270,10 +270,72 @@ def _extents_from_cov(cov: np.ndarray, box_var: np.ndarray):
 # ------------------------------------------------------------------------------------------------
 # main entry point
 # ------------------------------------------------------------------------------------------------
+#: candidate-finding ball radii (mm) tried in turn when ``detect_radius_mm`` is not set. In thick-slice
+#: MRI a capsule lying between two slices blurs into the skin and survives only some ball sizes; the union
+#: over radii (new capsules must lie a capsule length away from those already found) recovers it.
+DEFAULT_DETECT_RADII_MM = {"ct": (6.0,), "mr": (9.0, 7.0, 11.0)}
+
+
 def detect_capsules(volume: RasVolume, modality: str, *, body_mask: np.ndarray | None = None,
                     params: CapsuleParams | dict | None = None,
                     progress: Callable[[float, str], None] | None = None,
                     should_cancel: Callable[[], bool] | None = None) -> CapsuleDetection:
+    """Find skin capsules in a CT (``modality='ct'``, HU) or an anatomical MRI (``'mr'``, T1/T2/PD).
+
+    Runs :func:`detect_capsules_once` for each candidate-finding radius (``DEFAULT_DETECT_RADII_MM`` unless
+    ``params.detect_radius_mm`` is set) and merges the capsules found; see :func:`detect_capsules_once`.
+    """
+    p = CapsuleParams.from_any(params)
+    mod = str(modality).lower()
+    mod = "mr" if mod in ("mri", "mr", "t1", "t2") else mod
+    radii = (p.detect_radius_mm,) if p.detect_radius_mm is not None else DEFAULT_DETECT_RADII_MM.get(mod, (None,))
+    merged, first_error = None, None
+    for n, r in enumerate(radii):
+        lo, hi = n / len(radii), (n + 1) / len(radii)
+        sub = None if progress is None else (lambda f, m, lo=lo, hi=hi: progress(lo + (hi - lo) * f, m))
+        try:
+            det = detect_capsules_once(volume, modality, body_mask=body_mask,
+                                       params=replace(p, detect_radius_mm=r), progress=sub,
+                                       should_cancel=should_cancel)
+        except CapsuleDetectionError as exc:
+            if not str(exc).startswith("no skin capsules found") or "image is empty" in str(exc):
+                raise
+            first_error = first_error or exc
+            continue
+        merged = det if merged is None else _merge_detections(merged, det, p.nominal_length_mm)
+    if merged is None:
+        raise first_error
+    return merged
+
+
+def _merge_detections(a: CapsuleDetection, b: CapsuleDetection, min_sep_mm: float) -> CapsuleDetection:
+    """Capsules of ``a`` plus those of ``b`` lying at least ``min_sep_mm`` from every capsule of ``a``."""
+    d = np.linalg.norm(b.centres_ras[:, None, :] - a.centres_ras[None, :, :], axis=2)
+    new = np.where(d.min(axis=1) >= min_sep_mm)[0]
+    if new.size == 0:
+        return a
+    cat = lambda x, y: np.concatenate([x, y[new]])  # noqa: E731
+    centres = cat(a.centres_ras, b.centres_ras)
+    order = np.lexsort((-centres[:, 0], -centres[:, 2]))
+    fields = {k: cat(getattr(a, k), getattr(b, k))[order]
+              for k in ("confidence", "fle_mm", "sizes_mm", "fle_cov_ras", "axes_ras")}
+    accepted = centres[order]
+    rejected = [r for r in a.rejected + b.rejected
+                if np.min(np.linalg.norm(accepted - np.asarray(r.centre_ras, float), axis=1)) > min_sep_mm / 2]
+    uniq = []
+    for r in rejected:
+        if all(np.linalg.norm(np.asarray(r.centre_ras) - np.asarray(u.centre_ras)) > 2.0 for u in uniq):
+            uniq.append(r)
+    logger.info("%s: %d more capsule(s) found with another candidate radius", a.image_name, new.size)
+    return CapsuleDetection(modality=a.modality, image_name=a.image_name, centres_ras=accepted,
+                            rejected=uniq, noise_sd=a.noise_sd, labels=[f"C{i + 1}" for i in range(len(accepted))],
+                            **fields)
+
+
+def detect_capsules_once(volume: RasVolume, modality: str, *, body_mask: np.ndarray | None = None,
+                         params: CapsuleParams | dict | None = None,
+                         progress: Callable[[float, str], None] | None = None,
+                         should_cancel: Callable[[], bool] | None = None) -> CapsuleDetection:
     """Find skin capsules in a CT (``modality='ct'``, HU) or an anatomical MRI (``'mr'``, T1/T2/PD).
 
     ``body_mask``: optional boolean (k, j, i) patient mask on the same grid (replaces the automatic
