@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import replace, asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np

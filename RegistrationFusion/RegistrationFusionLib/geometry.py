@@ -208,3 +208,22 @@ def resample(moving: RasVolume, reference: RasVolume, moving_to_reference: np.nd
     out_type = mov.GetPixelID() if order == 0 else sitk.sitkFloat32
     res = sitk.Resample(mov, ref, tx, interp, float(fill), out_type)
     return RasVolume(sitk.GetArrayFromImage(res), reference.ijk_to_ras.copy(), moving.name, dict(moving.meta))
+
+
+def vtk_matrix(matrix: np.ndarray):
+    """A ``vtkMatrix4x4`` holding the 4x4 ``matrix`` (for MRML IJK->RAS and transform-to-parent setters)."""
+    import vtk
+
+    m = np.asarray(matrix, dtype=float)
+    if m.shape != (4, 4):
+        raise ValueError(f"expected a 4x4 matrix, got shape {m.shape}")
+    vm = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            vm.SetElement(r, c, float(m[r, c]))
+    return vm
+
+
+def array_from_vtk_matrix(vm) -> np.ndarray:
+    """The 4x4 numpy array of a ``vtkMatrix4x4``."""
+    return np.array([[vm.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)

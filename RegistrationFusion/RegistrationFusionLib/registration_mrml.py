@@ -13,21 +13,16 @@ import logging
 import numpy as np
 
 from .errors import RegistrationFusionError
+from .geometry import array_from_vtk_matrix, vtk_matrix
 
 logger = logging.getLogger(__name__)
 
 
 def _vtk_matrix(m: np.ndarray):
-    import vtk
-
     m = np.asarray(m, float)
     if m.shape != (4, 4) or not np.all(np.isfinite(m)):
         raise RegistrationFusionError("the registration is not a valid 4x4 matrix; run the registration again")
-    vm = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            vm.SetElement(r, c, float(m[r, c]))
-    return vm
+    return vtk_matrix(m)
 
 
 def matrix_from_transform_node(node) -> np.ndarray:
@@ -36,7 +31,7 @@ def matrix_from_transform_node(node) -> np.ndarray:
 
     vm = vtk.vtkMatrix4x4()
     node.GetMatrixTransformToParent(vm)
-    return np.array([[vm.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return array_from_vtk_matrix(vm)
 
 
 def create_transform_node(scene, mri_to_ct_ras: np.ndarray, name: str = "MRI to CT registration",

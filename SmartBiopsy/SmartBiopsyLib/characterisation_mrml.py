@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 
-from RegistrationFusionLib.geometry import RasVolume
+from RegistrationFusionLib.geometry import RasVolume, vtk_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -17,19 +17,8 @@ logger = logging.getLogger(__name__)
 SEGMENT_STYLE = {"A": (1, (0.90, 0.20, 0.20)), "B": (2, (0.95, 0.85, 0.20)), "C": (3, (0.20, 0.40, 0.95))}
 
 
-def _vtk_matrix(m: np.ndarray):
-    import vtk
-
-    vm = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            vm.SetElement(r, c, float(m[r, c]))
-    return vm
-
-
 def labelmap_node_from_volume(scene, volume: RasVolume, name: str | None = None):
     """A ``vtkMRMLLabelMapVolumeNode`` holding ``volume`` (integer labels; RAS geometry). Caller owns it."""
-    import slicer
     import vtk
     from vtk.util import numpy_support
 
@@ -39,7 +28,7 @@ def labelmap_node_from_volume(scene, volume: RasVolume, name: str | None = None)
     img.SetDimensions(arr.shape[2], arr.shape[1], arr.shape[0])
     img.GetPointData().SetScalars(numpy_support.numpy_to_vtk(arr.ravel(), deep=True, array_type=vtk.VTK_SHORT))
     node.SetAndObserveImageData(img)
-    node.SetIJKToRASMatrix(_vtk_matrix(volume.ijk_to_ras))
+    node.SetIJKToRASMatrix(vtk_matrix(volume.ijk_to_ras))
     return node
 
 

@@ -115,7 +115,7 @@ def run_user(args) -> int:
     from SmartBiopsyLib.cli import ProgressBar
     from SmartBiopsyLib.errors import InputDataError
     from SmartBiopsyLib.imageio import load_image
-    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, StageFailed, run_case, write_json
+    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, StageFailed, run_case
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

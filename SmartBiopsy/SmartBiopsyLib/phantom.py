@@ -190,7 +190,7 @@ class Anatomy:
 
     def _place_bowel(self):
         r = self.rng
-        a0, b0 = self.body_a, self.body_b
+        b0 = self.body_b
         self.bowel = []
         tries = 0
         while len(self.bowel) < 8 and tries < 400:
@@ -389,14 +389,11 @@ class Anatomy:
         tp, _ = self.skin_point(math.pi / 2, self.tube_z, 2.4)
         idx = box(tp - np.array([60.0, 40.0, 3.0]), tp + np.array([60.0, 3.0, 3.0]))
         if idx is not None:
-            d = p[idx] - tp
             # the tube follows the skin curve: distance to the skin-offset curve approximated per x
-            yy = np.array([self.skin_point(math.atan2(1.0, 0.0), self.tube_z)[0][1]])
             a_t, b_t = self.body_semi(np.array([self.tube_z]))
             xs = p[idx, 0]
             y_skin = float(b_t[0]) * np.sqrt(np.clip(1 - (xs / float(a_t[0])) ** 2, 0, None)) + 2.4
             perp = np.hypot(p[idx, 1] - y_skin, p[idx, 2] - self.tube_z)
-            del d, yy
             m = (np.abs(xs - tp[0]) <= 60.0) & (perp <= 2.2) & (out[idx] == T["air"])
             out[idx[m]] = T["tube"]
         return out

@@ -10,6 +10,8 @@ import logging
 
 import numpy as np
 
+from RegistrationFusionLib.geometry import vtk_matrix
+
 from .needle import NeedleDetection
 from .notch import NotchROI
 
@@ -18,16 +20,6 @@ logger = logging.getLogger(__name__)
 #: Display colours (RGB 0-1): needle yellow, notch cyan.
 NEEDLE_COLOR = (1.0, 0.85, 0.1)
 NOTCH_COLOR = (0.1, 0.85, 1.0)
-
-
-def _vtk_matrix(m: np.ndarray):
-    import vtk
-
-    vm = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            vm.SetElement(r, c, float(m[r, c]))
-    return vm
 
 
 def _set_color(node, rgb) -> None:
@@ -80,7 +72,7 @@ def add_notch_roi_node(scene, roi: NotchROI, name: str | None = None):
     label = roi.target_name or "notch"
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name or f"Notch {label} ({roi.mode})")
     node.SetROIType(node.ROITypeBox)
-    node.SetAndObserveObjectToNodeMatrix(_vtk_matrix(roi.frame))
+    node.SetAndObserveObjectToNodeMatrix(vtk_matrix(roi.frame))
     hu, hv = roi.half_extent_mm
     node.SetSize(2.0 * hu, 2.0 * hv, float(roi.length_mm))
     node.SetAttribute("SmartBiopsy.Target", roi.target_name or "")
@@ -112,7 +104,7 @@ def roi_polydata(roi: NotchROI, resolution: int = 32):
     tri = vtk.vtkTriangleFilter()
     tri.SetInputConnection(src.GetOutputPort())
     tf = vtk.vtkTransform()
-    tf.SetMatrix(_vtk_matrix(roi.frame @ local))
+    tf.SetMatrix(vtk_matrix(roi.frame @ local))
     f = vtk.vtkTransformPolyDataFilter()
     f.SetInputConnection(tri.GetOutputPort())
     f.SetTransform(tf)

@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from RegistrationFusionLib.geometry import RasVolume
+from RegistrationFusionLib.geometry import RasVolume, array_from_vtk_matrix, vtk_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +33,6 @@ META_JSON_ATTRIBUTE = "SmartBiopsy.Meta"
 GREY_COLOR_ID = "vtkMRMLColorTableNodeGrey"
 #: Preferred colour tables for label maps, first one present in the scene wins.
 LABEL_COLOR_IDS = ("vtkMRMLColorTableNodeFileGenericAnatomyColors.txt", "vtkMRMLColorTableNodeLabels")
-
-
-def _matrix_to_vtk(m: np.ndarray):
-    import vtk
-
-    vm = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            vm.SetElement(r, c, float(m[r, c]))
-    return vm
-
-
-def _matrix_from_vtk(vm) -> np.ndarray:
-    return np.array([[vm.GetElement(r, c) for c in range(4)] for r in range(4)], float)
 
 
 def _image_data(array: np.ndarray):
@@ -92,7 +78,7 @@ def add_volume_node(scene, volume: RasVolume, name: str | None = None, label: bo
         array = array.astype(np.int16)
     cls = "vtkMRMLLabelMapVolumeNode" if label else "vtkMRMLScalarVolumeNode"
     node = scene.AddNewNodeByClass(cls, name or volume.name)
-    node.SetIJKToRASMatrix(_matrix_to_vtk(volume.ijk_to_ras))
+    node.SetIJKToRASMatrix(vtk_matrix(volume.ijk_to_ras))
     node.SetAndObserveImageData(_image_data(array))
 
     display_cls = "vtkMRMLLabelMapVolumeDisplayNode" if label else "vtkMRMLScalarVolumeDisplayNode"
@@ -138,14 +124,14 @@ def volume_from_node(node, apply_parent_transform: bool = False) -> RasVolume:
 
     vm = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(vm)
-    m = _matrix_from_vtk(vm)
+    m = array_from_vtk_matrix(vm)
     if apply_parent_transform and node.GetParentTransformNode() is not None:
         tnode = node.GetParentTransformNode()
         if not tnode.IsTransformToWorldLinear():
             raise ValueError(f"volume node '{node.GetName()}' is under a non-linear transform; harden it first")
         tw = vtk.vtkMatrix4x4()
         tnode.GetMatrixTransformToWorld(tw)
-        m = _matrix_from_vtk(tw) @ m
+        m = array_from_vtk_matrix(tw) @ m
     meta = _meta_from_attributes(node)
     return RasVolume(array, m, node.GetName(), meta)
 
