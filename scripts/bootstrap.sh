@@ -15,7 +15,8 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # pyradiomics builds a C extension against numpy and needs its build tools first (no build isolation)
   .venv/bin/python -m pip install -q numpy setuptools wheel versioneer
-  .venv/bin/python -m pip install -q --no-build-isolation "pyradiomics>=3.1"
+  # (the 3.1.0 source archive reports its version as 3.0.1a1 when built, so no version bound here)
+  .venv/bin/python -m pip install -q --no-build-isolation pyradiomics
   .venv/bin/python -m pip install -q -e ".[dev]"
   echo "$WANT" > "$STAMP"
 fi
