@@ -273,7 +273,7 @@ def _extents_from_cov(cov: np.ndarray, box_var: np.ndarray):
 #: candidate-finding ball radii (mm) tried in turn when ``detect_radius_mm`` is not set. In thick-slice
 #: MRI a capsule lying between two slices blurs into the skin and survives only some ball sizes; the union
 #: over radii (new capsules must lie a capsule length away from those already found) recovers it.
-DEFAULT_DETECT_RADII_MM = {"ct": (6.0,), "mr": (9.0, 7.0, 11.0)}
+DEFAULT_DETECT_RADII_MM = {"ct": (6.0,), "mr": (9.0, 7.0)}
 
 
 def detect_capsules(volume: RasVolume, modality: str, *, body_mask: np.ndarray | None = None,
@@ -320,12 +320,18 @@ def _merge_detections(a: CapsuleDetection, b: CapsuleDetection, min_sep_mm: floa
     fields = {k: cat(getattr(a, k), getattr(b, k))[order]
               for k in ("confidence", "fle_mm", "sizes_mm", "fle_cov_ras", "axes_ras")}
     accepted = centres[order]
-    rejected = [r for r in a.rejected + b.rejected
-                if np.min(np.linalg.norm(accepted - np.asarray(r.centre_ras, float), axis=1)) > min_sep_mm / 2]
-    uniq = []
-    for r in rejected:
-        if all(np.linalg.norm(np.asarray(r.centre_ras) - np.asarray(u.centre_ras)) > 2.0 for u in uniq):
-            uniq.append(r)
+    rejected = a.rejected + b.rejected
+    if rejected:
+        rc = np.array([np.asarray(r.centre_ras, float) for r in rejected])
+        far = np.linalg.norm(rc[:, None, :] - accepted[None, :, :], axis=2).min(axis=1) > min_sep_mm / 2
+        seen, uniq = set(), []
+        for r, c, keep in zip(rejected, rc, far):  # one entry per 2 mm cell: the same candidate seen twice
+            key = tuple(np.floor(c / 2.0).astype(int))
+            if keep and key not in seen:
+                seen.add(key)
+                uniq.append(r)
+    else:
+        uniq = []
     logger.info("%s: %d more capsule(s) found with another candidate radius", a.image_name, new.size)
     return CapsuleDetection(modality=a.modality, image_name=a.image_name, centres_ras=accepted,
                             rejected=uniq, noise_sd=a.noise_sd, labels=[f"C{i + 1}" for i in range(len(accepted))],
