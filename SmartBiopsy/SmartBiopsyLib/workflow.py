@@ -173,12 +173,13 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
             if name != "report":
                 continue
         progress = progress_factory(name)
+        rec.status = "running"
         t0 = time.perf_counter()
         try:
             if should_cancel is not None and should_cancel():
                 raise SmartBiopsyError("cancelled by the user")
             msg = stage_funcs[name](run, progress, should_cancel) or ""
-            rec.status, rec.message = ("done" if failure is None or name != "report" else "done"), msg
+            rec.status, rec.message = "done", msg
             progress(1.0, msg[:60])
         except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence in the summary
             rec.status = "failed"
