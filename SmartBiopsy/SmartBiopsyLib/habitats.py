@@ -14,7 +14,10 @@ Regularisation: the maps are smoothed inside the solid tumour only (normalised G
 under ``min_region_ml`` is reported missing (with the reason) and left out; the others are still returned.
 
 Data-driven mode (``mode="kmeans"``): k-means (best of ``n_init`` runs) on the smoothed (ADC, EF, FF) of the
-solid voxels, robustly standardised (median, 10-90 % range, clipped to +-3); each cluster is labelled A/B/C by where its mean signature falls relative to the same medians.
+solid voxels, robustly standardised (median, 10-90 % range, clipped to +-3), with five clusters by default (one more
+than the four tissue signatures a sarcoma typically shows, so that boundary and partial-volume voxels do not
+force two compartments into one cluster); each cluster is labelled A/B/C by where its mean signature falls
+relative to the same medians.
 
 Output labels: 0 outside / excluded, 1 A, 2 B, 3 C.
 """
@@ -47,7 +50,7 @@ class HabitatConfig:
     smooth_sigma_mm: float = 2.0  # 0 disables smoothing
     island_min_ml: float = 0.2
     min_region_ml: float = 1.0
-    n_clusters: int = 4
+    n_clusters: int = 5
     n_init: int = 4
     seed: int = 0
 
