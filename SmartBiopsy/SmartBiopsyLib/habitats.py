@@ -15,7 +15,7 @@ under ``min_region_ml`` is reported missing (with the reason) and left out; the 
 
 Data-driven mode (``mode="kmeans"``): k-means (best of ``n_init`` runs) on the smoothed (ADC, EF, FF) of the
 solid voxels, robustly standardised (median, 10-90 % range, clipped to +-3), with five clusters by default (one more
-than the four tissue signatures a sarcoma typically shows, so that boundary and partial-volume voxels do not
+than the four ADC/EF quadrants of the median rule, two concordant and two discordant, so that boundary and partial-volume voxels do not
 force two compartments into one cluster); each cluster is labelled A/B/C by where its mean signature falls
 relative to the same medians.
 
