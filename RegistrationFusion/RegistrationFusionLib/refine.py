@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import RegistrationFusionError
 from .geometry import RasVolume, lps_geometry_from_ijk_to_ras, lps_to_ras_matrix, ras_to_lps_matrix
+from .landmarks import apply_transform
 
 logger = logging.getLogger(__name__)
 
@@ -274,11 +275,6 @@ class RefinementResult:
 # ------------------------------------------------------------------------------------------------
 # refinement
 # ------------------------------------------------------------------------------------------------
-def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    pts = np.atleast_2d(np.asarray(pts, float))
-    return pts @ m[:3, :3].T + m[:3, 3]
-
-
 def _run_stage(reg, fixed, moving, name, progress, should_cancel, lo, hi):
     import SimpleITK as sitk
 
@@ -389,14 +385,14 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
     cand = stages[-1].matrix
     mi1 = stages[-1].mi_after
     caps = None if capsules_mri is None else np.asarray(capsules_mri, float).reshape(-1, 3)
-    cap_disp = np.zeros(0) if caps is None else np.linalg.norm(_apply(cand, caps) - _apply(m0, caps), axis=1)
+    cap_disp = np.zeros(0) if caps is None else np.linalg.norm(apply_transform(cand, caps) - apply_transform(m0, caps), axis=1)
     allowed = np.zeros(0)
     if caps is not None:
         allowed = np.broadcast_to(np.asarray(2.0 if capsule_allowed_mm is None else capsule_allowed_mm, float),
                                   (len(caps),)).astype(float)
     tgt = np.zeros((0, 3)) if targets_ct is None else np.asarray(targets_ct, float).reshape(-1, 3)
     # target displacement: a CT point t corresponds to MRI point inv(m0) t; where does the candidate put it?
-    tgt_disp = np.linalg.norm(_apply(cand @ np.linalg.inv(m0), tgt) - tgt, axis=1) if len(tgt) else np.zeros(0)
+    tgt_disp = np.linalg.norm(apply_transform(cand @ np.linalg.inv(m0), tgt) - tgt, axis=1) if len(tgt) else np.zeros(0)
 
     reasons = []
     if not mi1 > mi0 + min_mi_gain:
@@ -405,7 +401,7 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
         pc = np.asarray(capsules_ct, float).reshape(-1, 3)
         if pc.shape != caps.shape:
             raise RegistrationFusionError("capsules_ct and capsules_mri must be the same paired capsules")
-        resid = np.linalg.norm(_apply(cand, caps) - pc, axis=1)
+        resid = np.linalg.norm(apply_transform(cand, caps) - pc, axis=1)
         if np.any(resid > allowed):
             k = int(np.argmax(resid - allowed))
             reasons.append(f"it leaves capsule {k} {resid[k]:.2f} mm from its CT position, more than the "
@@ -484,7 +480,7 @@ def _bspline_stage(result: RefinementResult, ct, mri, fixed, moving, fmask, mmas
         q = np.array(out.TransformPoint(tuple(float(v) for v in p_lps)))
         return np.linalg.norm(q - p_lps)
 
-    cap_ct = _apply(result.matrix, caps) if caps is not None else np.zeros((0, 3))
+    cap_ct = apply_transform(result.matrix, caps) if caps is not None else np.zeros((0, 3))
     cap_disp = np.array([deform_ct_point(p) for p in cap_ct])
     tgt_disp = np.array([deform_ct_point(p) for p in tgt])
     allowed = result.capsule_allowed_mm if len(result.capsule_allowed_mm) else np.full(len(cap_disp), 2.0)

@@ -6,7 +6,6 @@ All inputs must be on one grid (the ADC/DWI grid); the tumour mask too.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -104,12 +103,7 @@ def run(args) -> int:
     size = tumour.measure_tumour(tumour_vol)
     res = habitats.compute_habitats(adc, ef, ff, mask, habitats.HabitatConfig(mode=args.mode))
     imageio.save_image(res.labels, out / "habitats.nrrd")
-    with (out / "regions.csv").open("w", newline="") as fh:
-        rows = [r.to_dict() for r in res.regions]
-        if rows:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    habitats.write_regions_csv(res, out / "regions.csv")
     ts = targets.plan_targets(res.labels, named, args.predicted_tre, args.needle_error, args.notch_length)
     targets.write_targets_json(ts, out / "targets.json")
     if not args.no_radiomics:

@@ -265,3 +265,15 @@ def compute_habitats(adc: RasVolume, ef: RasVolume, ff: RasVolume | None, tumour
     if progress:
         progress(1.0, "habitats done")
     return HabitatResult(out, regions, {"adc_median": adc_med, "ef_median": ef_med}, excluded, missing, cfg)
+
+
+def write_regions_csv(result: HabitatResult, path) -> None:
+    """One row per present region (:class:`RegionStats` fields); an empty file when no region is present."""
+    import csv
+
+    rows = [r.to_dict() for r in result.regions]
+    with open(path, "w", newline="") as fh:
+        if rows:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)

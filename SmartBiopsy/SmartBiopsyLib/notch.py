@@ -27,6 +27,7 @@ from RegistrationFusionLib.geometry import RasVolume
 
 from .errors import InputDataError, SmartBiopsyError
 from .needle import resolve_needle_geometry
+from .needle_sim import perpendicular
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ def _unit(v, what="direction"):
     if not np.isfinite(n) or n == 0:
         raise InputDataError(f"the needle {what} has zero length or is not finite; detect the needle again")
     return v / n
-
-
-def _perpendicular(axis):
-    helper = np.eye(3)[int(np.argmin(np.abs(axis)))]
-    u = np.cross(axis, helper)
-    return u / np.linalg.norm(u)
 
 
 @dataclass
@@ -173,7 +168,7 @@ def notch_roi(tip_ras, axis, mode: str = SIDE_NOTCH, needle=None, *, notch_lengt
     if not np.all(np.isfinite(tip)):
         raise InputDataError("the needle tip is not a finite RAS point; detect the needle again")
     a = _unit(axis, "axis")
-    u = _perpendicular(a)
+    u = perpendicular(a)
     v = np.cross(a, u)
     geo = resolve_needle_geometry(needle, notch_length_mm=notch_length_mm, notch_offset_mm=notch_offset_mm,
                                   core_diameter_mm=core_diameter_mm)

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from RegistrationFusionLib.landmarks import apply_transform
+
 logger = logging.getLogger(__name__)
 
 #: Section headings, in order (tests look for them).
@@ -174,8 +176,8 @@ def _perp_axial(d) -> np.ndarray:
 
 
 def _apply(m, pts) -> np.ndarray:
-    p = np.atleast_2d(np.asarray(pts, float))
-    return p @ np.asarray(m, float)[:3, :3].T + np.asarray(m, float)[:3, 3]
+    """(N, 3) points through a 4x4 matrix; a single point comes back as a (1, 3) array."""
+    return apply_transform(m, np.atleast_2d(np.asarray(pts, float)))
 
 
 def reslice(volume, centre_ras, u, v, half_u_mm: float, half_v_mm: float, step_mm: float = 0.5, order: int = 1,

@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from RegistrationFusionLib.geometry import RasVolume
+from RegistrationFusionLib.landmarks import apply_transform
 
 from .errors import InputDataError, SmartBiopsyError
 
@@ -55,14 +56,9 @@ def _json_default(o):
 def write_json(path: Path, data) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default, allow_nan=False if False else True))
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
     tmp.replace(path)
     return path
-
-
-def _apply(m: np.ndarray, pts) -> np.ndarray:
-    p = np.atleast_2d(np.asarray(pts, float))
-    return p @ m[:3, :3].T + m[:3, 3]
 
 
 @dataclass
@@ -277,12 +273,12 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     # tumour centre for the pictures, when known; else the capsule centroid
     centre = None
     if i.tumour is not None and np.any(i.tumour.array):
-        centre = _apply(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))[0]
+        centre = apply_transform(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))
     if centre is None:
         centre = np.asarray(fusion.landmark.fixed_points).mean(axis=0)
     write_fusion_pictures(i.ct, t2_on_ct, centre, d)
     lm = fusion.landmark
-    msg = f"{int(np.count_nonzero(np.asarray(lm.used)) if np.asarray(lm.used).dtype == bool else len(lm.used))} capsule pairs, FRE {lm.fre_mm:.2f} mm"
+    msg = f"{len(lm.used)} capsule pairs, FRE {lm.fre_mm:.2f} mm"
     if i.truth is not None:
         err = _truth_tre(i.truth, m)
         run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
@@ -293,11 +289,11 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
 def _truth_tre(truth, m: np.ndarray) -> float:
     mask = truth.tumour_mask_mri
     pts = mask.voxel_centres_ras(mask.array > 0)[::97]
-    return float(np.linalg.norm(_apply(m, pts) - _apply(truth.mri_to_ct, pts), axis=1).mean())
+    return float(np.linalg.norm(apply_transform(m, pts) - apply_transform(truth.mri_to_ct, pts), axis=1).mean())
 
 
 def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.habitats import compute_habitats
+    from SmartBiopsyLib.habitats import compute_habitats, write_regions_csv
     from SmartBiopsyLib.imageio import save_image
     from SmartBiopsyLib.maps import compute_adc, compute_ef, compute_ff
     from SmartBiopsyLib.radiomics_features import compute_radiomics, write_radiomics_csv
@@ -356,18 +352,18 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     def tre_at(point_mri):
         if fusion is None:
             return 2.0
-        return float(fusion.landmark.predicted_tre(_apply(m, point_mri))[0])
+        return float(fusion.landmark.predicted_tre(np.atleast_2d(apply_transform(m, point_mri)))[0])
 
     progress(0.6, "targets")
     targets = plan_targets(hab.labels, maps, predicted_tre_mm=tre_at)
-    targets_ct = {t.region: _apply(m, t.point_ras)[0] for t in targets}
+    targets_ct = {t.region: apply_transform(m, t.point_ras) for t in targets}
     tdicts = []
     for t in targets:
         td = t.to_dict()
         td["point_ct_ras"] = targets_ct[t.region].tolist()
         tdicts.append(td)
     write_json(d / "targets.json", {"targets": tdicts, "frame": "point_ras: MRI world; point_ct_ras: CT world"})
-    _write_regions_csv(d / "regions.csv", hab)
+    write_regions_csv(hab, d / "regions.csv")
     progress(0.7, "radiomics")
     try:
         rows = compute_radiomics(hab.labels, maps)
@@ -399,30 +395,6 @@ def _true_habitat(truth, point_mri) -> str:
     ijk = np.round(h.ras_to_ijk_points(point_mri)[0]).astype(int)
     code = int(h.array[ijk[2], ijk[1], ijk[0]])
     return {1: "A", 2: "B", 3: "C"}.get(code, "-")
-
-
-def _write_regions_csv(path: Path, hab) -> None:
-    import csv
-
-    rows = [r.to_dict() for r in hab.regions]
-    if not rows:
-        path.write_text("")
-        return
-    flat = []
-    for r in rows:
-        fr = {}
-        for k, v in r.items():
-            if isinstance(v, dict):
-                for k2, v2 in v.items():
-                    fr[f"{k}_{k2}"] = v2
-            else:
-                fr[k] = v
-        flat.append(fr)
-    keys = list(dict.fromkeys(k for r in flat for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(flat)
 
 
 def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
@@ -558,14 +530,16 @@ def _stage_sample(run: CaseRun, progress, should_cancel) -> str:
 
 
 def _crop_around(vol: RasVolume, pts, margin_mm: float) -> RasVolume:
+    """The part of ``vol`` around the RAS points ``pts`` grown by ``margin_mm`` (a copy)."""
+    from TrajectoryPlannerLib.risk import crop_volume
+
     ijk = vol.ras_to_ijk_points(np.asarray(pts, float))
     pad = margin_mm / vol.spacing
     lo = np.maximum(np.floor(ijk.min(axis=0) - pad).astype(int), 0)
     hi = np.minimum(np.ceil(ijk.max(axis=0) + pad).astype(int) + 1, np.array(vol.array.shape[::-1]))
-    arr = vol.array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
-    m = vol.ijk_to_ras.copy()
-    m[:3, 3] = vol.ijk_to_ras_points(lo[None].astype(float))[0]
-    return RasVolume(np.ascontiguousarray(arr), m, vol.name, dict(vol.meta))
+    out = crop_volume(vol, lo[::-1], hi[::-1])
+    out.array = np.ascontiguousarray(out.array)
+    return out
 
 
 def _stage_record(run: CaseRun, progress, should_cancel) -> str:
