@@ -139,7 +139,8 @@ def run_user(args) -> int:
         _fail_load(out, "no planning CT was given; pass --ct (or a --case folder with a CT series)")
     mri_to_ct = None
     if args.transform:
-        mri_to_ct = _load_transform(args.transform)
+        from SmartBiopsyLib.cmd_sample import load_mri_to_ct
+        mri_to_ct = load_mri_to_ct(args.transform)
     targets_ct = None
     if args.targets:
         targets_ct = _load_targets(args.targets)
@@ -205,26 +206,6 @@ def _recognise_case_folder(path) -> dict:
         raise InputDataError(f"no series of {path} could be recognised (CT, T2, DWI, Dixon, T1 pre/post); "
                              "pass the inputs explicitly with --ct, --t2, --dwi, ...")
     return roles
-
-
-def _load_transform(path) -> np.ndarray:
-    from SmartBiopsyLib.errors import InputDataError
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputDataError(f"--transform {path} does not exist")
-    if p.suffix.lower() == ".json":
-        try:
-            data = json.loads(p.read_text())
-            m = np.asarray(data.get("matrix_mri_to_ct_ras", data) if isinstance(data, dict) else data, float)
-        except (ValueError, TypeError) as exc:
-            raise InputDataError(f"--transform {p.name} is not a JSON 4x4 matrix ({exc})") from None
-    else:
-        from RegistrationFusionLib.refine import read_itk_transform
-        m = read_itk_transform(str(p))
-    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
-        raise InputDataError(f"--transform {p.name} must hold a finite 4x4 matrix (MRI->CT, RAS mm)")
-    return m
 
 
 def _load_targets(path) -> dict:

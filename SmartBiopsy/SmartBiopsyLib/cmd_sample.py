@@ -104,7 +104,8 @@ def load_mri_to_ct(path):
     if str(path).lower().endswith(".json"):
         data = _read_json(path, "transform file")
         if isinstance(data, dict):
-            for key in ("mri_to_ct_ras", "mri_to_ct", "matrix_ras", "matrix"):
+            # "matrix_mri_to_ct_ras" is what `smartbiopsy register` and the demo/run workflow write
+            for key in ("matrix_mri_to_ct_ras", "mri_to_ct_ras", "mri_to_ct", "matrix_ras", "matrix"):
                 if data.get(key) is not None:
                     data = data[key]
                     break
