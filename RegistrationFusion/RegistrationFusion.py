@@ -34,7 +34,7 @@ class RegistrationFusion(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Registration Fusion")
         self.parent.categories = ["IGT.SmartBiopsy"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["SmartBiopsyCore"]
         self.parent.contributors = ["SmartBiopsy contributors"]
         self.parent.helpText = _(
             "Fuse the diagnostic MRI with the planning CT through vitamin-oil skin capsules: detect the capsules "
@@ -347,20 +347,19 @@ class RegistrationFusionLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _volume(node):
-        from SmartBiopsyLib.volumes_mrml import volume_from_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
 
         return volume_from_node(node)
 
     @staticmethod
     def _points(node):
-        from RegistrationFusionLib.capsules_mrml import capsule_points_from_node
+        from RegistrationFusionLib.capsules.mrml import capsule_points_from_node
 
         return capsule_points_from_node(node)
 
     def detectCapsules(self, volumeNode, modality, progress=None, shouldCancel=None):
         """Capsule fiducial node (RAS mm) found in ``volumeNode``; ``modality`` 'ct' or 'mr'."""
-        from RegistrationFusionLib import capsules, capsules_mrml
-
+        from RegistrationFusionLib.capsules import detection as capsules, mrml as capsules_mrml
         detection = capsules.detect_capsules(self._volume(volumeNode), modality, progress=progress,
                                              should_cancel=shouldCancel)
         return capsules_mrml.add_capsule_fiducials(slicer.mrmlScene, detection,
@@ -369,8 +368,7 @@ class RegistrationFusionLogic(ScriptedLoadableModuleLogic):
     def registerCapsules(self, ctCapsulesNode, mriCapsulesNode, excludedPairs=()):
         """Pair and register the capsules (MRI to CT). Pairs in ``excludedPairs`` (switched off by the user)
         are left out of the fit. Returns (Correspondence, PointRegistration)."""
-        from RegistrationFusionLib import landmarks
-
+        from RegistrationFusionLib.registration import landmarks
         ct, mri = self._points(ctCapsulesNode), self._points(mriCapsulesNode)
         corr, reg = landmarks.register_capsules(ct, mri)
         if excludedPairs:
@@ -383,8 +381,7 @@ class RegistrationFusionLogic(ScriptedLoadableModuleLogic):
     def refine(self, ctNode, mriNode, registration, targetsNode=None, affine=False, deformable=False,
                progress=None, shouldCancel=None):
         """Mutual-information refinement started from the landmark transform; returns RefinementResult."""
-        from RegistrationFusionLib import pipeline, refine
-
+        from RegistrationFusionLib.registration import pipeline, refine
         targets = self._points(targetsNode) if targetsNode is not None else None
         return refine.refine_registration(
             self._volume(ctNode), self._volume(mriNode), registration.matrix,
@@ -393,8 +390,7 @@ class RegistrationFusionLogic(ScriptedLoadableModuleLogic):
             targets_ct=targets, affine=affine, deformable=deformable, progress=progress, should_cancel=shouldCancel)
 
     def qaReport(self, registration, targetsNode, correspondence, refinement, maxFreMm, maxPredictedTreMm):
-        from RegistrationFusionLib import qa
-
+        from RegistrationFusionLib.registration import qa
         targets = None
         if targetsNode is not None:
             pts = self._points(targetsNode)
@@ -404,8 +400,7 @@ class RegistrationFusionLogic(ScriptedLoadableModuleLogic):
 
     def applyTransform(self, matrix, mriNode, mriCapsulesNode=None, transformNode=None):
         """Create/update the MRI to CT transform node and put the MRI (and its capsules) under it."""
-        from RegistrationFusionLib import registration_mrml
-
+        from RegistrationFusionLib.registration import mrml as registration_mrml
         nodes = registration_mrml.apply_registration(slicer.mrmlScene, matrix, [mriNode], transform_node=transformNode)
         if mriCapsulesNode is not None:
             mriCapsulesNode.SetAndObserveTransformNodeID(nodes["transform"].GetID())
@@ -419,8 +414,7 @@ class RegistrationFusionLogic(ScriptedLoadableModuleLogic):
         transformNode.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps(report.to_dict(), default=float))
 
     def saveFusionPictures(self, ctNode, mriNode, transformNode, targetsNode, folder):
-        from RegistrationFusionLib import qa, refine, registration_mrml
-
+        from RegistrationFusionLib.registration import qa, refine, mrml as registration_mrml
         ct, mri = self._volume(ctNode), self._volume(mriNode)
         matrix = registration_mrml.matrix_from_transform_node(transformNode)
         onCt = refine.resample_mri_on_ct(mri, ct, matrix)
@@ -430,8 +424,7 @@ class RegistrationFusionLogic(ScriptedLoadableModuleLogic):
 
     def process(self, ctNode, mriNode, targetsNode=None, refineIntensity=True, progress=None, shouldCancel=None):
         """Whole fusion in one call: detect, match, register, refine, QA. Returns (transform node, FusionResult)."""
-        from RegistrationFusionLib import pipeline
-
+        from RegistrationFusionLib.registration import pipeline
         targets = self._points(targetsNode) if targetsNode is not None else None
         result = pipeline.fuse_ct_mri(self._volume(ctNode), self._volume(mriNode), targets_ct=targets,
                                       do_refine=refineIntensity, progress=progress, should_cancel=shouldCancel)
@@ -461,7 +454,6 @@ class RegistrationFusionTest(ScriptedLoadableModuleTest):
 
     def _run(self, name):
         from RegistrationFusionLib import scenarios
-
         self.setUp()
         self.delayDisplay(f"Scenario {name}")
         result = scenarios.SCENARIOS[name](slicer.mrmlScene)

@@ -24,7 +24,7 @@ from slicer import (
 )
 
 HOMEPAGE = "https://github.com/smartbiopsy/SlicerSmartBiopsy"
-#: Needle catalogue names (TrajectoryPlannerLib.needles); listed here because the Choice is made at import.
+#: Needle catalogue names (TrajectoryPlannerLib.planning.needles); listed here because the Choice is made at import.
 NEEDLES = ["15G/16G-16cm", "15G/16G-10cm", "17G/18G-10mm", "17G/18G-20mm", "17G/18G-endcut-20mm"]
 
 
@@ -40,7 +40,7 @@ class SmartBiopsy(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Smart Biopsy")
         self.parent.categories = ["IGT.SmartBiopsy"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["SmartBiopsyCore"]
         self.parent.contributors = ["SmartBiopsy contributors"]
         self.parent.helpText = _(
             "Multiregional (smart) tumour biopsy: compute or import ADC, fat-fraction and enhancement-fraction "
@@ -411,21 +411,21 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _volume(node):
-        from SmartBiopsyLib.volumes_mrml import volume_from_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
 
         return volume_from_node(node)
 
     @staticmethod
     def _addVolume(volume, name):
-        from SmartBiopsyLib.volumes_mrml import add_volume_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import add_volume_node
 
         return add_volume_node(slicer.mrmlScene, volume, name)
 
     def computeMaps(self, dwiNodes, excludeLowB=False, water=None, fat=None, pre=None, post=None,
                     progress=None, shouldCancel=None) -> dict:
         """ADC (10^-6 mm^2/s) from DWI nodes carrying SmartBiopsy.BValue, FF (%) from Dixon, EF (%) from T1."""
-        from SmartBiopsyLib import maps
-        from SmartBiopsyLib.errors import InputDataError
+        from SmartBiopsyLib.characterise import maps
+        from SmartBiopsyCoreLib.errors import InputDataError
 
         out = {}
         if dwiNodes:
@@ -456,8 +456,7 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
             slicer.mrmlScene.RemoveNode(labelmap)
 
     def measureTumour(self, segmentationNode, segmentId, referenceNode):
-        from SmartBiopsyLib import tumour
-
+        from SmartBiopsyLib.characterise import tumour
         return tumour.measure_tumour(self.tumourMask(segmentationNode, segmentId, referenceNode))
 
     def process(self, adcNode, efNode, ffNode, tumourMask, mode="median", transformNode=None,
@@ -465,8 +464,7 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
         """Habitats and targets; returns {"habitats": HabitatResult, "targets": [...], "nodes": {...}}."""
         import numpy as np
 
-        from SmartBiopsyLib import characterisation_mrml, habitats, targets
-
+        from SmartBiopsyLib.characterise import mrml as characterisation_mrml, habitats, targets
         adc, ef = self._volume(adcNode), self._volume(efNode)
         ff = self._volume(ffNode) if ffNode else None
         mask = np.asarray(tumourMask.array) != 0
@@ -510,8 +508,7 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
 
     def detectNeedle(self, ctNode, plannedLineNode, needleName, progress=None, shouldCancel=None):
         """Needle axis and tip in the confirmation CT near the planned path (entry = first line point)."""
-        from SmartBiopsyLib import needle, sampling_mrml
-
+        from SmartBiopsyLib.sampling import needle, mrml as sampling_mrml
         entry, target = self._linePoints(plannedLineNode)
         detection = needle.detect_needle(self._volume(ctNode), entry, target, target_name=plannedLineNode.GetName(),
                                          needle=needleName, progress=progress, should_cancel=shouldCancel)
@@ -520,9 +517,8 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
 
     def sampleNotch(self, detection, mode, needleName, shiftMm, mapNodes, transformNode=None):
         """Notch ROI at the detected tip (shifted ``shiftMm`` along the needle) and each map's values in it."""
-        from RegistrationFusionLib.registration_mrml import matrix_from_transform_node
-        from SmartBiopsyLib import notch, sampling_mrml
-
+        from RegistrationFusionLib.registration.mrml import matrix_from_transform_node
+        from SmartBiopsyLib.sampling import notch, mrml as sampling_mrml
         roi = notch.notch_roi(detection.tip_ras + float(shiftMm) * detection.axis, detection.axis, mode, needleName,
                               target_name=detection.target_name)
         maps = {k: self._volume(n) for k, n in mapNodes.items() if n is not None}
@@ -534,7 +530,7 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def regionOfTarget(lineNode) -> str:
         """Habitat region (A/B/C) of a trajectory line node (attribute set by the planner)."""
-        from SmartBiopsyLib.errors import InputDataError
+        from SmartBiopsyCoreLib.errors import InputDataError
 
         region = lineNode.GetAttribute("TrajectoryPlanner.Region") if lineNode is not None else None
         if region not in ("A", "B", "C"):
@@ -543,7 +539,7 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
         return region
 
     def addSpecimen(self, journalPath, potId, region, detection, roi, notchValues, operator, participantId):
-        from SmartBiopsyLib.specimen_journal import SpecimenJournal, SpecimenRecord, values_from_notch
+        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal, SpecimenRecord, values_from_notch
 
         record = SpecimenRecord(pot_id=potId, region=region, target_name=detection.target_name,
                                 needle_tip_ras=detection.tip_ras.tolist(), needle_direction_ras=detection.axis.tolist(),
@@ -553,37 +549,37 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
             return journal.append_specimen(record)
 
     def journalState(self, journalPath):
-        from SmartBiopsyLib.specimen_journal import SpecimenJournal
+        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
 
         with SpecimenJournal(journalPath) as journal:
             return dict(journal.specimens), dict(journal.pathology)
 
     def exportCsv(self, journalPath, csvPath):
-        from SmartBiopsyLib.specimen_journal import SpecimenJournal
+        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
 
         with SpecimenJournal(journalPath, create=False) as journal:
             return journal.export_csv(csvPath)
 
     def importPathology(self, journalPath, csvPath):
-        from SmartBiopsyLib.specimen_journal import SpecimenJournal
+        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
 
         with SpecimenJournal(journalPath, create=False) as journal:
             return journal.import_pathology_csv(csvPath)
 
     @staticmethod
     def newProcedureLog(participantId, operator):
-        from SmartBiopsyLib.procedure_log import ProcedureLog
+        from SmartBiopsyLib.records.procedure_log import ProcedureLog
 
         return ProcedureLog(participant_id=participantId, operator=operator)
 
     @staticmethod
     def nowUtc() -> str:
-        from SmartBiopsyLib.specimen_journal import utc_now_iso
+        from SmartBiopsyLib.records.specimen_journal import utc_now_iso
 
         return utc_now_iso()
 
     def saveProcedureLog(self, journalPath, log) -> None:
-        from SmartBiopsyLib.specimen_journal import SpecimenJournal
+        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
 
         if str(journalPath) in ("", "."):
             return
@@ -592,7 +588,7 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
 
     def generateReport(self, folder, journalPath):
         """Self-contained report.html in ``folder`` from the scene's results and the specimen journal."""
-        from SmartBiopsyLib.report import write_report
+        from SmartBiopsyLib.report.writer import write_report
 
         return write_report(folder)
 
@@ -614,7 +610,6 @@ class SmartBiopsyTest(ScriptedLoadableModuleTest):
 
     def _run(self, name):
         from SmartBiopsyLib import scenarios
-
         self.setUp()
         self.delayDisplay(f"Scenario {name}")
         result = scenarios.SCENARIOS[name](slicer.mrmlScene)

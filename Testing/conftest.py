@@ -2,16 +2,34 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-for _module in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
+MODULES = ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner")
+for _module in MODULES:
     _p = str(ROOT / _module)
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+
+def cli_env() -> dict:
+    """The environment for running the command from this checkout: the four module folders on PYTHONPATH."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*(str(ROOT / m) for m in MODULES), env.get("PYTHONPATH", "")])
+    return env
+
+
+CLI = [sys.executable, "-m", "SmartBiopsyLib.cli"]
+
+
+def smartbiopsy(*args, cwd=None, timeout=600, input=None):
+    """Run ``smartbiopsy ARGS`` as a user does (a separate process); returns the CompletedProcess."""
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=cli_env(),
+                          timeout=timeout, input=input)
 
 SHARED_DATA = Path(os.environ.get("SMARTBIOPSY_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -27,7 +45,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def phantom0():
     """The default phantom case (seed 0, rigid MRI pose), generated once per test session."""
-    from SmartBiopsyLib.phantom import generate_phantom
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
     return generate_phantom(0)
 
@@ -35,7 +53,7 @@ def phantom0():
 @pytest.fixture
 def scene():
     """A fresh real MRML scene from the headless runtime (slicer-core)."""
-    from SmartBiopsyLib.runtime import new_runtime
+    from SmartBiopsyCoreLib.runtime import new_runtime
 
     rt = new_runtime()
     yield rt.scene

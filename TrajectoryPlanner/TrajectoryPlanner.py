@@ -24,7 +24,7 @@ from slicer import (
 )
 
 HOMEPAGE = "https://github.com/smartbiopsy/SlicerSmartBiopsy"
-#: Needle catalogue names (TrajectoryPlannerLib.needles.needle_names(); a static test keeps them equal).
+#: Needle catalogue names (TrajectoryPlannerLib.planning.needles.needle_names(); a static test keeps them equal).
 NEEDLES = ["15G/16G-16cm", "15G/16G-10cm", "17G/18G-10mm", "17G/18G-20mm", "17G/18G-endcut-20mm"]
 PHASES = ["START_UP", "CALIBRATION", "PLANNING", "TARGETING", "MOVE_TO_TARGET", "MANUAL"]
 
@@ -41,7 +41,7 @@ class TrajectoryPlanner(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Trajectory Planner")
         self.parent.categories = ["IGT.SmartBiopsy"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["SmartBiopsyCore"]
         self.parent.contributors = ["SmartBiopsy contributors"]
         self.parent.helpText = _(
             "Plan straight needle paths from the skin to each biopsy target that keep every risk structure "
@@ -377,7 +377,7 @@ class TrajectoryPlannerLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _volume(node):
-        from SmartBiopsyLib.volumes_mrml import volume_from_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
 
         return volume_from_node(node)
 
@@ -392,7 +392,7 @@ class TrajectoryPlannerLogic(ScriptedLoadableModuleLogic):
 
     def riskStructureRows(self, segmentationNode, autoStructures=True) -> list:
         """(name, source, default margin mm) for the automatic and the user's structures."""
-        from TrajectoryPlannerLib.risk import default_margin
+        from TrajectoryPlannerLib.planning.risk import default_margin
 
         rows = [(n, "CT", default_margin(n)) for n in ("bone", "gas")] if autoStructures else []
         if segmentationNode is not None:
@@ -419,8 +419,7 @@ class TrajectoryPlannerLogic(ScriptedLoadableModuleLogic):
                 mode="oblique", maxAngleDeg=60.0, position="supine", topN=5, sharedEntry=True, autoStructures=True,
                 progress=None, shouldCancel=None):
         """Plan and show the trajectories. Returns (PlanResult, [line node per trajectory, in table order])."""
-        from TrajectoryPlannerLib import engine, planner_mrml
-
+        from TrajectoryPlannerLib.planning import engine, mrml as planner_mrml
         targets = []
         for i in range(targetsNode.GetNumberOfControlPoints()):
             p = [0.0, 0.0, 0.0]
@@ -443,7 +442,7 @@ class TrajectoryPlannerLogic(ScriptedLoadableModuleLogic):
         the approved transform (Registration Fusion)."""
         import json
 
-        from TrajectoryPlannerLib.robot_protocol import RobotPlan, RobotSession
+        from TrajectoryPlannerLib.robot.protocol import RobotPlan, RobotSession
 
         best = {}
         for t in (result.trajectories if result is not None else []):
@@ -524,7 +523,6 @@ class TrajectoryPlannerTest(ScriptedLoadableModuleTest):
 
     def _run(self, name):
         from TrajectoryPlannerLib import scenarios
-
         self.setUp()
         self.delayDisplay(f"Scenario {name}")
         result = scenarios.SCENARIOS[name](slicer.mrmlScene)

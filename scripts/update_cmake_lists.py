@@ -6,12 +6,14 @@ when the lists and the files disagree.
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
+for m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
     folder = ROOT / m
     py = sorted(str(p.relative_to(folder)) for p in (folder / f"{m}Lib").rglob("*.py") if "__pycache__" not in p.parts and not p.name.startswith("."))
     data = sorted(str(p.relative_to(folder)) for p in (folder / f"{m}Lib").rglob("*")
                   if p.is_file() and p.suffix in (".yaml", ".yml", ".json", ".csv", ".txt") and "__pycache__" not in p.parts)
-    res = [f"Resources/Icons/${{MODULE_NAME}}.png", f"Resources/UI/${{MODULE_NAME}}.ui"]
+    # the hidden library module (SmartBiopsyCore) has no panel: no icon, no .ui
+    res = [r for r in (f"Resources/Icons/${{MODULE_NAME}}.png", f"Resources/UI/${{MODULE_NAME}}.ui")
+           if (folder / r.replace("${MODULE_NAME}", m)).exists()]
     if (folder / "Resources" / "requirements.txt").exists():
         res.append("Resources/requirements.txt")
     res += [d.replace(f"{m}Lib", "${MODULE_NAME}Lib", 1) for d in data]

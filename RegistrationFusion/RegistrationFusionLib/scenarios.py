@@ -3,7 +3,7 @@
 Each ``scenario_*(scene) -> dict`` builds small synthetic data, runs the same Lib functions the module's
 Logic calls (core algorithms and MRML glue) on the given MRML scene, asserts the results and returns the
 measured numbers. The scene may be ``slicer.mrmlScene`` inside Slicer or a headless scene from
-``SmartBiopsyLib.runtime.new_scene``. Units: RAS mm; transforms are 4x4 RAS matrices mapping MRI-world
+``SmartBiopsyCoreLib.runtime.new_scene``. Units: RAS mm; transforms are 4x4 RAS matrices mapping MRI-world
 points to CT-world points.
 """
 from __future__ import annotations
@@ -47,8 +47,7 @@ def synthetic_capsule_layout(seed: int = 0, noise_mm: float = 0.2):
 def scenario_landmark_registration(scene) -> dict:
     """Unordered capsule sets are matched and registered; the transform node puts the MRI capsules on the
     CT capsules; QA passes and predicts a small TRE at a deep target."""
-    from RegistrationFusionLib import landmarks, qa, registration_mrml
-
+    from RegistrationFusionLib.registration import landmarks, qa, mrml as registration_mrml
     ct, mri, truth, order = synthetic_capsule_layout(seed=1)
     corr, reg = landmarks.register_capsules(ct, mri)
     pairs = dict(corr.pairs)
@@ -85,8 +84,7 @@ def scenario_landmark_registration(scene) -> dict:
 def scenario_outlier_exclusion(scene) -> dict:
     """A capsule that moved between the scans is excluded automatically with the reason; switching a
     capsule off by hand (the QA table's toggle) re-registers without it."""
-    from RegistrationFusionLib import landmarks, qa, registration_mrml
-
+    from RegistrationFusionLib.registration import landmarks, qa, mrml as registration_mrml
     ct, mri, truth, order = synthetic_capsule_layout(seed=2, noise_mm=0.15)
     mri = mri.copy()
     bad_mri = 3
@@ -115,8 +113,8 @@ def scenario_outlier_exclusion(scene) -> dict:
 def scenario_rejects_collinear_capsules(scene) -> dict:
     """Capsules on one line cannot fix the rotation about it: registration is refused with that reason,
     and no transform node is created."""
-    from RegistrationFusionLib import landmarks
-    from RegistrationFusionLib.landmarks import DegenerateLayoutError
+    from RegistrationFusionLib.registration import landmarks
+    from RegistrationFusionLib.registration.landmarks import DegenerateLayoutError
 
     n_before = scene.GetNumberOfNodesByClass("vtkMRMLLinearTransformNode")
     ct = np.array([[0.0, 100.0, z] for z in (-60.0, -20.0, 20.0, 60.0)])

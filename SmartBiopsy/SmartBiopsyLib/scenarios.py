@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def scenario_maps_and_habitats(scene) -> dict:
     """ADC/FF/EF computed from synthetic DWI, Dixon and T1 pre/post; habitats by the median rule; one
     target per region inside its true region; segmentation, table and fiducial nodes in the scene."""
-    from SmartBiopsyLib import characterisation_mrml, habitats, maps, targets, volumes_mrml
-
+    from SmartBiopsyLib.characterise import mrml as characterisation_mrml, habitats, maps, targets
+    from SmartBiopsyCoreLib.dataio import volumes_mrml
     case = synthetic_tumour()
     mask = case["mask"]
     adc = maps.compute_adc(case["dwi"])
@@ -120,8 +120,10 @@ def synthetic_ct(shape_kji=(50, 90, 90), spacing=(1.0, 1.0, 2.0)) -> RasVolume:
 def scenario_sampling_record(scene) -> dict:
     """Needle found in a simulated confirmation CT; side-notch ROI values of a known map; a specimen pot
     recorded in the journal, exported to CSV, pathology imported back; procedure log kept."""
-    from SmartBiopsyLib import needle, needle_sim, notch, procedure_log, volumes_mrml
-    from SmartBiopsyLib.specimen_journal import SpecimenJournal, SpecimenRecord
+    from SmartBiopsyLib.sampling import needle, needle_sim, notch
+    from SmartBiopsyLib.records import procedure_log
+    from SmartBiopsyCoreLib.dataio import volumes_mrml
+    from SmartBiopsyLib.records.specimen_journal import SpecimenJournal, SpecimenRecord
 
     ct = synthetic_ct()
     entry, target = np.array([-10.0, -40.0, -8.0]), np.array([5.0, 25.0, 6.0])

@@ -40,7 +40,7 @@ def _flatten(obj):
 
 def build_case_scene(scene, run) -> dict:
     """Populate ``scene`` with the run's nodes. ``run`` is a :class:`SmartBiopsyLib.workflow.CaseRun`."""
-    from SmartBiopsyLib.volumes_mrml import add_volume_node
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import add_volume_node
 
     sh = scene.GetSubjectHierarchyNode()
     res, inputs = run.results, run.inputs
@@ -60,7 +60,7 @@ def build_case_scene(scene, run) -> dict:
         mri_nodes.append(n)
     m = res.get("mri_to_ct")
     if m is not None:
-        from RegistrationFusionLib.registration_mrml import apply_registration
+        from RegistrationFusionLib.registration.mrml import apply_registration
 
         f_reg = _folder(sh, "Registration")
         fusion = res.get("fusion")
@@ -73,7 +73,7 @@ def build_case_scene(scene, run) -> dict:
             _put(sh, node, f_reg)
     hab = res.get("habitats")
     if hab is not None:
-        from SmartBiopsyLib.characterisation_mrml import characterisation_nodes
+        from SmartBiopsyLib.characterise.mrml import characterisation_nodes
 
         f_hab = _folder(sh, "Habitats")
         nodes = characterisation_nodes(scene, hab, res.get("targets") or [], res.get("radiomics") or None)
@@ -86,14 +86,14 @@ def build_case_scene(scene, run) -> dict:
             _put(sh, node, f_hab)
     plan = res.get("plan")
     if plan is not None:
-        from TrajectoryPlannerLib.planner_mrml import show_plan
+        from TrajectoryPlannerLib.planning.mrml import show_plan
 
         f_plan = _folder(sh, "Plan")
         for node in _flatten(show_plan(scene, plan, skin_poly=res.get("skin_poly"))):
             _put(sh, node, f_plan)
     samples = res.get("samples") or []
     if samples:
-        from SmartBiopsyLib.sampling_mrml import add_sampling_nodes
+        from SmartBiopsyLib.sampling.mrml import add_sampling_nodes
 
         f_s = _folder(sh, "Sampling")
         for t, det, roi, vals in samples:

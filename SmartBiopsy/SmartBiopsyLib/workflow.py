@@ -29,10 +29,10 @@ from typing import Callable
 
 import numpy as np
 
-from RegistrationFusionLib.geometry import RasVolume
-from RegistrationFusionLib.landmarks import apply_transform
+from SmartBiopsyCoreLib.geometry import RasVolume
+from RegistrationFusionLib.registration.landmarks import apply_transform
 
-from .errors import InputDataError, SmartBiopsyError
+from SmartBiopsyCoreLib.errors import InputDataError, SmartBiopsyError
 
 logger = logging.getLogger(__name__)
 
@@ -195,17 +195,17 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
 
 
 def _sentence(exc: Exception) -> str:
-    from SmartBiopsyLib.cli import user_errors
+    from SmartBiopsyCoreLib.errors import SmartBiopsyError
 
     text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, user_errors()):
+    if isinstance(exc, SmartBiopsyError):
         return text.splitlines()[0]
     return f"unexpected {type(exc).__name__}: {text.splitlines()[0]}"
 
 
 # ====================================================================== stages
 def _stage_load(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.imageio import save_image
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
 
     i = run.inputs
     if i.ct is None:
@@ -241,10 +241,11 @@ def _check_mri(mri: RasVolume, what: str) -> None:
 
 
 def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
-    from RegistrationFusionLib.pipeline import fuse_ct_mri
-    from RegistrationFusionLib.qa import write_fusion_pictures
-    from RegistrationFusionLib.refine import resample_mri_on_ct, write_itk_transform
-    from SmartBiopsyLib.imageio import save_image
+    from RegistrationFusionLib.registration.pipeline import fuse_ct_mri
+    from RegistrationFusionLib.registration.qa import write_fusion_pictures
+    from RegistrationFusionLib.registration.refine import resample_mri_on_ct
+    from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
 
     i = run.inputs
     d = run.out / "registration"
@@ -253,7 +254,7 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
         m = np.asarray(i.mri_to_ct, float)
         run.results["mri_to_ct"] = m
         run.results["fusion"] = None
-        write_json(d / "mri_to_ct.json", {"matrix_mri_to_ct_ras": m, "source": "supplied by the user"})
+        write_transform_json(d / "mri_to_ct.json", m, "supplied by the user")
         return "transform supplied by the user (no capsule QA)"
     if i.mri_anatomical is None:
         raise InputDataError("no anatomical MRI (e.g. T2) was given for the capsule fusion; pass --t2 or a transform")
@@ -264,7 +265,7 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     run.results["mri_to_ct"] = m
     write_json(d / "fusion.json", fusion.to_dict())
     write_json(d / "qa.json", fusion.report.to_dict())
-    write_json(d / "mri_to_ct.json", {"matrix_mri_to_ct_ras": m, "source": "capsule fusion"})
+    write_transform_json(d / "mri_to_ct.json", m, "capsule fusion")
     write_itk_transform(m, str(d / "mri_to_ct.tfm"))
     progress(0.96, "resampling MRI on CT")
     t2_on_ct = resample_mri_on_ct(i.mri_anatomical, i.ct, m)
@@ -293,12 +294,12 @@ def _truth_tre(truth, m: np.ndarray) -> float:
 
 
 def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.habitats import compute_habitats, write_regions_csv
-    from SmartBiopsyLib.imageio import save_image
-    from SmartBiopsyLib.maps import compute_adc, compute_ef, compute_ff
-    from SmartBiopsyLib.radiomics_features import compute_radiomics, write_radiomics_csv
-    from SmartBiopsyLib.targets import plan_targets
-    from SmartBiopsyLib.tumour import measure_tumour
+    from SmartBiopsyLib.characterise.habitats import compute_habitats, write_regions_csv
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
+    from SmartBiopsyLib.characterise.maps import compute_adc, compute_ef, compute_ff
+    from SmartBiopsyLib.characterise.radiomics import compute_radiomics, write_radiomics_csv
+    from SmartBiopsyLib.characterise.targets import plan_targets
+    from SmartBiopsyLib.characterise.tumour import measure_tumour
 
     i = run.inputs
     d = run.out / "characterisation"
@@ -329,7 +330,7 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         raise InputDataError("the tumour segmentation is empty; segment the tumour first")
     if not tumour.same_grid(adc):
         # a tumour drawn on another MRI grid: bring it onto the map grid (same MRI world)
-        from RegistrationFusionLib.geometry import resample
+        from SmartBiopsyCoreLib.geometry import resample
         lo, hi = tumour.bounds_ras()
         alo, ahi = adc.bounds_ras()
         if np.any(hi < alo) or np.any(lo > ahi):
@@ -377,7 +378,7 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     run.results.update({"maps": maps, "habitats": hab, "targets": targets, "targets_ct": targets_ct,
                         "tumour": tumour, "tumour_size": size})
     if fusion is not None:
-        from RegistrationFusionLib.qa import build_report
+        from RegistrationFusionLib.registration.qa import build_report
         rep = build_report(fusion.landmark, {t.region: targets_ct[t.region] for t in targets},
                            correspondence=fusion.correspondence, refinement=fusion.refinement)
         fusion.report = rep
@@ -398,8 +399,8 @@ def _true_habitat(truth, point_mri) -> str:
 
 
 def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
-    from TrajectoryPlannerLib.engine import PlanSettings, plan
-    from TrajectoryPlannerLib.needles import DEFAULT_NEEDLE
+    from TrajectoryPlannerLib.planning.engine import PlanSettings, plan
+    from TrajectoryPlannerLib.planning.needles import DEFAULT_NEEDLE
 
     i = run.inputs
     d = run.out / "plan"
@@ -423,7 +424,7 @@ def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
                                     "entry_ras": t.entry_ras, "target_ras": t.target_ras} for t in best]
     pdict["registration_qa"] = {"passed": qa_passed}
     write_json(d / "plan.json", pdict)
-    from TrajectoryPlannerLib.skinmap import skin_model, write_skin_model
+    from TrajectoryPlannerLib.planning.skinmap import skin_model, write_skin_model
 
     progress(0.9, "skin accessibility model")
     poly = skin_model(result)
@@ -442,8 +443,8 @@ def _best_trajectories(result) -> list:
 
 
 def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
-    from TrajectoryPlannerLib.robot_protocol import RobotPlan, RobotSession
-    from TrajectoryPlannerLib.robot_simulator import RobotSimulator, Workspace
+    from TrajectoryPlannerLib.robot.protocol import RobotPlan, RobotSession
+    from TrajectoryPlannerLib.robot.simulator import RobotSimulator, Workspace
 
     if run.options.robot == "none":
         return "skipped (no robot)"
@@ -483,10 +484,10 @@ def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
 
 
 def _stage_sample(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.imageio import save_image
-    from SmartBiopsyLib.needle import detect_needle
-    from SmartBiopsyLib.needle_sim import simulate_confirmation_ct
-    from SmartBiopsyLib.notch import notch_roi_from_detection, sample_maps
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
+    from SmartBiopsyLib.sampling.needle import detect_needle
+    from SmartBiopsyLib.sampling.needle_sim import simulate_confirmation_ct
+    from SmartBiopsyLib.sampling.notch import notch_roi_from_detection, sample_maps
 
     i = run.inputs
     d = run.out / "sampling"
@@ -531,7 +532,7 @@ def _stage_sample(run: CaseRun, progress, should_cancel) -> str:
 
 def _crop_around(vol: RasVolume, pts, margin_mm: float) -> RasVolume:
     """The part of ``vol`` around the RAS points ``pts`` grown by ``margin_mm`` (a copy)."""
-    from TrajectoryPlannerLib.risk import crop_volume
+    from TrajectoryPlannerLib.planning.risk import crop_volume
 
     ijk = vol.ras_to_ijk_points(np.asarray(pts, float))
     pad = margin_mm / vol.spacing
@@ -543,8 +544,8 @@ def _crop_around(vol: RasVolume, pts, margin_mm: float) -> RasVolume:
 
 
 def _stage_record(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.procedure_log import ProcedureLog
-    from SmartBiopsyLib.specimen_journal import SpecimenJournal, SpecimenRecord, values_from_notch
+    from SmartBiopsyLib.records.procedure_log import ProcedureLog
+    from SmartBiopsyLib.records.specimen_journal import SpecimenJournal, SpecimenRecord, values_from_notch
 
     d = run.out / "specimens"
     d.mkdir(parents=True, exist_ok=True)
@@ -601,8 +602,8 @@ def _write_synthetic_pathology(run: CaseRun, path: Path) -> None:
 
 
 def _stage_scene(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.runtime import new_runtime
-    from SmartBiopsyLib.scene_io import save_scene_bundle
+    from SmartBiopsyCoreLib.runtime import new_runtime
+    from SmartBiopsyCoreLib.dataio.scene_io import save_scene_bundle
     from SmartBiopsyLib.scene_build import build_case_scene
 
     rt = new_runtime()
@@ -614,7 +615,7 @@ def _stage_scene(run: CaseRun, progress, should_cancel) -> str:
 
 
 def _stage_report(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.report import write_report
+    from SmartBiopsyLib.report.writer import write_report
 
     run.write_summary()
     path = write_report(run.out)

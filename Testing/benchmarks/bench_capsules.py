@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
+for m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
     sys.path.insert(0, str(ROOT / m))
 
-from RegistrationFusionLib.capsules import detect_capsules  # noqa: E402
-from RegistrationFusionLib.geometry import RasVolume, make_grid, resample  # noqa: E402
+from RegistrationFusionLib.capsules.detection import detect_capsules  # noqa: E402
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid, resample  # noqa: E402
 
 
 def match(found, truth, gate=3.0):
@@ -47,8 +47,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=10)
     args = ap.parse_args()
-    from RegistrationFusionLib.landmarks import register_capsules
-    from SmartBiopsyLib.phantom import generate_phantom
+    from RegistrationFusionLib.registration.landmarks import register_capsules
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
     rows, errs, tre_m, tre_p = [], {"ct": [], "mr": []}, [], []
     big = None

@@ -25,9 +25,9 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-demo-"))
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / m) for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"))
+    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / m) for m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "SmartBiopsyLib.cli", "--quiet", "demo", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "SmartBiopsyLib.cli.main", "--quiet", "demo", "--out", str(out)],
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0

@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-for _m in ("SmartBiopsy", "RegistrationFusion"):
+for _m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion"):
     sys.path.insert(0, str(ROOT / _m))
 
 import SimpleITK as sitk  # noqa: E402
-from RegistrationFusionLib.geometry import RasVolume, make_grid  # noqa: E402
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid  # noqa: E402
 from SmartBiopsyLib import dicomio  # noqa: E402
-
-
 def _ct(shape=(110, 288, 384), seed=0) -> RasVolume:
     rng = np.random.default_rng(seed)
     k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]

@@ -1,6 +1,6 @@
 """OpenIGTLink benchmark: round-trip latency and sustained TRANSFORM throughput over loopback.
 
-Side by side in one run: SmartBiopsy's transport (TrajectoryPlannerLib.igtl_transport), stock pyigtl
+Side by side in one run: SmartBiopsy's transport (TrajectoryPlannerLib.robot.transport), stock pyigtl
 (OpenIGTLinkServer / OpenIGTLinkClient, ``send_message(wait=True)`` and ``wait_for_message``), and a raw
 blocking socket echo as the floor. Round trip = client sends a TRANSFORM, server echoes it, client has
 it decoded. Throughput = client sends TRANSFORMs carrying a sequence number as fast as the API allows;
@@ -25,9 +25,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "TrajectoryPlanner"))
+sys.path.insert(0, str(ROOT / "SmartBiopsyCore"))
 
-from TrajectoryPlannerLib import igtl_codec as C  # noqa: E402
-from TrajectoryPlannerLib.igtl_transport import IgtlClient, IgtlServer  # noqa: E402
+from TrajectoryPlannerLib.robot import codec as C  # noqa: E402
+from TrajectoryPlannerLib.robot.transport import IgtlClient, IgtlServer  # noqa: E402
 
 TIME_LIMIT_S = 30.0
 

@@ -7,14 +7,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
+for m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
     sys.path.insert(0, str(ROOT / m))
 
 import numpy as np  # noqa: E402
 from scipy.optimize import curve_fit  # noqa: E402
 
-from SmartBiopsyLib import habitats, maps, radiomics_features, targets  # noqa: E402
-from SmartBiopsyLib.phantom import generate_phantom  # noqa: E402
+from SmartBiopsyLib.characterise import habitats, maps, radiomics as radiomics_features
+
+from SmartBiopsyLib import targets  # noqa: E402
+from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom  # noqa: E402
 
 
 def main(n_sub: int = 2000):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
+for m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
     sys.path.insert(0, str(ROOT / m))
 
 
@@ -28,8 +28,8 @@ def main() -> int:
     import numpy as np
     import SimpleITK as sitk
 
-    from SmartBiopsyLib.dicomio import load_dicom_series
-    from SmartBiopsyLib.phantom import generate_phantom
+    from SmartBiopsyCoreLib.dataio.dicomio import load_dicom_series
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
     rows = []
     for seed in range(args.seeds):

@@ -16,14 +16,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-for _m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
+for _m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
     sys.path.insert(0, str(ROOT / _m))
 
 import numpy as np  # noqa: E402
 
-from TrajectoryPlannerLib import engine, synthetic  # noqa: E402
-from TrajectoryPlannerLib.needles import get_needle  # noqa: E402
-from TrajectoryPlannerLib.risk import EntryExclusion  # noqa: E402
+from TrajectoryPlannerLib.planning import engine
+
+from TrajectoryPlannerLib import synthetic  # noqa: E402
+from TrajectoryPlannerLib.planning.needles import get_needle  # noqa: E402
+from TrajectoryPlannerLib.planning.risk import EntryExclusion  # noqa: E402
 
 
 def mesh_baseline(labels, risk_labels, target, entries, max_paths, decimate=0.0):
@@ -146,7 +148,7 @@ def main():
                  + f"; {len(res_s.trajectories)} trajectories"))
 
     # 2. path evaluation rate vs mesh baseline, on the same candidate paths to target A
-    from TrajectoryPlannerLib.risk import build_risk_model, crop_volume  # noqa: F401
+    from TrajectoryPlannerLib.planning.risk import build_risk_model, crop_volume  # noqa: F401
     lo, hi = _crop_of(ct, targets, needle, settings)
     grid = crop_volume(ct, lo, hi)
     lab_c = crop_volume(labels, lo, hi)

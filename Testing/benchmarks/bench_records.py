@@ -22,9 +22,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "SmartBiopsy"))
+sys.path.insert(0, str(ROOT / "SmartBiopsyCore"))
 
 from SmartBiopsyLib import stats  # noqa: E402
-from SmartBiopsyLib.specimen_journal import SpecimenJournal  # noqa: E402
+from SmartBiopsyLib.records.specimen_journal import SpecimenJournal  # noqa: E402
 
 
 def _record(i: int) -> dict:

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
+for m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
     sys.path.insert(0, str(ROOT / m))
 
-from RegistrationFusionLib import landmarks as L  # noqa: E402
-from RegistrationFusionLib import refine as R  # noqa: E402
-from RegistrationFusionLib.geometry import RasVolume, lps_to_ras_matrix  # noqa: E402
-from RegistrationFusionLib.pipeline import body_mask_ct, fuse_ct_mri  # noqa: E402
+from RegistrationFusionLib.registration import landmarks as L  # noqa: E402
+from RegistrationFusionLib.registration import refine as R  # noqa: E402
+from SmartBiopsyCoreLib.geometry import RasVolume, lps_to_ras_matrix  # noqa: E402
+from RegistrationFusionLib.registration.pipeline import body_mask_ct, fuse_ct_mri  # noqa: E402
 
 
 def perturbation() -> np.ndarray:
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args(argv)
-    from SmartBiopsyLib.phantom import generate_phantom
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
     try:
         import itk  # noqa: F401

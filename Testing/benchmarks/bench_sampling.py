@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-for _m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
+for _m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"):
     sys.path.insert(0, str(ROOT / _m))
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid, resample  # noqa: E402
-from SmartBiopsyLib.needle import detect_needle  # noqa: E402
-from SmartBiopsyLib.needle_sim import simulate_confirmation_ct  # noqa: E402
-from SmartBiopsyLib.notch import notch_roi, sample_maps  # noqa: E402
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid, resample  # noqa: E402
+from SmartBiopsyLib.sampling.needle import detect_needle  # noqa: E402
+from SmartBiopsyLib.sampling.needle_sim import simulate_confirmation_ct  # noqa: E402
+from SmartBiopsyLib.sampling.notch import notch_roi, sample_maps  # noqa: E402
 
 
 def _rot(axis, deg):

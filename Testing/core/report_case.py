@@ -1,6 +1,6 @@
 """A small synthetic case output folder, built with the project's real writers, for the report tests.
 
-Layout as the workflow writes it (see SmartBiopsyLib.report). CT from TrajectoryPlannerLib.synthetic on a
+Layout as the workflow writes it (see SmartBiopsyLib.report.writer). CT from SmartBiopsyCoreLib.phantom.abdomen on a
 coarse grid; an MRI world shifted and rotated from the CT world; maps with an ADC/EF gradient across the
 tumour so that all three habitats exist. Every JSON comes from the real dataclasses' ``to_dict()``.
 """
@@ -12,15 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from RegistrationFusionLib import landmarks, qa
-from RegistrationFusionLib.geometry import RasVolume, make_grid, resample
-from RegistrationFusionLib.pipeline import FusionResult
-from SmartBiopsyLib import habitats, imageio, notch, targets
-from SmartBiopsyLib.needle import NeedleDetection, placement_error
-from SmartBiopsyLib.procedure_log import ProcedureLog
-from SmartBiopsyLib.specimen_journal import SpecimenJournal
-from TrajectoryPlannerLib import engine, synthetic
-from TrajectoryPlannerLib.robot_protocol import RobotTarget, SessionResult
+from RegistrationFusionLib.registration import landmarks, qa
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid, resample
+from RegistrationFusionLib.registration.pipeline import FusionResult
+from SmartBiopsyLib.characterise import habitats, targets
+from SmartBiopsyCoreLib.dataio import imageio
+from SmartBiopsyLib.sampling import notch
+from SmartBiopsyLib.sampling.needle import NeedleDetection, placement_error
+from SmartBiopsyLib.records.procedure_log import ProcedureLog
+from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
+from TrajectoryPlannerLib.planning import engine
+from SmartBiopsyCoreLib.phantom import abdomen as synthetic
+from TrajectoryPlannerLib.robot.protocol import RobotTarget, SessionResult
 
 STAGES = ("load", "register", "characterise", "plan", "robot", "sample", "specimens", "report")
 

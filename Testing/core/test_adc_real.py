@@ -9,13 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SmartBiopsyLib import maps
-
-
+from SmartBiopsyLib.characterise import maps
 def _load_with_sitk(folder):
     import pydicom
     import SimpleITK as sitk
-    from RegistrationFusionLib.geometry import RasVolume
+    from SmartBiopsyCoreLib.geometry import RasVolume
 
     groups: dict[float, list] = {}
     for f in sorted(folder.iterdir()):
@@ -34,7 +32,7 @@ def _load_with_sitk(folder):
 
 def _load_dwi(folder):
     try:
-        from SmartBiopsyLib import dicomio
+        from SmartBiopsyCoreLib.dataio import dicomio
         return dicomio.load_dwi_series(str(folder)), "dicomio"
     except ImportError:
         return _load_with_sitk(folder), "sitk"
@@ -42,11 +40,11 @@ def _load_dwi(folder):
 
 def _load_scanner_adc(folder):
     try:
-        from SmartBiopsyLib import dicomio
+        from SmartBiopsyCoreLib.dataio import dicomio
         return dicomio.load_dicom_series(str(folder))
     except ImportError:
         import SimpleITK as sitk
-        from RegistrationFusionLib.geometry import RasVolume
+        from SmartBiopsyCoreLib.geometry import RasVolume
         r = sitk.ImageSeriesReader()
         r.SetFileNames(r.GetGDCMSeriesFileNames(str(folder)))
         return RasVolume.from_sitk(r.Execute(), name="adc_scanner")

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.capsules import CapsuleDetectionError, CapsuleParams, detect_capsules
-from RegistrationFusionLib.geometry import RasVolume, make_grid
+from RegistrationFusionLib.capsules.detection import CapsuleDetectionError, CapsuleParams, detect_capsules
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 
 SUITE_SEEDS = (0, 1, 2)  # the benchmark runs seeds 0-9
 
@@ -137,7 +137,7 @@ def test_cancel_stops_detection():
 @pytest.fixture(scope="module")
 def cases(phantom0):
     """Phantom cases of SUITE_SEEDS, generated once for this module (seed 0 shared with the session)."""
-    from SmartBiopsyLib.phantom import generate_phantom
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
     return {s: (phantom0 if s == 0 else generate_phantom(s)) for s in SUITE_SEEDS}
 
@@ -242,7 +242,7 @@ def test_phantom_ct_without_capsules_gives_clear_error(cases):
 def test_phantom_detected_sets_pair_and_register_within_1mm(cases, detections):
     """With the registration developer's matching: correct pairs, TRE at tumour points <= 1 mm mean,
     predicted TRE (from the detections' anisotropic FLE) within 30 % of the measured TRE."""
-    L = pytest.importorskip("RegistrationFusionLib.landmarks")
+    L = pytest.importorskip("RegistrationFusionLib.registration.landmarks")
     measured, predicted = [], []
     for s, case in cases.items():
         ct_det, mr_det = detections[s]
@@ -272,7 +272,7 @@ def test_phantom_detected_sets_pair_and_register_within_1mm(cases, detections):
 def test_real_scans_without_markers_give_no_false_capsules(shared_data, rel, modality):
     """Real patients scanned without skin markers: every surface protrusion (ears, nose, table, skin
     folds) must be rejected, ending in the clear 'no skin capsules found' message."""
-    from SmartBiopsyLib.imageio import load_image
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
 
     vol = load_image(shared_data / rel)
     with pytest.raises(CapsuleDetectionError, match="no skin capsules found") as info:

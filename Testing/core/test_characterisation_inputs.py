@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
-from SmartBiopsyLib import habitats, maps, targets, tumour
-from SmartBiopsyLib.errors import InputDataError
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from SmartBiopsyLib.characterise import habitats, maps, targets, tumour
+from SmartBiopsyCoreLib.errors import InputDataError
 
 GRID = make_grid((0, 0, 0), (2.0, 2.0, 3.0), (20, 30, 30))
 

@@ -5,12 +5,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SmartBiopsyLib import habitats, maps, targets, tumour
-
-
+from SmartBiopsyLib.characterise import habitats, maps, targets, tumour
 @pytest.fixture(scope="module")
 def case():
-    from SmartBiopsyLib.phantom import generate_phantom
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
     return generate_phantom(seed=0)
 
 

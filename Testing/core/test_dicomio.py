@@ -7,10 +7,10 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from RegistrationFusionLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 from scipy.spatial.transform import Rotation
-from SmartBiopsyLib import dicomio
-from SmartBiopsyLib.errors import InputDataError
+from SmartBiopsyCoreLib.dataio import dicomio
+from SmartBiopsyCoreLib.errors import InputDataError
 
 
 def _sitk_volume(folder, files=None) -> RasVolume:

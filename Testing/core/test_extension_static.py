@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner")
+MODULES = ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner")  # modules with a panel
+CORE = "SmartBiopsyCore"  # the hidden library module every panel module depends on
+ALL_MODULES = (CORE, *MODULES)
 
 #: Widget classes that exist in Slicer 5.10+ (Qt, CTK, qMRML, qSlicer) and may appear in the .ui files.
 KNOWN_WIDGETS = {
@@ -128,7 +130,7 @@ def test_top_level_cmake_declares_project_metadata_and_every_module():
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
     subdirs = re.findall(r"^add_subdirectory\((\w+)\)", text, re.M)
     on_disk = sorted(p.parent.name for p in ROOT.glob("*/CMakeLists.txt"))
-    assert sorted(subdirs) == on_disk == sorted(MODULES)
+    assert sorted(subdirs) == on_disk == sorted(ALL_MODULES)
     tail = [line.strip() for line in text.strip().splitlines() if line.strip() and not line.startswith("#")][-2:]
     assert tail == ["include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
 
@@ -146,7 +148,7 @@ def test_extension_icon_and_screenshot_are_real_pngs():
     assert "Resources/Icons/SmartBiopsy.png" in text
 
 
-@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("module", ALL_MODULES)
 def test_every_python_file_of_a_module_is_listed_in_its_cmake(module):
     listed = _cmake_set(_module_cmake(module), "MODULE_PYTHON_SCRIPTS", module)
     on_disk = _lib_py_files(module)
@@ -159,11 +161,11 @@ def test_every_python_file_of_a_module_is_listed_in_its_cmake(module):
     assert not stray, f"only {module}.py may sit beside the module's Lib folder, found {stray}"
 
 
-@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("module", ALL_MODULES)
 def test_module_resources_are_listed_and_exist(module):
     text = _module_cmake(module)
     resources = _cmake_set(text, "MODULE_PYTHON_RESOURCES", module)
-    for required in (f"Resources/Icons/{module}.png", f"Resources/UI/{module}.ui"):
+    for required in (f"Resources/Icons/{module}.png", f"Resources/UI/{module}.ui") if module != CORE else ():
         assert required in resources, f"{required} not in MODULE_PYTHON_RESOURCES"
     absent = [r for r in resources if not (ROOT / module / r).is_file()]
     assert not absent, f"listed resources missing on disk: {absent}"
@@ -176,7 +178,7 @@ def test_module_resources_are_listed_and_exist(module):
         assert "Resources/requirements.txt" in resources
 
 
-@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("module", ALL_MODULES)
 def test_module_cmake_builds_scripted_module_with_tests(module):
     text = _module_cmake(module)
     assert re.search(rf"set\(MODULE_NAME {module}\)", text)
@@ -212,7 +214,7 @@ def test_licence_is_bsd3_with_project_copyright():
 
 
 # ----------------------------------------------------------------------------------------------- module files
-@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("module", ALL_MODULES)
 def test_module_python_files_compile(module):
     for rel in _lib_py_files(module):
         path = ROOT / module / rel
@@ -376,7 +378,7 @@ def test_requirements_have_lower_bounds_and_are_installed_from_the_widget(module
 
 
 def test_needle_choices_match_the_needle_catalogue():
-    from TrajectoryPlannerLib.needles import DEFAULT_NEEDLE, needle_names
+    from TrajectoryPlannerLib.planning.needles import DEFAULT_NEEDLE, needle_names
 
     for module in ("SmartBiopsy", "TrajectoryPlanner"):
         tree = _module_tree(module)
@@ -395,3 +397,71 @@ def test_user_pages_state_units_and_definitions():
         assert "RAS" in t and "mm" in t, f"Docs/{m}.md does not state the coordinate frame and units"
     assert "10⁻⁶ mm²/s" in text["SmartBiopsy"] and "%" in text["SmartBiopsy"]
     assert "STOP" in text["TrajectoryPlanner"] and "EMERGENCY" in text["TrajectoryPlanner"]
+
+
+# ----------------------------------------------------------------------------------------------- layering
+def _imports_of(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in a file (function-level imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import (use the absolute package name)"
+            names.add(node.module or "")
+    return names
+
+
+def _lib_files(module: str):
+    return sorted(p for p in (ROOT / module / f"{module}Lib").rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_core_is_a_hidden_library_module_and_every_panel_module_depends_on_it():
+    core = ast.unparse(_class(_module_tree(CORE), CORE))
+    assert "self.parent.hidden = True" in core
+    for module in MODULES:
+        init = ast.unparse(_class(_module_tree(module), module))
+        assert re.search(r"self\.parent\.dependencies = \[[^\]]*'SmartBiopsyCore'", init), \
+            f"{module} must list SmartBiopsyCore in its dependencies"
+
+
+def test_capability_libs_share_only_the_core():
+    """RegistrationFusionLib and TrajectoryPlannerLib import only the core; the core imports no capability."""
+    rules = {CORE: {"SmartBiopsyLib", "RegistrationFusionLib", "TrajectoryPlannerLib"},
+             "RegistrationFusion": {"SmartBiopsyLib", "TrajectoryPlannerLib"},
+             "TrajectoryPlanner": {"SmartBiopsyLib", "RegistrationFusionLib"}}
+    bad = []
+    for module, forbidden in rules.items():
+        for path in _lib_files(module):
+            for name in _imports_of(path):
+                if name.split(".")[0] in forbidden:
+                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_command_line_imports_command_modules():
+    bad = []
+    for module in ALL_MODULES:
+        for path in [ROOT / module / f"{module}.py", *_lib_files(module)]:
+            in_cli = "cli" in path.relative_to(ROOT / module).parts
+            for name in _imports_of(path):
+                if name.startswith("SmartBiopsyLib.cli") and not in_cli:
+                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
+                if in_cli and path.name.startswith("cmd_") and re.match(r"SmartBiopsyLib\.cli\.cmd_", name):
+                    bad.append(f"{path.relative_to(ROOT)} imports another command module {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_every_lib_package_says_what_lives_there():
+    for module in ALL_MODULES:
+        for init in (ROOT / module / f"{module}Lib").rglob("__init__.py"):
+            doc = ast.get_docstring(ast.parse(init.read_text()))
+            assert doc and len(doc.strip()) > 30, f"{init.relative_to(ROOT)} has no docstring saying what lives there"
+
+
+def test_no_sys_path_edits_in_library_code():
+    for module in ALL_MODULES:
+        for path in _lib_files(module):
+            src = path.read_text()
+            assert not re.search(r"sys\.path\.(insert|append|extend)|sys\.path\s*[+]?=", src), \
+                f"{path.relative_to(ROOT)} edits sys.path"

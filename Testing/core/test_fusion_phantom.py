@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from RegistrationFusionLib import landmarks as L
-from RegistrationFusionLib.pipeline import fuse_ct_mri
+from RegistrationFusionLib.registration import landmarks as L
+from RegistrationFusionLib.registration.pipeline import fuse_ct_mri
 
 apply_transform_ = L.apply_transform
 
@@ -21,7 +21,7 @@ def tre(matrix, truth, pts) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def phantom1():
-    from SmartBiopsyLib.phantom import generate_phantom
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
     return generate_phantom(1)
 
@@ -79,8 +79,8 @@ def test_predicted_tre_matches_monte_carlo_on_the_phantom_layout(phantom0, landm
 
 
 def test_refinement_on_phantom_keeps_tumour_tre_below_1mm(phantom0, landmark_fusions):
-    from RegistrationFusionLib.refine import refine_registration
-    from RegistrationFusionLib.pipeline import body_mask_ct, capsule_tolerance_mm
+    from RegistrationFusionLib.registration.refine import refine_registration
+    from RegistrationFusionLib.registration.pipeline import body_mask_ct, capsule_tolerance_mm
 
     case, res = landmark_fusions[0]
     reg = res.landmark

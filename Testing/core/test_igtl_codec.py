@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from TrajectoryPlannerLib import igtl_codec as C
+from TrajectoryPlannerLib.robot import codec as C
 from TrajectoryPlannerLib.errors import RobotBridgeError
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from TrajectoryPlannerLib import igtl_codec as C
-from TrajectoryPlannerLib.igtl_transport import IgtlClient, IgtlServer
+from TrajectoryPlannerLib.robot import codec as C
+from TrajectoryPlannerLib.robot.transport import IgtlClient, IgtlServer
 
 _HELPER = Path(__file__).resolve().parents[1] / "interop" / "build_igtl_examples.py"
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from TrajectoryPlannerLib.errors import RobotBridgeError
-from TrajectoryPlannerLib.robot_protocol import RobotPlan, RobotSession, needle_pose, pose_difference
-from TrajectoryPlannerLib.robot_simulator import Fault, RobotSimulator, Workspace
+from TrajectoryPlannerLib.robot.protocol import RobotPlan, RobotSession, needle_pose, pose_difference
+from TrajectoryPlannerLib.robot.simulator import Fault, RobotSimulator, Workspace
 
 PLAN = {
     "trajectories": [
@@ -332,8 +332,7 @@ def test_fault_spec_parsing():
 
 
 def test_simulator_rejects_bad_messages_mid_session_and_the_session_continues(tmp_path):
-    from TrajectoryPlannerLib import igtl_codec as C
-
+    from TrajectoryPlannerLib.robot import codec as C
     sim = _sim()
     log = tmp_path / "s.jsonl"
     try:
@@ -359,8 +358,8 @@ def test_session_client_survives_malformed_input_from_the_robot(tmp_path):
     import socket
     import threading
 
-    from TrajectoryPlannerLib import igtl_codec as C
-    from TrajectoryPlannerLib.igtl_transport import IgtlClient
+    from TrajectoryPlannerLib.robot import codec as C
+    from TrajectoryPlannerLib.robot.transport import IgtlClient
 
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))

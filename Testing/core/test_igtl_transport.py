@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from TrajectoryPlannerLib import igtl_codec as C
+from TrajectoryPlannerLib.robot import codec as C
 from TrajectoryPlannerLib.errors import RobotBridgeError
-from TrajectoryPlannerLib.igtl_transport import IgtlClient, IgtlServer
+from TrajectoryPlannerLib.robot.transport import IgtlClient, IgtlServer
 
 
 @pytest.fixture

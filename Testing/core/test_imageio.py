@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from RegistrationFusionLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 from scipy.spatial.transform import Rotation
-from SmartBiopsyLib import dicomio, imageio
-from SmartBiopsyLib.errors import InputDataError
+from SmartBiopsyCoreLib.dataio import dicomio, imageio
+from SmartBiopsyCoreLib.errors import InputDataError
 
 
 def _volume(shape=(5, 7, 9), seed=1) -> RasVolume:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from RegistrationFusionLib import landmarks as L
+from RegistrationFusionLib.registration import landmarks as L
 from RegistrationFusionLib.errors import RegistrationFusionError
 
 

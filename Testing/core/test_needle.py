@@ -7,10 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
-from SmartBiopsyLib.errors import InputDataError, SmartBiopsyError
-from SmartBiopsyLib.needle import NeedleNotFoundError, detect_needle, placement_error
-from SmartBiopsyLib.needle_sim import simulate_confirmation_ct
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.errors import InputDataError, SmartBiopsyError
+from SmartBiopsyLib.sampling.needle import NeedleNotFoundError, detect_needle, placement_error
+from SmartBiopsyLib.sampling.needle_sim import simulate_confirmation_ct
 
 
 def _unit(v):
@@ -185,7 +185,7 @@ def _phantom_path(case, habitat, direction, depth_mm):
 
 
 def test_tube_voxels_match_brute_force_on_an_oblique_grid():
-    from SmartBiopsyLib.needle import _tube_voxels
+    from SmartBiopsyLib.sampling.needle import _tube_voxels
 
     rot = np.array([[0.96, -0.2, 0.19], [0.22, 0.97, -0.05], [-0.17, 0.09, 0.98]])
     u, _, vt = np.linalg.svd(rot)

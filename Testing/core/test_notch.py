@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
-from SmartBiopsyLib.errors import InputDataError
-from SmartBiopsyLib.notch import (NotchROI, notch_roi, roi_fractions, sample_map, sample_maps, validate_transform,
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyLib.sampling.notch import (NotchROI, notch_roi, roi_fractions, sample_map, sample_maps, validate_transform,
                                   weighted_median)
 
 
@@ -218,9 +218,9 @@ def test_phantom_notch_values_equal_true_habitat_values(phantom0, habitat, tissu
     computed on dense points in CT world (independent of any map grid)."""
     from scipy import ndimage
 
-    from SmartBiopsyLib.needle import detect_needle
-    from SmartBiopsyLib.needle_sim import simulate_confirmation_ct
-    from SmartBiopsyLib.notch import notch_roi_from_detection
+    from SmartBiopsyLib.sampling.needle import detect_needle
+    from SmartBiopsyLib.sampling.needle_sim import simulate_confirmation_ct
+    from SmartBiopsyLib.sampling.notch import notch_roi_from_detection
 
     case = phantom0
     mask = case.ct_habitats.array == habitat

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SmartBiopsyLib.phantom import B_VALUES, HABITATS, LABELS, MRI_SERIES, generate_phantom
+from SmartBiopsyCoreLib.phantom.sarcoma import B_VALUES, HABITATS, LABELS, MRI_SERIES, generate_phantom
 from scipy import ndimage
 
 

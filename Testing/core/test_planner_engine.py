@@ -8,7 +8,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from planner_oracle import Oracle
-from TrajectoryPlannerLib import engine, needles, risk, synthetic
+from TrajectoryPlannerLib.planning import engine, needles, risk
+from SmartBiopsyCoreLib.phantom import abdomen as synthetic
 from TrajectoryPlannerLib.errors import TrajectoryPlannerError
 
 # planner structure name -> label values of the synthetic abdomen; automatic 'bone'/'gas' come from HU and

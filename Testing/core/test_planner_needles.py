@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from TrajectoryPlannerLib import needles
+from TrajectoryPlannerLib.planning import needles
 from TrajectoryPlannerLib.errors import TrajectoryPlannerError
 
 

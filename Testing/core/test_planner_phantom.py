@@ -4,8 +4,7 @@ import pytest
 from scipy import ndimage
 
 from planner_oracle import Oracle
-from TrajectoryPlannerLib import engine
-
+from TrajectoryPlannerLib.planning import engine
 LABELS = {3: "bone", 4: "aorta", 5: "ivc", 6: "kidney", 7: "bowel", 8: "bowel_gas"}
 MARGINS = {"bone": 3.0, "aorta": 10.0, "ivc": 10.0, "kidney": 5.0, "bowel": 5.0, "bowel_gas": 5.0}
 

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.geometry import RasVolume
-from TrajectoryPlannerLib import risk, synthetic
+from SmartBiopsyCoreLib.geometry import RasVolume
+from TrajectoryPlannerLib.planning import risk
+from SmartBiopsyCoreLib.phantom import abdomen as synthetic
 from TrajectoryPlannerLib.errors import TrajectoryPlannerError
 
 

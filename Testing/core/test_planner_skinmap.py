@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 from vtk.util import numpy_support as ns
 
-from TrajectoryPlannerLib import engine, skinmap, synthetic
+from TrajectoryPlannerLib.planning import engine, skinmap
+
+from SmartBiopsyCoreLib.phantom import abdomen as synthetic
 from TrajectoryPlannerLib.errors import TrajectoryPlannerError
 
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from SmartBiopsyLib.errors import InputDataError
-from SmartBiopsyLib.procedure_log import ProcedureLog
-from SmartBiopsyLib.specimen_journal import SpecimenJournal
+from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyLib.records.procedure_log import ProcedureLog
+from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
 
 
 def make_log(last_scan="2024-05-01T09:52:30Z") -> ProcedureLog:

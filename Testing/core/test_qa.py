@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from RegistrationFusionLib import landmarks as L
-from RegistrationFusionLib import qa
+from RegistrationFusionLib.registration import landmarks as L
+from RegistrationFusionLib.registration import qa
 from RegistrationFusionLib.errors import RegistrationFusionError
-from RegistrationFusionLib.geometry import RasVolume, make_grid, resample
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid, resample
 
 
 def _registration(noise=0.2, seed=0):

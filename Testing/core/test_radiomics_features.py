@@ -5,10 +5,8 @@ import csv
 
 import numpy as np
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
-from SmartBiopsyLib import radiomics_features
-
-
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from SmartBiopsyLib.characterise import radiomics as radiomics_features
 def test_radiomics_rows_per_region_and_small_region_reported(tmp_path):
     grid = make_grid((0, 0, 0), (1.5, 1.5, 3.0), (12, 30, 30))
     lab = np.zeros((12, 30, 30), np.uint8)

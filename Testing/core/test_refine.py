@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from RegistrationFusionLib import refine as R
+from RegistrationFusionLib.registration import refine as R
 from RegistrationFusionLib.errors import RegistrationFusionError
-from RegistrationFusionLib.geometry import RasVolume
-from RegistrationFusionLib.landmarks import apply_transform, rotation_angle_deg
+from SmartBiopsyCoreLib.geometry import RasVolume
+from RegistrationFusionLib.registration.landmarks import apply_transform, rotation_angle_deg
 
 
 def rigid(axis, deg, t) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The case report (SmartBiopsyLib.report): sections, embedded real figures, 'not available' reasons."""
+"""The case report (SmartBiopsyLib.report.writer): sections, embedded real figures, 'not available' reasons."""
 from __future__ import annotations
 
 import base64
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from report_case import build_case, set_stage
-from SmartBiopsyLib import report
-from SmartBiopsyLib.report import SECTION_TITLES, figure_checks, write_report
+from SmartBiopsyLib.report import figures as report_figures
+from SmartBiopsyLib.report.case import SECTION_TITLES
+from SmartBiopsyLib.report.figures import figure_checks
+from SmartBiopsyLib.report.writer import write_report
 
 EXPECTED_FIGURES = ("stage_times", "fusion_checkerboard", "fusion_overlay", "fusion_residuals", "habitats_targets",
                     "trajectories_reslice", "trajectories_3d", "notch_rois", "procedure_timeline", "heterogeneity")
@@ -197,7 +199,7 @@ def test_figure_checks_rejects_blank_tiny_and_non_png(tmp_path):
 
 
 def test_reslice_follows_the_volume_geometry():
-    from RegistrationFusionLib.geometry import RasVolume, make_grid
+    from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 
     # a volume whose value is its R coordinate, on an oblique grid
     a = np.radians(30)
@@ -208,9 +210,9 @@ def test_reslice_follows_the_volume_geometry():
     ras = vol.ijk_to_ras_points(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], 1))
     vol.array[:] = ras[:, 0].reshape(vol.array.shape)
     centre = np.array([-2.0, 8.0, 0.0])
-    img = report.reslice(vol, centre, [1.0, 0, 0], [0, 1.0, 0], 5.0, 4.0, 0.5, order=1)
+    img = report_figures.reslice(vol, centre, [1.0, 0, 0], [0, 1.0, 0], 5.0, 4.0, 0.5, order=1)
     assert img.shape == (17, 21)
     expected = centre[0] + np.linspace(-5, 5, 21)
     assert np.allclose(img, expected[None, :], atol=1e-3)
-    far = report.reslice(vol, centre + 500.0, [1.0, 0, 0], [0, 1.0, 0], 5.0, 4.0)
+    far = report_figures.reslice(vol, centre + 500.0, [1.0, 0, 0], [0, 1.0, 0], 5.0, 4.0)
     assert np.isnan(far).all()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from SmartBiopsyLib.errors import InputDataError
-from SmartBiopsyLib.specimen_journal import (
+from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyLib.records.specimen_journal import (
     JournalCorruptError, MapValues, SpecimenJournal, SpecimenRecord, load_snapshot, read_events,
 )
 
@@ -166,7 +166,7 @@ def test_damage_inside_the_journal_is_refused(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[2])
-    from SmartBiopsyLib.specimen_journal import SpecimenJournal
+    from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
     j = SpecimenJournal(sys.argv[1])
     i = len(j.specimens)
     while True:
@@ -366,9 +366,9 @@ def test_two_writers_see_each_others_records(tmp_path):
 def test_values_from_notch_carries_every_map_statistic():
     import numpy as np
 
-    from RegistrationFusionLib.geometry import RasVolume, make_grid
-    from SmartBiopsyLib.notch import notch_roi, sample_maps
-    from SmartBiopsyLib.specimen_journal import values_from_notch
+    from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+    from SmartBiopsyLib.sampling.notch import notch_roi, sample_maps
+    from SmartBiopsyLib.records.specimen_journal import values_from_notch
 
     grid = make_grid((-20, -20, -20), (1.0, 1.0, 2.0), (21, 41, 41))
     adc = RasVolume(np.full((21, 41, 41), 900.0, np.float32), grid, "adc", {"units": "1e-6 mm^2/s"})

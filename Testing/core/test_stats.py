@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from SmartBiopsyLib import stats
-from SmartBiopsyLib.errors import InputDataError
+from SmartBiopsyLib.records import stats
+from SmartBiopsyCoreLib.errors import InputDataError
 
 
 # ----------------------------------------------------------------------------------------------- oracles

@@ -9,15 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from conftest import smartbiopsy
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "Testing" / "core"))
 
-
-def smartbiopsy(*args, timeout=600):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / m) for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"))
-    return subprocess.run([sys.executable, "-m", "SmartBiopsyLib.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
 
 
 def _write(vol, path):

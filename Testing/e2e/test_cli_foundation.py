@@ -10,15 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import smartbiopsy
+
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def smartbiopsy(*args, cwd=None, timeout=600):
-    """Run the installed command (``python -m SmartBiopsyLib.cli`` from the checkout)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / m) for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"))
-    return subprocess.run([sys.executable, "-m", "SmartBiopsyLib.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=timeout)
 
 
 def assert_clean_error(proc, *words):
@@ -56,7 +51,7 @@ def test_load_puts_every_phantom_series_into_a_scene_bundle(phantom_dir, tmp_pat
     names = [v["node"] for v in info["volumes"]]
     assert len(names) == 1 + 1 + 4 + 2 + 2  # CT, T2, DWI x4, Dixon x2, T1 x2
     assert sorted(v["b_value"] for v in info["volumes"] if v["b_value"] is not None) == [0, 50, 400, 800]
-    from SmartBiopsyLib.scene_io import load_scene_bundle
+    from SmartBiopsyCoreLib.dataio.scene_io import load_scene_bundle
 
     rt = load_scene_bundle(mrb)
     assert rt.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == len(names)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
-from SmartBiopsyLib import cmd_characterise
-from SmartBiopsyLib.errors import InputDataError
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from SmartBiopsyLib.cli import cmd_characterise
+from SmartBiopsyCoreLib.errors import InputDataError
 
 
 def _write(tmp_path, name, arr, grid):

@@ -12,14 +12,10 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
+from conftest import smartbiopsy
+
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def smartbiopsy(*args, cwd=None):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "SmartBiopsy"), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "SmartBiopsyLib.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=120)
 
 
 def assert_user_error(res, fragment):

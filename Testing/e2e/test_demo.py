@@ -34,7 +34,7 @@ def test_demo_runs_every_stage(demo_dir):
 
 
 def test_demo_results_are_accurate_against_the_phantom_truth(demo_dir):
-    from SmartBiopsyLib.phantom import generate_phantom
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
     truth = generate_phantom(0).truth
     m = np.asarray(json.loads((demo_dir / "registration" / "mri_to_ct.json").read_text())["matrix_mri_to_ct_ras"])
@@ -55,7 +55,7 @@ def test_demo_results_are_accurate_against_the_phantom_truth(demo_dir):
 
 
 def test_scene_bundle_reloads_with_the_expected_nodes(demo_dir):
-    from SmartBiopsyLib.scene_io import load_scene_bundle
+    from SmartBiopsyCoreLib.dataio.scene_io import load_scene_bundle
 
     expected = json.loads((demo_dir / "scene_nodes.json").read_text())
     rt = load_scene_bundle(demo_dir / "scene.mrb")
@@ -71,7 +71,7 @@ def test_scene_bundle_reloads_with_the_expected_nodes(demo_dir):
     names = {seg.GetSegmentation().GetNthSegment(i).GetName() for i in range(seg.GetSegmentation().GetNumberOfSegments())}
     assert {"A", "B", "C"} <= {n[:1] for n in names} or {"A", "B", "C"} <= names
     ct = scene.GetFirstNodeByName("Planning CT")
-    from SmartBiopsyLib.phantom import generate_phantom
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
     assert ct is not None and ct.GetImageData().GetDimensions() == generate_phantom(0).ct.array.shape[::-1]
     sh = scene.GetSubjectHierarchyNode()
     folders = {sh.GetItemName(sh.GetItemByPositionUnderParent(sh.GetSceneItemID(), i))
@@ -80,7 +80,7 @@ def test_scene_bundle_reloads_with_the_expected_nodes(demo_dir):
 
 
 def test_report_holds_every_section_and_real_figures(demo_dir):
-    from SmartBiopsyLib.report import figure_checks
+    from SmartBiopsyLib.report.figures import figure_checks
 
     html = (demo_dir / "report.html").read_text()
     for title in SECTIONS:
@@ -116,7 +116,7 @@ def test_run_refuses_mri_given_as_ct(demo_dir, tmp_path):
 
 
 def test_run_stops_when_the_ct_has_no_capsules(demo_dir, tmp_path):
-    from SmartBiopsyLib.imageio import load_image, save_image
+    from SmartBiopsyCoreLib.dataio.imageio import load_image, save_image
 
     ct = load_image(_case_file(demo_dir, "ct.nrrd"))
     labels = load_image(_case_file(demo_dir, "truth/ct_labels.nrrd"))
@@ -133,12 +133,12 @@ def test_run_stops_when_the_ct_has_no_capsules(demo_dir, tmp_path):
 
 
 def test_run_stops_when_the_tumour_lies_outside_the_images(demo_dir, tmp_path):
-    from SmartBiopsyLib.imageio import load_image, save_image
+    from SmartBiopsyCoreLib.dataio.imageio import load_image, save_image
 
     tumour = load_image(_case_file(demo_dir, "truth/tumour_mask_mri.nrrd"))
     moved = tumour.ijk_to_ras.copy()
     moved[:3, 3] += 2000.0
-    from RegistrationFusionLib.geometry import RasVolume
+    from SmartBiopsyCoreLib.geometry import RasVolume
     save_image(RasVolume(tumour.array, moved, "tumour"), tmp_path / "tumour_far.nrrd")
     out = tmp_path / "run"
     p = _case_file(demo_dir, "")

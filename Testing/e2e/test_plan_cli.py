@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import smartbiopsy
+
 ROOT = Path(__file__).resolve().parents[2]
 RISK = "bone=3,aorta=4,ivc=5,kidney=6,bowel=7,bowel_gas=8"
 
-
-def smartbiopsy(*args, timeout=600):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(str(ROOT / m) for m in ("SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner"))
-    return subprocess.run([sys.executable, "-m", "SmartBiopsyLib.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
 
 
 def assert_clean_error(proc, *words):
@@ -45,7 +41,7 @@ def phantom_targets(case) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def case_files(phantom0, tmp_path_factory):
-    from SmartBiopsyLib.imageio import save_image
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
 
     d = tmp_path_factory.mktemp("plan_case")
     ct = save_image(phantom0.ct, d / "ct.nrrd")
@@ -107,8 +103,8 @@ def test_no_safe_path_names_the_constraints_and_counts(case_files, tmp_path):
 def test_segment_names_come_from_a_seg_nrrd_header(tmp_path):
     import SimpleITK as sitk
 
-    from SmartBiopsyLib import cmd_plan
-    from SmartBiopsyLib.errors import InputDataError
+    from SmartBiopsyLib.cli import cmd_plan
+    from SmartBiopsyCoreLib.errors import InputDataError
 
     img = sitk.Image([8, 8, 4], sitk.sitkUInt8)
     for i, (name, value) in enumerate((("Aorta", 1), ("Bowel", 2))):

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.landmarks import apply_transform
-from RegistrationFusionLib.refine import read_itk_transform
-from SmartBiopsyLib.cli import main
+from RegistrationFusionLib.registration.landmarks import apply_transform
+from RegistrationFusionLib.registration.refine import read_itk_transform
+from SmartBiopsyLib.cli.main import main
 
 
 @pytest.fixture(scope="module")

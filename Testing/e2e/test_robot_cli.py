@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CLI, cli_env
+
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / m) for m in ("SmartBiopsy", "TrajectoryPlanner",
-                                                                            "RegistrationFusion"))}
-CLI = [sys.executable, "-m", "SmartBiopsyLib.cli"]
+ENV = cli_env()
 
 PLAN = {
     "trajectories": [

@@ -10,18 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
-from SmartBiopsyLib.imageio import save_image
-from SmartBiopsyLib.needle_sim import simulate_confirmation_ct
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.dataio.imageio import save_image
+from SmartBiopsyLib.sampling.needle_sim import simulate_confirmation_ct
+
+from conftest import smartbiopsy
+from SmartBiopsyCoreLib.dataio.transforms import transform_document
 
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def smartbiopsy(*args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "SmartBiopsy"), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "SmartBiopsyLib.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=120)
 
 
 def assert_user_error(res, fragment):
@@ -61,11 +58,17 @@ def case(tmp_path_factory):
     const = {"adc": 1234.0, "ff": 7.5, "ef": 42.0}
     for name, value in const.items():
         save_image(RasVolume(np.full((24, 80, 80), value, np.float32), grid, name), d / f"{name}.nrrd")
-    (d / "mri_to_ct.json").write_text(json.dumps({"mri_to_ct_ras": m2c.tolist()}))
-    (d / "ct_to_mri.json").write_text(json.dumps({"mri_to_ct_ras": np.linalg.inv(m2c).tolist()}))
+    (d / "mri_to_ct.json").write_text(json.dumps(transform_document(m2c, "test")))
+    (d / "ct_to_mri.json").write_text(json.dumps(transform_document(np.linalg.inv(m2c), "test")))
+    (d / "bare_matrix.json").write_text(json.dumps(m2c.tolist()))
+    (d / "old_keys.json").write_text(json.dumps({"matrix": m2c.tolist()}))
+    doc = transform_document(m2c, "test")
+    (d / "ct_frame.json").write_text(json.dumps({**doc, "from_frame": "CT", "to_frame": "MRI"}))
+    (d / "lps.json").write_text(json.dumps({**doc, "space": "LPS"}))
+    (d / "extra_key.json").write_text(json.dumps({**doc, "inverse": True}))
     far = np.eye(4)
     far[:3, 3] = [0.0, 0.0, 400.0]
-    (d / "wrong.json").write_text(json.dumps({"mri_to_ct_ras": far.tolist()}))
+    (d / "wrong.json").write_text(json.dumps(transform_document(far, "test")))
     plan = {"needle": {"name": "17G/18G-10mm"},
             "trajectories": [
                 {"name": "A-2", "target": "A", "region": "A", "entry_ras": (entry + [5, 0, 0]).tolist(),
@@ -115,7 +118,12 @@ def test_refuses_ct_without_needle(case, tmp_path):
 
 
 @pytest.mark.parametrize("transform,fragment", [("ct_to_mri.json", "outside map"), ("wrong.json", "outside map"),
-                                                ("missing.json", "does not exist"), ("broken.json", "not valid JSON")])
+                                                ("missing.json", "does not exist"), ("broken.json", "not valid JSON"),
+                                                ("bare_matrix.json", "bare matrix does not say its frames"),
+                                                ("old_keys.json", "schema None"),
+                                                ("ct_frame.json", "maps CT to MRI"),
+                                                ("lps.json", "in LPS mm"),
+                                                ("extra_key.json", "unknown keys inverse")])
 def test_refuses_mismatched_or_invalid_transform(case, tmp_path, transform, fragment):
     d, _, _ = case
     res = smartbiopsy("sample", "--confirm-ct", d / "confirm_ct.nrrd", "--plan", d / "plan.json", "--target", "A",

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.capsules import CapsuleDetection
-from RegistrationFusionLib.capsules_mrml import add_capsule_fiducials, capsule_points_from_node
+from RegistrationFusionLib.capsules.detection import CapsuleDetection
+from RegistrationFusionLib.capsules.mrml import add_capsule_fiducials, capsule_points_from_node
 from RegistrationFusionLib.errors import RegistrationFusionError
 
 

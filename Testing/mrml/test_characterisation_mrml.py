@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 
 
 @pytest.fixture
 def scene():
     try:
-        from SmartBiopsyLib.runtime import new_scene
+        from SmartBiopsyCoreLib.runtime import new_scene
         return new_scene()
     except ImportError:
         import slicer
@@ -18,7 +18,7 @@ def scene():
 
 
 def _result():
-    from SmartBiopsyLib import habitats, targets
+    from SmartBiopsyLib.characterise import habitats, targets
     grid = make_grid((10, -20, 5), (1.5, 1.5, 3.0), (12, 30, 30))
     lab = np.zeros((12, 30, 30), np.uint8)
     lab[2:10, 3:27, 3:15] = 1
@@ -33,7 +33,7 @@ def _result():
 
 
 def test_nodes_hold_segments_table_and_labelled_targets(scene):
-    from SmartBiopsyLib import characterisation_mrml as cm
+    from SmartBiopsyLib.characterise import mrml as cm
     res, ts = _result()
     nodes = cm.characterisation_nodes(scene, res, ts)
     seg = nodes["segmentation"].GetSegmentation()

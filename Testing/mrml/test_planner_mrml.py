@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 
-from TrajectoryPlannerLib import planner_mrml
+from TrajectoryPlannerLib.planning import mrml as planner_mrml
 from TrajectoryPlannerLib.errors import TrajectoryPlannerError
 
 
 @pytest.fixture(scope="module")
 def scene():
     try:
-        from SmartBiopsyLib.runtime import new_scene
+        from SmartBiopsyCoreLib.runtime import new_scene
         return new_scene()
     except ImportError:  # pragma: no cover
         import slicer

@@ -4,16 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from RegistrationFusionLib import registration_mrml as rm
+from RegistrationFusionLib.registration import mrml as rm
 from RegistrationFusionLib.errors import RegistrationFusionError
-from RegistrationFusionLib.geometry import RasVolume, make_grid
-from RegistrationFusionLib.landmarks import apply_transform, fit_transform
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from RegistrationFusionLib.registration.landmarks import apply_transform, fit_transform
 
 
 @pytest.fixture
 def scene():
     try:
-        from SmartBiopsyLib.runtime import new_scene
+        from SmartBiopsyCoreLib.runtime import new_scene
         return new_scene()
     except ImportError:
         import slicer
@@ -54,7 +54,7 @@ def test_mri_capsules_under_transform_overlay_ct_capsules(scene):
     mri_caps = apply_transform(np.linalg.inv(m), ct_caps)
     vol = RasVolume(np.zeros((4, 5, 6), np.float32), make_grid((0, 0, 0), (1, 1, 2), (4, 5, 6)), "t2")
     try:
-        from SmartBiopsyLib.volumes_mrml import add_volume_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import add_volume_node
         vnode = add_volume_node(scene, vol)
     except ImportError:
         vnode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "t2")

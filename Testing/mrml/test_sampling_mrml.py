@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from RegistrationFusionLib.geometry import RasVolume, make_grid
-from SmartBiopsyLib.needle import detect_needle
-from SmartBiopsyLib.needle_sim import simulate_confirmation_ct
-from SmartBiopsyLib.notch import notch_roi_from_detection
-from SmartBiopsyLib.sampling_mrml import add_notch_segmentation, add_sampling_nodes, roi_polydata
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from SmartBiopsyLib.sampling.needle import detect_needle
+from SmartBiopsyLib.sampling.needle_sim import simulate_confirmation_ct
+from SmartBiopsyLib.sampling.notch import notch_roi_from_detection
+from SmartBiopsyLib.sampling.mrml import add_notch_segmentation, add_sampling_nodes, roi_polydata
 
 
 def _unit(v):

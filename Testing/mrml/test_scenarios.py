@@ -1,7 +1,7 @@
 """The Slicer self-test scenarios, run headless on a real MRML scene (slicer-core).
 
 ``<Module>Test.test_*`` inside Slicer calls exactly these functions with ``slicer.mrmlScene``; here each
-gets a fresh scene from ``SmartBiopsyLib.runtime.new_scene``. Every scenario asserts its own numbers
+gets a fresh scene from ``SmartBiopsyCoreLib.runtime.new_scene``. Every scenario asserts its own numbers
 (registration error, habitat Dice, path clearance by an independent ray-march, robot refusals, ...);
 the checks below make sure the scenarios ran and reported what they measured.
 """
@@ -14,14 +14,13 @@ import pytest
 from SmartBiopsyLib import scenarios as sb_scenarios
 from RegistrationFusionLib import scenarios as rf_scenarios
 from TrajectoryPlannerLib import scenarios as tp_scenarios
-
 ALL = [(f"{mod.__name__.split('.')[0]}.{name}", fn)
        for mod in (rf_scenarios, sb_scenarios, tp_scenarios) for name, fn in mod.SCENARIOS.items()]
 
 
 @pytest.fixture
 def fresh_scene():
-    from SmartBiopsyLib.runtime import new_scene
+    from SmartBiopsyCoreLib.runtime import new_scene
 
     scene = new_scene()
     yield scene
@@ -47,8 +46,7 @@ def test_registration_scenario_fails_when_transform_is_wrong(fresh_scene, monkey
     """The scenario's own checks can fail: a registration that returns a shifted matrix is caught."""
     import numpy as np
 
-    from RegistrationFusionLib import landmarks
-
+    from RegistrationFusionLib.registration import landmarks
     real = landmarks.register_capsules
 
     def shifted(*args, **kwargs):

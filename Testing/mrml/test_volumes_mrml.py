@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from RegistrationFusionLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 from scipy.spatial.transform import Rotation
 
 slicer = pytest.importorskip("slicer")
 
 from SmartBiopsyLib import volumes_mrml  # noqa: E402
-
-
 def _oblique(dtype=np.float32, shape=(4, 6, 9)) -> RasVolume:
     rng = np.random.default_rng(5)
     rot = Rotation.from_euler("xyz", [15, 30, -50], degrees=True).as_matrix()
@@ -110,8 +108,7 @@ def test_parent_transform_is_applied_only_on_request(scene):
 
 def test_real_dwi_loads_into_nodes_with_simpleitk_geometry(scene, shared_data):
     import SimpleITK as sitk
-    from SmartBiopsyLib import dicomio
-
+    from SmartBiopsyCoreLib.dataio import dicomio
     root = shared_data / "prostatex-0000"
     if not root.is_dir():
         pytest.skip("PROSTATEx not available")

@@ -1,7 +1,8 @@
 """Errors of planning and of the robot bridge; the message is shown to the user as is."""
+from SmartBiopsyCoreLib.errors import SmartBiopsyError
 
 
-class TrajectoryPlannerError(Exception):
+class TrajectoryPlannerError(SmartBiopsyError):
     """Base: planning cannot proceed (message says which constraint or input is the cause)."""
 
 

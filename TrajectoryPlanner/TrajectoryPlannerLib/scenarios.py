@@ -35,8 +35,8 @@ def scenario_plan_three_targets(scene) -> dict:
     """Three targets in a synthetic abdomen: ranked safe paths per target, each clearing every risk
     structure by its margin (checked by an independent dense ray-march on the label map), within the
     needle's reach, and the CT and structures loaded into the scene."""
-    from TrajectoryPlannerLib import engine, needles, synthetic
-
+    from TrajectoryPlannerLib.planning import engine, needles
+    from SmartBiopsyCoreLib.phantom import abdomen as synthetic
     ct, labels, targets = synthetic.make_abdomen(spacing=(2.0, 2.0, 3.0))
     ct_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Planning CT")
     needle = needles.get_needle(needles.DEFAULT_NEEDLE)
@@ -71,7 +71,8 @@ def scenario_plan_three_targets(scene) -> dict:
 
 def scenario_rejects_target_in_bone(scene) -> dict:
     """A target placed inside bone (the spine) is refused with a message a radiologist can act on."""
-    from TrajectoryPlannerLib import engine, synthetic
+    from TrajectoryPlannerLib.planning import engine
+    from SmartBiopsyCoreLib.phantom import abdomen as synthetic
     from TrajectoryPlannerLib.errors import TrajectoryPlannerError
 
     ct, labels, _ = synthetic.make_abdomen(spacing=(3.0, 3.0, 4.0))
@@ -90,8 +91,8 @@ def scenario_robot_safety(scene) -> dict:
     """Robot session against the simulator: targets are refused until the plan is confirmed and QA
     passed; after confirmation a target is sent and echoed within tolerance; STOP is always accepted."""
     from TrajectoryPlannerLib.errors import RobotBridgeError
-    from TrajectoryPlannerLib.robot_protocol import RobotPlan, RobotSession
-    from TrajectoryPlannerLib.robot_simulator import RobotSimulator
+    from TrajectoryPlannerLib.robot.protocol import RobotPlan, RobotSession
+    from TrajectoryPlannerLib.robot.simulator import RobotSimulator
 
     plan = RobotPlan.from_dict({"trajectories": [
         {"name": "A", "region": "A", "entry_ras": [-140.0, 40.0, 10.0], "target_ras": [-78.0, 26.0, 6.0]},

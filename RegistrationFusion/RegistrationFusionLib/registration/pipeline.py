@@ -1,0 +1,120 @@
+"""The whole fusion step in one call: capsules -> pairing -> landmark registration -> refinement -> QA.
+
+Inputs are :class:`~SmartBiopsyCoreLib.geometry.RasVolume` (CT in HU, one anatomical MRI); the result
+holds the MRI->CT 4x4 RAS matrix (MRI-world points to CT-world points) and every intermediate result.
+No files are written here (see ``SmartBiopsyLib.cli.cmd_register`` for that).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from RegistrationFusionLib.registration import landmarks, qa, refine
+from RegistrationFusionLib.errors import RegistrationFusionError
+from SmartBiopsyCoreLib.geometry import RasVolume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FusionResult:
+    """Everything the fusion step produced; ``matrix`` is the MRI->CT transform to use (RAS)."""
+
+    matrix: np.ndarray
+    correspondence: landmarks.Correspondence
+    landmark: landmarks.PointRegistration
+    refinement: refine.RefinementResult | None
+    report: qa.QAReport
+    detection_ct: object = None
+    detection_mri: object = None
+
+    def to_dict(self) -> dict:
+        d = {"matrix_mri_to_ct_ras": np.asarray(self.matrix).tolist(), "qa": self.report.to_dict(),
+             "landmark": self.landmark.to_dict(), "correspondence": self.correspondence.to_dict(),
+             "refinement": None if self.refinement is None else self.refinement.to_dict()}
+        for key, det in (("capsules_ct", self.detection_ct), ("capsules_mri", self.detection_mri)):
+            if det is not None and hasattr(det, "to_dict"):
+                d[key] = det.to_dict()
+        return qa._clean(d)
+
+
+def _fle_of(det, default):
+    cov = getattr(det, "fle_cov_ras", None)
+    if cov is not None:
+        return np.asarray(cov, float)
+    fle = getattr(det, "fle_mm", None)  # per-axis SD along R, A, S
+    return default if fle is None else np.asarray(fle, float)
+
+
+def capsule_tolerance_mm(reg: landmarks.PointRegistration, factor: float = 3.0, floor_mm: float = 1.0) -> np.ndarray:
+    """How far refinement may move each paired MRI capsule (mm): factor x combined RMS FLE, at least ``floor_mm``."""
+    r = reg.matrix[:3, :3] / reg.scale
+    cov = reg.cov_fixed + np.einsum("ij,njk,lk->nil", r, reg.cov_moving, r)
+    return np.maximum(factor * np.sqrt(np.trace(cov, axis1=1, axis2=2)), floor_mm)
+
+
+def body_mask_ct(ct: RasVolume, threshold_hu: float = -400.0) -> RasVolume:
+    """Tissue voxels of the CT (HU above ``threshold_hu``) as a uint8 mask on the CT grid."""
+    return ct.with_array((ct.array > threshold_hu).astype(np.uint8), name=f"{ct.name} body")
+
+
+def fuse_ct_mri(ct: RasVolume, mri: RasVolume, *, targets_ct=None, capsules_ct=None, capsules_mri=None,
+                detect_options: dict | None = None, match_options: dict | None = None,
+                register_options: dict | None = None, do_refine: bool = True, refine_options: dict | None = None,
+                use_body_mask: bool = True, thresholds: qa.QAThresholds | None = None,
+                progress: Callable[[float, str], None] | None = None,
+                should_cancel: Callable[[], bool] | None = None) -> FusionResult:
+    """Register an MRI to the planning CT through the skin capsules, then refine by mutual information.
+
+    ``capsules_ct``/``capsules_mri``: detections (objects with ``centres_ras`` and ``fle_cov_ras``/``fle_mm``
+    as returned by ``capsules.detect_capsules``) or plain (N, 3) RAS arrays; detected when omitted.
+    ``targets_ct``: {name: point} or (M, 3) CT-RAS points for predicted TRE and refinement displacement.
+    Raises :class:`RegistrationFusionError` subclasses with a message for the user.
+    """
+    def report(f, msg):
+        if progress:
+            progress(float(f), msg)
+        if should_cancel and should_cancel():
+            raise RegistrationFusionError("registration was cancelled; nothing was changed")
+
+    sub = lambda lo, hi: (lambda f, m: report(lo + (hi - lo) * f, m))  # noqa: E731
+    if capsules_ct is None or capsules_mri is None:
+        from RegistrationFusionLib.capsules.detection import detect_capsules
+    if capsules_ct is None:
+        capsules_ct = detect_capsules(ct, "ct", progress=sub(0.0, 0.2), should_cancel=should_cancel,
+                                      **(detect_options or {}))
+    if capsules_mri is None:
+        capsules_mri = detect_capsules(mri, "mr", progress=sub(0.2, 0.4), should_cancel=should_cancel,
+                                       **(detect_options or {}))
+    pts_ct = np.asarray(getattr(capsules_ct, "centres_ras", capsules_ct), float).reshape(-1, 3)
+    pts_mr = np.asarray(getattr(capsules_mri, "centres_ras", capsules_mri), float).reshape(-1, 3)
+    report(0.4, "pairing capsules")
+    corr, reg = landmarks.register_capsules(pts_ct, pts_mr, fle_ct=_fle_of(capsules_ct, 0.3),
+                                            fle_mri=_fle_of(capsules_mri, 0.5), match_options=match_options,
+                                            **(register_options or {}))
+    named = targets_ct
+    tgt_arr = None
+    if targets_ct is not None:
+        tgt_arr = (np.array([np.asarray(v, float) for v in targets_ct.values()]) if isinstance(targets_ct, dict)
+                   else np.asarray(targets_ct, float).reshape(-1, 3))
+    ref = None
+    if do_refine:
+        report(0.45, "intensity refinement")
+        opts = dict(refine_options or {})
+        opts.setdefault("capsules_mri", reg.moving_points[reg.used])
+        opts.setdefault("capsules_ct", reg.fixed_points[reg.used])
+        # the refined transform must still fit every capsule pair within ~2x its combined localisation error
+        opts.setdefault("capsule_allowed_mm", capsule_tolerance_mm(reg, factor=2.0, floor_mm=0.5)[reg.used])
+        if use_body_mask and "ct_mask" not in opts:
+            opts["ct_mask"] = body_mask_ct(ct)
+        ref = refine.refine_registration(ct, mri, reg.matrix, targets_ct=tgt_arr, progress=sub(0.45, 0.95),
+                                         should_cancel=should_cancel, **opts)
+    rep = qa.build_report(reg, named, correspondence=corr, refinement=ref, thresholds=thresholds)
+    report(1.0, "registration done")
+    matrix = reg.matrix if ref is None else ref.matrix
+    return FusionResult(matrix, corr, reg, ref, rep,
+                        capsules_ct if hasattr(capsules_ct, "centres_ras") else None,
+                        capsules_mri if hasattr(capsules_mri, "centres_ras") else None)

@@ -1,0 +1,229 @@
+"""Registration quality assurance: numbers, pass/fail against thresholds, qa.json and fused pictures.
+
+All distances in mm, points in CT RAS; the transform is the 4x4 RAS MRI->CT matrix. The pictures show
+the MRI resampled onto the CT grid (checkerboard and colour overlay) through a given CT-RAS point, in the
+three orthogonal planes of the CT grid. Uses matplotlib with the non-interactive Agg backend.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from RegistrationFusionLib.errors import RegistrationFusionError
+from SmartBiopsyCoreLib.geometry import RasVolume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QAThresholds:
+    """Pass/fail limits (mm)."""
+
+    max_fre_mm: float = 2.0
+    max_predicted_tre_mm: float = 3.0
+    max_loo_mm: float = 4.0
+    min_markers: int = 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QATarget:
+    name: str
+    ras: list
+    predicted_tre_mm: float
+    predicted_tre_fwm_mm: float
+    refinement_displacement_mm: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QAReport:
+    """Everything a radiologist needs to trust (or not) the fusion; ``passed`` with the failed checks listed."""
+
+    passed: bool
+    failures: list[str]
+    thresholds: QAThresholds
+    fre_mm: float
+    markers: list[dict]
+    excluded: list[dict]
+    targets: list[QATarget]
+    matrix_mri_to_ct_ras: list
+    correspondence: dict | None = None
+    refinement: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    pictures: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "passed": bool(self.passed), "failures": list(self.failures),
+            "thresholds": self.thresholds.to_dict(), "fre_mm": float(self.fre_mm),
+            "markers": self.markers, "excluded": self.excluded,
+            "targets": [t.to_dict() for t in self.targets],
+            "matrix_mri_to_ct_ras": self.matrix_mri_to_ct_ras,
+            "correspondence": self.correspondence, "refinement": self.refinement,
+            "notes": list(self.notes), "pictures": dict(self.pictures),
+            "units": {"distances": "mm", "points": "CT RAS mm", "transform": "4x4 RAS, maps MRI points to CT points"},
+        }
+
+    def write_json(self, path) -> str:
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=1, allow_nan=False, default=_json_default)
+        return path
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"{type(o)} is not JSON serialisable")
+
+
+def _clean(x):
+    """Replace NaN by None recursively (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, correspondence=None,
+                 refinement=None, thresholds: QAThresholds | None = None) -> QAReport:
+    """QA report from a :class:`landmarks.PointRegistration` (+ optional Correspondence and RefinementResult).
+
+    ``targets_ct``: {name: RAS point} or (M, 3) CT-RAS points (mm). Predicted TRE is the landmark
+    prediction (anisotropic FLE aware); with an accepted refinement the report also gives how far the
+    refinement moved each target relative to the landmark transform.
+    """
+    th = thresholds or QAThresholds()
+    if targets_ct is None:
+        named = {}
+    elif isinstance(targets_ct, dict):
+        named = {str(k): np.asarray(v, float).reshape(3) for k, v in targets_ct.items()}
+    else:
+        arr = np.asarray(targets_ct, float).reshape(-1, 3)
+        named = {f"T{i + 1}": p for i, p in enumerate(arr)}
+    failures, notes = [], []
+    reg_d = registration.to_dict()
+    markers = _clean(reg_d["markers"])
+    n_used = len(registration.used)
+    if n_used < th.min_markers:
+        failures.append(f"only {n_used} capsules used (at least {th.min_markers} needed)")
+    if registration.fre_mm > th.max_fre_mm:
+        failures.append(f"FRE {registration.fre_mm:.2f} mm exceeds {th.max_fre_mm:.2f} mm")
+    loo = registration.loo_mm[np.isfinite(registration.loo_mm)]
+    if len(loo) and loo.max() > th.max_loo_mm:
+        failures.append(f"leave-one-out error {loo.max():.2f} mm at one capsule exceeds {th.max_loo_mm:.2f} mm")
+    if not len(loo):
+        notes.append("leave-one-out error unavailable (needs at least 4 capsules that stay non-collinear)")
+    targets = []
+    matrix = registration.matrix
+    ref_d = None
+    if refinement is not None:
+        ref_d = _clean(refinement.to_dict())
+        matrix = refinement.matrix
+        notes.append(refinement.reason)
+        if refinement.deformable_reason:
+            notes.append(refinement.deformable_reason)
+    if named:
+        pts = np.array(list(named.values()))
+        pred = registration.predicted_tre(pts)
+        fwm = registration.predicted_tre_fwm(pts)
+        disp = [None] * len(pts)
+        if refinement is not None:
+            cand = refinement.matrix @ np.linalg.inv(registration.matrix)
+            disp = list(np.linalg.norm(pts @ cand[:3, :3].T + cand[:3, 3] - pts, axis=1))
+        for (name, p), t, f, d in zip(named.items(), pred, fwm, disp):
+            targets.append(QATarget(name, [float(v) for v in p], float(t), float(f), None if d is None else float(d)))
+            if t > th.max_predicted_tre_mm:
+                failures.append(f"predicted TRE {t:.2f} mm at target {name} exceeds {th.max_predicted_tre_mm:.2f} mm")
+    if correspondence is not None and getattr(correspondence, "note", ""):
+        notes.append(correspondence.note)
+    for e in registration.excluded:
+        notes.append(e.reason)
+    report = QAReport(not failures, failures, th, float(registration.fre_mm), markers,
+                      [e.to_dict() for e in registration.excluded], targets, np.asarray(matrix).tolist(),
+                      None if correspondence is None else correspondence.to_dict(), ref_d, notes)
+    logger.info("registration QA %s%s", "passed" if report.passed else "FAILED: ", "; ".join(failures))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+# pictures
+# ------------------------------------------------------------------------------------------------
+def _window(a: np.ndarray, lo_pct=1.0, hi_pct=99.0) -> np.ndarray:
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:
+        return np.zeros_like(a, dtype=float)
+    lo, hi = np.percentile(finite, [lo_pct, hi_pct])
+    return np.clip((a - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+
+
+def _planes(vol: RasVolume, point_ras):
+    """Three orthogonal slices of the grid through the voxel nearest ``point_ras``: (name, 2-D array, aspect)."""
+    i, j, k = np.round(vol.ras_to_ijk_points(np.asarray(point_ras, float))[0]).astype(int)
+    nk, nj, ni = vol.array.shape
+    if not (0 <= i < ni and 0 <= j < nj and 0 <= k < nk):
+        raise RegistrationFusionError("the QA point lies outside the CT volume; choose a point inside the CT")
+    sp = vol.spacing
+    a = vol.array
+    return [("axial", a[k, ::-1, :], sp[1] / sp[0]), ("coronal", a[::-1, j, :], sp[2] / sp[0]),
+            ("sagittal", a[::-1, :, i], sp[2] / sp[1])]
+
+
+def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_dir, *, prefix: str = "fusion",
+                          squares: int = 8, ct_window: tuple[float, float] | None = (-200.0, 300.0)) -> dict:
+    """Write ``<prefix>_checkerboard.png`` and ``<prefix>_overlay.png`` through ``point_ras`` (CT RAS mm).
+
+    ``mri_on_ct`` must already be resampled onto the CT grid. ``ct_window``: HU (level window) or None for
+    percentiles. Returns {"checkerboard": path, "overlay": path}.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not mri_on_ct.same_grid(ct):
+        raise RegistrationFusionError("the MRI must be resampled onto the CT grid before making fusion pictures")
+    os.makedirs(out_dir, exist_ok=True)
+    ct_pl = _planes(ct, point_ras)
+    mr_pl = _planes(mri_on_ct, point_ras)
+    paths = {}
+    for kind in ("checkerboard", "overlay"):
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), dpi=100)
+        for ax, (name, c, asp), (_, m, _) in zip(axes, ct_pl, mr_pl):
+            if ct_window is not None:
+                cw = np.clip((c.astype(float) - ct_window[0]) / (ct_window[1] - ct_window[0]), 0, 1)
+            else:
+                cw = _window(c.astype(float))
+            mw = _window(m.astype(float))
+            if kind == "checkerboard":
+                yy, xx = np.indices(c.shape)
+                sq = max(1, min(c.shape) // squares)
+                board = ((yy // sq + xx // sq) % 2).astype(bool)
+                ax.imshow(np.where(board, cw, mw), cmap="gray", aspect=asp, interpolation="nearest")
+            else:
+                ax.imshow(cw, cmap="gray", aspect=asp, interpolation="nearest")
+                ax.imshow(np.ma.masked_less(mw, 0.05), cmap="hot", alpha=0.45, aspect=asp, interpolation="nearest")
+            ax.set_title(f"{name}: {'CT | MRI' if kind == 'checkerboard' else 'CT + MRI (hot)'}")
+            ax.axis("off")
+        fig.suptitle(f"MRI fused on CT through R {point_ras[0]:.1f}, A {point_ras[1]:.1f}, S {point_ras[2]:.1f} mm")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{prefix}_{kind}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths[kind] = path
+    return paths

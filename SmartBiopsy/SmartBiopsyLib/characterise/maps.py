@@ -1,0 +1,382 @@
+"""Quantitative MRI maps for tumour characterisation: ADC, fat fraction (FF) and enhancement fraction (EF).
+
+All maps are ``RasVolume`` objects on ONE grid (the grid of the first input); voxels where a map cannot be
+computed (background, signal at the noise floor, non-finite input) are NaN. Units:
+
+* ADC in 10^-6 mm^2/s (as scanners store it), from multi-b DWI by a log-linear least-squares fit
+  ``ln S(b) = ln S0 - b * ADC``. ``method="wlls"`` (default) weights each point by S(b)^2, the inverse of
+  the variance of ln S under Gaussian/Rician noise at reasonable SNR; ``method="ols"`` is the unweighted fit
+  over all b-values that Siemens scanners use for their own ADC map (``adc_scanner`` oracle; see the test).
+* FF in percent: ``100 * F / (W + F)`` from magnitude Dixon water and fat images.
+  Swap handling: a *global* water/fat swap (the two series labelled the wrong way round, or the whole
+  reconstruction choosing the wrong solution) is detected from the subcutaneous fat shell: in a correctly
+  labelled study the outer ~10 mm of the body is mostly fat, so its median FF is > 50 %. When it is below
+  50 % the study is reported as swapped (``meta["swap_detected"]``) and, by default, the two images are
+  exchanged with a warning (``on_swap="correct"``; ``"raise"`` stops, ``"ignore"`` keeps them).
+  Per-voxel swaps of magnitude Dixon cannot be detected from magnitudes alone: a magnitude pair cannot
+  tell FF from 100 - FF in one voxel, so local swaps (field-inhomogeneity artefacts at the edge of the
+  field of view) remain and must be checked visually.
+* EF in percent: ``100 * (post - pre) / pre`` from pre- and post-contrast T1 (same sequence and scaling).
+
+Long functions accept ``progress(fraction, message)`` and ``should_cancel()`` (both optional).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
+
+import numpy as np
+from scipy import ndimage
+
+from SmartBiopsyCoreLib.geometry import RasVolume, resample
+from SmartBiopsyCoreLib.errors import CancelledError, InputDataError, SmartBiopsyError  # noqa: F401
+from SmartBiopsyCoreLib.progress import check_cancel, report
+
+logger = logging.getLogger(__name__)
+
+ADC_UNITS = "1e-6 mm^2/s"
+PERCENT = "%"
+
+
+def _report(progress, fraction, message):
+    report(progress, fraction, message)
+
+
+def _check_cancel(should_cancel):
+    check_cancel(should_cancel, "map computation")
+
+
+# -------------------------------------------------------------------------------------------------
+# grids
+# -------------------------------------------------------------------------------------------------
+def align_to_reference(volumes: Mapping[str, RasVolume], reference: RasVolume,
+                       transforms: Mapping[str, np.ndarray] | None = None, order: int = 1) -> dict[str, RasVolume]:
+    """Bring every volume onto ``reference``'s grid.
+
+    A volume already on the grid is returned unchanged; otherwise it is resampled with
+    ``geometry.resample`` when ``transforms[name]`` (4x4 RAS, moving world -> reference world; identity
+    allowed) is given, and an :class:`InputDataError` is raised when it is not: silently resampling
+    series of different studies would mix unregistered data.
+    """
+    transforms = dict(transforms or {})
+    out = {}
+    for name, vol in volumes.items():
+        if vol.same_grid(reference):
+            out[name] = vol
+        elif name in transforms:
+            t = transforms[name]
+            out[name] = resample(vol, reference, None if t is None else np.asarray(t, float), order=order, fill=np.nan)
+            logger.info("resampled %s onto the grid of %s", name, reference.name)
+        else:
+            raise InputDataError(
+                f"'{name}' is not on the same voxel grid as '{reference.name}' (shape {vol.array.shape} vs "
+                f"{reference.array.shape}); register it first or pass its transform so it can be resampled")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# masks and noise
+# -------------------------------------------------------------------------------------------------
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu threshold of a 1-D sample (same units as ``values``)."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size == 0 or v.min() == v.max():
+        return float(v.min()) if v.size else 0.0
+    hist, edges = np.histogram(v, bins=bins)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    w0 = np.cumsum(hist).astype(float)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(edges[1:][np.argmax(between[:-1])])
+
+
+def signal_mask(image: RasVolume | np.ndarray, threshold: float | None = None) -> np.ndarray:
+    """Boolean mask of voxels with signal clearly above the background.
+
+    ``threshold`` in the image's intensity units; by default Otsu's threshold on log(1 + signal) of the
+    positive voxels, which separates air/noise from tissue even when most of the field of view is body.
+    Small specks (< 10 voxels) are removed.
+    """
+    arr = np.asarray(image.array if isinstance(image, RasVolume) else image, float)
+    finite = np.isfinite(arr)
+    if threshold is None:
+        pos = arr[finite & (arr > 0)]
+        if pos.size == 0:
+            return np.zeros(arr.shape, bool)
+        # a single intensity level (synthetic or already masked images): everything positive is signal
+        threshold = 0.0 if pos.min() == pos.max() else float(np.expm1(otsu_threshold(np.log1p(pos))))
+    mask = finite & (arr > threshold)
+    lab, n = ndimage.label(mask)
+    if n:
+        sizes = np.bincount(lab.ravel())
+        small = sizes < 10
+        small[0] = False
+        mask[small[lab]] = False
+    return mask
+
+
+def estimate_noise_sigma(image: np.ndarray, background: np.ndarray) -> float:
+    """Noise standard deviation (image units) from magnitude background voxels.
+
+    Magnitude noise in air is Rayleigh-distributed, whose mode equals sigma. The mode of the histogram is
+    used (not the mean) because a "background" taken below a threshold also holds dark tissue
+    (fat-suppressed fat, bone, air-filled bowel), which would inflate mean-based estimates. Returns 0 when
+    there are too few background voxels.
+    """
+    v = np.asarray(image, float)[np.asarray(background, bool)]
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size < 50:
+        return 0.0
+    hi = float(np.percentile(v, 90))
+    if hi <= 0:
+        return 0.0
+    width = max(hi / 100.0, 1.0 if np.allclose(v, np.round(v)) else 0.0) or hi / 100.0
+    hist, edges = np.histogram(v, bins=np.arange(0.0, hi + width, width))
+    hist = ndimage.uniform_filter1d(hist.astype(float), 3)
+    k = int(np.argmax(hist))
+    return float(0.5 * (edges[k] + edges[k + 1]))
+
+
+# -------------------------------------------------------------------------------------------------
+# ADC
+# -------------------------------------------------------------------------------------------------
+def _b_of(key, vol: RasVolume) -> float:
+    b = vol.meta.get("b_value", key)
+    try:
+        return float(b)
+    except (TypeError, ValueError) as exc:
+        raise InputDataError(f"the DWI series '{vol.name}' has no usable b-value ({b!r}); give b-values in s/mm^2") from exc
+
+
+def compute_adc(dwi: Mapping[float, RasVolume], method: str = "wlls", exclude_low_b: bool = False,
+                low_b_threshold: float = 100.0, mask: np.ndarray | None = None, min_snr: float = 2.0,
+                noise_sigma: float | None = None, transforms: Mapping[float, np.ndarray] | None = None,
+                progress: Callable | None = None, should_cancel: Callable | None = None) -> RasVolume:
+    """ADC map (10^-6 mm^2/s) from magnitude DWI ``{b [s/mm^2]: RasVolume}`` by log-linear least squares.
+
+    * ``method``: ``"wlls"`` (weights S^2 of the measured signal) or ``"ols"`` (unweighted, the scanner fit).
+    * ``exclude_low_b``: drop b < ``low_b_threshold`` (perfusion-weighted points); at least two distinct
+      b-values must remain.
+    * Background: ``mask`` (bool, same grid) or :func:`signal_mask` of the lowest-b image.
+    * Noise floor: sigma is estimated from the background (or given, image units); voxels whose
+      highest-b signal is below ``min_snr * sigma`` are left out (NaN) because the Rician floor there
+      biases the slope. ``min_snr=0`` disables this.
+    * Grids: all series must share the grid of the lowest b, unless ``transforms[b]`` is given.
+
+    Returns a float32 ``RasVolume`` on the lowest-b grid, NaN where not computed, with ``meta`` holding
+    units, method, b-values used, noise sigma and voxel counts. Negative, fitted ADC values (noise) are kept
+    so that statistics are unbiased; values are clipped to [-1000, 5000].
+    """
+    if method not in ("wlls", "ols"):
+        raise ValueError(f"unknown ADC fit method {method!r}; use 'wlls' or 'ols'")
+    if not dwi:
+        raise InputDataError("no diffusion-weighted series were given; load a DWI series with at least two b-values")
+    items = sorted(((_b_of(k, v), v) for k, v in dwi.items()), key=lambda t: t[0])
+    bvals = [b for b, _ in items]
+    if any(b < 0 for b in bvals):
+        raise InputDataError(f"negative b-values {bvals} found; check the DWI series' b-value tags")
+    if len(set(bvals)) != len(bvals):
+        raise InputDataError(f"the b-value list {bvals} contains duplicates; average repeated acquisitions first")
+    if exclude_low_b:
+        items = [(b, v) for b, v in items if b >= low_b_threshold]
+    if len(items) < 2:
+        raise InputDataError(
+            f"an ADC needs at least two different b-values but only {[b for b, _ in items]} s/mm^2 "
+            f"{'remain after excluding b < %g' % low_b_threshold if exclude_low_b else 'were given'}; "
+            "load the full DWI series (or do not exclude low b-values)")
+    b = np.array([bv for bv, _ in items], float)
+    ref = items[0][1]
+    vols = align_to_reference({bv: v for bv, v in items}, ref, transforms)
+    _report(progress, 0.05, "checking DWI signal")
+    stack = np.stack([np.asarray(vols[bv].array, np.float32) for bv in b])
+    finite = np.isfinite(stack).all(axis=0)
+    if np.any(stack[:, finite] < 0):
+        n = int(np.sum(stack[:, finite] < 0))
+        raise InputDataError(
+            f"the DWI contains {n} negative signal values; magnitude images are required (this looks like a "
+            "phase, subtracted or wrongly rescaled series)")
+    lowest = np.where(np.isfinite(stack[0]), stack[0], 0)
+    if not np.any(lowest > 0):
+        raise InputDataError(f"the b={b[0]:g} image is empty (all zero); the DWI series is corrupt or truncated")
+
+    body = signal_mask(lowest) if mask is None else np.asarray(mask, bool)
+    if body.shape != lowest.shape:
+        raise InputDataError("the ADC mask does not match the DWI grid; use a mask on the DWI grid")
+    if noise_sigma is None:
+        noise_sigma = estimate_noise_sigma(lowest, ~signal_mask(lowest) & (lowest > 0))
+    valid = body & finite & (stack > 0).all(axis=0)
+    if min_snr > 0 and noise_sigma > 0:
+        valid &= stack[-1] >= min_snr * noise_sigma
+    _check_cancel(should_cancel)
+    _report(progress, 0.2, f"fitting ADC ({method.upper()}, b = {', '.join(f'{x:g}' for x in b)})")
+
+    s = stack[:, valid].astype(np.float64)  # (M, N)
+    y = np.log(s)
+    w = s ** 2 if method == "wlls" else np.ones_like(s)
+    sw = w.sum(axis=0)
+    bm = (w * b[:, None]).sum(axis=0) / sw
+    ym = (w * y).sum(axis=0) / sw
+    db = b[:, None] - bm
+    sxx = (w * db ** 2).sum(axis=0)
+    slope = (w * db * (y - ym)).sum(axis=0) / sxx
+    adc = np.clip(-slope * 1e6, -1000.0, 5000.0)
+    out = np.full(lowest.shape, np.nan, np.float32)
+    out[valid] = adc
+    _report(progress, 1.0, "ADC done")
+    meta = {"units": ADC_UNITS, "quantity": "ADC", "method": method, "b_values": [float(x) for x in b],
+            "noise_sigma": float(noise_sigma), "min_snr": float(min_snr), "voxels_fitted": int(valid.sum()),
+            "voxels_in_mask": int(body.sum())}
+    logger.info("ADC (%s) from b=%s: %d voxels fitted (%d in the signal mask), noise sigma %.3g",
+                method, meta["b_values"], meta["voxels_fitted"], meta["voxels_in_mask"], noise_sigma)
+    return RasVolume(out, ref.ijk_to_ras.copy(), "ADC", meta)
+
+
+def check_adc_units(adc: RasVolume, mask: np.ndarray | None = None, allow_convert: bool = False) -> RasVolume:
+    """Check that an imported ADC map is in 10^-6 mm^2/s; detect mm^2/s and 10^-3 mm^2/s.
+
+    The median of the positive finite values (inside ``mask`` if given) decides: < 0.01 means mm^2/s,
+    < 10 means 10^-3 mm^2/s (tissue ADC is 0.1-4 in those units), otherwise 10^-6 mm^2/s. A wrong unit
+    raises :class:`InputDataError`, or is converted with a warning when ``allow_convert`` is true.
+    """
+    arr = np.asarray(adc.array, float)
+    sel = np.isfinite(arr) & (arr > 0)
+    if mask is not None:
+        sel &= np.asarray(mask, bool)
+    if not sel.any():
+        raise InputDataError(f"the ADC map '{adc.name}' has no positive values; it is empty or not an ADC map")
+    med = float(np.median(arr[sel]))
+    if med < 0.01:
+        factor, unit = 1e6, "mm^2/s"
+    elif med < 10:
+        factor, unit = 1e3, "10^-3 mm^2/s"
+    elif med > 10000:
+        raise InputDataError(f"the ADC map '{adc.name}' has a median of {med:.0f}, far above tissue values in "
+                             "10^-6 mm^2/s (100-4000); check the map's rescale slope and units")
+    else:
+        return adc.with_array(np.asarray(adc.array, np.float32), name=adc.name, units=ADC_UNITS, quantity="ADC")
+    if not allow_convert:
+        raise InputDataError(f"the ADC map '{adc.name}' looks like it is in {unit} (median {med:.4g}); "
+                             "SmartBiopsy expects 10^-6 mm^2/s, so convert it or allow automatic conversion")
+    logger.warning("ADC map '%s' looks like %s (median %.4g); converted to 1e-6 mm^2/s (x%g)", adc.name, unit, med, factor)
+    return adc.with_array((arr * factor).astype(np.float32), name=adc.name, units=ADC_UNITS, quantity="ADC",
+                          converted_from=unit)
+
+
+def check_percent_map(vol: RasVolume, quantity: str, mask: np.ndarray | None = None,
+                      allow_convert: bool = False) -> RasVolume:
+    """Check that an imported FF/EF map is in percent, not a fraction (0-1); convert when allowed."""
+    arr = np.asarray(vol.array, float)
+    sel = np.isfinite(arr)
+    if mask is not None:
+        sel &= np.asarray(mask, bool)
+    if not sel.any():
+        raise InputDataError(f"the {quantity} map '{vol.name}' has no finite values inside the region of interest")
+    hi = float(np.percentile(np.abs(arr[sel]), 99))
+    if 0 < hi <= 1.5 and quantity == "FF":
+        if not allow_convert:
+            raise InputDataError(f"the FF map '{vol.name}' looks like a fraction (0-1); SmartBiopsy expects percent, "
+                                 "so convert it or allow automatic conversion")
+        logger.warning("FF map '%s' looks like a fraction; multiplied by 100", vol.name)
+        arr = arr * 100.0
+    return vol.with_array(arr.astype(np.float32), name=vol.name, units=PERCENT, quantity=quantity)
+
+
+# -------------------------------------------------------------------------------------------------
+# FF
+# -------------------------------------------------------------------------------------------------
+def _shell(body: np.ndarray, spacing_ijk: np.ndarray, depth_mm: float) -> np.ndarray:
+    """Voxels of ``body`` within ``depth_mm`` of its outer surface (per-axis mm distances)."""
+    filled = np.stack([ndimage.binary_fill_holes(s) for s in body])
+    dist = ndimage.distance_transform_edt(np.pad(filled, 1), sampling=np.asarray(spacing_ijk, float)[::-1])[1:-1, 1:-1, 1:-1]
+    return filled & (dist <= depth_mm)
+
+
+def compute_ff(water: RasVolume, fat: RasVolume, mask: np.ndarray | None = None, on_swap: str = "correct",
+               shell_mm: float = 10.0, transforms: Mapping[str, np.ndarray] | None = None,
+               noise_correction: bool = False) -> RasVolume:
+    """Fat fraction (percent) ``100 F / (W + F)`` from magnitude Dixon water and fat images.
+
+    Noise floor: magnitude noise adds a positive bias to a small fat signal (FF of lean tissue would read
+    ~0.5 points too high at SNR ~2). With ``noise_correction`` (off by default: at low SNR the floored
+    estimate is no closer to the truth in the phantom) each image's noise sigma is estimated from its own
+    background and the squared magnitudes are debiased (``A^2 = M^2 - 2 sigma^2``, floored at 0) first.
+
+    Low signal: voxels outside ``mask`` or :func:`signal_mask` of W + F are NaN. Global swap: see the
+    module docstring; ``on_swap`` is ``"correct"`` (default, exchange with a warning), ``"raise"`` or
+    ``"ignore"``. ``meta`` reports ``swap_detected``, ``swap_corrected`` and the shell median FF.
+    """
+    if on_swap not in ("correct", "raise", "ignore"):
+        raise ValueError(f"on_swap must be 'correct', 'raise' or 'ignore', not {on_swap!r}")
+    vols = align_to_reference({"dixon_water": water, "dixon_fat": fat}, water, transforms)
+    w = np.asarray(vols["dixon_water"].array, np.float64)
+    f = np.asarray(vols["dixon_fat"].array, np.float64)
+    finite = np.isfinite(w) & np.isfinite(f)
+    if np.any(w[finite] < 0) or np.any(f[finite] < 0):
+        raise InputDataError("the Dixon images contain negative values; magnitude water and fat images are required")
+    total = np.where(finite, w + f, 0.0)
+    if not np.any(total > 0):
+        raise InputDataError("the Dixon water and fat images are empty (all zero); the series are corrupt or missing")
+    body = signal_mask(total) if mask is None else np.asarray(mask, bool)
+    valid = body & finite & (total > 0)
+    sig_w = sig_f = 0.0
+    if noise_correction:
+        bg = ~signal_mask(total) & finite
+        sig_w, sig_f = estimate_noise_sigma(w, bg & (w > 0)), estimate_noise_sigma(f, bg & (f > 0))
+        w = np.sqrt(np.maximum(w ** 2 - 2.0 * sig_w ** 2, 0.0))
+        f = np.sqrt(np.maximum(f ** 2 - 2.0 * sig_f ** 2, 0.0))
+        total = np.where(finite, w + f, 0.0)
+        valid &= total > 0
+    ff = np.full(w.shape, np.nan, np.float32)
+    ff[valid] = (100.0 * f[valid] / total[valid]).astype(np.float32)
+    shell = _shell(signal_mask(total), water.spacing, shell_mm) & valid
+    shell_med = float(np.median(ff[shell])) if shell.sum() > 100 else float("nan")
+    swapped = bool(np.isfinite(shell_med) and shell_med < 50.0)
+    meta = {"units": PERCENT, "quantity": "FF", "shell_median_ff": shell_med, "swap_detected": swapped,
+            "swap_corrected": False, "voxels_computed": int(valid.sum()),
+            "noise_sigma_water": float(sig_w), "noise_sigma_fat": float(sig_f)}
+    if swapped:
+        msg = (f"the Dixon water and fat images look swapped (median FF {shell_med:.0f}% in the outer {shell_mm:g} mm "
+               "of the body, where subcutaneous fat should be above 50%)")
+        if on_swap == "raise":
+            raise InputDataError(msg + "; check the series labels or allow automatic swap correction")
+        if on_swap == "correct":
+            ff[valid] = 100.0 - ff[valid]
+            meta["swap_corrected"] = True
+            logger.warning("%s; water and fat were exchanged", msg)
+        else:
+            logger.warning("%s; kept as given", msg)
+    return RasVolume(ff, water.ijk_to_ras.copy(), "FF", meta)
+
+
+# -------------------------------------------------------------------------------------------------
+# EF
+# -------------------------------------------------------------------------------------------------
+def compute_ef(pre: RasVolume, post: RasVolume, mask: np.ndarray | None = None,
+               transforms: Mapping[str, np.ndarray] | None = None) -> RasVolume:
+    """Enhancement fraction (percent) ``100 (post - pre) / pre`` from pre/post-contrast T1 of one sequence.
+
+    Voxels outside ``mask`` or :func:`signal_mask` of the pre-contrast image (low signal, where the ratio
+    is noise) are NaN. ``transforms["t1_post"]`` resamples a post-contrast series on another grid.
+    """
+    vols = align_to_reference({"t1_pre": pre, "t1_post": post}, pre, transforms)
+    a = np.asarray(vols["t1_pre"].array, np.float64)
+    p = np.asarray(vols["t1_post"].array, np.float64)
+    finite = np.isfinite(a) & np.isfinite(p)
+    if np.any(a[finite] < 0) or np.any(p[finite] < 0):
+        raise InputDataError("the T1 images contain negative values; magnitude pre- and post-contrast images are required")
+    if not np.any(a[finite] > 0):
+        raise InputDataError("the pre-contrast T1 image is empty (all zero); the series is corrupt or missing")
+    body = signal_mask(np.where(finite, a, 0)) if mask is None else np.asarray(mask, bool)
+    valid = body & finite & (a > 0)
+    ef = np.full(a.shape, np.nan, np.float32)
+    ef[valid] = (100.0 * (p[valid] - a[valid]) / a[valid]).astype(np.float32)
+    med_body = float(np.median(ef[valid])) if valid.any() else float("nan")
+    if np.isfinite(med_body) and med_body < -30:
+        logger.warning("median enhancement in the body is %.0f%%; pre- and post-contrast may be swapped", med_body)
+    return RasVolume(ef, pre.ijk_to_ras.copy(), "EF",
+                     {"units": PERCENT, "quantity": "EF", "definition": "100*(post-pre)/pre",
+                      "voxels_computed": int(valid.sum())})

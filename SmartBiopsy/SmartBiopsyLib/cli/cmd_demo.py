@@ -1,0 +1,238 @@
+"""``smartbiopsy demo`` (the phantom case end to end) and ``smartbiopsy run`` (a user's case).
+
+demo: phantom case -> load -> capsule fusion -> maps -> habitats and targets -> three-target plan -> robot
+session against the simulator (auto-confirmed, logged as such) -> simulated confirmation CT with the needle
+at each target -> notch values -> specimen records -> scene bundle -> report. One progress bar per stage and
+a summary table at the end.
+
+run: the same stages on user data, from a case folder or explicit inputs; any step's result can be supplied
+instead of computed (``--transform``, ``--adc/--ff/--ef``, ``--targets``). The run stops at the first step that
+cannot proceed with one clear message and keeps the outputs of the steps that finished.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PHANTOM_RISK_LABELS = {4: "aorta", 5: "ivc", 6: "kidney", 7: "bowel"}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the full smart-biopsy demo on the phantom case",
+                              description="Run the whole procedure on the digital phantom and write a scene "
+                                          "bundle, report and all results.")
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    p.add_argument("--dicom", action="store_true", help="write the phantom as DICOM and load it from DICOM")
+    p.add_argument("--no-refine", action="store_true", help="landmark registration only")
+    p.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch")
+    p.set_defaults(func=run_demo)
+
+    r = subparsers.add_parser("run", help="the procedure on a user's case (stops at the first failing step)",
+                              description=__doc__.split("run:", 1)[1].strip())
+    r.add_argument("--case", help="case folder: every series is loaded and recognised by its description")
+    r.add_argument("--ct", help="planning CT (DICOM folder or volume file)")
+    r.add_argument("--t2", help="anatomical MRI for the capsule fusion")
+    r.add_argument("--dwi", help="DWI: a multi-b DICOM series folder")
+    r.add_argument("--dixon-water")
+    r.add_argument("--dixon-fat")
+    r.add_argument("--t1-pre")
+    r.add_argument("--t1-post")
+    r.add_argument("--tumour", help="tumour label map on an MRI grid (non-zero = tumour)")
+    r.add_argument("--risk", action="append", default=[], help="risk-structure label map on the CT grid (repeatable)")
+    r.add_argument("--transform", help="MRI->CT transform instead of the capsule fusion (JSON 4x4 RAS or .tfm/.h5)")
+    r.add_argument("--adc")
+    r.add_argument("--ff")
+    r.add_argument("--ef")
+    r.add_argument("--targets", help="targets.json instead of the habitat targets (CT world)")
+    r.add_argument("--needle", default="", help="needle model name")
+    r.add_argument("--mode", choices=("oblique", "in-plane"), default="oblique")
+    r.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch")
+    r.add_argument("--robot", choices=("simulator", "none"), default="none",
+                   help="send the plan to the robot simulator (needs --confirm) or stop before the robot")
+    r.add_argument("--confirm", action="store_true", help="the operator confirms the plan for the robot")
+    r.add_argument("--operator", default="operator")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=run_user)
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def run_demo(args) -> int:
+    from SmartBiopsyLib.cli.main import ProgressBar
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+    from SmartBiopsyCoreLib.phantom.sarcoma import B_VALUES, generate_phantom
+    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, run_case
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    bar = ProgressBar("phantom")
+    case = generate_phantom(args.seed, progress=lambda f, m: bar(0.7 * f, m))
+    src = out / "phantom"
+    case.write(src, dicom=args.dicom, progress=lambda f, m: bar(0.7 + 0.3 * f, m))
+    bar(1.0, f"seed {args.seed}")
+    t_phantom = time.perf_counter() - t0
+
+    # load the case back as a user would (from DICOM with --dicom, else from the NRRD files)
+    t1 = time.perf_counter()
+    if args.dicom:
+        from SmartBiopsyCoreLib.dataio.dicomio import load_dwi_series
+
+        d = src / "dicom"
+        ct = load_image(d / "ct")
+        mri = {k: load_image(d / k) for k in ("t2", "dixon_water", "dixon_fat", "t1_pre", "t1_post")}
+        dwi = load_dwi_series(d / "dwi")
+    else:
+        ct = load_image(src / "ct.nrrd")
+        mri = {k: load_image(src / f"mri_{k}.nrrd") for k in ("t2", "dixon_water", "dixon_fat", "t1_pre", "t1_post")}
+        dwi = {b: load_image(src / f"mri_dwi_b{int(b)}.nrrd") for b in B_VALUES}
+    labels = load_image(src / "truth" / "ct_labels.nrrd")
+    tumour = load_image(src / "truth" / "tumour_mask_mri.nrrd")
+    t_load = time.perf_counter() - t1
+    logger.info("demo: the phantom's tumour outline stands in for the radiologist's segmentation, and its "
+                "aorta/IVC/kidney/bowel labels for the user's risk segments")
+    inputs = CaseInputs(name=f"PHANTOM{args.seed:04d}", ct=ct, mri_anatomical=mri["t2"], dwi=dwi,
+                        dixon_water=mri["dixon_water"], dixon_fat=mri["dixon_fat"], t1_pre=mri["t1_pre"],
+                        t1_post=mri["t1_post"], tumour=tumour, risk_labelmaps=[(labels, PHANTOM_RISK_LABELS)],
+                        synthetic=True, source=f"digital phantom seed {args.seed}", truth=case.truth)
+    options = RunOptions(refine=not args.no_refine, notch_mode=args.notch_mode, operator="demo operator",
+                         auto_confirm=True, robot="simulator", synthetic_pathology=True, seed=args.seed)
+    run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
+    _print_summary(run, extra=[("phantom", t_phantom, f"seed {args.seed}, written to {src}"),
+                               ("read back", t_load, "volumes read back from " + ("DICOM" if args.dicom else "NRRD"))])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run_user(args) -> int:
+    from SmartBiopsyLib.cli.main import ProgressBar
+    from SmartBiopsyCoreLib.errors import InputDataError
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, StageFailed, run_case
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vols = {}
+    if args.case:
+        vols.update(_recognise_case_folder(args.case))
+
+    def opt(path, key):
+        if path:
+            try:
+                vols[key] = load_image(path)
+            except InputDataError as exc:
+                raise InputDataError(f"--{key.replace('_', '-')}: {exc}") from None
+    for key in ("ct", "t2", "dixon_water", "dixon_fat", "t1_pre", "t1_post", "tumour", "adc", "ff", "ef"):
+        opt(getattr(args, key), key)
+    dwi = vols.pop("dwi", None)
+    if args.dwi:
+        from SmartBiopsyCoreLib.dataio.dicomio import load_dwi_series
+        dwi = load_dwi_series(args.dwi)
+    if "ct" not in vols:
+        _fail_load(out, "no planning CT was given; pass --ct (or a --case folder with a CT series)")
+    mri_to_ct = None
+    if args.transform:
+        from SmartBiopsyCoreLib.dataio.transforms import load_mri_to_ct
+        mri_to_ct = load_mri_to_ct(args.transform)
+    targets_ct = None
+    if args.targets:
+        targets_ct = _load_targets(args.targets)
+    risk = [(load_image(p), None) for p in args.risk]
+    inputs = CaseInputs(name=Path(args.case or args.ct).name or "case", ct=vols["ct"], mri_anatomical=vols.get("t2"),
+                        dwi=dwi, dixon_water=vols.get("dixon_water"), dixon_fat=vols.get("dixon_fat"),
+                        t1_pre=vols.get("t1_pre"), t1_post=vols.get("t1_post"), tumour=vols.get("tumour"),
+                        risk_labelmaps=risk, mri_to_ct=mri_to_ct, adc=vols.get("adc"), ff=vols.get("ff"),
+                        ef=vols.get("ef"), targets_ct=targets_ct, source=str(args.case or args.ct))
+    options = RunOptions(needle=args.needle, planning_mode=args.mode, notch_mode=args.notch_mode,
+                         operator=args.operator, auto_confirm=bool(args.confirm), robot=args.robot)
+    try:
+        run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
+    except StageFailed as exc:
+        print(f"stopped at step '{exc.stage}'; outputs of the finished steps are in {out}", file=sys.stderr)
+        raise
+    _print_summary(run)
+    return 0
+
+
+def _fail_load(out: Path, message: str):
+    from SmartBiopsyCoreLib.errors import InputDataError
+    from SmartBiopsyLib.workflow import write_json
+
+    write_json(out / "summary.json", {"case": {}, "stages": [{"name": "load", "status": "failed", "seconds": 0,
+                                                              "message": message}]})
+    raise InputDataError(message)
+
+
+def _recognise_case_folder(path) -> dict:
+    """Map the series of a case folder to roles by their descriptions (case-insensitive keywords)."""
+    from SmartBiopsyCoreLib.errors import InputDataError
+    from SmartBiopsyCoreLib.dataio.imageio import load_study
+
+    vols = load_study(path)
+    roles: dict = {}
+    dwi: dict = {}
+    for name, v in vols.items():
+        low = name.lower()
+        mod = str(v.meta.get("modality", "")).upper()
+        b = v.meta.get("b_value")
+        if b is not None:
+            dwi[float(b)] = v
+        elif mod == "CT" or low.startswith("ct") or "_ct" in low:
+            roles.setdefault("ct", v)
+        elif "water" in low:
+            roles["dixon_water"] = v
+        elif "fat" in low and "sat" not in low:
+            roles["dixon_fat"] = v
+        elif "post" in low:
+            roles["t1_post"] = v
+        elif "pre" in low:
+            roles["t1_pre"] = v
+        elif "t2" in low:
+            roles.setdefault("t2", v)
+        elif "tumour" in low or "tumor" in low:
+            roles["tumour"] = v
+        elif "adc" in low:
+            roles["adc"] = v
+    if dwi:
+        roles["dwi"] = dwi
+    if not roles:
+        raise InputDataError(f"no series of {path} could be recognised (CT, T2, DWI, Dixon, T1 pre/post); "
+                             "pass the inputs explicitly with --ct, --t2, --dwi, ...")
+    return roles
+
+
+def _load_targets(path) -> dict:
+    from SmartBiopsyCoreLib.errors import InputDataError
+
+    try:
+        data = json.loads(Path(path).read_text())
+        out = {}
+        for t in data["targets"]:
+            pt = t.get("point_ct_ras", t.get("point_ras"))
+            out[str(t.get("region") or t["name"])] = np.asarray(pt, float).reshape(3)
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputDataError(f"--targets {path} is not a targets.json with RAS points ({exc})") from None
+
+
+def _print_summary(run, extra=()) -> None:
+    rows = [(n, s, m) for n, s, m in extra] + [(s.name, s.seconds, s.message) for s in run.stages]
+    total = sum(r[1] for r in rows)
+    w = sys.stdout
+    w.write("\nSmartBiopsy — " + run.inputs.source + "\n")
+    w.write(f"{'stage':<13} {'time s':>7}  result\n" + "-" * 78 + "\n")
+    for n, s, m in rows:
+        w.write(f"{n:<13} {s:7.1f}  {m[:120]}\n")
+    w.write("-" * 78 + "\n" + f"{'total':<13} {total:7.1f}\n")
+    for line in run.lines:
+        w.write(f"  {line}\n")
+    summ = run.summary()
+    w.write(f"  peak memory {summ['peak_memory_mb']:.0f} MB; outputs in {run.out} (report.html, scene.mrb)\n")
+    w.flush()

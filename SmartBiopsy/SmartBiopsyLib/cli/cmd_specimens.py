@@ -1,0 +1,92 @@
+"""``smartbiopsy specimens ...``: the specimen chain-of-custody journal from the command line.
+
+Subcommands (all take ``--journal FILE.jsonl``; the snapshot ``FILE.snapshot.json`` sits beside it):
+
+- ``specimens add --journal J --record REC.json``
+  Append specimen record(s) from a JSON file holding one record object or a list of them (fields as
+  :class:`SpecimenRecord`: pot_id, region A/B/C, target_name, needle_tip_ras [mm RAS],
+  needle_direction_ras, notch_roi {...}, values {map: {mean, median, min, sd, n_voxels, volume_mm3}},
+  operator, optional time_utc (ISO 8601 with zone; default now), participant_id, notes). Records are
+  validated one by one and each is acknowledged (printed) only once it is on disk; the first invalid record
+  stops the run and those before it stay recorded.
+- ``specimens export --journal J --csv OUT.csv [--maps adc,ff,ef]``
+  One row per pot for pathology: identity, region, target, time, needle pose, notch ROI, map values and the
+  pathology results recorded so far.
+- ``specimens import-pathology --journal J --csv RESULTS.csv``
+  Pathology results by pot ID (columns pot_id and any of ki67_percent, nsr, fnclcc_grade; blank = not
+  reported). All rows are validated first (unknown pot, duplicate row, out of range, non-numeric); any
+  problem imports nothing. Changed values are appended as corrections; earlier lines are never rewritten.
+- ``specimens show --journal J``
+  Print the current state (specimens, pathology, procedure log) as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("specimens", help="specimen journal: add records, export for pathology, import results",
+                              description=__doc__.split("\n\n", 1)[1],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="specimens_action", metavar="ACTION")
+    sub.required = True
+    a = sub.add_parser("add", help="append specimen record(s) from a JSON file")
+    a.add_argument("--journal", required=True, help="journal file (.jsonl); created if absent")
+    a.add_argument("--record", required=True, help="JSON file: one record or a list of records")
+    e = sub.add_parser("export", help="write the CSV for pathology")
+    e.add_argument("--journal", required=True, help="existing journal file (.jsonl)")
+    e.add_argument("--csv", required=True, help="output CSV")
+    e.add_argument("--maps", default="", help="comma-separated maps to include (default all)")
+    i = sub.add_parser("import-pathology", help="import Ki-67 / NSR / FNCLCC grade by pot ID")
+    i.add_argument("--journal", required=True, help="existing journal file (.jsonl)")
+    i.add_argument("--csv", required=True, help="pathology results CSV")
+    s = sub.add_parser("show", help="print the journal's current state as JSON")
+    s.add_argument("--journal", required=True, help="existing journal file (.jsonl)")
+    for q in (a, e, i, s):
+        q.set_defaults(func=run)
+
+
+def _load_records(path: Path) -> list:
+    from SmartBiopsyCoreLib.errors import InputDataError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputDataError(f"record file {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise InputDataError(f"{path} is a folder; give the record JSON file.") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputDataError(f"record file {path} is not valid JSON ({exc}); fix or regenerate it.") from None
+    records = data if isinstance(data, list) else [data]
+    if not records:
+        raise InputDataError(f"record file {path} holds an empty list; nothing to add.")
+    return records
+
+
+def run(args) -> int:
+    from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
+
+    action = args.specimens_action
+    journal_path = Path(args.journal)
+    if action == "add":
+        records = _load_records(Path(args.record))
+        with SpecimenJournal(journal_path, create=True) as j:
+            for rec in records:
+                saved = j.append_specimen(rec)
+                print(json.dumps({"recorded": saved.pot_id, "region": saved.region, "time_utc": saved.time_utc}), flush=True)
+        return 0
+    with SpecimenJournal(journal_path, create=False) as j:
+        if action == "export":
+            maps = [m.strip() for m in args.maps.split(",") if m.strip()] or None
+            out = j.export_csv(Path(args.csv), maps=maps)
+            print(json.dumps({"exported": len(j.specimens), "csv": str(out)}))
+        elif action == "import-pathology":
+            rep = j.import_pathology_csv(Path(args.csv))
+            print(json.dumps(rep.to_dict()))
+        elif action == "show":
+            json.dump(j.state.to_dict(), sys.stdout, indent=1, sort_keys=True)
+            sys.stdout.write("\n")
+    return 0

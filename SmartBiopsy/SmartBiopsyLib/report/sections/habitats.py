@@ -1,0 +1,96 @@
+"""Report section: habitat map A/B/C with the targets and their signatures."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from SmartBiopsyLib.report.case import CaseFolder
+from SmartBiopsyLib.report.figures import REGION_COLOURS, FigureStore, habitat_rgba, window_image, reslice
+from SmartBiopsyLib.report.html import esc, fmt_num, na_note, html_table
+
+
+def _mean_sd(st) -> str:
+    return f"{fmt_num(st.get('mean'))} ± {fmt_num(st.get('sd'))}" if isinstance(st, dict) and st else "-"
+
+
+def section_habitats(case: CaseFolder, figs: FigureStore) -> str:
+    out = []
+    hab = case.volume("characterisation/habitats.nrrd")
+    t2 = case.volume("inputs/mri_t2.nrrd")
+    targets = case.targets()
+    if hab is None:
+        out.append(na_note("Habitat map " + case.why("characterisation", "characterisation/habitats.nrrd")))
+    else:
+        base = t2 if t2 is not None else case.volume("characterisation/adc.nrrd")
+        base_name = "T2" if t2 is not None else "ADC"
+        pts = [(t.get("name", f"T{i + 1}"), t.get("region", ""), case.target_mri(t)) for i, t in enumerate(targets)]
+        pts = [p for p in pts if p[2] is not None]
+        if not pts:  # no targets: the slice through the habitat map's centre of mass
+            c = hab.kji_to_ras_points(np.argwhere(hab.array > 0).mean(axis=0)[None])[0] if np.any(hab.array > 0) \
+                else np.mean(hab.bounds_ras(), axis=0)
+            pts = [("tumour centre", "", c)]
+        half = 45.0
+        nz = np.argwhere(hab.array > 0)
+        if nz.size:
+            ext = hab.kji_to_ras_points(nz)
+            half = float(np.clip(np.max(np.abs(ext - ext.mean(axis=0))[:, :2]) + 25.0, 30.0, 120.0))
+        fig = figs.new(4.2 * len(pts), 4.6)
+        u, v = np.array([-1.0, 0, 0]), np.array([0, -1.0, 0])  # radiological: patient right on the left, anterior up
+        for i, (name, region, p) in enumerate(pts):
+            ax = fig.add_subplot(1, len(pts), i + 1)
+            centre = p.copy()
+            lab = reslice(hab, centre, u, v, half, half, 0.5, order=0)
+            if base is not None:
+                img = reslice(base, centre, u, v, half, half, 0.5, order=1)
+                lo, hi = window_image(img)
+                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=(-half, half, half, -half))
+            ax.imshow(habitat_rgba(np.nan_to_num(lab).astype(int)), extent=(-half, half, half, -half))
+            for other_name, other_region, q in pts:
+                d = q - centre
+                if abs(d[2]) <= 2.5:  # targets within this slab
+                    ax.plot([-d[0]], [-d[1]], marker="+", ms=16, mew=2.5, color="white")
+                    ax.plot([-d[0]], [-d[1]], marker="+", ms=13, mew=1.2,
+                            color=REGION_COLOURS.get(other_region, (0, 1, 0)))
+                    ax.annotate(other_name, (-d[0], -d[1]), xytext=(6, 6), textcoords="offset points", color="white",
+                                fontsize=9, fontweight="bold")
+            ax.set_title(f"{name}: axial S {p[2]:.1f} mm", fontsize=10)
+            ax.set_xlabel("mm (patient right on the left)")
+            ax.set_xlim(-half, half)
+            ax.set_ylim(half, -half)
+        fig.suptitle(f"Habitats on {base_name}: A red (low ADC, high EF), B yellow (discordant), "
+                     "C blue (high ADC, low EF)", fontsize=10)
+        fig.tight_layout()
+        out.append(figs.save(fig, "habitats_targets",
+                             f"Habitat map over the {base_name} (MRI world), axial slice through each proposed "
+                             "target (+)."))
+    regions = case.csv("characterisation/regions.csv")
+    if regions:
+        rows = []
+        for r in regions:
+            ms = lambda k: f"{fmt_num(r.get(k + '_mean'))} ± {fmt_num(r.get(k + '_sd'))}"  # noqa: E731
+            rows.append((r.get("region"), fmt_num(r.get("volume_ml"), 2), r.get("voxel_count", "-"), ms("adc"), ms("ef"),
+                         ms("ff")))
+        out.append(html_table(("region", "volume (ml)", "voxels", "ADC mean ± SD (10^-6 mm^2/s)", "EF mean ± SD (%)",
+                           "FF mean ± SD (%)"), rows, num_cols=(1, 2)))
+    else:
+        out.append(na_note("Region table " + case.why("characterisation", "characterisation/regions.csv")))
+    chars = case.json("characterisation/characterisation.json")
+    missing = ((chars or {}).get("habitats") or {}).get("missing") if isinstance(chars, dict) else None
+    for m in (missing or {}).values():
+        out.append(f'<p class="note">{esc(m)}</p>')
+    if targets:
+        rows = []
+        for t in targets:
+            sig = t.get("signature") or {}
+            sv = lambda k: _mean_sd(sig.get(k))  # noqa: E731
+            ctp = case.target_ct(t)
+            mrp = case.target_mri(t)
+            rows.append((t.get("name"), t.get("region"), "-" if mrp is None else " ".join(fmt_num(v) for v in mrp),
+                         "-" if ctp is None else " ".join(fmt_num(v) for v in ctp), fmt_num(t.get("depth_mm")),
+                         "yes" if t.get("targetable", True) else "NO: " + "; ".join(t.get("reasons") or []),
+                         sv("adc"), sv("ef"), sv("ff")))
+        out.append(html_table(("target", "region", "MRI RAS (mm)", "CT RAS (mm)", "depth (mm)", "targetable",
+                           "ADC", "EF (%)", "FF (%)"), rows, num_cols=(4,)))
+    elif hab is not None:
+        out.append(na_note("Targets " + case.why("characterisation", "characterisation/targets.json")))
+    return "\n".join(out)

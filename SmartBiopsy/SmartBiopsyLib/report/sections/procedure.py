@@ -1,0 +1,79 @@
+"""Report section: the procedure timeline (events, dose)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+import numpy as np
+
+from SmartBiopsyLib.report.case import CaseFolder
+from SmartBiopsyLib.report.figures import FigureStore
+from SmartBiopsyLib.report.html import esc, fmt_num, na_note, html_table
+
+
+def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
+    out = []
+    proc = case.json("specimens/procedure.json")
+    if isinstance(proc, dict):
+        scans = [s for s in proc.get("scans") or [] if isinstance(s, dict)]
+        out.append(html_table(("item", "value"), [
+            ("participant", proc.get("participant_id") or "-"), ("operator", proc.get("operator") or "-"),
+            ("planning topogram", proc.get("planning_topogram_utc") or "-"),
+            ("CT acquisitions", len(scans)), ("total DLP", f"{fmt_num(proc.get('total_dlp_mgy_cm'))} mGy*cm"),
+            ("elapsed", f"{fmt_num(proc.get('elapsed_min'))} min (window {fmt_num(proc.get('window_min'), 0)} min"
+                        + (", EXCEEDED)" if proc.get("window_exceeded") else ")")),
+            ("needle manipulations", ", ".join(f"{k} {v}" for k, v in (proc.get("manipulations") or {}).items())
+             + f" (total {proc.get('total_manipulations', '-')})"),
+            ("adverse events", "; ".join(f"{a.get('term')} grade {a.get('grade')}"
+                                         for a in proc.get("adverse_events") or []) or "none")]))
+        if scans:
+            out.append(html_table(("CT acquisition", "time (UTC)", "DLP (mGy*cm)"),
+                              [(s.get("label"), s.get("time_utc"), fmt_num(s.get("dlp_mgy_cm"))) for s in scans],
+                              num_cols=(2,)))
+            t0 = proc.get("planning_topogram_utc") or scans[0].get("time_utc")
+            try:
+                t0d = _dt.datetime.fromisoformat(str(t0).replace("Z", "+00:00"))
+                mins = [(_dt.datetime.fromisoformat(str(s["time_utc"]).replace("Z", "+00:00")) - t0d).total_seconds()
+                        / 60.0 for s in scans]
+                dlp = np.array([float(s.get("dlp_mgy_cm") or 0.0) for s in scans])
+                fig = figs.new(8, 3.6)
+                ax = fig.add_subplot(111)
+                ax.bar(mins, dlp, width=max(0.6, 0.012 * max(max(mins), 1.0)), color="#3b7dd8", label="DLP per scan")
+                ax2 = ax.twinx()
+                ax2.step([0.0] + mins, np.concatenate([[0.0], np.cumsum(dlp)]), where="post", color="#d93025",
+                         label="cumulative DLP")
+                win = float(proc.get("window_min") or 60.0)
+                ax.axvline(win, color="#e69500", ls="--", label=f"{win:.0f} min window")
+                for m_, s in zip(mins, scans):
+                    ax.annotate(str(s.get("label")), (m_, 0), xytext=(0, 3), textcoords="offset points", rotation=90,
+                                fontsize=7, va="bottom")
+                ax.set_xlim(-1, max(win, max(mins)) + 3)
+                ax.set_xlabel("minutes since the planning topogram")
+                ax.set_ylabel("DLP (mGy*cm)")
+                ax2.set_ylabel("cumulative DLP (mGy*cm)")
+                h1, l1 = ax.get_legend_handles_labels()
+                h2, l2 = ax2.get_legend_handles_labels()
+                ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+                ax.set_title("CT acquisitions over the procedure")
+                fig.tight_layout()
+                out.append(figs.save(fig, "procedure_timeline", "Dose-length product of each CT acquisition over "
+                                                                "time, cumulative dose and the procedure window."))
+            except (KeyError, TypeError, ValueError) as exc:
+                out.append(f'<p class="note">timeline not drawn: {esc(exc)}</p>')
+    else:
+        out.append(na_note("Procedure log " + case.why("specimens", "specimens/procedure.json")))
+    sess = case.json("robot/session.json")
+    if isinstance(sess, dict):
+        out.append(f"<p>Robot session: {'completed' if sess.get('completed') else 'NOT completed'}"
+                   f"{' (cancelled)' if sess.get('cancelled') else ''}.</p>")
+        if sess.get("auto_confirmed") or (case.summary.get("case") or {}).get("auto_confirmed"):
+            out.append('<p class="note">Demo: the plan was confirmed automatically and the robot was a simulator.</p>')
+        rows = [(t.get("name"), t.get("region"), t.get("state"), t.get("transmissions"),
+                 fmt_num(t.get("echo_error_mm"), 3),
+                 fmt_num(t.get("echo_error_deg"), 3), fmt_num(t.get("reached_error_mm"), 2), t.get("robot_status") or "-")
+                for t in sess.get("targets") or [] if isinstance(t, dict)]
+        out.append(html_table(("target", "region", "state", "sent", "echo error (mm)", "echo error (deg)",
+                           "reached error (mm)", "robot status"), rows, num_cols=(3, 4, 5, 6)))
+    else:
+        out.append(na_note("Robot session " + case.why("robot", "robot/session.json")))
+    return "\n".join(out)

@@ -1,0 +1,49 @@
+"""Report section: specimen pots and pathology."""
+
+from __future__ import annotations
+
+from SmartBiopsyLib.report.case import CaseFolder
+from SmartBiopsyLib.report.figures import FigureStore
+from SmartBiopsyLib.report.html import fmt_num, na_note, html_table
+
+
+def _pathology(case: CaseFolder) -> dict:
+    """pot_id -> {ki67_percent, nsr, fnclcc_grade} from specimens/pathology.csv (or the specimens table)."""
+    out: dict[str, dict] = {}
+    p = case.root / "specimens" / "pathology.csv"
+    if p.is_file():
+        try:
+            from SmartBiopsyLib.records.specimen_journal import read_pathology_csv
+
+            for row in read_pathology_csv(p):
+                out[str(row.get("pot_id", "")).strip()] = {k: v for k, v in row.items() if k != "_line"}
+        except Exception as exc:  # noqa: BLE001
+            case.problems["specimens/pathology.csv"] = f"specimens/pathology.csv could not be read ({exc})"
+    for r in case.csv("specimens/specimens.csv") or []:
+        if r.get("ki67_percent") and r.get("pot_id") not in out:
+            out[r["pot_id"]] = {k: r.get(k) for k in ("ki67_percent", "nsr", "fnclcc_grade")}
+    return out
+
+
+def section_specimens(case: CaseFolder, figs: FigureStore) -> str:
+    rows = case.csv("specimens/specimens.csv")
+    if not rows:
+        return na_note("Specimen table " + case.why("specimens", "specimens/specimens.csv"))
+    path = _pathology(case)
+    maps = [m for m in ("adc", "ff", "ef") if any(f"{m}_mean" in r for r in rows)]
+    header = ["pot", "region", "target", "time (UTC)", "operator"] + [f"{m.upper()} mean ± SD" for m in maps]
+    has_path = bool(path)
+    if has_path:
+        header += ["Ki-67 (%)", "grade"]
+    body = []
+    for r in rows:
+        row = [r.get("pot_id"), r.get("region"), r.get("target_name"), r.get("time_utc"), r.get("operator")]
+        row += [f"{fmt_num(r.get(f'{m}_mean'))} ± {fmt_num(r.get(f'{m}_sd'))}" for m in maps]
+        if has_path:
+            pr = path.get(str(r.get("pot_id")), {})
+            row += [fmt_num(pr.get("ki67_percent")), pr.get("fnclcc_grade") or "-"]
+        body.append(row)
+    out = [html_table(header, body)]
+    if not has_path:
+        out.append('<p class="note">No pathology results yet (specimens/pathology.csv absent).</p>')
+    return "\n".join(out)

@@ -1,0 +1,58 @@
+"""Report section 1: the case summary (steps, timings, memory, truth check)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from SmartBiopsyLib.report.case import CaseFolder
+from SmartBiopsyLib.report.figures import FigureStore
+from SmartBiopsyLib.report.html import RawHtml, esc, fmt_num, na_note, html_table
+
+
+def section_summary(case: CaseFolder, figs: FigureStore) -> str:
+    out = []
+    s = case.summary if isinstance(case.summary, dict) else {}
+    if not s:
+        out.append(na_note(f"not available ({case.problems.get('summary.json', 'summary.json was not written')})"))
+    c = s.get("case") or {}
+    rows = [("case", c.get("name", "-")), ("source", c.get("source", "-")),
+            ("synthetic data", "yes (phantom)" if c.get("synthetic") else "no")]
+    if s.get("peak_memory_mb") is not None:
+        rows.append(("peak memory", f"{fmt_num(s.get('peak_memory_mb'), 0)} MB"))
+    total = sum(float(x.get("seconds") or 0.0) for x in case.stages)
+    rows.append(("total time of the steps", f"{total:.1f} s"))
+    proc = case.json("specimens/procedure.json")
+    if isinstance(proc, dict):
+        rows.append(("total DLP", f"{fmt_num(proc.get('total_dlp_mgy_cm'))} mGy*cm"))
+        el, win = proc.get("elapsed_min"), proc.get("window_min", 60.0)
+        verdict = ("-" if el is None else (f"{fmt_num(el)} min of the {fmt_num(win, 0)} min window "
+                                           + ("(EXCEEDED)" if proc.get("window_exceeded") else "(within)")))
+        rows.append(("procedure time", verdict))
+    else:
+        rows.append(("DLP and procedure window", case.why("specimens", "specimens/procedure.json")))
+    out.append(html_table(("item", "value"), rows))
+    if case.stages:
+        srows = []
+        for st in case.stages:
+            status = st.get("status", "")
+            cls = {"done": "pass", "failed": "fail"}.get(status, "note")
+            srows.append((st.get("name", ""), RawHtml(f'<span class="{cls}">{esc(status)}</span>'),
+                          fmt_num(st.get("seconds"), 2), st.get("message", "")))
+        out.append(html_table(("step", "status", "seconds", "message"), srows, num_cols=(2,)))
+        names = [str(st.get("name", "")) for st in case.stages]
+        secs = [float(st.get("seconds") or 0.0) for st in case.stages]
+        colours = [{"done": "#3b7dd8", "failed": "#d93025"}.get(st.get("status"), "#9aa0a6") for st in case.stages]
+        fig = figs.new(8, 0.45 * len(names) + 1.4)
+        ax = fig.add_subplot(111)
+        y = np.arange(len(names))
+        ax.barh(y, secs, color=colours)
+        ax.set_yticks(y, names)
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds")
+        for yi, sv in zip(y, secs):
+            ax.text(sv, yi, f" {sv:.1f} s", va="center", fontsize=8)
+        ax.set_title(f"time per step (total {total:.1f} s; blue done, red failed, grey skipped)")
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        out.append(figs.save(fig, "stage_times", "Wall time of each workflow step."))
+    return "\n".join(out)

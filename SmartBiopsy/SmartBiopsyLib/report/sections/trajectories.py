@@ -1,0 +1,194 @@
+"""Report section: planned trajectories on the CT (reslices along each path, 3-D view)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from SmartBiopsyLib.report.case import CaseFolder
+from SmartBiopsyLib.report.figures import CT_WINDOW_HU, HABITAT_COLOURS, REGION_COLOURS, FigureStore, apply_matrix, perp_axial, unit_vector, reslice
+from SmartBiopsyLib.report.html import esc, fmt_num, na_note, html_table
+
+logger = logging.getLogger(__name__)
+
+
+def _chosen_trajectories(plan: dict) -> tuple[list, str]:
+    """The best-ranked path per target (what the workflow sends to the robot and samples)."""
+    trajs = [t for t in plan.get("trajectories") or [] if isinstance(t, dict)]
+    best: dict = {}
+    for t in trajs:
+        key = t.get("target", t.get("name"))
+        if key not in best or int(t.get("rank", 1)) < int(best[key].get("rank", 1)):
+            best[key] = t
+    if best:
+        return [best[k] for k in sorted(best, key=str)], "best-ranked path per target"
+    shared = plan.get("shared_entry")
+    if isinstance(shared, dict) and shared.get("trajectories"):
+        return list(shared["trajectories"]), "shared skin entry"
+    return [], ""
+
+
+def _skin_points(case: CaseFolder, ct, centre=None, radius_mm: float | None = None,
+                 max_points: int = 4000) -> np.ndarray | None:
+    """Skin surface points (RAS, CT world) within the cube ``centre`` +- ``radius_mm``, subsampled."""
+    pts = _all_skin_points(case, ct)
+    if pts is None:
+        return None
+    if centre is not None and radius_mm is not None:
+        pts = pts[np.all(np.abs(pts - np.asarray(centre, float)) <= radius_mm, axis=1)]
+    if len(pts) > max_points:
+        pts = pts[np.random.default_rng(0).choice(len(pts), max_points, replace=False)]
+    return pts
+
+
+def _all_skin_points(case: CaseFolder, ct) -> np.ndarray | None:
+    vtp = case.root / "plan" / "skin_model.vtp"
+    if vtp.is_file():
+        try:
+            import vtk
+            from vtk.util.numpy_support import vtk_to_numpy
+
+            r = vtk.vtkXMLPolyDataReader()
+            r.SetFileName(str(vtp))
+            r.Update()
+            pts = r.GetOutput().GetPoints()
+            if pts is not None and pts.GetNumberOfPoints():
+                return vtk_to_numpy(pts.GetData()).astype(float)
+        except Exception as exc:  # noqa: BLE001 - fall back to the CT
+            logger.info("skin model %s unreadable (%s); using the CT body outline", vtp, exc)
+    if ct is None:
+        return None
+    from scipy import ndimage
+
+    stride = np.maximum(1, np.round(4.0 / ct.spacing[::-1]).astype(int))
+    a = np.asarray(ct.array[::stride[0], ::stride[1], ::stride[2]])
+    body = a > -300
+    lab, n = ndimage.label(body)
+    if n == 0:
+        return None
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    body = ndimage.binary_fill_holes(lab == np.argmax(sizes))
+    surf = body & ~ndimage.binary_erosion(body, border_value=1)  # the CT's end slices are not skin
+    return ct.kji_to_ras_points(np.argwhere(surf) * stride)
+
+
+def _tumour_points_ct(case: CaseFolder, max_points: int = 2500):
+    """(points CT RAS, habitat code per point) of the tumour, or (None, None)."""
+    m = case.mri_to_ct()
+    hab = case.volume("characterisation/habitats.nrrd")
+    tum = case.volume("characterisation/tumour.nrrd")
+    vol = tum if tum is not None else hab
+    if vol is None or m is None or not np.any(vol.array):
+        return None, None
+    idx = np.argwhere(vol.array != 0)
+    if len(idx) > max_points:
+        idx = idx[np.random.default_rng(1).choice(len(idx), max_points, replace=False)]
+    codes = np.zeros(len(idx), int)
+    if hab is not None and hab.array.shape == vol.array.shape:
+        codes = np.asarray(hab.array)[tuple(idx.T)].astype(int)
+    return apply_matrix(m, vol.kji_to_ras_points(idx)), codes
+
+
+def section_trajectories(case: CaseFolder, figs: FigureStore) -> str:
+    out = []
+    plan = case.json("plan/plan.json")
+    if not isinstance(plan, dict):
+        return na_note("Trajectories " + case.why("plan", "plan/plan.json"))
+    trajs, which = _chosen_trajectories(plan)
+    ct = case.volume("inputs/ct.nrrd")
+    for name, msg in (plan.get("failures") or {}).items():
+        out.append(f'<p class="fail">{esc(name)}: {esc(msg)}</p>')
+    if not trajs:
+        out.append(na_note("no trajectory in plan/plan.json (no safe path was found)"))
+        return "\n".join(out)
+    if ct is None:
+        out.append(na_note("Reslices along the paths " + case.why("inputs", "inputs/ct.nrrd")))
+    else:
+        n = len(trajs)
+        fig = figs.new(5.0 * n, 4.8)
+        for i, t in enumerate(trajs):
+            e = np.asarray(t["entry_ras"], float)
+            g = np.asarray(t["target_ras"], float)
+            tip = np.asarray(t["tip_ras"], float) if t.get("tip_ras") is not None else g
+            d = unit_vector(g - e)
+            w = perp_axial(d)
+            L = float(np.linalg.norm(g - e))
+            centre = 0.5 * (e + g)
+            hu, hv = L / 2 + 25.0, max(35.0, 0.35 * L)
+            img = reslice(ct, centre, d, w, hu, hv, 0.5, order=1)
+            ax = fig.add_subplot(1, n, i + 1)
+            ax.imshow(img, cmap="gray", vmin=CT_WINDOW_HU[0], vmax=CT_WINDOW_HU[1], extent=(-hu, hu, hv, -hv))
+            pe, pg, pt = ((p - centre) @ d for p in (e, g, tip))
+            ax.plot([pe, pt], [0, (tip - centre) @ w], color="#00e5ff", lw=1.6, label="planned needle")
+            ax.plot([pe], [0], "o", color="#00e5ff", ms=6, label="skin entry")
+            ax.plot([pg], [0], "x", color=REGION_COLOURS.get(str(t.get("region")), (1, 0, 1)), ms=11, mew=2.5,
+                    label="target")
+            clear = t.get("clearance_mm") or {}
+            worst = min(clear.items(), key=lambda kv: kv[1]) if clear else None
+            ax.set_title(f"{t.get('name', t.get('target'))}: {fmt_num(t.get('length_mm'))} mm, "
+                         f"{fmt_num(t.get('angle_to_axial_deg'))} deg to axial"
+                         + (f"\nclosest: {worst[0]} {worst[1]:.1f} mm" if worst else ""), fontsize=9)
+            ax.set_xlabel("mm along the needle")
+            ax.set_ylabel("mm across (in the plane nearest axial)")
+            ax.legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"CT resliced on the plane containing each needle path ({which})", fontsize=10)
+        fig.tight_layout()
+        out.append(figs.save(fig, "trajectories_reslice",
+                             "Oblique CT reslice containing each planned path (entry o, target x), CT window "
+                             f"{CT_WINDOW_HU[0]:.0f} to {CT_WINDOW_HU[1]:.0f} HU."))
+    # 3-D view
+    tpts, codes = _tumour_points_ct(case)
+    fig = figs.new(7.5, 6.5)
+    import mpl_toolkits.mplot3d  # noqa: F401 - registers the 3d projection
+
+    ax = fig.add_subplot(111, projection="3d")
+    focus = [np.array([np.asarray(t["entry_ras"], float), np.asarray(t.get("tip_ras") or t["target_ras"], float)])
+             for t in trajs]
+    if tpts is not None:
+        focus.append(tpts)
+    f = np.concatenate(focus)
+    c = 0.5 * (f.min(axis=0) + f.max(axis=0))
+    r = 0.5 * float(np.max(f.max(axis=0) - f.min(axis=0))) + 40.0  # the paths and the tumour with 40 mm around
+    skin = _skin_points(case, ct, c, r)
+    if skin is not None and len(skin):
+        ax.scatter(skin[:, 0], skin[:, 1], skin[:, 2], s=2, c="#8b5a2b", alpha=0.5, label="skin")
+    if tpts is not None:
+        cols = np.array([HABITAT_COLOURS.get(int(k), (0.5, 0.5, 0.5)) for k in codes])
+        ax.scatter(tpts[:, 0], tpts[:, 1], tpts[:, 2], s=4, c=cols, alpha=0.6, label="tumour (habitat colours)")
+    for t in trajs:
+        e = np.asarray(t["entry_ras"], float)
+        tip = np.asarray(t.get("tip_ras") or t["target_ras"], float)
+        col = REGION_COLOURS.get(str(t.get("region")), (0.2, 0.2, 0.2))
+        ax.plot([e[0], tip[0]], [e[1], tip[1]], [e[2], tip[2]], color=col, lw=2.5)
+        ax.scatter([e[0]], [e[1]], [e[2]], color="k", s=20)
+        ax.text(*tip, f" {t.get('target', t.get('name'))}", fontsize=8)
+    ax.set_xlim(c[0] - r, c[0] + r)
+    ax.set_ylim(c[1] - r, c[1] + r)
+    ax.set_zlim(c[2] - r, c[2] + r)
+    ax.set_xlabel("R (mm)")
+    ax.set_ylabel("A (mm)")
+    ax.set_zlabel("S (mm)")
+    ax.view_init(elev=25, azim=-60)
+    ax.set_title("3-D view: skin, tumour and needle paths (CT world)", fontsize=10)
+    fig.tight_layout()
+    out.append(figs.save(fig, "trajectories_3d", "Skin surface (subsampled), tumour coloured by habitat and the "
+                                                 "planned needle paths."))
+    rows = []
+    for t in trajs:
+        clear = t.get("clearance_mm") or {}
+        rows.append((t.get("name"), t.get("target"), t.get("region"), t.get("rank"), fmt_num(t.get("length_mm")),
+                     fmt_num(t.get("angle_to_axial_deg")), fmt_num(t.get("score"), 3),
+                     ", ".join(f"{k} {v:.1f}" for k, v in sorted(clear.items(), key=lambda kv: kv[1])[:4])))
+    out.append(html_table(("path", "target", "region", "rank", "length (mm)", "angle to axial (deg)", "score",
+                       "clearance to nearest structures (mm)"), rows, num_cols=(3, 4, 5, 6)))
+    if plan.get("shared_entry_note"):
+        out.append(f'<p class="note">{esc(plan["shared_entry_note"])}</p>')
+    rej = plan.get("rejections") or {}
+    if rej:
+        out.append("<p>Rejected candidate paths per target (first failed constraint):</p>")
+        out.append(html_table(("target", "candidates", "rejections"),
+                          [(k, (plan.get("candidates") or {}).get(k, "-"),
+                            ", ".join(f"{r} {c}" for r, c in v.items()) or "none") for k, v in rej.items()]))
+    return "\n".join(out)

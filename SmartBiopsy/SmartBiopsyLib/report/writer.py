@@ -1,0 +1,83 @@
+"""The case report: one self-contained ``report.html`` (plus every figure as PNG) from a case output folder.
+
+Core module: numpy, scipy, matplotlib (Agg canvas, no pyplot state), optionally vtk to read the skin model;
+no ``slicer``. :func:`write_report` reads the folder the workflow writes (layout below), draws every figure
+from the data itself, embeds the figures as base64 PNG with inline CSS (no external resource, no URL) and
+writes the same pictures to ``<out_dir>/figures/``.
+
+Folder layout read (RAS mm everywhere; CT world = planning CT, MRI world = the anatomical MRI's world;
+``matrix_mri_to_ct_ras`` maps MRI-world points to CT-world points)::
+
+    summary.json                       case, stages [{name, status, seconds, message}], peak_memory_mb
+    inputs/ct.nrrd, inputs/mri_t2.nrrd
+    registration/fusion.json, qa.json, t2_on_ct.nrrd
+    characterisation/adc.nrrd ff.nrrd ef.nrrd habitats.nrrd tumour.nrrd regions.csv targets.json
+    plan/plan.json, plan/skin_model.vtp (optional)
+    robot/session.json
+    sampling/<target>/needle.json, notch.json; sampling/notch_values.json
+    specimens/specimens.csv, procedure.json, pathology.csv (optional)
+
+Robustness: the report never fails because an artefact is missing or unreadable; the section then says
+``not available (step <stage> did not finish: <message from summary.json>)`` (see :func:`write_report`).
+Sections are matched to workflow stages by the keywords in :data:`SECTION_STAGE_KEYWORDS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import datetime as _dt
+import logging
+
+from SmartBiopsyLib.report.case import SECTION_TITLES, CaseFolder
+from SmartBiopsyLib.report.figures import FigureStore
+from SmartBiopsyLib.report.html import REPORT_CSS, esc, na_note
+from SmartBiopsyLib.report.sections.fusion import section_fusion
+from SmartBiopsyLib.report.sections.habitats import section_habitats
+from SmartBiopsyLib.report.sections.heterogeneity import section_heterogeneity
+from SmartBiopsyLib.report.sections.notch import section_notch
+from SmartBiopsyLib.report.sections.procedure import section_procedure
+from SmartBiopsyLib.report.sections.specimens import section_specimens
+from SmartBiopsyLib.report.sections.summary import section_summary
+from SmartBiopsyLib.report.sections.trajectories import section_trajectories
+
+logger = logging.getLogger(__name__)
+
+
+_SECTIONS = (section_summary, section_fusion, section_habitats, section_trajectories, section_notch,
+             section_specimens, section_procedure, section_heterogeneity)
+
+
+def write_report(out_dir, title: str | None = None) -> str:
+    """Write ``<out_dir>/report.html`` (self-contained) and ``<out_dir>/figures/*.png``; return the HTML path.
+
+    Reads the case output folder described in the module docstring. A missing or unreadable artefact never
+    raises: its section says ``not available (step <stage> did not finish: <message>)`` using the stage
+    messages of ``summary.json``; a section whose drawing fails says so and the rest is still written.
+    """
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    case = CaseFolder(root)
+    figs = FigureStore(root / "figures")
+    cinfo = (case.summary.get("case") or {}) if isinstance(case.summary, dict) else {}
+    title = title or f"SmartBiopsy report - {cinfo.get('name', root.name)}"
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+             f"<style>{REPORT_CSS}</style></head><body><h1>{esc(title)}</h1>"]
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts.append(f'<p class="note">Written {created}. Coordinates are RAS in mm; ADC in 10^-6 mm^2/s, FF and EF '
+                 "in percent.</p>")
+    if cinfo.get("synthetic"):
+        parts.append('<p class="na">Synthetic case (digital phantom): not patient data.</p>')
+    parts.append("<ul>" + "".join(f'<li><a href="#s{i + 1}">{esc(t)}</a></li>' for i, t in enumerate(SECTION_TITLES))
+                 + "</ul>")
+    for i, (heading, fn) in enumerate(zip(SECTION_TITLES, _SECTIONS)):
+        try:
+            body = fn(case, figs)
+        except Exception as exc:  # noqa: BLE001 - the report must still be written
+            logger.exception("report section '%s' failed", heading)
+            body = na_note(f"not available (this section could not be drawn: {type(exc).__name__}: {exc})")
+        parts.append(f'<section><h2 id="s{i + 1}">{esc(heading)}</h2>\n{body}</section>')
+    parts.append("</body></html>")
+    path = root / "report.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    logger.info("report written to %s (%d figures)", path, len(figs.paths))
+    return str(path)

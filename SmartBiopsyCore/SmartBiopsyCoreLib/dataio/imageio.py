@@ -1,0 +1,199 @@
+"""Load and save images of any supported kind as RAS volumes (core: no ``slicer``).
+
+- A DICOM folder (or one file of a series) goes through :mod:`SmartBiopsyCoreLib.dataio.dicomio`.
+- NRRD (.nrrd/.nhdr), NIfTI (.nii/.nii.gz), MetaImage (.mha/.mhd) files go through SimpleITK; their LPS
+  geometry is converted to RAS by ``SmartBiopsyCoreLib.geometry`` only.
+
+``RasVolume.meta`` of a NRRD/MetaImage written by :func:`save_image` is stored in the file (key
+``smartbiopsy_meta`` as JSON) and restored by :func:`load_image`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Callable
+
+from SmartBiopsyCoreLib.geometry import RasVolume
+
+from SmartBiopsyCoreLib.dataio import dicomio
+from SmartBiopsyCoreLib.errors import InputDataError
+
+logger = logging.getLogger(__name__)
+
+#: File name endings read and written through SimpleITK.
+IMAGE_EXTENSIONS = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
+_META_KEY = "smartbiopsy_meta"
+
+
+def image_extension(path) -> str | None:
+    """The supported image extension of ``path`` ('.nii.gz', '.nrrd', ...) or None."""
+    low = os.fspath(path).lower()
+    return next((e for e in IMAGE_EXTENSIONS if low.endswith(e)), None)
+
+
+def _stem(path) -> str:
+    base = os.path.basename(os.fspath(path))
+    ext = image_extension(base)
+    return base[: -len(ext)] if ext else os.path.splitext(base)[0]
+
+
+def sanitise_name(text: str) -> str:
+    """A key/node-name-safe version of a series description: letters, digits and underscores."""
+    s = re.sub(r"[^A-Za-z0-9]+", "_", str(text)).strip("_")
+    return s or "image"
+
+
+def _check_3d(vol: RasVolume, what: str, require_3d: bool) -> RasVolume:
+    if require_3d and min(vol.array.shape) < 2:
+        raise InputDataError(f"{what} is a 2-D image ({vol.array.shape[2]} x {vol.array.shape[1]} pixels, "
+                             f"{vol.array.shape[0]} slice); a 3-D volume is needed here, load the whole series")
+    return vol
+
+
+def _load_file(path: str, require_3d: bool) -> RasVolume:
+    import SimpleITK as sitk
+
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        reader.ReadImageInformation()
+        img = reader.Execute()
+    except RuntimeError as exc:
+        raise InputDataError(f"{path} could not be read as an image (the file is corrupt, truncated or not a "
+                             f"{image_extension(path)} image); check the file") from exc
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputDataError(f"{path} holds {img.GetNumberOfComponentsPerPixel()} values per voxel (colour or "
+                             f"vector image); a scalar volume is needed")
+    if img.GetDimension() > 3:
+        size = img.GetSize()
+        if all(s == 1 for s in size[3:]):
+            img = img[(slice(None),) * 3 + (0,) * (img.GetDimension() - 3)]
+        else:
+            raise InputDataError(f"{path} is a {img.GetDimension()}-D image (size {size}); split it into 3-D "
+                                 f"volumes first")
+    meta = {}
+    if reader.HasMetaDataKey(_META_KEY):
+        try:
+            meta = json.loads(reader.GetMetaData(_META_KEY))
+        except ValueError:
+            logger.warning("ignoring unreadable %s in %s", _META_KEY, path)
+    meta.setdefault("source_path", os.path.abspath(path))
+    vol = RasVolume.from_sitk(img, name=_stem(path), meta=meta)
+    return _check_3d(vol, path, require_3d)
+
+
+def load_image(path, require_3d: bool = True, series_uid: str | None = None, b_value: float | None = None,
+               progress: Callable | None = None, should_cancel: Callable | None = None) -> RasVolume:
+    """One volume from a DICOM folder/file or a NRRD/NIfTI/MetaImage file, in RAS mm.
+
+    A DICOM folder must hold a single series (else the error lists the series; pass ``series_uid``);
+    a multi-b DWI series needs ``b_value``. ``require_3d``: reject single-slice images.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputDataError(f"{path} does not exist; check the path")
+    if os.path.isdir(path):
+        vol = dicomio.load_dicom_series(path, series_uid, b_value, progress, should_cancel)
+        return _check_3d(vol, f"series {vol.meta.get('series_description')!r} in {path}", require_3d)
+    if os.path.getsize(path) == 0:
+        raise InputDataError(f"{path} is empty (0 bytes); copy the file again")
+    if image_extension(path):
+        return _load_file(path, require_3d)
+    if dicomio._is_dicom_file(path) or path.lower().endswith((".dcm", ".ima")):
+        vol = dicomio.load_dicom_series(path, series_uid, b_value, progress, should_cancel)
+        return _check_3d(vol, f"series {vol.meta.get('series_description')!r}", require_3d)
+    raise InputDataError(f"{os.path.basename(path)} is not a supported image (use a DICOM folder or a "
+                         f"{', '.join(IMAGE_EXTENSIONS)} file)")
+
+
+def save_image(volume: RasVolume, path, compress: bool = True) -> str:
+    """Write ``volume`` to a NRRD/NIfTI/MetaImage file chosen by the extension; returns the path.
+
+    NRRD and MetaImage keep ``volume.meta`` (JSON). For a DICOM series use
+    :func:`SmartBiopsyCoreLib.dataio.dicomio.write_dicom_series`.
+    """
+    import SimpleITK as sitk
+
+    path = os.fspath(path)
+    ext = image_extension(path)
+    if ext is None:
+        raise InputDataError(f"cannot save to {os.path.basename(path)}: use one of {', '.join(IMAGE_EXTENSIONS)} "
+                             f"(DICOM is written with write_dicom_series)")
+    img = volume.to_sitk()
+    if ext in (".nrrd", ".nhdr", ".mha", ".mhd") and volume.meta:
+        img.SetMetaData(_META_KEY, json.dumps(volume.meta, default=str))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        sitk.WriteImage(img, path, compress)
+    except RuntimeError as exc:
+        raise InputDataError(f"could not write {path} ({str(exc).strip().splitlines()[-1][:120]}); "
+                             f"check the folder is writable and has space") from exc
+    return path
+
+
+def load_study(path, progress: Callable | None = None,
+               should_cancel: Callable | None = None) -> dict[str, RasVolume]:
+    """Every volume below a folder: {sanitised name: RasVolume}.
+
+    DICOM series are keyed by their sanitised series description (a multi-b DWI series gives one entry
+    per b-value, '<description>_b800'); image files by their file name without extension. Duplicate
+    names get the series number (or a counter) appended. A problem in any series raises
+    :class:`InputDataError` naming that series.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            vol = load_image(path)
+            return {sanitise_name(vol.name): vol}
+        raise InputDataError(f"the folder {path} does not exist; check the path")
+    out: dict[str, RasVolume] = {}
+
+    def put(key: str, vol: RasVolume, number=None):
+        key = sanitise_name(key)
+        if key in out and number is not None:
+            key = f"{key}_s{number}"
+        base, n = key, 2
+        while key in out:
+            key, n = f"{base}_{n}", n + 1
+        vol.name = key
+        out[key] = vol
+
+    image_files = []
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        image_files.extend(os.path.join(root, n) for n in sorted(names) if image_extension(n))
+    res = dicomio._scan(path)
+    if not res.series and not image_files:
+        dicomio._select_series(res, path, None)  # raises the right "empty / not DICOM / corrupt" error
+    dicomio._refuse_corrupt(res, path)
+    series = sorted(res.series.values(), key=lambda s: (s.number if s.number is not None else 1 << 30))
+    total = len(series) + len(image_files)
+    done = 0
+    for info in series:
+        if should_cancel is not None and should_cancel():
+            raise InputDataError("loading the study was cancelled")
+        if progress is not None:
+            progress(done / max(total, 1), f"loading {info.description or info.uid}")
+        if info.is_multi_b:
+            for b, vol in dicomio._load_dwi_from_scan(res, info, should_cancel=should_cancel).items():
+                put(f"{info.description or 'dwi'}_b{b:g}", vol, info.number)
+        else:
+            vol = dicomio._load_from_scan(res, info, should_cancel=should_cancel)
+            if min(vol.array.shape) < 2:
+                logger.info("skipping single-slice series %s (a localiser or screenshot)", info.label)
+                continue
+            put(info.description or f"series_{info.number}", vol, info.number)
+        done += 1
+    for f in image_files:
+        if should_cancel is not None and should_cancel():
+            raise InputDataError("loading the study was cancelled")
+        if progress is not None:
+            progress(done / max(total, 1), f"loading {os.path.basename(f)}")
+        put(_stem(f), _load_file(f, require_3d=False))
+        done += 1
+    if progress is not None:
+        progress(1.0, f"loaded {len(out)} volumes")
+    logger.info("loaded study %s: %s", path, ", ".join(out))
+    return out

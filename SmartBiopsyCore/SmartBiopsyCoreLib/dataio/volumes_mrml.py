@@ -1,0 +1,161 @@
+"""RasVolume <-> MRML volume nodes (MRML glue: takes the scene explicitly; no slicer.app/mrmlScene/qt).
+
+Voxels are deep-copied between the numpy array (k, j, i) and the node's ``vtkImageData`` (i fastest);
+the node's IJK->RAS matrix is the volume's ``ijk_to_ras`` unchanged (both are RAS, mm), so no frame
+conversion happens here. ``RasVolume.meta`` is stored on the node as attributes: readable ones
+(``DICOM.SeriesDescription``, ``DICOM.SeriesNumber``, ``SmartBiopsy.BValue``, ``SmartBiopsy.Units``,
+...) and the whole dictionary as JSON in ``SmartBiopsy.Meta`` for an exact round trip.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from SmartBiopsyCoreLib.geometry import RasVolume, array_from_vtk_matrix, vtk_matrix
+
+logger = logging.getLogger(__name__)
+
+#: meta key -> node attribute name (everything else becomes "SmartBiopsy.<key>").
+META_ATTRIBUTES = {
+    "series_description": "DICOM.SeriesDescription",
+    "series_number": "DICOM.SeriesNumber",
+    "series_uid": "DICOM.SeriesInstanceUID",
+    "study_uid": "DICOM.StudyInstanceUID",
+    "modality": "DICOM.Modality",
+    "acquisition_date": "DICOM.AcquisitionDate",
+    "acquisition_time": "DICOM.AcquisitionTime",
+    "b_value": "SmartBiopsy.BValue",
+    "units": "SmartBiopsy.Units",
+}
+META_JSON_ATTRIBUTE = "SmartBiopsy.Meta"
+GREY_COLOR_ID = "vtkMRMLColorTableNodeGrey"
+#: Preferred colour tables for label maps, first one present in the scene wins.
+LABEL_COLOR_IDS = ("vtkMRMLColorTableNodeFileGenericAnatomyColors.txt", "vtkMRMLColorTableNodeLabels")
+
+
+def _image_data(array: np.ndarray):
+    import vtk
+    from vtk.util import numpy_support
+
+    arr = np.ascontiguousarray(array)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    if arr.dtype in (np.int64, np.uint64):
+        # VTK "long long" volumes do not render in Slicer; keep the values in 32 bits when they fit
+        info = np.iinfo(np.int32)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise ValueError("64-bit integer voxel values do not fit in 32 bits; convert the volume first")
+        arr = arr.astype(np.int32)
+    image = vtk.vtkImageData()
+    k, j, i = arr.shape
+    image.SetDimensions(i, j, k)
+    scalars = numpy_support.numpy_to_vtk(arr.ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    return image
+
+
+def _meta_text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (list, tuple)):
+        return "\\".join(map(str, value))
+    return str(value)
+
+
+def add_volume_node(scene, volume: RasVolume, name: str | None = None, label: bool = False):
+    """Add ``volume`` to ``scene`` as a scalar (or label map) volume node with a display node.
+
+    Returns the new ``vtkMRMLScalarVolumeNode`` / ``vtkMRMLLabelMapVolumeNode`` (owned by the scene).
+    Grey colour table for scalars (auto window/level); for label maps the generic anatomy colours if
+    the scene has them, else Slicer's default label colours. Label maps must hold integer values.
+    """
+    array = np.asarray(volume.array)
+    if label and not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise ValueError(f"label map '{volume.name}' holds non-integer values; round or threshold it first")
+        array = array.astype(np.int16)
+    cls = "vtkMRMLLabelMapVolumeNode" if label else "vtkMRMLScalarVolumeNode"
+    node = scene.AddNewNodeByClass(cls, name or volume.name)
+    node.SetIJKToRASMatrix(vtk_matrix(volume.ijk_to_ras))
+    node.SetAndObserveImageData(_image_data(array))
+
+    display_cls = "vtkMRMLLabelMapVolumeDisplayNode" if label else "vtkMRMLScalarVolumeDisplayNode"
+    display = scene.AddNewNodeByClass(display_cls)
+    if label:
+        color_id = next((c for c in LABEL_COLOR_IDS if scene.GetNodeByID(c) is not None), None)
+    else:
+        color_id = GREY_COLOR_ID if scene.GetNodeByID(GREY_COLOR_ID) is not None else None
+        display.AutoWindowLevelOn()
+    if color_id is not None:
+        display.SetAndObserveColorNodeID(color_id)
+    node.SetAndObserveDisplayNodeID(display.GetID())
+
+    for key, value in volume.meta.items():
+        if value is None:
+            continue
+        node.SetAttribute(META_ATTRIBUTES.get(key, f"SmartBiopsy.{key}"), _meta_text(value))
+    if volume.meta:
+        node.SetAttribute(META_JSON_ATTRIBUTE, json.dumps(volume.meta, default=str))
+    logger.debug("added %s '%s' %s", cls, node.GetName(), array.shape[::-1])
+    return node
+
+
+def volume_from_node(node, apply_parent_transform: bool = False) -> RasVolume:
+    """A :class:`RasVolume` copy of a scalar/label volume node (array[k, j, i], IJK->RAS in mm).
+
+    By default the geometry is the node's own IJK->RAS (ignoring any parent transform);
+    ``apply_parent_transform=True`` folds a linear parent transform in (world RAS). Meta comes from
+    the ``SmartBiopsy.Meta`` attribute when present, else from the readable attributes.
+    """
+    from vtk.util import numpy_support
+
+    image = node.GetImageData() if node is not None else None
+    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+        name = node.GetName() if node is not None else "None"
+        raise ValueError(f"volume node '{name}' has no voxels")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"volume node '{node.GetName()}' has {image.GetNumberOfScalarComponents()} components; "
+                         f"a scalar volume is needed")
+    i, j, k = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i).copy()
+    import vtk
+
+    vm = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(vm)
+    m = array_from_vtk_matrix(vm)
+    if apply_parent_transform and node.GetParentTransformNode() is not None:
+        tnode = node.GetParentTransformNode()
+        if not tnode.IsTransformToWorldLinear():
+            raise ValueError(f"volume node '{node.GetName()}' is under a non-linear transform; harden it first")
+        tw = vtk.vtkMatrix4x4()
+        tnode.GetMatrixTransformToWorld(tw)
+        m = array_from_vtk_matrix(tw) @ m
+    meta = _meta_from_attributes(node)
+    return RasVolume(array, m, node.GetName(), meta)
+
+
+def _meta_from_attributes(node) -> dict:
+    text = node.GetAttribute(META_JSON_ATTRIBUTE)
+    if text:
+        try:
+            return json.loads(text)
+        except ValueError:
+            logger.warning("ignoring unreadable %s on node '%s'", META_JSON_ATTRIBUTE, node.GetName())
+    reverse = {v: k for k, v in META_ATTRIBUTES.items()}
+    meta = {}
+    for attr in node.GetAttributeNames() or ():
+        if attr in reverse:
+            key = reverse[attr]
+        elif attr.startswith("SmartBiopsy."):
+            key = attr[len("SmartBiopsy."):]
+        else:
+            continue
+        value = node.GetAttribute(attr)
+        try:
+            value = float(value) if key in ("b_value",) else (int(value) if key == "series_number" else value)
+        except ValueError:
+            pass
+        meta[key] = value
+    return meta

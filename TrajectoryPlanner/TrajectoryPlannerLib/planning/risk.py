@@ -1,0 +1,279 @@
+"""Risk structures for needle planning: body, skin, bone and gas from CT, user label maps, safety margins.
+
+All masks are boolean arrays in (k, j, i) order on one planning grid (a :class:`RasVolume`, usually the
+CT cropped to the region the needle can reach). Margins are in mm. World frame: RAS, mm.
+
+Automatic structures from CT (HU):
+* body: largest connected component above ``body_hu`` (default -300 HU) with internal holes (lungs,
+  bowel gas) filled slice-independently of the crop (the crop's top and bottom faces are treated as
+  body so that a lung cut by the crop still counts as a hole); the table is a separate component and
+  drops out (``table_opening_mm`` > 0 additionally breaks thin body-table contacts);
+* skin: body voxels with a 6-neighbour outside the body (crop faces do not count as outside);
+* bone: above ``bone_hu`` (default 200 HU) inside the body, components below ``min_bone_mm3`` removed;
+* gas: below ``gas_hu`` (default -400 HU) inside the body (bowel gas and lung), opened with the
+  6-neighbour cross (removes one-voxel noise) and components below ``min_gas_mm3`` removed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from SmartBiopsyCoreLib.geometry import RasVolume, resample
+
+from TrajectoryPlannerLib.errors import TrajectoryPlannerError
+
+logger = logging.getLogger(__name__)
+
+#: Default safety margins (mm) by structure name (lower case); anything else gets GENERIC_MARGIN_MM.
+DEFAULT_MARGINS_MM: dict[str, float] = {
+    "aorta": 10.0, "ivc": 10.0, "vena_cava": 10.0, "bowel": 5.0, "bowel_gas": 5.0, "gas": 5.0,
+    "bone": 3.0, "kidney": 5.0,
+}
+GENERIC_MARGIN_MM = 5.0
+
+
+def default_margin(name: str) -> float:
+    """Default safety margin (mm) for a structure name."""
+    return DEFAULT_MARGINS_MM.get(name.strip().lower().replace(" ", "_"), GENERIC_MARGIN_MM)
+
+
+@dataclass
+class RiskStructure:
+    """One structure the needle must keep ``margin_mm`` away from; ``mask`` on the planning grid."""
+
+    name: str
+    mask: np.ndarray
+    margin_mm: float
+    source: str = "user"  # "ct" (automatic) or "user"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "margin_mm": float(self.margin_mm), "source": self.source,
+                "voxels": int(np.count_nonzero(self.mask))}
+
+
+@dataclass
+class EntryExclusion:
+    """Skin entries the patient's position makes impossible (e.g. the table side of a supine patient).
+
+    ``kind="cone"``: excluded when the entry direction (unit vector target -> entry, RAS) lies within
+    ``half_angle_deg`` of ``direction_ras`` (90 deg = a half-space).
+    ``kind="azimuth"``: excluded when the entry direction's azimuth in the axial plane lies in
+    ``azimuth_range_deg`` (start, end), measured from anterior (0) towards patient right (90),
+    posterior (180), left (270); the range may wrap through 0.
+    """
+
+    kind: str = "cone"
+    direction_ras: tuple = (0.0, -1.0, 0.0)
+    half_angle_deg: float = 60.0
+    azimuth_range_deg: tuple = (120.0, 240.0)
+    label: str = "table side (posterior, supine patient)"
+
+    @classmethod
+    def for_patient_position(cls, position: str) -> "EntryExclusion | None":
+        """Default exclusion for 'supine' (posterior), 'prone' (anterior), or None for 'none'."""
+        p = (position or "none").lower()
+        if p == "supine":
+            return cls()
+        if p == "prone":
+            return cls(direction_ras=(0.0, 1.0, 0.0), label="table side (anterior, prone patient)")
+        if p in ("none", "off"):
+            return None
+        raise TrajectoryPlannerError(f"patient position '{position}' is unknown; use supine, prone or none")
+
+    def excluded(self, target_ras, entries_ras) -> np.ndarray:
+        """Boolean (N,) for entries (N, 3) RAS relative to one target (3,) RAS."""
+        u = np.asarray(entries_ras, float) - np.asarray(target_ras, float)
+        u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-9)
+        if self.kind == "cone":
+            d = np.asarray(self.direction_ras, float)
+            d = d / np.linalg.norm(d)
+            return u @ d > math.cos(math.radians(self.half_angle_deg))
+        if self.kind == "azimuth":
+            az = np.degrees(np.arctan2(u[:, 0], u[:, 1])) % 360.0
+            a0, a1 = (float(v) % 360.0 for v in self.azimuth_range_deg)
+            return (az >= a0) & (az <= a1) if a0 <= a1 else (az >= a0) | (az <= a1)
+        raise TrajectoryPlannerError(f"entry exclusion kind '{self.kind}' is unknown; use 'cone' or 'azimuth'")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "direction_ras": list(map(float, self.direction_ras)),
+                "half_angle_deg": float(self.half_angle_deg),
+                "azimuth_range_deg": list(map(float, self.azimuth_range_deg)), "label": self.label}
+
+
+@dataclass
+class RiskModel:
+    """Everything the engine needs about the patient, on one grid (``grid``: CT HU, RAS geometry)."""
+
+    grid: RasVolume
+    body: np.ndarray
+    skin: np.ndarray
+    structures: list[RiskStructure] = field(default_factory=list)
+    exclusion: EntryExclusion | None = None
+
+    def structure(self, name: str) -> RiskStructure:
+        for s in self.structures:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"structures": [s.to_dict() for s in self.structures],
+                "body_voxels": int(np.count_nonzero(self.body)), "skin_voxels": int(np.count_nonzero(self.skin)),
+                "entry_exclusion": None if self.exclusion is None else self.exclusion.to_dict()}
+
+
+# ------------------------------------------------------------------------------------------------
+def _sitk_mask(mask: np.ndarray, spacing):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(mask.astype(np.uint8, copy=False))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    return img
+
+
+def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_only: bool = False,
+                     threads: int | None = None) -> np.ndarray:
+    import SimpleITK as sitk
+
+    if not mask.any():
+        return mask.copy()
+    cc = sitk.ConnectedComponentImageFilter()
+    if threads:
+        cc.SetNumberOfThreads(int(threads))
+    lab = cc.Execute(_sitk_mask(mask, spacing))
+    voxel = float(np.prod(spacing))
+    rel = sitk.RelabelComponentImageFilter()
+    rel.SetSortByObjectSize(True)
+    rel.SetMinimumObjectSize(int(math.ceil(min_mm3 / voxel)) if min_mm3 > 0 else 0)
+    out = sitk.GetArrayFromImage(rel.Execute(lab))
+    return (out == 1) if largest_only else (out > 0)
+
+
+def _ball_radius_vox(radius_mm: float, spacing) -> list[int]:
+    return [max(1, int(round(radius_mm / s))) for s in spacing]
+
+
+def body_mask(ct: RasVolume, body_hu: float = -300.0, table_opening_mm: float = 0.0,
+              threads: int | None = None) -> np.ndarray:
+    """Patient body (bool, k, j, i): largest component above ``body_hu`` with holes filled."""
+    import SimpleITK as sitk
+
+    spacing = ct.spacing
+    m = np.asarray(ct.array) > body_hu
+    if table_opening_mm > 0:
+        img = sitk.BinaryMorphologicalOpening(_sitk_mask(m, spacing), _ball_radius_vox(table_opening_mm, spacing))
+        m = sitk.GetArrayFromImage(img) > 0
+    m = _keep_components(m, spacing, largest_only=True, threads=threads)
+    if not m.any():
+        raise TrajectoryPlannerError(f"no body found in the CT (nothing above {body_hu:.0f} HU); check that the CT is in HU")
+    # Treat the crop's top/bottom faces as body so holes cut by them (lung, bowel) are still filled.
+    padded = np.pad(m, ((1, 1), (0, 0), (0, 0)), constant_values=True)
+    filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(_sitk_mask(padded, spacing), fullyConnected=False)) > 0
+    return filled[1:-1]
+
+
+def _erode6(mask: np.ndarray, edge: bool = True) -> np.ndarray:
+    """Erosion by the 6-neighbour cross; ``edge``: voxels beyond the array take the edge value."""
+    p = np.pad(mask, 1, mode="edge") if edge else np.pad(mask, 1, constant_values=False)
+    out = p[1:-1, 1:-1, 1:-1].copy()
+    for ax in range(3):
+        for sh in (-1, 1):
+            sl = [slice(1, -1)] * 3
+            sl[ax] = slice(1 + sh, p.shape[ax] - 1 + sh)
+            out &= p[tuple(sl)]
+    return out
+
+
+def _dilate6(mask: np.ndarray) -> np.ndarray:
+    p = np.pad(mask, 1, constant_values=False)
+    out = p[1:-1, 1:-1, 1:-1].copy()
+    for ax in range(3):
+        for sh in (-1, 1):
+            sl = [slice(1, -1)] * 3
+            sl[ax] = slice(1 + sh, p.shape[ax] - 1 + sh)
+            out |= p[tuple(sl)]
+    return out
+
+
+def skin_mask(body: np.ndarray) -> np.ndarray:
+    """Body voxels with at least one 6-neighbour outside the body; crop faces do not count as outside."""
+    return body & ~_erode6(body, edge=True)
+
+
+def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas_hu: float = -400.0,
+                    min_bone_mm3: float = 50.0, min_gas_mm3: float = 50.0, margins: dict | None = None,
+                    threads: int | None = None) -> list[RiskStructure]:
+    """Bone and internal gas from CT HU, cleaned; margins from ``margins`` or the defaults."""
+    margins = {k.lower(): float(v) for k, v in (margins or {}).items()}
+    spacing = ct.spacing
+    a = np.asarray(ct.array)
+    bone = (a > bone_hu) & body
+    bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads)
+    gas = (a < gas_hu) & body
+    if gas.any():
+        gas = _dilate6(_erode6(gas, edge=True)) & gas  # opening with the 6-neighbour cross
+        gas = _keep_components(gas, spacing, min_gas_mm3, threads=threads)
+    out = []
+    for name, mask in (("bone", bone), ("gas", gas)):
+        if mask.any():
+            out.append(RiskStructure(name, mask, margins.get(name, default_margin(name)), "ct"))
+    logger.info("automatic risk structures: %s", ", ".join(f"{s.name} {int(s.mask.sum())} vox" for s in out) or "none")
+    return out
+
+
+def structures_from_labelmap(labels: RasVolume, grid: RasVolume, names: dict[int, str] | None = None,
+                             margins: dict | None = None) -> list[RiskStructure]:
+    """User structures from a label map (any grid; resampled nearest-neighbour onto ``grid``).
+
+    ``names`` maps label value -> structure name; without it every non-zero value becomes 'label_<v>'.
+    """
+    margins = {k.lower(): float(v) for k, v in (margins or {}).items()}
+    lab = labels if labels.same_grid(grid) else resample(labels, grid, None, order=0)
+    arr = np.asarray(lab.array)
+    values = sorted(names) if names else [int(v) for v in np.unique(arr) if v != 0]
+    out = []
+    for v in values:
+        name = names[v] if names else f"label_{v}"
+        mask = arr == v
+        if not mask.any():
+            logger.info("risk label %s (%d) not present in the planning region", name, v)
+            continue
+        out.append(RiskStructure(name, mask, margins.get(name.lower(), default_margin(name)), "user"))
+    return out
+
+
+def crop_volume(vol: RasVolume, lo_kji, hi_kji) -> RasVolume:
+    """Sub-volume [lo, hi) in (k, j, i) indices with the matching IJK->RAS (a view of the array)."""
+    lo = np.asarray(lo_kji, int)
+    hi = np.asarray(hi_kji, int)
+    arr = vol.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    m = vol.ijk_to_ras.copy()
+    m[:3, 3] = vol.ijk_to_ras_points(lo[::-1].astype(float))[0]
+    return RasVolume(arr, m, vol.name, dict(vol.meta))
+
+
+def build_risk_model(ct: RasVolume, labelmaps: list[tuple[RasVolume, dict | None]] | None = None,
+                     margins: dict | None = None, exclusion: EntryExclusion | None = None,
+                     auto: bool = True, body_hu: float = -300.0, bone_hu: float = 200.0, gas_hu: float = -400.0,
+                     table_opening_mm: float = 0.0, threads: int | None = None) -> RiskModel:
+    """Body, skin, automatic and user structures on ``ct``'s grid (pass a cropped CT to save time).
+
+    A user structure whose name equals an automatic one ('bone', 'gas') replaces it.
+    """
+    a = np.asarray(ct.array)
+    if a.size == 0:
+        raise TrajectoryPlannerError("the CT is empty; load a planning CT with at least one slice")
+    if float(np.nanmax(a)) < 100 and float(np.nanmin(a)) >= 0:
+        raise TrajectoryPlannerError("the CT values do not look like Hounsfield units (no air below 0); load the CT in HU")
+    body = body_mask(ct, body_hu, table_opening_mm, threads)
+    skin = skin_mask(body)
+    user: list[RiskStructure] = []
+    for lm, names in labelmaps or []:
+        user += structures_from_labelmap(lm, ct, names, margins)
+    structures = auto_structures(ct, body, bone_hu, gas_hu, margins=margins, threads=threads) if auto else []
+    user_names = {s.name for s in user}
+    structures = [s for s in structures if s.name not in user_names] + user
+    return RiskModel(ct, body, skin, structures, exclusion)
