@@ -23,7 +23,7 @@ for _m in ("SmartBiopsyCore", "SmartBiopsy", "RegistrationFusion"):
 
 import SimpleITK as sitk  # noqa: E402
 from SmartBiopsyCoreLib.geometry import RasVolume, make_grid  # noqa: E402
-from SmartBiopsyLib import dicomio  # noqa: E402
+from SmartBiopsyCoreLib.dataio import dicomio  # noqa: E402
 def _ct(shape=(110, 288, 384), seed=0) -> RasVolume:
     rng = np.random.default_rng(seed)
     k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]

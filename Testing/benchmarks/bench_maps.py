@@ -15,7 +15,7 @@ from scipy.optimize import curve_fit  # noqa: E402
 
 from SmartBiopsyLib.characterise import habitats, maps, radiomics as radiomics_features
 
-from SmartBiopsyLib import targets  # noqa: E402
+from SmartBiopsyLib.characterise import targets  # noqa: E402
 from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom  # noqa: E402
 
 

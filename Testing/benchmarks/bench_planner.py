@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 from TrajectoryPlannerLib.planning import engine
 
-from TrajectoryPlannerLib import synthetic  # noqa: E402
+from SmartBiopsyCoreLib.phantom import abdomen as synthetic  # noqa: E402
 from TrajectoryPlannerLib.planning.needles import get_needle  # noqa: E402
 from TrajectoryPlannerLib.planning.risk import EntryExclusion  # noqa: E402
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "SmartBiopsy"))
 sys.path.insert(0, str(ROOT / "SmartBiopsyCore"))
 
-from SmartBiopsyLib import stats  # noqa: E402
+from SmartBiopsyLib.records import stats  # noqa: E402
 from SmartBiopsyLib.records.specimen_journal import SpecimenJournal  # noqa: E402
 
 
