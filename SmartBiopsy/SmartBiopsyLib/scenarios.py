@@ -217,9 +217,13 @@ def gui_case(scene, folder) -> dict:
                         [-130.0, 60.0, 45.0], [20.0, 109.0, 0.0]])
     ct_caps = registration_mrml.create_capsule_fiducials(scene, caps_ct, "Capsules CT")
     mr_caps = registration_mrml.create_capsule_fiducials(scene, caps_ct - shift, "Capsules MRI")
-    fusion_pn = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
-    fusion_pn.SetSingletonTag("RegistrationFusion")
-    fusion_pn.SetAttribute("ModuleName", "RegistrationFusion")
+    from SmartBiopsyLib.report.scene_case import module_parameter_node
+
+    fusion_pn = module_parameter_node(scene, "RegistrationFusion")  # Registration Fusion's parameter node
+    if fusion_pn is None:
+        fusion_pn = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "RegistrationFusion")
+        fusion_pn.SetSingletonTag("RegistrationFusion")
+        fusion_pn.SetAttribute("ModuleName", "RegistrationFusion")
     fusion_pn.SetNodeReferenceID("ctVolume", ct_node.GetID())
     fusion_pn.SetNodeReferenceID("mriVolume", mri_node.GetID())
     fusion = FusionLogic(scene)

@@ -102,6 +102,28 @@ def case_from_parameter_node(scene, pn, state, ct=None, mri=None) -> SceneCase:
                      journal_path=journal, procedure_log=state.procedure_log)
 
 
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    return str(o)
+
+
+def write_json(path: Path, data) -> Path:
+    """JSON as the workflow writes it (numpy values as lists/numbers, written atomically). The workflow module
+    itself is not imported here: it needs the POSIX-only ``resource`` module, and this runs in desktop Slicer."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
 def _matrix(transform_node):
     if transform_node is None:
         return None
@@ -131,7 +153,6 @@ def write_case_folder(case: SceneCase, folder, progress=None) -> dict:
     from SmartBiopsyCoreLib.dataio.imageio import save_image
     from SmartBiopsyCoreLib.dataio.transforms import write_transform_json
     from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
-    from SmartBiopsyLib.workflow import write_json
 
     out = Path(folder)
     if str(folder) in ("", "."):
