@@ -91,19 +91,12 @@ class RegistrationFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     https://github.com/Slicer/Slicer/blob/main/Base/Python/slicer/ScriptedLoadableModule.py
     """
 
-    QA_COLUMNS = ("use", "capsule pair", "residual (mm)", "expected (mm)", "leave-one-out (mm)", "note")
-
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._registration = None
-        self._correspondence = None
-        self._refinement = None
-        self._report = None
-        self._excludedPairs = set()
         self._updatingTable = False
 
     def setup(self) -> None:
@@ -148,7 +141,7 @@ class RegistrationFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
         self.setParameterNode(None)
-        self._registration = self._correspondence = self._refinement = self._report = None
+        self.logic.reset()
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
@@ -176,14 +169,13 @@ class RegistrationFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         pn = self._parameterNode
-        haveImages = bool(pn and pn.ctVolume and pn.mriVolume and pn.ctVolume != pn.mriVolume)
-        haveCapsules = bool(pn and pn.capsulesCT and pn.capsulesMRI)
-        self.ui.detectCapsulesButton.enabled = haveImages
-        self.ui.registerButton.enabled = haveCapsules
-        self.ui.refineButton.enabled = haveImages and self._registration is not None
-        self.ui.approveButton.enabled = self._report is not None and bool(self._report.passed)
-        self.ui.showFusionButton.enabled = haveImages and bool(pn and pn.transform)
-        self.ui.savePicturesButton.enabled = haveImages and bool(pn and pn.transform)
+        states = self.logic.buttonStates(pn)
+        self.ui.detectCapsulesButton.enabled = states["detect"]
+        self.ui.registerButton.enabled = states["register"]
+        self.ui.refineButton.enabled = states["refine"]
+        self.ui.approveButton.enabled = states["approve"]
+        self.ui.showFusionButton.enabled = states["showFusion"]
+        self.ui.savePicturesButton.enabled = states["savePictures"]
         self.ui.capsulesCTMarkupsWidget.setCurrentNode(pn.capsulesCT if pn else None)
         self.ui.capsulesMRIMarkupsWidget.setCurrentNode(pn.capsulesMRI if pn else None)
         if pn and pn.approved:
@@ -216,50 +208,29 @@ class RegistrationFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
         with slicer.util.tryWithErrorDisplay(_("Capsule detection failed."), waitCursor=True):
             pn = self._parameterNode
             pn.capsulesCT = self._runWithProgress(
-                _("Detecting capsules in the CT"),
-                lambda p, c: self.logic.detectCapsules(pn.ctVolume, "ct", p, c))
+                _("Detecting capsules in the CT"), lambda p, c: self.logic.detectCapsules(pn.ctVolume, "ct", p, c))
             pn.capsulesMRI = self._runWithProgress(
-                _("Detecting capsules in the MRI"),
-                lambda p, c: self.logic.detectCapsules(pn.mriVolume, "mr", p, c))
+                _("Detecting capsules in the MRI"), lambda p, c: self.logic.detectCapsules(pn.mriVolume, "mr", p, c))
             self.ui.statusLabel.text = _("{ct} capsules in the CT, {mr} in the MRI; check and edit them, then register.").format(
                 ct=pn.capsulesCT.GetNumberOfControlPoints(), mr=pn.capsulesMRI.GetNumberOfControlPoints())
 
     def onRegister(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
-            self._excludedPairs = set()
-            self._register()
-
-    def _register(self) -> None:
-        pn = self._parameterNode
-        pn.approved = False
-        self._correspondence, self._registration = self.logic.registerCapsules(
-            pn.capsulesCT, pn.capsulesMRI, excludedPairs=sorted(self._excludedPairs))
-        self._refinement = None
-        pn.transform = self.logic.applyTransform(self._registration.matrix, pn.mriVolume, pn.capsulesMRI, pn.transform)
-        self._updateQA()
+            self.logic.registerParameterNode(self._parameterNode)
+            self._showQA()
 
     def onRefine(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Intensity refinement failed."), waitCursor=True):
             pn = self._parameterNode
-            pn.approved = False
-            self._refinement = self._runWithProgress(
-                _("Refining the registration"),
-                lambda p, c: self.logic.refine(pn.ctVolume, pn.mriVolume, self._registration, pn.targets,
-                                               affine=pn.refineAffine, deformable=pn.refineDeformable,
-                                               progress=p, shouldCancel=c))
-            pn.transform = self.logic.applyTransform(self._refinement.matrix, pn.mriVolume, pn.capsulesMRI, pn.transform)
-            self._updateQA()
-            self.ui.statusLabel.text = self._refinement.reason
+            refinement = self._runWithProgress(
+                _("Refining the registration"), lambda p, c: self.logic.refineParameterNode(pn, p, c))
+            self._showQA()
+            self.ui.statusLabel.text = refinement.reason
 
     def onApprove(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Approval failed."), waitCursor=True):
-            if not slicer.util.confirmOkCancelDisplay(
-                    _("Approve this registration for targeting? FRE {fre:.2f} mm; largest predicted TRE {tre:.2f} mm.").format(
-                        fre=self._report.fre_mm,
-                        tre=max([t.predicted_tre_mm for t in self._report.targets], default=float("nan")))):
-                return
-            self._parameterNode.approved = True
-            self.logic.markApproved(self._parameterNode.transform, self._report)
+            if slicer.util.confirmOkCancelDisplay(self.logic.approvalQuestion()):
+                self.logic.approveParameterNode(self._parameterNode)
 
     def onShowFusion(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not set up the fused view."), waitCursor=True):
@@ -277,58 +248,50 @@ class RegistrationFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the fusion pictures"))
             if not folder:
                 return
-            pn = self._parameterNode
-            paths = self.logic.saveFusionPictures(pn.ctVolume, pn.mriVolume, pn.transform, pn.targets, folder)
+            paths = self.logic.saveFusionPictures(self._parameterNode, folder)
             self.ui.statusLabel.text = _("Checkerboard and overlay written: {paths}").format(paths=", ".join(paths.values()))
 
     def onQATableItemChanged(self, item) -> None:
         if self._updatingTable or item.column() != 0:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not re-register without that capsule."), waitCursor=True):
-            pair = item.row()
-            if item.checkState() == qt.Qt.Checked:
-                self._excludedPairs.discard(pair)
-            else:
-                self._excludedPairs.add(pair)
-            self._register()
+            self.logic.setPairUsed(self._parameterNode, item.row(), item.checkState() == qt.Qt.Checked)
+            self._showQA()
 
-    def _updateQA(self) -> None:
-        pn = self._parameterNode
-        self._report = self.logic.qaReport(self._registration, pn.targets, self._correspondence, self._refinement,
-                                           pn.maxFreMm, pn.maxPredictedTreMm)
+    def _showQA(self) -> None:
+        from RegistrationFusionLib.logic import QA_COLUMNS, TARGET_COLUMNS
+
+        qaRows, targetRows, summary = self.logic.qaTables()
         self._updatingTable = True
         try:
             table = self.ui.qaTable
             table.clear()
-            table.setColumnCount(len(self.QA_COLUMNS))
-            table.setHorizontalHeaderLabels(list(self.QA_COLUMNS))
-            markers = self._report.markers
-            table.setRowCount(len(markers))
-            excluded = {e["pair_index"]: e["reason"] for e in self._report.excluded}
-            for row, m in enumerate(markers):
+            table.setColumnCount(len(QA_COLUMNS))
+            table.setHorizontalHeaderLabels([_(c) for c in QA_COLUMNS])
+            table.setRowCount(len(qaRows))
+            for row, (used, *values) in enumerate(qaRows):
                 use = qt.QTableWidgetItem()
                 use.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
-                use.setCheckState(qt.Qt.Checked if row not in self._excludedPairs else qt.Qt.Unchecked)
+                use.setCheckState(qt.Qt.Checked if used else qt.Qt.Unchecked)
                 table.setItem(row, 0, use)
-                values = (m["label"], m["residual_mm"], m["expected_residual_mm"], m["loo_mm"],
-                          excluded.get(row, "excluded by you" if row in self._excludedPairs else ""))
                 for col, v in enumerate(values, start=1):
-                    text = f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
-                    table.setItem(row, col, qt.QTableWidgetItem(text))
+                    table.setItem(row, col, qt.QTableWidgetItem(self._text(v)))
             tre = self.ui.targetTreTable
             tre.clear()
-            tre.setColumnCount(3)
-            tre.setHorizontalHeaderLabels([_("target"), _("predicted TRE (mm)"), _("refinement shift (mm)")])
-            tre.setRowCount(len(self._report.targets))
-            for row, t in enumerate(self._report.targets):
-                shift = "" if t.refinement_displacement_mm is None else f"{t.refinement_displacement_mm:.2f}"
-                for col, text in enumerate((t.name, f"{t.predicted_tre_mm:.2f}", shift)):
-                    tre.setItem(row, col, qt.QTableWidgetItem(text))
+            tre.setColumnCount(len(TARGET_COLUMNS))
+            tre.setHorizontalHeaderLabels([_(c) for c in TARGET_COLUMNS])
+            tre.setRowCount(len(targetRows))
+            for row, values in enumerate(targetRows):
+                for col, v in enumerate(values):
+                    tre.setItem(row, col, qt.QTableWidgetItem(self._text(v)))
         finally:
             self._updatingTable = False
-        verdict = _("QA passed") if self._report.passed else _("QA failed: ") + "; ".join(self._report.failures)
-        self.ui.qaStatusLabel.text = _("FRE {fre:.2f} mm. {verdict}").format(fre=self._report.fre_mm, verdict=verdict)
+        self.ui.qaStatusLabel.text = summary
         self._checkCanApply()
+
+    @staticmethod
+    def _text(v) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
 #
@@ -337,101 +300,72 @@ class RegistrationFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
 
 
 class RegistrationFusionLogic(ScriptedLoadableModuleLogic):
-    """Thin adapter between the module GUI and RegistrationFusionLib (no dialogs here)."""
+    """Thin adapter: the panel's actions live in RegistrationFusionLib.logic.FusionLogic (no dialogs here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scene=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        from RegistrationFusionLib.logic import FusionLogic
+
+        self.lib = FusionLogic(scene if scene is not None else slicer.mrmlScene)
 
     def getParameterNode(self):
         return RegistrationFusionParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def _volume(node):
-        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+    def reset(self) -> None:
+        self.lib.reset()
 
-        return volume_from_node(node)
-
-    @staticmethod
-    def _points(node):
-        from RegistrationFusionLib.capsules.mrml import capsule_points_from_node
-
-        return capsule_points_from_node(node)
+    def buttonStates(self, pn) -> dict:
+        return self.lib.button_states(pn, self.lib.state)
 
     def detectCapsules(self, volumeNode, modality, progress=None, shouldCancel=None):
-        """Capsule fiducial node (RAS mm) found in ``volumeNode``; ``modality`` 'ct' or 'mr'."""
-        from RegistrationFusionLib.capsules import detection as capsules, mrml as capsules_mrml
-        detection = capsules.detect_capsules(self._volume(volumeNode), modality, progress=progress,
-                                             should_cancel=shouldCancel)
-        return capsules_mrml.add_capsule_fiducials(slicer.mrmlScene, detection,
-                                                   f"Capsules {volumeNode.GetName()}", locked=False)
+        """Capsule point list (RAS mm) found in ``volumeNode``; ``modality`` 'ct' or 'mr'."""
+        return self.lib.detect_capsules(volumeNode, modality, progress, shouldCancel)
 
-    def registerCapsules(self, ctCapsulesNode, mriCapsulesNode, excludedPairs=()):
-        """Pair and register the capsules (MRI to CT). Pairs in ``excludedPairs`` (switched off by the user)
-        are left out of the fit. Returns (Correspondence, PointRegistration)."""
-        from RegistrationFusionLib.registration import landmarks
-        ct, mri = self._points(ctCapsulesNode), self._points(mriCapsulesNode)
-        corr, reg = landmarks.register_capsules(ct, mri)
-        if excludedPairs:
-            keep = [i for i in range(len(corr.pairs)) if i not in set(excludedPairs)]
-            labels = [reg.pair_labels[i] for i in keep]
-            reg = landmarks.register_points(ct[corr.fixed_indices][keep], mri[corr.moving_indices][keep],
-                                            exclude_outliers=False, pair_labels=labels)
-        return corr, reg
+    def registerParameterNode(self, pn, excludedPairs=()):
+        """Register the capsules (from their own MRI coordinates) and run the QA; updates ``pn.transform``."""
+        pn.approved = False
+        pn.transform = self.lib.register(pn.capsulesCT, pn.capsulesMRI, pn.mriVolume, pn.transform, excludedPairs)
+        return self.lib.qa_report(pn.targets, pn.maxFreMm, pn.maxPredictedTreMm)
 
-    def refine(self, ctNode, mriNode, registration, targetsNode=None, affine=False, deformable=False,
-               progress=None, shouldCancel=None):
-        """Mutual-information refinement started from the landmark transform; returns RefinementResult."""
-        from RegistrationFusionLib.registration import pipeline, refine
-        targets = self._points(targetsNode) if targetsNode is not None else None
-        return refine.refine_registration(
-            self._volume(ctNode), self._volume(mriNode), registration.matrix,
-            capsules_mri=registration.moving_points[registration.used],
-            capsule_allowed_mm=pipeline.capsule_tolerance_mm(registration)[registration.used],
-            targets_ct=targets, affine=affine, deformable=deformable, progress=progress, should_cancel=shouldCancel)
+    def setPairUsed(self, pn, pair, used):
+        """Tick or untick one capsule pair and register again."""
+        pn.approved = False
+        pn.transform = self.lib.set_pair_used(pair, used, pn.capsulesCT, pn.capsulesMRI, pn.mriVolume, pn.transform)
+        return self.lib.qa_report(pn.targets, pn.maxFreMm, pn.maxPredictedTreMm)
 
-    def qaReport(self, registration, targetsNode, correspondence, refinement, maxFreMm, maxPredictedTreMm):
-        from RegistrationFusionLib.registration import qa
-        targets = None
-        if targetsNode is not None:
-            pts = self._points(targetsNode)
-            targets = {targetsNode.GetNthControlPointLabel(i) or f"T{i + 1}": p for i, p in enumerate(pts)}
-        return qa.build_report(registration, targets, correspondence=correspondence, refinement=refinement,
-                               thresholds=qa.QAThresholds(max_fre_mm=maxFreMm, max_predicted_tre_mm=maxPredictedTreMm))
+    def refineParameterNode(self, pn, progress=None, shouldCancel=None):
+        pn.approved = False
+        result = self.lib.refine(pn.ctVolume, pn.mriVolume, pn.transform, pn.targets, pn.refineAffine,
+                                 pn.refineDeformable, progress, shouldCancel)
+        self.lib.qa_report(pn.targets, pn.maxFreMm, pn.maxPredictedTreMm)
+        return result
 
-    def applyTransform(self, matrix, mriNode, mriCapsulesNode=None, transformNode=None):
-        """Create/update the MRI to CT transform node and put the MRI (and its capsules) under it."""
-        from RegistrationFusionLib.registration import mrml as registration_mrml
-        nodes = registration_mrml.apply_registration(slicer.mrmlScene, matrix, [mriNode], transform_node=transformNode)
-        if mriCapsulesNode is not None:
-            mriCapsulesNode.SetAndObserveTransformNodeID(nodes["transform"].GetID())
-        return nodes["transform"]
+    def qaTables(self):
+        """(QA rows, target rows, summary line) of the current registration."""
+        from RegistrationFusionLib import logic
 
-    def markApproved(self, transformNode, report) -> None:
-        """Record the approval and the QA summary on the transform node (read by the planner and robot)."""
-        import json
+        report = self.lib.state.report
+        return (logic.qa_rows(report, self.lib.state.excluded_pairs), logic.target_rows(report),
+                logic.qa_summary(report))
 
-        transformNode.SetAttribute("SmartBiopsy.RegistrationApproved", "true")
-        transformNode.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps(report.to_dict(), default=float))
+    def approvalQuestion(self) -> str:
+        return self.lib.approval_question()
 
-    def saveFusionPictures(self, ctNode, mriNode, transformNode, targetsNode, folder):
-        from RegistrationFusionLib.registration import qa, refine, mrml as registration_mrml
-        ct, mri = self._volume(ctNode), self._volume(mriNode)
-        matrix = registration_mrml.matrix_from_transform_node(transformNode)
-        onCt = refine.resample_mri_on_ct(mri, ct, matrix)
-        point = self._points(targetsNode)[0] if targetsNode is not None and targetsNode.GetNumberOfControlPoints() \
-            else 0.5 * sum(ct.bounds_ras())
-        return qa.write_fusion_pictures(ct, onCt, point, folder)
+    def approveParameterNode(self, pn) -> None:
+        """Record the approval on the transform node (read by the planner and the robot bridge)."""
+        self.lib.approve(pn.transform)
+        pn.approved = True
+
+    def saveFusionPictures(self, pn, folder) -> dict:
+        return self.lib.save_fusion_pictures(pn.ctVolume, pn.mriVolume, pn.transform, pn.targets, folder)
 
     def process(self, ctNode, mriNode, targetsNode=None, refineIntensity=True, progress=None, shouldCancel=None):
         """Whole fusion in one call: detect, match, register, refine, QA. Returns (transform node, FusionResult)."""
-        from RegistrationFusionLib.registration import pipeline
-        targets = self._points(targetsNode) if targetsNode is not None else None
-        result = pipeline.fuse_ct_mri(self._volume(ctNode), self._volume(mriNode), targets_ct=targets,
-                                      do_refine=refineIntensity, progress=progress, should_cancel=shouldCancel)
-        return self.applyTransform(result.matrix, mriNode), result
+        return self.lib.fuse(ctNode, mriNode, targetsNode, refineIntensity, None, progress, shouldCancel)
 
     def processParameterNode(self, pn: RegistrationFusionParameterNode, progress=None, shouldCancel=None):
-        transformNode, result = self.process(pn.ctVolume, pn.mriVolume, pn.targets, True, progress, shouldCancel)
+        transformNode, result = self.lib.fuse(pn.ctVolume, pn.mriVolume, pn.targets, True, pn.transform,
+                                              progress, shouldCancel)
         pn.transform = transformNode
         return result
 
@@ -451,6 +385,8 @@ class RegistrationFusionTest(ScriptedLoadableModuleTest):
         self.test_landmark_registration()
         self.test_outlier_exclusion()
         self.test_rejects_collinear_capsules()
+        self.test_logic_reregistration()
+        self.test_parameter_node_reregistration()
 
     def _run(self, name):
         from RegistrationFusionLib import scenarios
@@ -468,3 +404,23 @@ class RegistrationFusionTest(ScriptedLoadableModuleTest):
 
     def test_rejects_collinear_capsules(self):
         self._run("rejects_collinear_capsules")
+
+    def test_logic_reregistration(self):
+        self._run("logic_reregistration")
+
+    def test_parameter_node_reregistration(self):
+        """The widget's path: the module Logic on the real parameter node, Register clicked twice."""
+        import numpy as np
+
+        from RegistrationFusionLib import scenarios
+        from RegistrationFusionLib.registration.mrml import matrix_from_transform_node
+
+        self.setUp()
+        logic = RegistrationFusionLogic()
+        pn = logic.getParameterNode()
+        pn.capsulesCT, pn.capsulesMRI, pn.mriVolume, _ = scenarios.reregistration_case(slicer.mrmlScene)
+        logic.registerParameterNode(pn)
+        first = matrix_from_transform_node(pn.transform)
+        logic.registerParameterNode(pn)
+        self.assertTrue(np.allclose(matrix_from_transform_node(pn.transform), first, atol=1e-4))
+        self.assertFalse(pn.approved)

@@ -63,7 +63,9 @@ class SmartBiopsy(ScriptedLoadableModule):
 @parameterNodeWrapper
 class SmartBiopsyParameterNode:
     """
-    dwiB1..dwiB3 - DWI volumes, one per b-value (node attribute SmartBiopsy.BValue, s/mm^2).
+    dwiB1..dwiB3 - DWI volumes, one per b-value; their b-values (s/mm^2) come from the DICOM header of the series
+      Slicer loaded (or the project's loader), or are typed in dwiB1BValue..dwiB3BValue (-1: from the header).
+    tumourSegmentation, tumourSegmentId - the tumour segment (set from the segment selector).
     dixonWater, dixonFat, t1Pre, t1Post - sources of FF and EF.
     adcMap (10^-6 mm^2/s), ffMap (%), efMap (%) - computed or imported maps on one MRI grid.
     registrationTransform - MRI to CT transform from Registration Fusion.
@@ -75,7 +77,12 @@ class SmartBiopsyParameterNode:
     dwiB1: vtkMRMLScalarVolumeNode
     dwiB2: vtkMRMLScalarVolumeNode
     dwiB3: vtkMRMLScalarVolumeNode
+    dwiB1BValue: Annotated[float, WithinRange(-1.0, 10000.0)] = -1.0
+    dwiB2BValue: Annotated[float, WithinRange(-1.0, 10000.0)] = -1.0
+    dwiB3BValue: Annotated[float, WithinRange(-1.0, 10000.0)] = -1.0
     excludeLowB: bool = False
+    tumourSegmentation: vtkMRMLSegmentationNode
+    tumourSegmentId: str = ""
     dixonWater: vtkMRMLScalarVolumeNode
     dixonFat: vtkMRMLScalarVolumeNode
     t1Pre: vtkMRMLScalarVolumeNode
@@ -119,11 +126,6 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._targets = []
-        self._detection = None
-        self._roi = None
-        self._notchValues = None
-        self._procedureLog = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -151,6 +153,8 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addScanButton.connect("clicked(bool)", self.onAddScan)
         self.ui.addManipulationButton.connect("clicked(bool)", self.onAddManipulation)
         self.ui.generateReportButton.connect("clicked(bool)", self.onGenerateReport)
+        self.ui.tumourSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTumourSegmentChanged)
+        self.ui.tumourSegmentSelector.connect("currentSegmentChanged(QString)", self.onTumourSegmentChanged)
 
         self.initializeParameterNode()
 
@@ -172,7 +176,7 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
         self.setParameterNode(None)
-        self._targets, self._detection, self._roi, self._notchValues = [], None, None, None
+        self.logic.reset()
 
     def onSceneEndClose(self, caller, event) -> None:
         """Called just after the scene is closed."""
@@ -195,26 +199,26 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            if self._parameterNode.tumourSegmentation:
+                self.ui.tumourSegmentSelector.setCurrentNode(self._parameterNode.tumourSegmentation)
+                self.ui.tumourSegmentSelector.setCurrentSegmentID(self._parameterNode.tumourSegmentId)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
+
+    def onTumourSegmentChanged(self, *args) -> None:
+        """The tumour segment selector is not bound by the parameter node: copy its choice into it."""
+        pn = self._parameterNode
+        if pn:
+            pn.tumourSegmentation = self.ui.tumourSegmentSelector.currentNode()
+            pn.tumourSegmentId = self.ui.tumourSegmentSelector.currentSegmentID() or ""
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         pn = self._parameterNode
         if not pn:
             return
-        haveDwi = bool(pn.dwiB1 and pn.dwiB2)
-        self.ui.computeMapsButton.enabled = haveDwi or bool(pn.dixonWater and pn.dixonFat) or bool(pn.t1Pre and pn.t1Post)
-        haveTumour = bool(self.ui.tumourSegmentSelector.currentNode() and self.ui.tumourSegmentSelector.currentSegmentID())
-        self.ui.measureTumourButton.enabled = haveTumour
-        self.ui.computeHabitatsButton.enabled = haveTumour and bool(pn.adcMap and pn.efMap)
-        self.ui.editHabitatsButton.enabled = bool(pn.habitatSegmentation)
-        self.ui.detectNeedleButton.enabled = bool(pn.confirmationCT and pn.plannedTrajectory)
-        self.ui.updateNotchButton.enabled = self._detection is not None
-        journal = bool(str(pn.journalPath) not in ("", "."))
-        self.ui.addPotButton.enabled = journal and self._notchValues is not None and bool(pn.potId)
-        self.ui.exportCsvButton.enabled = journal
-        self.ui.importPathologyButton.enabled = journal
-        self.ui.generateReportButton.enabled = str(pn.reportFolder) not in ("", ".")
+        states = self.logic.buttonStates(pn)
+        for name, enabled in states.items():
+            getattr(self.ui, name + "Button").enabled = enabled
 
     def _runWithProgress(self, title, work):
         """Run ``work(progress, shouldCancel)`` behind a cancellable progress dialog."""
@@ -252,29 +256,20 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onComputeMaps(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not compute the maps."), waitCursor=True):
             pn = self._parameterNode
-            dwi = [n for n in (pn.dwiB1, pn.dwiB2, pn.dwiB3) if n]
-            nodes = self._runWithProgress(_("Computing ADC, FF and EF maps"), lambda p, c: self.logic.computeMaps(
-                dwi, pn.excludeLowB, pn.dixonWater, pn.dixonFat, pn.t1Pre, pn.t1Post, p, c))
-            pn.adcMap = nodes.get("adc") or pn.adcMap
-            pn.ffMap = nodes.get("ff") or pn.ffMap
-            pn.efMap = nodes.get("ef") or pn.efMap
+            self._runWithProgress(_("Computing ADC, FF and EF maps"), lambda p, c: self.logic.computeMapsParameterNode(pn, p, c))
 
     def onMeasureTumour(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not measure the tumour."), waitCursor=True):
-            m = self.logic.measureTumour(self.ui.tumourSegmentSelector.currentNode(),
-                                         self.ui.tumourSegmentSelector.currentSegmentID(), self._parameterNode.adcMap)
+            m = self.logic.measureTumourParameterNode(self._parameterNode)
             notes = " ".join(m.notes)
             self.ui.tumourLabel.text = _("Voxel volume {v:.0f} ml; ellipsoid {e:.0f} ml. {notes}").format(
                 v=m.voxel_volume_ml, e=m.ellipsoid_volume_ml, notes=notes)
 
     def onComputeHabitats(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not compute the habitats."), waitCursor=True):
-            pn = self._parameterNode
-            result = self.logic.processParameterNode(pn, self.ui.tumourSegmentSelector.currentNode(),
-                                                     self.ui.tumourSegmentSelector.currentSegmentID())
-            self._targets = result["targets"]
+            result = self.logic.processParameterNode(self._parameterNode)
             rows = []
-            for t in self._targets:
+            for t in result["targets"]:
                 sig = t.signature
                 rows.append((t.region, sig.get("adc", {}).get("mean", float("nan")), sig.get("ef", {}).get("mean", float("nan")),
                              sig.get("ff", {}).get("mean", float("nan")), t.depth_mm, t.predicted_tre_mm,
@@ -296,9 +291,7 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDetectNeedle(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Needle detection failed."), waitCursor=True):
             pn = self._parameterNode
-            self._detection = self._runWithProgress(_("Finding the needle"), lambda p, c: self.logic.detectNeedle(
-                pn.confirmationCT, pn.plannedTrajectory, pn.needleModel, p, c))
-            d = self._detection
+            d = self._runWithProgress(_("Finding the needle"), lambda p, c: self.logic.detectNeedleParameterNode(pn, p, c))
             self.ui.needleLabel.text = _("Tip {tip:.1f} mm from the target: lateral {lat:.1f} mm, depth {dep:+.1f} mm, "
                                          "angle {ang:.1f} deg.").format(tip=d.tip_error_mm, lat=d.lateral_error_mm,
                                                                         dep=d.depth_error_mm, ang=d.angle_deg)
@@ -309,12 +302,8 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateNotch()
 
     def _updateNotch(self) -> None:
-        pn = self._parameterNode
-        self._roi, self._notchValues = self.logic.sampleNotch(
-            self._detection, pn.notchMode, pn.needleModel, pn.notchShiftMm,
-            {"adc": pn.adcMap, "ff": pn.ffMap, "ef": pn.efMap}, pn.registrationTransform)
-        rows = [(name, s.mean, s.median, s.min, s.sd, s.volume_mm3, s.coverage)
-                for name, s in self._notchValues.maps.items()]
+        _roi, values = self.logic.sampleNotchParameterNode(self._parameterNode)
+        rows = [(name, s.mean, s.median, s.min, s.sd, s.volume_mm3, s.coverage) for name, s in values.maps.items()]
         self._fillTable(self.ui.notchTable, (_("map"), _("mean"), _("median"), _("min"), _("SD"), _("mm3"),
                                              _("coverage")), rows)
         self._checkCanApply()
@@ -323,9 +312,7 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAddPot(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("The specimen was not recorded."), waitCursor=True):
             pn = self._parameterNode
-            region = self.logic.regionOfTarget(pn.plannedTrajectory)
-            record = self.logic.addSpecimen(pn.journalPath, pn.potId, region, self._detection, self._roi,
-                                            self._notchValues, pn.operatorName, pn.participantId)
+            record = self.logic.addSpecimenParameterNode(pn)
             self.ui.statusLabel.text = _("Pot {pot} recorded at {time}.").format(pot=record.pot_id, time=record.time_utc)
             self._showSpecimens()
 
@@ -357,13 +344,10 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._showSpecimens()
 
     def _log(self):
-        if self._procedureLog is None:
-            self._procedureLog = self.logic.newProcedureLog(self._parameterNode.participantId,
-                                                            self._parameterNode.operatorName)
-        return self._procedureLog
+        return self.logic.procedureLog(self._parameterNode)
 
     def _showLog(self) -> None:
-        log = self._procedureLog
+        log = self._log()
         self.ui.procedureLabel.text = _("DLP {dlp:.0f} mGy*cm; {mins} min since the planning topogram; "
                                         "manipulations {man}.").format(
             dlp=log.total_dlp_mgy_cm, mins="-" if log.elapsed_min is None else f"{log.elapsed_min:.0f}",
@@ -391,7 +375,7 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGenerateReport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Report generation failed."), waitCursor=True):
             path = self._runWithProgress(_("Writing the report"), lambda p, c: self.logic.generateReport(
-                self._parameterNode.reportFolder, self._parameterNode.journalPath))
+                self._parameterNode, p))
             self.ui.statusLabel.text = _("Report written: {path}").format(path=path)
 
 
@@ -401,196 +385,97 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
-    """Thin adapter between the module GUI and SmartBiopsyLib (no dialogs here)."""
+    """Thin adapter: the panel's actions live in SmartBiopsyLib.logic.BiopsyLogic (no dialogs here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scene=None, fileForInstance=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        from SmartBiopsyLib.logic import BiopsyLogic
+
+        if fileForInstance is None and getattr(slicer, "dicomDatabase", None) is not None:
+            fileForInstance = slicer.dicomDatabase.fileForInstance
+        self.lib = BiopsyLogic(scene if scene is not None else slicer.mrmlScene, fileForInstance)
 
     def getParameterNode(self):
         return SmartBiopsyParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def _volume(node):
-        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+    def reset(self) -> None:
+        self.lib.reset()
 
-        return volume_from_node(node)
+    def buttonStates(self, pn) -> dict:
+        from SmartBiopsyLib.logic import button_states
 
-    @staticmethod
-    def _addVolume(volume, name):
-        from SmartBiopsyCoreLib.dataio.volumes_mrml import add_volume_node
+        return button_states(pn, self.lib.state)
 
-        return add_volume_node(slicer.mrmlScene, volume, name)
+    def computeMaps(self, dwi, excludeLowB=False, water=None, fat=None, pre=None, post=None, progress=None,
+                    shouldCancel=None) -> dict:
+        """ADC from [(DWI node, typed b-value or -1), ...], FF from Dixon, EF from T1; new nodes by map name."""
+        return self.lib.compute_maps(dwi, excludeLowB, water, fat, pre, post, progress, shouldCancel)
 
-    def computeMaps(self, dwiNodes, excludeLowB=False, water=None, fat=None, pre=None, post=None,
-                    progress=None, shouldCancel=None) -> dict:
-        """ADC (10^-6 mm^2/s) from DWI nodes carrying SmartBiopsy.BValue, FF (%) from Dixon, EF (%) from T1."""
-        from SmartBiopsyLib.characterise import maps
-        from SmartBiopsyCoreLib.errors import InputDataError
+    def computeMapsParameterNode(self, pn, progress=None, shouldCancel=None) -> dict:
+        nodes = self.computeMaps([(pn.dwiB1, pn.dwiB1BValue), (pn.dwiB2, pn.dwiB2BValue), (pn.dwiB3, pn.dwiB3BValue)],
+                                 pn.excludeLowB, pn.dixonWater, pn.dixonFat, pn.t1Pre, pn.t1Post, progress, shouldCancel)
+        pn.adcMap = nodes.get("adc") or pn.adcMap
+        pn.ffMap = nodes.get("ff") or pn.ffMap
+        pn.efMap = nodes.get("ef") or pn.efMap
+        return nodes
 
-        out = {}
-        if dwiNodes:
-            dwi = {}
-            for node in dwiNodes:
-                b = node.GetAttribute("SmartBiopsy.BValue")
-                if b is None:
-                    raise InputDataError(f"volume '{node.GetName()}' has no b-value; load the DWI series with SmartBiopsy "
-                                         "so each b-value volume carries it")
-                dwi[float(b)] = self._volume(node)
-            out["adc"] = self._addVolume(maps.compute_adc(dwi, exclude_low_b=excludeLowB, progress=progress,
-                                                          should_cancel=shouldCancel), "ADC")
-        if water and fat:
-            out["ff"] = self._addVolume(maps.compute_ff(self._volume(water), self._volume(fat)), "FF")
-        if pre and post:
-            out["ef"] = self._addVolume(maps.compute_ef(self._volume(pre), self._volume(post)), "EF")
-        return out
-
-    def tumourMask(self, segmentationNode, segmentId, referenceNode):
-        """The tumour segment as a label RasVolume on ``referenceNode``'s grid."""
-        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "tumour mask")
-        try:
-            ids = vtk.vtkStringArray()
-            ids.InsertNextValue(segmentId)
-            slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentationNode, ids, labelmap, referenceNode)
-            return self._volume(labelmap)
-        finally:
-            slicer.mrmlScene.RemoveNode(labelmap)
-
-    def measureTumour(self, segmentationNode, segmentId, referenceNode):
-        from SmartBiopsyLib.characterise import tumour
-        return tumour.measure_tumour(self.tumourMask(segmentationNode, segmentId, referenceNode))
+    def measureTumourParameterNode(self, pn):
+        return self.lib.measure_tumour(pn.tumourSegmentation, pn.tumourSegmentId, pn.adcMap)
 
     def process(self, adcNode, efNode, ffNode, tumourMask, mode="median", transformNode=None,
                 needleErrorMm=2.0, notchLengthMm=10.0) -> dict:
         """Habitats and targets; returns {"habitats": HabitatResult, "targets": [...], "nodes": {...}}."""
-        import numpy as np
+        return self.lib.compute_habitats(adcNode, efNode, ffNode, tumourMask, mode, transformNode, needleErrorMm,
+                                         notchLengthMm)
 
-        from SmartBiopsyLib.characterise import mrml as characterisation_mrml, habitats, targets
-        adc, ef = self._volume(adcNode), self._volume(efNode)
-        ff = self._volume(ffNode) if ffNode else None
-        mask = np.asarray(tumourMask.array) != 0
-        result = habitats.compute_habitats(adc, ef, ff, mask, habitats.HabitatConfig(mode=mode))
-        named = {"adc": adc, "ef": ef} | ({"ff": ff} if ff is not None else {})
-        tre = self._predictedTre(transformNode)
-        ts = targets.plan_targets(result.labels, named, tre, needleErrorMm, notchLengthMm)
-        nodes = characterisation_mrml.characterisation_nodes(slicer.mrmlScene, result, ts)
-        if transformNode is not None:
-            for key in ("segmentation", "targets"):
-                nodes[key].SetAndObserveTransformNodeID(transformNode.GetID())
-        return {"habitats": result, "targets": ts, "nodes": nodes}
-
-    @staticmethod
-    def _predictedTre(transformNode):
-        """Predicted TRE (mm) stored by Registration Fusion at approval, else None (1 mm default)."""
-        import json
-
-        text = transformNode.GetAttribute("SmartBiopsy.RegistrationQA") if transformNode is not None else None
-        if not text:
-            return None
-        values = [t["predicted_tre_mm"] for t in json.loads(text).get("targets", [])]
-        return max(values) if values else None
-
-    def processParameterNode(self, pn: SmartBiopsyParameterNode, segmentationNode=None, segmentId=None) -> dict:
-        mask = self.tumourMask(segmentationNode, segmentId, pn.adcMap)
+    def processParameterNode(self, pn: SmartBiopsyParameterNode) -> dict:
+        mask = self.lib.tumour_mask(pn.tumourSegmentation, pn.tumourSegmentId, pn.adcMap)
         result = self.process(pn.adcMap, pn.efMap, pn.ffMap, mask, pn.habitatMode, pn.registrationTransform,
                               pn.needleErrorMm, pn.notchLengthMm)
         pn.habitatSegmentation = result["nodes"]["segmentation"]
         pn.targets = result["nodes"]["targets"]
         return result
 
-    @staticmethod
-    def _linePoints(lineNode):
-        import numpy as np
+    def detectNeedleParameterNode(self, pn, progress=None, shouldCancel=None):
+        return self.lib.detect_needle(pn.confirmationCT, pn.plannedTrajectory, pn.needleModel, progress, shouldCancel)
 
-        p0, p1 = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
-        lineNode.GetNthControlPointPositionWorld(0, p0)
-        lineNode.GetNthControlPointPositionWorld(1, p1)
-        return np.array(p0), np.array(p1)
+    def sampleNotchParameterNode(self, pn):
+        return self.lib.sample_notch(pn.notchMode, pn.needleModel, pn.notchShiftMm,
+                                     {"adc": pn.adcMap, "ff": pn.ffMap, "ef": pn.efMap}, pn.registrationTransform)
 
-    def detectNeedle(self, ctNode, plannedLineNode, needleName, progress=None, shouldCancel=None):
-        """Needle axis and tip in the confirmation CT near the planned path (entry = first line point)."""
-        from SmartBiopsyLib.sampling import needle, mrml as sampling_mrml
-        entry, target = self._linePoints(plannedLineNode)
-        detection = needle.detect_needle(self._volume(ctNode), entry, target, target_name=plannedLineNode.GetName(),
-                                         needle=needleName, progress=progress, should_cancel=shouldCancel)
-        sampling_mrml.add_needle_line_node(slicer.mrmlScene, detection)
-        return detection
+    def addSpecimenParameterNode(self, pn):
+        from SmartBiopsyLib.logic import region_of_target
 
-    def sampleNotch(self, detection, mode, needleName, shiftMm, mapNodes, transformNode=None):
-        """Notch ROI at the detected tip (shifted ``shiftMm`` along the needle) and each map's values in it."""
-        from RegistrationFusionLib.registration.mrml import matrix_from_transform_node
-        from SmartBiopsyLib.sampling import notch, mrml as sampling_mrml
-        roi = notch.notch_roi(detection.tip_ras + float(shiftMm) * detection.axis, detection.axis, mode, needleName,
-                              target_name=detection.target_name)
-        maps = {k: self._volume(n) for k, n in mapNodes.items() if n is not None}
-        m = matrix_from_transform_node(transformNode) if transformNode is not None else None
-        values = notch.sample_maps(roi, maps, m)
-        sampling_mrml.add_notch_roi_node(slicer.mrmlScene, roi)
-        return roi, values
+        return self.lib.add_specimen(pn.journalPath, pn.potId, region_of_target(pn.plannedTrajectory),
+                                     pn.operatorName, pn.participantId)
+
+    def journalState(self, journalPath):
+        return self.lib.journal_state(journalPath)
+
+    def exportCsv(self, journalPath, csvPath):
+        return self.lib.export_csv(journalPath, csvPath)
+
+    def importPathology(self, journalPath, csvPath):
+        return self.lib.import_pathology(journalPath, csvPath)
+
+    def procedureLog(self, pn):
+        return self.lib.procedure_log(pn.participantId, pn.operatorName)
+
+    def nowUtc(self) -> str:
+        return self.lib.now_utc()
 
     @staticmethod
     def regionOfTarget(lineNode) -> str:
-        """Habitat region (A/B/C) of a trajectory line node (attribute set by the planner)."""
-        from SmartBiopsyCoreLib.errors import InputDataError
+        from SmartBiopsyLib.logic import region_of_target
 
-        region = lineNode.GetAttribute("TrajectoryPlanner.Region") if lineNode is not None else None
-        if region not in ("A", "B", "C"):
-            raise InputDataError("the selected trajectory has no habitat region; choose a trajectory planned by "
-                                 "Trajectory Planner")
-        return region
-
-    def addSpecimen(self, journalPath, potId, region, detection, roi, notchValues, operator, participantId):
-        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal, SpecimenRecord, values_from_notch
-
-        record = SpecimenRecord(pot_id=potId, region=region, target_name=detection.target_name,
-                                needle_tip_ras=detection.tip_ras.tolist(), needle_direction_ras=detection.axis.tolist(),
-                                notch_roi=roi.to_dict(), values=values_from_notch(notchValues), operator=operator,
-                                participant_id=participantId)
-        with SpecimenJournal(journalPath) as journal:
-            return journal.append_specimen(record)
-
-    def journalState(self, journalPath):
-        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
-
-        with SpecimenJournal(journalPath) as journal:
-            return dict(journal.specimens), dict(journal.pathology)
-
-    def exportCsv(self, journalPath, csvPath):
-        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
-
-        with SpecimenJournal(journalPath, create=False) as journal:
-            return journal.export_csv(csvPath)
-
-    def importPathology(self, journalPath, csvPath):
-        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
-
-        with SpecimenJournal(journalPath, create=False) as journal:
-            return journal.import_pathology_csv(csvPath)
-
-    @staticmethod
-    def newProcedureLog(participantId, operator):
-        from SmartBiopsyLib.records.procedure_log import ProcedureLog
-
-        return ProcedureLog(participant_id=participantId, operator=operator)
-
-    @staticmethod
-    def nowUtc() -> str:
-        from SmartBiopsyLib.records.specimen_journal import utc_now_iso
-
-        return utc_now_iso()
+        return region_of_target(lineNode)
 
     def saveProcedureLog(self, journalPath, log) -> None:
-        from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
+        self.lib.save_procedure_log(journalPath, log)
 
-        if str(journalPath) in ("", "."):
-            return
-        with SpecimenJournal(journalPath) as journal:
-            journal.append_procedure(log)
-
-    def generateReport(self, folder, journalPath):
-        """Self-contained report.html in ``folder`` from the scene's results and the specimen journal."""
-        from SmartBiopsyLib.report.writer import write_report
-
-        return write_report(folder)
+    def generateReport(self, pn, progress=None):
+        """The case folder (the command line's layout) from the scene and this session, then report.html in it."""
+        return self.lib.generate_report(pn.reportFolder, pn, progress)
 
 
 #
@@ -607,6 +492,8 @@ class SmartBiopsyTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.test_maps_and_habitats()
         self.test_sampling_record()
+        self.test_logic_report()
+        self.test_tumour_buttons_follow_the_selector()
 
     def _run(self, name):
         from SmartBiopsyLib import scenarios
@@ -621,3 +508,18 @@ class SmartBiopsyTest(ScriptedLoadableModuleTest):
 
     def test_sampling_record(self):
         self._run("sampling_record")
+
+    def test_logic_report(self):
+        self._run("logic_report")
+
+    def test_tumour_buttons_follow_the_selector(self):
+        """The widget's path: the module Logic decides the tumour buttons from the real parameter node."""
+        self.setUp()
+        logic = SmartBiopsyLogic()
+        pn = logic.getParameterNode()
+        self.assertFalse(logic.buttonStates(pn)["measureTumour"])
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Tumour")
+        pn.tumourSegmentation = seg
+        pn.tumourSegmentId = seg.GetSegmentation().AddEmptySegment("tumour")
+        self.assertTrue(logic.buttonStates(pn)["measureTumour"])
+        self.assertFalse(logic.buttonStates(pn)["computeHabitats"])

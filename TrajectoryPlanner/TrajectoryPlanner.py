@@ -105,6 +105,7 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._result = None
+        self._lineNodes = []
         self._session = None
         self._statusTimer = None
 
@@ -190,14 +191,15 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         pn = self._parameterNode
         if not pn:
             return
-        self.ui.computeButton.enabled = bool(pn.ctVolume and pn.targets and pn.targets.GetNumberOfControlPoints())
-        self.ui.resliceButton.enabled = bool(pn.selectedTrajectory)
-        connected = self._session is not None and self._session.client.connected
-        self.ui.phaseButton.enabled = connected
-        self.ui.sendTargetButton.enabled = connected and bool(pn.selectedTrajectory)
+        connected = self.logic.robotConnected(self._session)
+        states = self.logic.buttonStates(pn, self._result is not None, connected)
+        self.ui.computeButton.enabled = states["compute"]
+        self.ui.resliceButton.enabled = states["reslice"]
+        self.ui.phaseButton.enabled = states["phase"]
+        self.ui.sendTargetButton.enabled = states["sendTarget"]
         # STOP and EMERGENCY are never disabled: with no session they say so instead of doing nothing.
-        self.ui.stopButton.enabled = True
-        self.ui.emergencyButton.enabled = True
+        self.ui.stopButton.enabled = states["stop"]
+        self.ui.emergencyButton.enabled = states["emergency"]
         self.ui.connectButton.text = _("Disconnect") if connected else _("Connect")
 
     def _runWithProgress(self, title, work):
@@ -224,11 +226,13 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # ------------------------------------------------------------------ planning
     def onRefreshRiskTable(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not list the risk structures."), waitCursor=True):
+            from TrajectoryPlannerLib.logic import RISK_COLUMNS
+
             rows = self.logic.riskStructureRows(self._parameterNode.riskSegmentation, self._parameterNode.autoStructures)
             table = self.ui.riskTable
             table.clear()
-            table.setColumnCount(3)
-            table.setHorizontalHeaderLabels([_("structure"), _("source"), _("margin (mm)")])
+            table.setColumnCount(len(RISK_COLUMNS))
+            table.setHorizontalHeaderLabels([_(c) for c in RISK_COLUMNS])
             table.setRowCount(len(rows))
             for r, (name, source, margin) in enumerate(rows):
                 for c, text in enumerate((name, source)):
@@ -237,32 +241,24 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                     table.setItem(r, c, item)
                 table.setItem(r, 2, qt.QTableWidgetItem(f"{margin:g}"))
 
-    def _margins(self) -> dict:
+    def _marginRows(self) -> list:
         table = self.ui.riskTable
-        out = {}
-        for r in range(table.rowCount):
-            name, margin = table.item(r, 0), table.item(r, 2)
-            if name is not None and margin is not None:
-                out[name.text()] = float(margin.text())
-        return out
+        cells = [(table.item(r, 0), table.item(r, 2)) for r in range(table.rowCount)]
+        return [(name.text(), margin.text()) for name, margin in cells if name is not None and margin is not None]
 
     def onCompute(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Planning failed."), waitCursor=True):
             pn = self._parameterNode
-            margins = self._margins()
-            self._result, nodes = self._runWithProgress(
+            margins = self.logic.margins(self._marginRows())
+            self._result, self._lineNodes = self._runWithProgress(
                 _("Planning trajectories"), lambda p, c: self.logic.processParameterNode(pn, margins, p, c))
-            structures = sorted({k for t in self._result.trajectories for k in t.clearance_mm})
+            columns, rows = self.logic.trajectoryRows(self._result)
             table = self.ui.trajectoriesTable
             table.clear()
-            columns = [_("name"), _("length mm"), _("angle deg"), _("score")] + [f"{s} mm" for s in structures]
             table.setColumnCount(len(columns))
-            table.setHorizontalHeaderLabels(columns)
-            table.setRowCount(len(self._result.trajectories))
-            self._lineNodes = nodes
-            for r, t in enumerate(self._result.trajectories):
-                values = [t.name, f"{t.length_mm:.1f}", f"{t.angle_to_axial_deg:.1f}", f"{t.score:.3f}"]
-                values += [f"{t.clearance_mm.get(s, float('nan')):.1f} (>= {t.margin_mm.get(s, 0):g})" for s in structures]
+            table.setHorizontalHeaderLabels([_(c) for c in columns])
+            table.setRowCount(len(rows))
+            for r, values in enumerate(rows):
                 for c, text in enumerate(values):
                     table.setItem(r, c, qt.QTableWidgetItem(text))
             self.ui.statusLabel.text = self._result.shared_entry_note or _("{n} trajectories planned.").format(
@@ -274,15 +270,9 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onReslice(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not reslice along the path."), waitCursor=True):
-            entry, target = self.logic.linePoints(self._parameterNode.selectedTrajectory)
-            sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
-            direction = target - entry
-            direction = direction / (sum(direction ** 2) ** 0.5)
-            helper = [0.0, 0.0, 1.0] if abs(direction[2]) < 0.9 else [1.0, 0.0, 0.0]
-            sliceNode.SetSliceToRASByNTP(*helper, *direction, *target, 0)  # plane containing the path
-            sliceNode.SetSliceOrigin(*((entry + target) / 2.0))
-            yellow = slicer.app.layoutManager().sliceWidget("Yellow").mrmlSliceNode()
-            yellow.SetSliceToRASByNTP(*direction, *helper, *target, 0)  # plane across the path at the target
+            layout = slicer.app.layoutManager()
+            self.logic.reslice(self._parameterNode.selectedTrajectory, layout.sliceWidget("Red").mrmlSliceNode(),
+                               layout.sliceWidget("Yellow").mrmlSliceNode())
 
     # ------------------------------------------------------------------ robot
     def _ensureRequirements(self) -> None:
@@ -309,7 +299,8 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             else:
                 self._ensureRequirements()
                 pn = self._parameterNode
-                self._session = self.logic.connectRobot(pn.robotHost, pn.robotPort, self._result, pn.registrationTransform)
+                self._session = self.logic.connectRobot(pn.robotHost, pn.robotPort, self._result, pn.registrationTransform,
+                                                        os.path.join(slicer.app.temporaryPath, "robot_session.jsonl"))
                 self._statusTimer.start()
             self._checkCanApply()
 
@@ -367,142 +358,115 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
 
 class TrajectoryPlannerLogic(ScriptedLoadableModuleLogic):
-    """Thin adapter between the module GUI and TrajectoryPlannerLib (no dialogs here)."""
+    """Thin adapter: the panel's actions live in TrajectoryPlannerLib.logic (no dialogs here)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scene=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.scene = scene if scene is not None else slicer.mrmlScene
 
     def getParameterNode(self):
         return TrajectoryPlannerParameterNode(super().getParameterNode())
 
     @staticmethod
-    def _volume(node):
-        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+    def buttonStates(pn, haveResult=False, connected=False) -> dict:
+        from TrajectoryPlannerLib import logic
 
-        return volume_from_node(node)
+        return logic.button_states(pn, haveResult, connected)
 
     @staticmethod
-    def linePoints(lineNode):
-        import numpy as np
+    def riskStructureRows(segmentationNode, autoStructures=True) -> list:
+        """(name, source, default margin mm) for the automatic structures and every segment, hidden ones too."""
+        from TrajectoryPlannerLib import logic
 
-        p0, p1 = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
-        lineNode.GetNthControlPointPositionWorld(0, p0)
-        lineNode.GetNthControlPointPositionWorld(1, p1)
-        return np.array(p0), np.array(p1)
+        return logic.risk_structure_rows(segmentationNode, autoStructures)
 
-    def riskStructureRows(self, segmentationNode, autoStructures=True) -> list:
-        """(name, source, default margin mm) for the automatic and the user's structures."""
-        from TrajectoryPlannerLib.planning.risk import default_margin
+    @staticmethod
+    def margins(rows) -> dict:
+        from TrajectoryPlannerLib import logic
 
-        rows = [(n, "CT", default_margin(n)) for n in ("bone", "gas")] if autoStructures else []
-        if segmentationNode is not None:
-            seg = segmentationNode.GetSegmentation()
-            for i in range(seg.GetNumberOfSegments()):
-                name = seg.GetNthSegment(i).GetName()
-                rows.append((name, "segment", default_margin(name)))
-        return rows
+        return logic.margins_from_rows(rows)
 
-    def _userLabelmaps(self, segmentationNode, ctNode) -> list:
-        """User segments as (label RasVolume on the CT grid, {value: name})."""
-        if segmentationNode is None:
-            return []
-        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "risk structures")
-        try:
-            slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(segmentationNode, labelmap, ctNode)
-            seg = segmentationNode.GetSegmentation()
-            names = {i + 1: seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())}
-            return [(self._volume(labelmap), names)]
-        finally:
-            slicer.mrmlScene.RemoveNode(labelmap)
+    @staticmethod
+    def trajectoryRows(result):
+        from TrajectoryPlannerLib import logic
+
+        return logic.trajectory_rows(result)
 
     def process(self, ctNode, targetsNode, segmentationNode=None, needle="15G/16G-16cm", margins=None,
                 mode="oblique", maxAngleDeg=60.0, position="supine", topN=5, sharedEntry=True, autoStructures=True,
                 progress=None, shouldCancel=None):
         """Plan and show the trajectories. Returns (PlanResult, [line node per trajectory, in table order])."""
-        from TrajectoryPlannerLib.planning import engine, mrml as planner_mrml
-        targets = []
-        for i in range(targetsNode.GetNumberOfControlPoints()):
-            p = [0.0, 0.0, 0.0]
-            targetsNode.GetNthControlPointPositionWorld(i, p)
-            label = targetsNode.GetNthControlPointLabel(i) or f"T{i + 1}"
-            targets.append({"name": label, "region": label if label in ("A", "B", "C") else "", "point_ras": p})
-        settings = engine.PlanSettings(mode=mode, max_angle_deg=maxAngleDeg, top_n=topN, shared_entry=sharedEntry)
-        result = engine.plan(self._volume(ctNode), targets, needle, self._userLabelmaps(segmentationNode, ctNode),
-                             margins or None, settings, position, autoStructures, progress, shouldCancel)
-        nodes = planner_mrml.add_trajectory_nodes(slicer.mrmlScene, result, include_shared=False)
-        return result, nodes
+        from TrajectoryPlannerLib import logic
+
+        return logic.plan(self.scene, ctNode, targetsNode, segmentationNode, needle, margins, mode, maxAngleDeg,
+                          position, topN, sharedEntry, autoStructures, progress, shouldCancel)
 
     def processParameterNode(self, pn: TrajectoryPlannerParameterNode, margins=None, progress=None, shouldCancel=None):
         return self.process(pn.ctVolume, pn.targets, pn.riskSegmentation, pn.needleModel, margins, pn.planningMode,
                             pn.maxAngleDeg, pn.patientPosition, pn.topN, pn.sharedEntry, pn.autoStructures,
                             progress, shouldCancel)
 
-    def connectRobot(self, host, port, result, transformNode):
-        """Open a robot session with the best trajectory per target; the registration QA verdict comes from
-        the approved transform (Registration Fusion)."""
-        import json
+    @staticmethod
+    def reslice(lineNode, inPlaneSliceNode, acrossSliceNode=None) -> dict:
+        """In-plane view through entry and target, across view at the target."""
+        from TrajectoryPlannerLib import logic
 
-        from TrajectoryPlannerLib.robot.protocol import RobotPlan, RobotSession
+        return logic.reslice_along_path(lineNode, inPlaneSliceNode, acrossSliceNode)
 
-        best = {}
-        for t in (result.trajectories if result is not None else []):
-            if t.target not in best or t.rank < best[t.target].rank:
-                best[t.target] = t
-        qa = {}
-        if transformNode is not None and transformNode.GetAttribute("SmartBiopsy.RegistrationApproved") == "true":
-            qa = json.loads(transformNode.GetAttribute("SmartBiopsy.RegistrationQA") or "{}")
-        plan = RobotPlan.from_dict({"trajectories": [
-            {"name": name, "region": t.region, "entry_ras": list(t.entry_ras), "target_ras": list(t.target_ras)}
-            for name, t in best.items()], "registration_qa": qa})
-        session = RobotSession(host, int(port), log_path=os.path.join(slicer.app.temporaryPath, "robot_session.jsonl"))
-        session.connect()
-        session.load_plan(plan)
-        return session
+    # robot panel: forwards to TrajectoryPlannerLib.logic (the protocol lives in TrajectoryPlannerLib.robot)
+    @staticmethod
+    def connectRobot(host, port, result, transformNode, logPath):
+        from TrajectoryPlannerLib import logic
+
+        return logic.connect_robot(host, port, result, transformNode, logPath)
+
+    @staticmethod
+    def robotConnected(session) -> bool:
+        from TrajectoryPlannerLib import logic
+
+        return logic.robot_connected(session)
 
     @staticmethod
     def confirmPlan(session, operator) -> None:
-        session.confirm_plan(operator or "operator")
+        from TrajectoryPlannerLib import logic
+
+        logic.confirm_plan(session, operator)
 
     @staticmethod
     def robotCommand(session, phase, confirm=False):
-        if phase == "CALIBRATION":
-            session.calibrate()
-            return session.last_status.get("CALIBRATION")
-        return session.command(phase, confirm=confirm)
+        from TrajectoryPlannerLib import logic
+
+        return logic.robot_command(session, phase, confirm)
 
     @staticmethod
     def sendTarget(session, name):
-        return session.send_target(name, confirm=True)
+        from TrajectoryPlannerLib import logic
+
+        return logic.send_target(session, name)
 
     @staticmethod
     def robotStop(session):
-        from TrajectoryPlannerLib.errors import RobotBridgeError
+        from TrajectoryPlannerLib import logic
 
-        if session is None:
-            raise RobotBridgeError("No robot session is connected; stop the robot at its own console.")
-        return session.stop()
+        return logic.robot_stop(session)
 
     @staticmethod
     def robotEmergency(session):
-        from TrajectoryPlannerLib.errors import RobotBridgeError
+        from TrajectoryPlannerLib import logic
 
-        if session is None:
-            raise RobotBridgeError("No robot session is connected; use the robot's own emergency stop.")
-        return session.emergency()
+        return logic.robot_emergency(session)
 
     @staticmethod
     def robotStatusText(session) -> str:
-        if not session.client.connected:
-            return "disconnected"
-        states = ", ".join(f"{t.name}: {t.state}" for t in (session.plan.targets if session.plan else []))
-        last = ", ".join(f"{k} {v.status_string or 'OK'}" for k, v in session.last_status.items())
-        return f"connected; {states}; {last}"
+        from TrajectoryPlannerLib import logic
+
+        return logic.robot_status_text(session)
 
     @staticmethod
     def takeRejections(session) -> list:
-        out = [m.status_string for m in session.rejections_reported]
-        session.rejections_reported.clear()
-        return out
+        from TrajectoryPlannerLib import logic
+
+        return logic.take_rejections(session)
 
 
 #
@@ -520,6 +484,7 @@ class TrajectoryPlannerTest(ScriptedLoadableModuleTest):
         self.test_plan_three_targets()
         self.test_rejects_target_in_bone()
         self.test_robot_safety()
+        self.test_logic_hidden_segments_and_reslice()
 
     def _run(self, name):
         from TrajectoryPlannerLib import scenarios
@@ -537,3 +502,6 @@ class TrajectoryPlannerTest(ScriptedLoadableModuleTest):
 
     def test_robot_safety(self):
         self._run("robot_safety")
+
+    def test_logic_hidden_segments_and_reslice(self):
+        self._run("logic_hidden_segments_and_reslice")

@@ -130,8 +130,54 @@ def scenario_rejects_collinear_capsules(scene) -> dict:
     return {"message": message}
 
 
+def reregistration_case(scene, seed: int = 3):
+    """Nodes the panel would hold after capsule detection: CT capsules (CT world), MRI capsules (MRI world) and
+    an MRI volume, all in ``scene``; returns (ct node, mri capsules node, mri volume node, truth 4x4)."""
+    from RegistrationFusionLib.registration import mrml as registration_mrml
+
+    ct, mri, truth, _ = synthetic_capsule_layout(seed=seed, noise_mm=0.2)
+    ct_node = registration_mrml.create_capsule_fiducials(scene, ct, "Capsules CT")
+    mri_node = registration_mrml.create_capsule_fiducials(scene, mri, "Capsules MRI")
+    mri_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MRI T2")
+    return ct_node, mri_node, mri_volume, truth
+
+
+def scenario_logic_reregistration(scene) -> dict:
+    """The panel's logic (the API the widget calls): registering twice, or after unticking a capsule pair,
+    equals registering from scratch (within 0.01 mm), although the MRI capsules now sit under the transform."""
+    from RegistrationFusionLib.logic import FusionLogic
+    from RegistrationFusionLib.registration import mrml as registration_mrml
+
+    probe = np.array([[-20.0, 40.0, 0.0], [60.0, -40.0, 80.0], [-90.0, 120.0, -70.0]])
+
+    def moved(m):
+        return probe @ m[:3, :3].T + m[:3, 3]
+
+    ct_node, mri_node, mri_volume, truth = reregistration_case(scene)
+    logic = FusionLogic(scene)
+    tnode = logic.register(ct_node, mri_node, mri_volume)
+    first = registration_mrml.matrix_from_transform_node(tnode)
+    assert mri_node.GetParentTransformNode() is tnode and mri_volume.GetParentTransformNode() is tnode
+    logic.register(ct_node, mri_node, mri_volume, tnode)  # "Register" clicked again
+    again = registration_mrml.matrix_from_transform_node(tnode)
+    twice_mm = float(np.abs(moved(again) - moved(first)).max())
+    assert twice_mm < 0.01, f"registering again moved the result by {twice_mm:.3f} mm"
+
+    logic.set_pair_used(1, False, ct_node, mri_node, mri_volume, tnode)  # untick pair 1 in the QA table
+    unticked = registration_mrml.matrix_from_transform_node(tnode)
+    fresh_logic = FusionLogic(scene)
+    c2, m2, v2, _ = reregistration_case(scene)
+    fresh = registration_mrml.matrix_from_transform_node(fresh_logic.register(c2, m2, v2, excluded_pairs={1}))
+    untick_mm = float(np.abs(moved(unticked) - moved(fresh)).max())
+    assert untick_mm < 0.01, f"unticking a pair differs from registering without it by {untick_mm:.3f} mm"
+    truth_mm = float(np.linalg.norm(moved(first) - moved(truth), axis=1).max())
+    assert truth_mm < 2.0, f"registration {truth_mm:.2f} mm from the truth"
+    return {"twice_mm": twice_mm, "untick_mm": untick_mm, "truth_mm": truth_mm}
+
+
 SCENARIOS = {
     "landmark_registration": scenario_landmark_registration,
     "outlier_exclusion": scenario_outlier_exclusion,
     "rejects_collinear_capsules": scenario_rejects_collinear_capsules,
+    "logic_reregistration": scenario_logic_reregistration,
 }

@@ -174,7 +174,136 @@ def scenario_sampling_record(scene) -> dict:
             "notch_adc_mean": float(st.mean), "import": report.to_dict(), "journal": str(folder)}
 
 
+def parameter_node(**values):
+    """A stand-in for the module's parameter node with every field the panel logic reads (defaults as in
+    SmartBiopsy.py); inside Slicer the real ``SmartBiopsyParameterNode`` is passed instead."""
+    from types import SimpleNamespace
+
+    fields = dict(dwiB1=None, dwiB2=None, dwiB3=None, dwiB1BValue=-1.0, dwiB2BValue=-1.0, dwiB3BValue=-1.0,
+                  excludeLowB=False, tumourSegmentation=None, tumourSegmentId="", dixonWater=None, dixonFat=None,
+                  t1Pre=None, t1Post=None, adcMap=None, ffMap=None, efMap=None, registrationTransform=None,
+                  habitatMode="median", needleErrorMm=2.0, notchLengthMm=10.0, habitatSegmentation=None, targets=None,
+                  confirmationCT=None, plannedTrajectory=None, needleModel="15G/16G-16cm", notchMode="side-notch",
+                  notchShiftMm=0.0, journalPath=Path("."), potId="", operatorName="", participantId="", scanLabel="",
+                  scanDlpMgyCm=0.0, reportFolder=Path("."))
+    fields.update(values)
+    return SimpleNamespace(**fields)
+
+
+def gui_case(scene, folder) -> dict:
+    """Every step of the desktop workflow through the panels' logic APIs (what the three widgets call), on the
+    small abdomen CT and a synthetic MRI tumour: fusion on capsule points (approved), maps, tumour segment,
+    habitats and targets, planned paths, a simulated confirmation CT for target A (simulated data, as in every
+    self-test), notch values, one specimen pot and the procedure log. Returns the nodes, the parameter node
+    stand-in and the panel logic (its state is what "Generate report" writes)."""
+    import slicer
+
+    from RegistrationFusionLib.logic import FusionLogic
+    from RegistrationFusionLib.registration import mrml as registration_mrml
+    from SmartBiopsyCoreLib.dataio import volumes_mrml
+    from SmartBiopsyCoreLib.phantom import abdomen
+    from SmartBiopsyLib.logic import BiopsyLogic
+    from SmartBiopsyLib.sampling import needle_sim
+    from TrajectoryPlannerLib import logic as planner
+
+    folder = Path(folder)
+    ct, _labels, _ = abdomen.make_abdomen(spacing=(3.0, 3.0, 4.0))
+    ct_node = volumes_mrml.add_volume_node(scene, ct, "Planning CT")
+    case = synthetic_tumour(spacing_mm=2.0, radius_mm=20.0)
+    shift = np.asarray(abdomen.TUMOUR_CENTRE_RAS, float)  # MRI world -> CT world: a translation
+    mri_node = volumes_mrml.add_volume_node(scene, case["t1_pre"], "MRI T1")
+    # capsules on the anterior and left skin (CT world) and where the MRI saw them (MRI world)
+    caps_ct = np.array([[-40.0, 108.0, -40.0], [-40.0, 108.0, 40.0], [-100.0, 92.0, 0.0], [-130.0, 60.0, -45.0],
+                        [-130.0, 60.0, 45.0], [20.0, 109.0, 0.0]])
+    ct_caps = registration_mrml.create_capsule_fiducials(scene, caps_ct, "Capsules CT")
+    mr_caps = registration_mrml.create_capsule_fiducials(scene, caps_ct - shift, "Capsules MRI")
+    from SmartBiopsyLib.report.scene_case import module_parameter_node
+
+    fusion_pn = module_parameter_node(scene, "RegistrationFusion")  # Registration Fusion's parameter node
+    if fusion_pn is None:
+        fusion_pn = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "RegistrationFusion")
+        fusion_pn.SetSingletonTag("RegistrationFusion")
+        fusion_pn.SetAttribute("ModuleName", "RegistrationFusion")
+    fusion_pn.SetNodeReferenceID("ctVolume", ct_node.GetID())
+    fusion_pn.SetNodeReferenceID("mriVolume", mri_node.GetID())
+    fusion = FusionLogic(scene)
+    transform = fusion.register(ct_caps, mr_caps, mri_node)
+    tnode = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "QA target")
+    tnode.AddControlPoint(*shift.tolist(), "tumour")
+    fusion.qa_report(tnode)
+    fusion.approve(transform)
+
+    logic = BiopsyLogic(scene)
+    dwi = [volumes_mrml.add_volume_node(scene, v, f"DWI b{b:g}") for b, v in case["dwi"].items()]
+    maps = logic.compute_maps([(n, -1.0) for n in dwi], water=volumes_mrml.add_volume_node(scene, case["water"], "water"),
+                              fat=volumes_mrml.add_volume_node(scene, case["fat"], "fat"),
+                              pre=mri_node, post=volumes_mrml.add_volume_node(scene, case["t1_post"], "T1 post"))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Tumour")
+    seg.CreateDefaultDisplayNodes()
+    lab = volumes_mrml.add_volume_node(scene, case["grid"].with_array(case["mask"].astype(np.uint8)), "tumour", label=True)
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(lab)
+    slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(lab, seg)
+    scene.RemoveNode(lab)
+    journal = folder / "journal" / "specimens.jsonl"
+    journal.parent.mkdir(parents=True, exist_ok=True)  # the user picks a file in an existing folder
+    pn = parameter_node(adcMap=maps["adc"], ffMap=maps["ff"], efMap=maps["ef"], tumourSegmentation=seg,
+                        tumourSegmentId=seg.GetSegmentation().GetNthSegmentID(0), registrationTransform=transform,
+                        journalPath=journal, reportFolder=folder / "report", participantId="P-GUI",
+                        operatorName="self-test", potId="P-GUI-POT-A")
+    logic.measure_tumour(pn.tumourSegmentation, pn.tumourSegmentId, pn.adcMap)
+    result = logic.compute_habitats(pn.adcMap, pn.efMap, pn.ffMap, logic.tumour_mask(seg, pn.tumourSegmentId, pn.adcMap),
+                                    transform_node=transform)
+    pn.habitatSegmentation, pn.targets = result["nodes"]["segmentation"], result["nodes"]["targets"]
+
+    plan, lines = planner.plan(scene, ct_node, pn.targets, top_n=1, shared_entry=False)
+    line_a = next(n for n in lines if n.GetAttribute("TrajectoryPlanner.Region") == "A")
+    entry, target = planner.line_points(line_a)
+    sim = needle_sim.simulate_confirmation_ct(ct, entry, target, pn.needleModel, lateral_error_mm=1.0, seed=1)
+    pn.confirmationCT = volumes_mrml.add_volume_node(scene, sim.ct, "Confirmation CT A (simulated)")
+    pn.plannedTrajectory = line_a
+    logic.detect_needle(pn.confirmationCT, pn.plannedTrajectory, pn.needleModel)
+    logic.sample_notch(pn.notchMode, pn.needleModel, pn.notchShiftMm,
+                       {"adc": pn.adcMap, "ff": pn.ffMap, "ef": pn.efMap}, pn.registrationTransform)
+    from SmartBiopsyLib.logic import region_of_target
+
+    logic.add_specimen(pn.journalPath, pn.potId, region_of_target(line_a), pn.operatorName, pn.participantId)
+    log = logic.procedure_log(pn.participantId, pn.operatorName)
+    log.set_planning_topogram("2026-01-05T09:00:00Z")
+    log.add_scan("confirmation CT A", "2026-01-05T09:20:00Z", 40.0)
+    logic.save_procedure_log(pn.journalPath, log)
+    return {"pn": pn, "logic": logic, "plan": plan, "transform": transform}
+
+
+def scenario_logic_report(scene) -> dict:
+    """The panel's "Generate report" (the logic API the widget calls) writes the command line's case folder from
+    the scene and the session, and the report has every section of the steps done, with figures."""
+    import re
+
+    from SmartBiopsyLib.report.case import SECTION_TITLES
+
+    folder = Path(tempfile.mkdtemp(prefix="smartbiopsy-gui-report-"))
+    out = gui_case(scene, folder)
+    pn, logic = out["pn"], out["logic"]
+    path = Path(logic.generate_report(pn.reportFolder, pn))
+    html = path.read_text(encoding="utf-8")
+    root = Path(pn.reportFolder)
+    for rel in ("summary.json", "inputs/ct.nrrd", "registration/fusion.json", "characterisation/habitats.nrrd",
+                "characterisation/targets.json", "plan/plan.json", "specimens/specimens.csv", "specimens/procedure.json"):
+        assert (root / rel).is_file(), f"{rel} missing from the case folder"
+    sections = re.split(r"<section>", html)[1:]
+    assert len(sections) == len(SECTION_TITLES), f"{len(sections)} report sections"
+    unavailable = {}
+    for title, body in zip(SECTION_TITLES, sections):
+        unavailable[title] = body.count("not available")
+    for title in SECTION_TITLES[1:6]:  # fusion, habitats, trajectories, notch, specimens: all done above
+        assert unavailable[title] == 0, f"section '{title}' says 'not available' {unavailable[title]} times"
+    figures = html.count("data:image/png;base64,")
+    assert figures >= 5, f"only {figures} figures embedded"
+    return {"figures": figures, "not_available": unavailable, "report": str(path)}
+
+
 SCENARIOS = {
     "maps_and_habitats": scenario_maps_and_habitats,
     "sampling_record": scenario_sampling_record,
+    "logic_report": scenario_logic_report,
 }

@@ -25,6 +25,7 @@ from TrajectoryPlannerLib.planning import engine
 
 from SmartBiopsyCoreLib.phantom import abdomen as synthetic  # noqa: E402
 from TrajectoryPlannerLib.planning.needles import get_needle  # noqa: E402
+from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD  # noqa: E402
 from TrajectoryPlannerLib.planning.risk import EntryExclusion  # noqa: E402
 
 
@@ -196,7 +197,7 @@ def _crop_of(ct, targets, needle, settings):
     pad = np.ceil((needle.max_reach_mm + settings.distance_cap_mm) / ct.spacing[::-1]).astype(int)
     lo = np.maximum(np.floor(pts.min(axis=0)).astype(int) - pad, 0)
     hi = np.minimum(np.ceil(pts.max(axis=0)).astype(int) + pad + 1, shape)
-    blo, bhi = engine._rough_body_box(ct, -300.0)
+    blo, bhi = engine._rough_body_box(ct, BODY_HU_THRESHOLD)
     return np.maximum(lo, blo), np.minimum(hi, bhi)
 
 

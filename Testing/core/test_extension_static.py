@@ -465,3 +465,19 @@ def test_no_sys_path_edits_in_library_code():
             src = path.read_text()
             assert not re.search(r"sys\.path\.(insert|append|extend)|sys\.path\s*[+]?=", src), \
                 f"{path.relative_to(ROOT)} edits sys.path"
+
+
+def test_panel_logic_in_the_libs_is_mrml_glue_only():
+    """<Module>Lib/logic.py (what each widget calls) takes the scene explicitly: no application singletons, no Qt."""
+    for module in MODULES:
+        path = ROOT / module / f"{module}Lib" / "logic.py"
+        assert path.is_file(), f"{module}Lib/logic.py missing: the panel's logic belongs in the Lib"
+        tree = ast.parse(path.read_text(), str(path))
+        used = {ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+        for forbidden in ("slicer.app", "slicer.mrmlScene", "slicer.modules", "slicer.util"):
+            assert not any(u == forbidden or u.startswith(forbidden + ".") for u in used), \
+                f"{path.relative_to(ROOT)} uses {forbidden}"
+        assert not {"qt", "ctk", "slicer.util"} & {i.split(".")[0] if i != "slicer.util" else i for i in _imports_of(path)}, \
+            f"{path.relative_to(ROOT)} imports Qt/CTK/slicer.util"
+        logic_cls = ast.unparse(_class(_module_tree(module), f"{module}Logic"))
+        assert f"{module}Lib" in logic_cls and "logic" in logic_cls, f"{module}Logic does not call {module}Lib.logic"

@@ -130,8 +130,64 @@ def scenario_robot_safety(scene) -> dict:
     return {"refusals": refusals, "echo_error_mm": float(t.echo_error_mm), "state": t.state}
 
 
+def risk_segmentation_case(scene, ct, labels, hidden=()):
+    """The abdomen phantom as the panel sees it: a CT volume node and a risk segmentation with one segment per
+    risk label (named after it, in label order), the ``hidden`` ones switched off. Returns (ct node, seg node)."""
+    import slicer
+
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import add_volume_node
+    from SmartBiopsyCoreLib.phantom.abdomen import RISK_LABELS
+
+    ct_node = add_volume_node(scene, ct, "CT")
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Risk structures")
+    seg_node.CreateDefaultDisplayNodes()
+    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    seg = seg_node.GetSegmentation()
+    lab = np.asarray(labels.array)
+    for value, name in RISK_LABELS.items():
+        one = add_volume_node(scene, labels.with_array((lab == value).astype(np.uint8)), f"label {name}", label=True)
+        before = seg.GetNumberOfSegments()
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(one, seg_node)
+        scene.RemoveNode(one)
+        assert seg.GetNumberOfSegments() == before + 1, f"label {name} did not become one segment"
+        seg.GetNthSegment(before).SetName(name)
+    display = seg_node.GetDisplayNode()
+    for i in range(seg.GetNumberOfSegments()):
+        sid = seg.GetNthSegmentID(i)
+        display.SetSegmentVisibility(sid, seg.GetSegment(sid).GetName() not in hidden)
+    return ct_node, seg_node
+
+
+def scenario_logic_hidden_segments_and_reslice(scene) -> dict:
+    """The panel's logic (the API the widget calls): a hidden risk segment is exported under its own name (never
+    another segment's), and "Reslice along path" puts entry and target in the in-plane view."""
+    from SmartBiopsyCoreLib.phantom import abdomen
+    from TrajectoryPlannerLib import logic
+
+    ct, labels, _ = abdomen.make_abdomen(spacing=(3.0, 3.0, 4.0))
+    ct_node, seg_node = risk_segmentation_case(scene, ct, labels, hidden=("aorta",))
+    maps = logic.user_labelmaps(scene, seg_node, ct_node)
+    lab = np.asarray(labels.array)
+    for (vol, names), (value, name) in zip(maps, abdomen.RISK_LABELS.items()):
+        assert names == {1: name}, f"segment {name} exported as {names}"
+        assert np.array_equal(np.asarray(vol.array) != 0, lab == value), f"segment {name} exported mislabelled"
+    line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "A-1")
+    entry, target = np.array([-120.0, 110.0, 45.0]), np.array([-70.0, 20.0, 0.0])
+    line.AddControlPoint(entry.tolist(), "entry")
+    line.AddControlPoint(target.tolist(), "A")
+    view = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Reslice check")
+    logic.reslice_along_path(line, view)
+    m = view.GetSliceToRAS()
+    normal = np.array([m.GetElement(i, 2) for i in range(3)])
+    origin = np.array([m.GetElement(i, 3) for i in range(3)])
+    off = max(abs(float(np.dot(p - origin, normal))) for p in (entry, target))
+    assert off < 0.5, f"the resliced plane is {off:.2f} mm from the path"
+    return {"segments": len(maps), "reslice_off_plane_mm": off}
+
+
 SCENARIOS = {
     "plan_three_targets": scenario_plan_three_targets,
     "rejects_target_in_bone": scenario_rejects_target_in_bone,
     "robot_safety": scenario_robot_safety,
+    "logic_hidden_segments_and_reslice": scenario_logic_hidden_segments_and_reslice,
 }

@@ -14,6 +14,8 @@ import numpy as np
 
 from RegistrationFusionLib.registration import landmarks, qa, refine
 from RegistrationFusionLib.errors import RegistrationFusionError
+from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD, body_mask
+from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyCoreLib.geometry import RasVolume
 
 logger = logging.getLogger(__name__)
@@ -56,9 +58,13 @@ def capsule_tolerance_mm(reg: landmarks.PointRegistration, factor: float = 3.0, 
     return np.maximum(factor * np.sqrt(np.trace(cov, axis1=1, axis2=2)), floor_mm)
 
 
-def body_mask_ct(ct: RasVolume, threshold_hu: float = -400.0) -> RasVolume:
-    """Tissue voxels of the CT (HU above ``threshold_hu``) as a uint8 mask on the CT grid."""
-    return ct.with_array((ct.array > threshold_hu).astype(np.uint8), name=f"{ct.name} body")
+def body_mask_ct(ct: RasVolume, threshold_hu: float = BODY_HU_THRESHOLD) -> RasVolume:
+    """The patient body of the CT as a uint8 mask on the CT grid (the core's one body mask: largest component
+    above ``threshold_hu`` HU, holes filled); the mutual-information metric is evaluated inside it."""
+    try:
+        return body_mask(ct, threshold_hu)
+    except InputDataError as exc:
+        raise RegistrationFusionError(str(exc)) from None
 
 
 def fuse_ct_mri(ct: RasVolume, mri: RasVolume, *, targets_ct=None, capsules_ct=None, capsules_mri=None,

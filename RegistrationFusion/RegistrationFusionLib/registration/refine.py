@@ -22,6 +22,7 @@ import numpy as np
 from RegistrationFusionLib.errors import RegistrationFusionError
 from SmartBiopsyCoreLib.dataio.transforms import (itk_from_ras, itk_linear_to_matrix as _itk_linear_to_matrix,  # noqa: F401
                                                   ras_from_itk, read_itk_transform, write_itk_transform)
+from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD
 from SmartBiopsyCoreLib.geometry import RasVolume, lps_geometry_from_ijk_to_ras, lps_to_ras_matrix, ras_to_lps_matrix
 from RegistrationFusionLib.registration.landmarks import apply_transform
 
@@ -122,7 +123,7 @@ def mutual_information(ct: RasVolume, mri: RasVolume, mri_to_ct_ras: np.ndarray,
     return -float(reg.MetricEvaluate(_float_image(ct), _float_image(mri)))
 
 
-def moments_initialisation(ct: RasVolume, mri: RasVolume, threshold_ct: float = -300.0) -> np.ndarray:
+def moments_initialisation(ct: RasVolume, mri: RasVolume, threshold_ct: float = BODY_HU_THRESHOLD) -> np.ndarray:
     """Translation-only MRI->CT start (4x4 RAS) aligning the centres of mass of body-like voxels.
 
     For image pairs without capsules (e.g. a head CT/MR pair); the CT threshold is in HU, the MRI uses

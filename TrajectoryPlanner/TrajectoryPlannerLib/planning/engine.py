@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD
 from SmartBiopsyCoreLib.geometry import RasVolume
 
 from TrajectoryPlannerLib.errors import TrajectoryPlannerError
@@ -596,7 +597,7 @@ def _parse_targets(targets) -> list[Target]:
 def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
          labelmaps: list[tuple[RasVolume, dict | None]] | None = None, margins: dict | None = None,
          settings: PlanSettings | None = None, exclusion: EntryExclusion | None | str = "supine",
-         auto_structures: bool = True, progress=None, should_cancel=None, body_hu: float = -300.0) -> PlanResult:
+         auto_structures: bool = True, progress=None, should_cancel=None, body_hu: float = BODY_HU_THRESHOLD) -> PlanResult:
     """Plan ranked safe trajectories for each target (CT in HU; targets RAS mm; see module docstring).
 
     ``labelmaps``: list of (label volume, {value: name}) user structures; ``margins``: name -> mm overrides.

@@ -4,7 +4,7 @@ All masks are boolean arrays in (k, j, i) order on one planning grid (a :class:`
 CT cropped to the region the needle can reach). Margins are in mm. World frame: RAS, mm.
 
 Automatic structures from CT (HU):
-* body: largest connected component above ``body_hu`` (default -300 HU) with internal holes (lungs,
+* body: largest connected component above ``body_hu`` (default ``SmartBiopsyCoreLib.body.BODY_HU_THRESHOLD``) with internal holes (lungs,
   bowel gas) filled slice-independently of the crop (the crop's top and bottom faces are treated as
   body so that a lung cut by the crop still counts as a hole); the table is a separate component and
   drops out (``table_opening_mm`` > 0 additionally breaks thin body-table contacts);
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD, body_mask_array
+from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyCoreLib.geometry import RasVolume, resample
 
 from TrajectoryPlannerLib.errors import TrajectoryPlannerError
@@ -152,27 +154,13 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
     return (out == 1) if largest_only else (out > 0)
 
 
-def _ball_radius_vox(radius_mm: float, spacing) -> list[int]:
-    return [max(1, int(round(radius_mm / s))) for s in spacing]
-
-
-def body_mask(ct: RasVolume, body_hu: float = -300.0, table_opening_mm: float = 0.0,
+def body_mask(ct: RasVolume, body_hu: float = BODY_HU_THRESHOLD, table_opening_mm: float = 0.0,
               threads: int | None = None) -> np.ndarray:
-    """Patient body (bool, k, j, i): largest component above ``body_hu`` with holes filled."""
-    import SimpleITK as sitk
-
-    spacing = ct.spacing
-    m = np.asarray(ct.array) > body_hu
-    if table_opening_mm > 0:
-        img = sitk.BinaryMorphologicalOpening(_sitk_mask(m, spacing), _ball_radius_vox(table_opening_mm, spacing))
-        m = sitk.GetArrayFromImage(img) > 0
-    m = _keep_components(m, spacing, largest_only=True, threads=threads)
-    if not m.any():
-        raise TrajectoryPlannerError(f"no body found in the CT (nothing above {body_hu:.0f} HU); check that the CT is in HU")
-    # Treat the crop's top/bottom faces as body so holes cut by them (lung, bowel) are still filled.
-    padded = np.pad(m, ((1, 1), (0, 0), (0, 0)), constant_values=True)
-    filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(_sitk_mask(padded, spacing), fullyConnected=False)) > 0
-    return filled[1:-1]
+    """Patient body (bool, k, j, i): the core's :func:`SmartBiopsyCoreLib.body.body_mask_array`."""
+    try:
+        return body_mask_array(ct, body_hu, table_opening_mm, threads)
+    except InputDataError as exc:
+        raise TrajectoryPlannerError(str(exc)) from None
 
 
 def _erode6(mask: np.ndarray, edge: bool = True) -> np.ndarray:
@@ -257,7 +245,7 @@ def crop_volume(vol: RasVolume, lo_kji, hi_kji) -> RasVolume:
 
 def build_risk_model(ct: RasVolume, labelmaps: list[tuple[RasVolume, dict | None]] | None = None,
                      margins: dict | None = None, exclusion: EntryExclusion | None = None,
-                     auto: bool = True, body_hu: float = -300.0, bone_hu: float = 200.0, gas_hu: float = -400.0,
+                     auto: bool = True, body_hu: float = BODY_HU_THRESHOLD, bone_hu: float = 200.0, gas_hu: float = -400.0,
                      table_opening_mm: float = 0.0, threads: int | None = None) -> RiskModel:
     """Body, skin, automatic and user structures on ``ct``'s grid (pass a cropped CT to save time).
 

@@ -61,15 +61,14 @@ def _all_skin_points(case: CaseFolder, ct) -> np.ndarray | None:
         return None
     from scipy import ndimage
 
+    from SmartBiopsyCoreLib.body import body_mask_array, subsampled
+    from SmartBiopsyCoreLib.errors import InputDataError
+
     stride = np.maximum(1, np.round(4.0 / ct.spacing[::-1]).astype(int))
-    a = np.asarray(ct.array[::stride[0], ::stride[1], ::stride[2]])
-    body = a > -300
-    lab, n = ndimage.label(body)
-    if n == 0:
+    try:
+        body = body_mask_array(subsampled(ct, stride))
+    except InputDataError:
         return None
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    body = ndimage.binary_fill_holes(lab == np.argmax(sizes))
     surf = body & ~ndimage.binary_erosion(body, border_value=1)  # the CT's end slices are not skin
     return ct.kji_to_ras_points(np.argwhere(surf) * stride)
 

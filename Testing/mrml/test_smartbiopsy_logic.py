@@ -1,0 +1,147 @@
+"""Smart Biopsy panel logic (SmartBiopsyLib.logic, what the widget calls) on a real headless scene."""
+import ast
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from SmartBiopsyCoreLib.dataio import dicomio, volumes_mrml
+from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyLib import logic, scenarios
+from SmartBiopsyLib.characterise import maps as maps_lib
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _as_slicer_dicom_node(scene, volume, name, files):
+    """A volume node as Slicer's DICOM module leaves it: voxels, geometry and DICOM.instanceUIDs, nothing of ours."""
+    import pydicom
+
+    node = volumes_mrml.add_volume_node(scene, volume, name)
+    for attr in list(node.GetAttributeNames() or ()):
+        if attr.startswith("SmartBiopsy."):
+            node.RemoveAttribute(attr)
+    uids = [str(pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID) for f in files]
+    node.SetAttribute(logic.DICOM_UIDS_ATTRIBUTE, " ".join(uids))
+    return node, dict(zip(uids, map(str, files)))
+
+
+# ---------------------------------------------------------------------------------------------- (f) b-values
+def test_b_values_of_the_real_prostatex_dwi_come_from_the_dicom_headers(scene, shared_data):
+    import pydicom
+
+    folder = shared_data / "prostatex-0000" / "dwi"
+    by_b: dict = {}
+    for f in sorted(folder.iterdir()):
+        by_b.setdefault(dicomio.dicom_b_value(pydicom.dcmread(str(f), stop_before_pixels=True)), []).append(f)
+    assert sorted(by_b) == [50.0, 400.0, 800.0]
+    nodes, lookup = [], {}
+    for b, files in by_b.items():
+        vol = dicomio.load_dicom_series(str(folder), b_value=b)
+        node, uids = _as_slicer_dicom_node(scene, vol, f"ep2d_diff {len(nodes)}", files)
+        nodes.append(node)
+        lookup.update(uids)
+    bl = logic.BiopsyLogic(scene, file_for_instance=lookup.get)
+    assert [logic.b_value_of_node(n, logic.B_FROM_HEADER, lookup.get) for n in nodes] == sorted(by_b)
+    out = bl.compute_maps([(n, logic.B_FROM_HEADER) for n in nodes])
+    got = volumes_mrml.volume_from_node(out["adc"])
+    want = maps_lib.compute_adc({b: dicomio.load_dicom_series(str(folder), b_value=b) for b in by_b})
+    assert np.allclose(np.asarray(got.array), np.asarray(want.array), equal_nan=True)
+
+
+@pytest.fixture
+def written_dwi(tmp_path):
+    """Three DWI volumes written by the project's DICOM writer (b 0/400/800) and one written without a b-value."""
+    case = scenarios.synthetic_tumour(spacing_mm=4.0, radius_mm=16.0)
+    out = {}
+    for b, vol in case["dwi"].items():
+        out[b] = (vol, dicomio.write_dicom_series(vol, tmp_path / f"b{b:g}", modality="MR", b_value=b,
+                                                   uid_seed=f"dwi-{b:g}"))
+    plain = case["dwi"][400.0]
+    out["none"] = (plain, dicomio.write_dicom_series(plain, tmp_path / "plain", modality="MR", uid_seed="plain"))
+    return out
+
+
+def test_dwi_loaded_by_slicer_gets_its_b_value_from_the_header_or_the_typed_field(scene, written_dwi):
+    lookup, nodes = {}, {}
+    for key, (vol, files) in written_dwi.items():
+        nodes[key], uids = _as_slicer_dicom_node(scene, vol, f"dwi {key}", files)
+        lookup.update(uids)
+    bl = logic.BiopsyLogic(scene, file_for_instance=lookup.get)
+    adc = bl.compute_maps([(nodes[0.0], -1.0), (nodes[400.0], -1.0), (nodes[800.0], -1.0)])["adc"]
+    want = maps_lib.compute_adc({b: written_dwi[b][0] for b in (0.0, 400.0, 800.0)})
+    got = volumes_mrml.volume_from_node(adc)
+    assert np.nanmax(np.abs(np.asarray(got.array) - np.asarray(want.array))) < 0.01 * np.nanmax(want.array)
+    # a series without b-value in its header: refused with a sentence, accepted once the b-value is typed
+    with pytest.raises(InputDataError, match="type its b-value"):
+        logic.b_value_of_node(nodes["none"], -1.0, lookup.get)
+    assert logic.b_value_of_node(nodes["none"], 400.0, lookup.get) == 400.0
+    # a typed value that contradicts the header is refused, one that agrees is accepted
+    with pytest.raises(InputDataError, match="differs from its DICOM header"):
+        logic.b_value_of_node(nodes[800.0], 500.0, lookup.get)
+    assert logic.b_value_of_node(nodes[800.0], 800.0, lookup.get) == 800.0
+
+
+def test_volume_mixing_b_values_or_missing_files_is_refused(scene, written_dwi):
+    vol, files0 = written_dwi[0.0]
+    _, files8 = written_dwi[800.0]
+    node, lookup = _as_slicer_dicom_node(scene, vol, "mixed", list(files0) + list(files8))
+    with pytest.raises(InputDataError, match="mixes b-values 0, 800"):
+        logic.b_value_of_node(node, -1.0, lookup.get)
+    with pytest.raises(InputDataError, match="not in the DICOM database"):
+        logic.b_value_of_node(node, -1.0, {}.get)
+
+
+def test_two_volumes_of_the_same_b_value_are_refused(scene, written_dwi):
+    lookup, nodes = {}, []
+    for key in (400.0, 400.0):
+        n, uids = _as_slicer_dicom_node(scene, written_dwi[key][0], "dwi", written_dwi[key][1])
+        nodes.append(n)
+        lookup.update(uids)
+    with pytest.raises(InputDataError, match="two DWI volumes have b = 400"):
+        logic.BiopsyLogic(scene, lookup.get).compute_maps([(n, -1.0) for n in nodes])
+
+
+def test_volumes_of_the_project_loader_keep_their_b_value(scene):
+    case = scenarios.synthetic_tumour(spacing_mm=4.0, radius_mm=16.0)
+    node = volumes_mrml.add_volume_node(scene, case["dwi"][800.0], "dwi 800")  # meta b_value -> attributes
+    assert logic.b_value_of_node(node) == 800.0
+
+
+# ---------------------------------------------------------------------------------------------- (d) buttons
+def test_tumour_buttons_follow_the_tumour_segment_selection(scene):
+    pn = scenarios.parameter_node()
+    assert not logic.can_measure_tumour(pn) and not logic.can_compute_habitats(pn)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Tumour")
+    sid = seg.GetSegmentation().AddEmptySegment("tumour")
+    pn.tumourSegmentation = seg
+    assert not logic.can_measure_tumour(pn)  # a node but no segment chosen
+    pn.tumourSegmentId = "no such segment"
+    assert not logic.can_measure_tumour(pn)
+    pn.tumourSegmentId = sid
+    assert logic.can_measure_tumour(pn) and not logic.can_compute_habitats(pn)
+    pn.adcMap = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ADC")
+    assert not logic.can_compute_habitats(pn)
+    pn.efMap = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "EF")
+    states = logic.button_states(pn)
+    assert states["measureTumour"] and states["computeHabitats"]
+    seg.GetSegmentation().RemoveSegment(sid)  # the segment deleted in the Segment Editor
+    assert not logic.button_states(pn)["measureTumour"]
+
+
+def test_widget_connects_the_tumour_segment_selector_and_decides_buttons_by_the_logic():
+    tree = ast.parse((ROOT / "SmartBiopsy" / "SmartBiopsy.py").read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SmartBiopsyWidget")
+    src = ast.unparse(widget)
+    for signal in ("currentNodeChanged(vtkMRMLNode*)", "currentSegmentChanged(QString)"):
+        assert re.search(r"tumourSegmentSelector\.connect\('" + re.escape(signal) + r"'", src), signal
+    check = ast.unparse(next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "_checkCanApply"))
+    assert "buttonStates" in check and "tumourSegmentSelector" not in check
+
+
+# ---------------------------------------------------------------------------------------------- (e) report
+def test_generate_report_writes_the_case_folder_with_every_done_step_and_its_figures(scene):
+    out = scenarios.scenario_logic_report(scene)
+    assert out["figures"] >= 5
+    assert all(out["not_available"][t] == 0 for t in list(out["not_available"])[1:6])

@@ -1,0 +1,263 @@
+"""What the Trajectory Planner panel does, on an explicit MRML scene (the module's Logic adapts to it).
+
+MRML-glue layer: takes the scene and the nodes explicitly and may use Slicer's MRML classes, never
+``slicer.app``, ``slicer.mrmlScene``, ``slicer.modules``, qt or dialogs. The widget binds its GUI to the
+parameter node and calls these functions; the module self-test and ``Testing/mrml`` call the same API.
+World frame RAS mm; margins in mm; angles in degrees.
+
+The robot-panel glue here only forwards to ``TrajectoryPlannerLib.robot`` (its protocol lives there).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from TrajectoryPlannerLib.errors import RobotBridgeError, TrajectoryPlannerError
+
+logger = logging.getLogger(__name__)
+
+RISK_COLUMNS = ("structure", "source", "margin (mm)")
+#: Automatic structures found in the CT (names as the risk model uses them).
+AUTO_STRUCTURES = ("bone", "gas")
+
+
+# ---------------------------------------------------------------------------------------------- risk
+def segments(segmentation_node) -> list[tuple[str, str, bool]]:
+    """(segment ID, name, visible) of every segment, hidden ones included, in the segmentation's order."""
+    if segmentation_node is None:
+        return []
+    seg = segmentation_node.GetSegmentation()
+    display = segmentation_node.GetDisplayNode()
+    out = []
+    for i in range(seg.GetNumberOfSegments()):
+        sid = seg.GetNthSegmentID(i)
+        visible = True if display is None else bool(display.GetSegmentVisibility(sid))
+        out.append((sid, seg.GetSegment(sid).GetName(), visible))
+    return out
+
+
+def risk_structure_rows(segmentation_node, auto_structures: bool = True) -> list[tuple[str, str, float]]:
+    """(name, source, default margin mm) for the automatic structures and every segment (hidden ones too:
+    each is exported and avoided with its own margin)."""
+    from TrajectoryPlannerLib.planning.risk import default_margin
+
+    rows = [(n, "CT", default_margin(n)) for n in AUTO_STRUCTURES] if auto_structures else []
+    for _, name, visible in segments(segmentation_node):
+        rows.append((name, "segment" if visible else "segment (hidden)", default_margin(name)))
+    return rows
+
+
+def margins_from_rows(rows) -> dict[str, float]:
+    """{structure name: margin mm} from (name, margin text or number) pairs of the risk table; a margin that is
+    not a non-negative number is refused with a sentence."""
+    out = {}
+    for name, margin in rows:
+        try:
+            value = float(margin)
+        except (TypeError, ValueError):
+            raise TrajectoryPlannerError(f"the margin of '{name}' is '{margin}', not a number of mm; type a "
+                                         "margin of 0 mm or more") from None
+        if not np.isfinite(value) or value < 0:
+            raise TrajectoryPlannerError(f"the margin of '{name}' is {value:g} mm; type a margin of 0 mm or more")
+        out[str(name)] = value
+    return out
+
+
+def user_labelmaps(scene, segmentation_node, reference_node) -> list:
+    """Every segment (visible or hidden) as its own label map on ``reference_node``'s grid:
+    [(RasVolume with 1 = inside, {1: segment name}), ...] in segment order. One export per segment, so no
+    label value is ever mapped to another segment's name and overlapping segments stay whole."""
+    import vtk
+
+    import slicer
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+
+    if segmentation_node is None:
+        return []
+    if scene is None:
+        raise TrajectoryPlannerError("no MRML scene given; pass the scene that holds the segmentation")
+    out = []
+    names = {}
+    for sid, name, _visible in segments(segmentation_node):
+        if name in names:
+            raise TrajectoryPlannerError(f"two segments are named '{name}'; rename one so each gets its own margin")
+        names[name] = sid
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"risk {name}")
+        try:
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(sid)
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap, reference_node)
+            if not ok:
+                raise TrajectoryPlannerError(f"segment '{name}' could not be exported to the CT grid; check the segmentation")
+            try:
+                vol = volume_from_node(labelmap)
+            except ValueError:
+                logger.info("segment '%s' is empty; not a risk structure", name)
+                continue
+            out.append((vol.with_array((vol.array != 0).astype(np.uint8)), {1: name}))
+        finally:
+            scene.RemoveNode(labelmap)
+    return out
+
+
+def targets_from_node(targets_node) -> list[dict]:
+    """Planner targets from a point list (world RAS mm); labels A/B/C become the habitat region."""
+    if targets_node is None or targets_node.GetNumberOfControlPoints() == 0:
+        raise TrajectoryPlannerError("no targets; place at least one target point (A, B or C) first")
+    out = []
+    for i in range(targets_node.GetNumberOfControlPoints()):
+        p = [0.0, 0.0, 0.0]
+        targets_node.GetNthControlPointPositionWorld(i, p)
+        label = targets_node.GetNthControlPointLabel(i) or f"T{i + 1}"
+        out.append({"name": label, "region": label if label in ("A", "B", "C") else "", "point_ras": p})
+    return out
+
+
+def plan(scene, ct_node, targets_node, segmentation_node=None, needle: str = "15G/16G-16cm", margins=None,
+         mode: str = "oblique", max_angle_deg: float = 60.0, position: str = "supine", top_n: int = 5,
+         shared_entry: bool = True, auto_structures: bool = True, progress=None, should_cancel=None):
+    """Plan and show the trajectories. Returns (PlanResult, [line node per trajectory, in plan order]);
+    the scene owns the line nodes."""
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+    from TrajectoryPlannerLib.planning import engine, mrml as planner_mrml
+
+    settings = engine.PlanSettings(mode=mode, max_angle_deg=max_angle_deg, top_n=top_n, shared_entry=shared_entry)
+    result = engine.plan(volume_from_node(ct_node), targets_from_node(targets_node), needle,
+                         user_labelmaps(scene, segmentation_node, ct_node), margins or None, settings, position,
+                         auto_structures, progress, should_cancel)
+    return result, planner_mrml.add_trajectory_nodes(scene, result, include_shared=False)
+
+
+def trajectory_rows(result) -> tuple[list[str], list[list[str]]]:
+    """(column titles, rows of text) of the trajectory table: name, length, angle, score, clearance per structure."""
+    structures = sorted({k for t in result.trajectories for k in t.clearance_mm})
+    columns = ["name", "length mm", "angle deg", "score"] + [f"{s} mm" for s in structures]
+    rows = []
+    for t in result.trajectories:
+        values = [t.name, f"{t.length_mm:.1f}", f"{t.angle_to_axial_deg:.1f}", f"{t.score:.3f}"]
+        values += [f"{t.clearance_mm.get(s, float('nan')):.1f} (>= {t.margin_mm.get(s, 0):g})" for s in structures]
+        rows.append(values)
+    return columns, rows
+
+
+# ---------------------------------------------------------------------------------------------- views
+def line_points(line_node) -> tuple[np.ndarray, np.ndarray]:
+    """(entry, target) world RAS mm of a trajectory line node (point 0 entry, point 1 target)."""
+    if line_node is None or line_node.GetNumberOfControlPoints() < 2:
+        raise TrajectoryPlannerError("select a trajectory with an entry and a target point first")
+    p0, p1 = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
+    line_node.GetNthControlPointPositionWorld(0, p0)
+    line_node.GetNthControlPointPositionWorld(1, p1)
+    return np.array(p0), np.array(p1)
+
+
+def reslice_along_path(line_node, in_plane_slice_node, across_slice_node=None) -> dict:
+    """Put ``in_plane_slice_node``'s plane through the whole path and ``across_slice_node``'s across it at the target.
+
+    In-plane view: ``vtkMRMLSliceNode.SetSliceToRASByNTP`` with the normal perpendicular to the path (the RAS
+    axis least aligned with the path, made perpendicular to it: an in-plane path is shown in its axial plane),
+    the transverse axis along the path and the position at the path's middle, so entry and target both lie in
+    the plane. Across view: normal along the path, centred on the target. Returns the normals (RAS unit).
+    """
+    entry, target = line_points(line_node)
+    d = target - entry
+    length = float(np.linalg.norm(d))
+    if length < 1e-3:
+        raise TrajectoryPlannerError("the trajectory's entry and target coincide; select a planned trajectory")
+    d = d / length
+    axis = np.eye(3)[int(np.argmin(np.abs(d)))]
+    normal = axis - np.dot(axis, d) * d
+    normal /= np.linalg.norm(normal)
+    centre = 0.5 * (entry + target)
+    in_plane_slice_node.SetSliceToRASByNTP(*normal, *d, *centre, 0)
+    out = {"in_plane_normal": normal, "direction": d}
+    if across_slice_node is not None:
+        across_slice_node.SetSliceToRASByNTP(*d, *normal, *target, 0)
+        out["across_normal"] = d
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- buttons
+def button_states(pn, have_result: bool = False, connected: bool = False) -> dict:
+    """Which buttons are enabled for parameter node ``pn`` (STOP and EMERGENCY are never disabled)."""
+    targets = bool(pn and pn.targets and pn.targets.GetNumberOfControlPoints())
+    selected = bool(pn and pn.selectedTrajectory)
+    return {"compute": bool(pn and pn.ctVolume) and targets, "reslice": selected, "phase": connected,
+            "sendTarget": connected and selected, "stop": True, "emergency": True}
+
+
+# ---------------------------------------------------------------------------------------------- robot panel glue
+def robot_plan(result, transform_node):
+    """RobotPlan with the best-ranked trajectory per target; the registration QA comes from the approved
+    transform (Registration Fusion); without approval the QA is empty and the robot bridge refuses motion."""
+    from TrajectoryPlannerLib.robot.protocol import RobotPlan
+
+    best = {}
+    for t in (result.trajectories if result is not None else []):
+        if t.target not in best or t.rank < best[t.target].rank:
+            best[t.target] = t
+    qa = {}
+    if transform_node is not None and transform_node.GetAttribute("SmartBiopsy.RegistrationApproved") == "true":
+        qa = json.loads(transform_node.GetAttribute("SmartBiopsy.RegistrationQA") or "{}")
+    return RobotPlan.from_dict({"trajectories": [
+        {"name": name, "region": t.region, "entry_ras": list(t.entry_ras), "target_ras": list(t.target_ras)}
+        for name, t in best.items()], "registration_qa": qa})
+
+
+def connect_robot(host: str, port: int, result, transform_node, log_path):
+    """Open a robot session (log in ``log_path``) and load the plan; the caller owns and closes the session."""
+    from TrajectoryPlannerLib.robot.protocol import RobotSession
+
+    plan_ = robot_plan(result, transform_node)
+    session = RobotSession(host, int(port), log_path=str(log_path))
+    session.connect()
+    session.load_plan(plan_)
+    return session
+
+
+def robot_connected(session) -> bool:
+    return session is not None and bool(session.client.connected)
+
+
+def confirm_plan(session, operator) -> None:
+    session.confirm_plan(operator or "operator")
+
+
+def robot_command(session, phase: str, confirm: bool = False):
+    if phase == "CALIBRATION":
+        session.calibrate()
+        return session.last_status.get("CALIBRATION")
+    return session.command(phase, confirm=confirm)
+
+
+def send_target(session, name: str):
+    return session.send_target(name, confirm=True)
+
+
+def robot_stop(session):
+    if session is None:
+        raise RobotBridgeError("No robot session is connected; stop the robot at its own console.")
+    return session.stop()
+
+
+def robot_emergency(session):
+    if session is None:
+        raise RobotBridgeError("No robot session is connected; use the robot's own emergency stop.")
+    return session.emergency()
+
+
+def robot_status_text(session) -> str:
+    if not session.client.connected:
+        return "disconnected"
+    states = ", ".join(f"{t.name}: {t.state}" for t in (session.plan.targets if session.plan else []))
+    last = ", ".join(f"{k} {v.status_string or 'OK'}" for k, v in session.last_status.items())
+    return f"connected; {states}; {last}"
+
+
+def take_rejections(session) -> list:
+    out = [m.status_string for m in session.rejections_reported]
+    session.rejections_reported.clear()
+    return out
