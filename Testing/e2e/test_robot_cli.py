@@ -21,7 +21,8 @@ PLAN = {
         {"name": "B", "region": "B", "entry_ras": [0.0, 70.0, 95.0], "target_ras": [5.0, 20.0, 35.0]},
         {"name": "C", "region": "C", "entry_ras": [35.0, 65.0, 85.0], "target_ras": [20.0, 12.0, 45.0]},
     ],
-    "registration_qa": {"passed": True, "tre_mm": 1.2},
+    "registration_qa": {"passed": True, "failures": [], "thresholds": {"max_predicted_tre_mm": 3.0},
+                        "targets": [{"name": n, "predicted_tre_mm": 1.2} for n in "ABC"]},
 }
 
 
@@ -43,6 +44,9 @@ class Sim:
 def _send(tmp_path, port, plan=PLAN, *extra):
     p = tmp_path / "plan.json"
     p.write_text(json.dumps(plan))
+    if "--calibration" not in extra and "--no-frame" not in extra:
+        extra = ("--robot-frame", "ct", *extra)
+    extra = tuple(x for x in extra if x != "--no-frame")
     return subprocess.run(CLI + ["--quiet", "robot-send", "--port", str(port), "--plan", str(p), *extra],
                           capture_output=True, text=True, timeout=120, env=ENV)
 
