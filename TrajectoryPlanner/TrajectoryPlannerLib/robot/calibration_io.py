@@ -59,7 +59,7 @@ def rigid_problem(matrix, tol: float = ROTATION_TOLERANCE) -> str | None:
     if not ortho <= tol:
         return f"has a rotation that is not orthonormal (deviation {ortho:.3g}, scaled or sheared)"
     det = float(np.linalg.det(r))
-    if not abs(det - 1.0) <= tol:
+    if not det > 0:  # orthonormal within tol already bounds |det| to 1 +- 3 tol: only the sign is left
         return f"has a rotation with determinant {det:.3g} instead of +1 (mirrored)"
     if float(np.max(np.abs(m[:3, 3]))) > MAX_TRANSLATION_MM:
         return f"has a translation beyond {MAX_TRANSLATION_MM:g} mm"

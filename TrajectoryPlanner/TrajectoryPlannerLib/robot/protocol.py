@@ -445,6 +445,8 @@ class RobotSession:
         #: STOP is acknowledged; :meth:`close` sends STOP while it is set.
         self.motion_possible = False
         self._needle_out = False          # brp: needle inserted, RETRACT_NEEDLE due before the next TARGETING
+        self._stop_sent = False           # STOP/EMERGENCY sent: waits for motion end at once
+        self.phase = ""                   # last workphase the robot confirmed
         self._qa_override: dict | None = None
         import itertools
         counter = itertools.count(1)
@@ -509,6 +511,7 @@ class RobotSession:
         module exit, scene close and the command line's interrupt handling."""
         deadline = time.monotonic() + max(0.1, float(timeout_s))
         self._event("emergency_stop", motion_possible=self.motion_possible)
+        self._stop_sent = True
         for _attempt in range(2):
             try:
                 if not self.client.connected:
@@ -747,6 +750,9 @@ class RobotSession:
             self._event("robot_refused", phase=phase, code=int(st.code), text=st.status_string)
             raise RobotBridgeError(f"The robot refused {phase}: {st.status_string or 'no reason given'} "
                                    f"({_code_name(st.code)}); resolve this on the robot and retry.")
+        self.phase = phase
+        if phase not in ALWAYS_ALLOWED:
+            self._stop_sent = False
         return st
 
     def stop(self) -> StatusMessage:
@@ -949,6 +955,9 @@ class RobotSession:
         """brp: query CURRENT_POSITION until the robot's STRING ``flag`` is "1"; returns the position."""
         deadline = time.monotonic() + self.motion_timeout_s
         while True:
+            if self._stop_sent:
+                raise RobotBridgeError(f"STOP was sent while waiting for {what} of target {t.name}; the robot was "
+                                       "stopped, check it before continuing.")
             pos, flags = self.query_position()
             if flags.get(flag) == "1":
                 return pos
@@ -1095,7 +1104,8 @@ class RobotSession:
             if t.state in ("reached", "sampled", "unreachable"):
                 done += 1
                 continue
-            self.command("TARGETING", confirm=True)
+            if not (self.profile == "brp" and self.phase == "TARGETING"):   # brp forbids TARGETING -> TARGETING
+                self.command("TARGETING", confirm=True)
             self.send_target(t.name, confirm=True)
             if t.state == "reachable":
                 self.move_to_target(t.name, confirm=True)
