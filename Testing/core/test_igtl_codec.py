@@ -175,8 +175,6 @@ def test_v2_extended_header_inconsistent_sizes_rejected():
 
 
 def test_malformed_v2_metadata_header_is_dropped_once_and_the_stream_goes_on():
-    from TrajectoryPlannerLib.robot.simulator import malformed_v2_message
-
     dec = C.StreamDecoder()
     out = dec.feed(malformed_v2_message("BAD") + C.StringMessage("GOOD", "ok").pack())
     assert [o.reason for o in out if isinstance(o, C.Rejection)] == ["malformed_body"]
@@ -206,3 +204,12 @@ def test_decoder_never_raises_on_mutated_messages_with_valid_crc():
         assert all(isinstance(o, (C.Rejection, C.IgtlMessage)) for o in out)
     assert len(dec._buf) == 0
     assert dec.feed(C.StringMessage("END", "x").pack())[0].device_name == "END"
+
+
+def malformed_v2_message(device="MALFORMED"):
+    """STRING v2 message with a 1-byte metadata header and a valid CRC (built here, independently of the
+    simulator's fault)."""
+    content = struct.pack(">HH", 3, 1) + b"x"
+    body = struct.pack(">HHII", 12, 1, 0, 0) + content + b"\x00"
+    return struct.pack(">H12s20sQQQ", 2, b"STRING", device.encode().ljust(20, b"\0"), 0, len(body),
+                       C.crc64(body)) + body

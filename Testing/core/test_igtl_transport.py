@@ -133,8 +133,6 @@ def test_connect_refused_is_a_clear_error():
 
 
 def test_malformed_v2_message_costs_one_rejection_and_the_connection_goes_on(echo_server):
-    from TrajectoryPlannerLib.robot.simulator import malformed_v2_message
-
     with IgtlClient("127.0.0.1", echo_server.port) as cl:
         cl.connect()
         for _ in range(3):
@@ -213,3 +211,12 @@ def test_accept_loop_pauses_instead_of_spinning_when_out_of_descriptors():
         waiting.close()
     finally:
         srv.stop()
+
+
+def malformed_v2_message(device="MALFORMED"):
+    """STRING v2 message with a 1-byte metadata header and a valid CRC (built here, independently of the
+    simulator's fault)."""
+    content = struct.pack(">HH", 3, 1) + b"x"
+    body = struct.pack(">HHII", 12, 1, 0, 0) + content + b"\x00"
+    return struct.pack(">H12s20sQQQ", 2, b"STRING", device.encode().ljust(20, b"\0"), 0, len(body),
+                       C.crc64(body)) + body
