@@ -33,8 +33,8 @@ Faults (:class:`Fault`, command line ``--fault KIND[:key=value,...]``):
   ``resend=1`` only the answer to a re-sent message is wrong.
 * ``bad_rotation`` (``target=N``): echo the target with an all-zero rotation.
 * ``wrong_reachable`` (``target=N``, ``offset_mm=5``): STATUS TARGET OK but REACHABLE_TARGET shifted.
-* ``stale_status`` (``phase=CALIBRATION``): STATUS CALIBRATION OK right after the CMD, then CONFIG_ERROR for
-  the CLB transform.
+* ``stale_status`` (``phase=CALIBRATION``): the CLB transform is refused with CONFIG_ERROR, and a stale
+  STATUS CALIBRATION OK is sent just before its echo.
 * ``malformed`` (``phase=P`` or ``target=N``): send a malformed v2 message (1-byte metadata header)
   before the reply.
 * ``unreachable`` (``target=N``): STATUS TARGET CONFIG_ERROR subcode 3 (also when outside the workspace).
@@ -384,8 +384,6 @@ class RobotSimulator:
             extra = [TransformMessage("CURRENT_POSITION", self.position)]
         if phase == "CALIBRATION" and self._fault("stale_status", phase=phase):
             self._refuse_next_calibration = True
-            if self.profile == "smartbiopsy":
-                extra.append(self._status(phase, text="stale status (simulated fault)"))
         self._reply(conn, key, [ack] + (self._entry(phase) if st is not None or self.profile == "brp" else [])
                     + ([st] if st is not None else []) + extra, phase=phase)
 
@@ -465,9 +463,12 @@ class RobotSimulator:
             return
         problem = rigid_problem(matrix)
         if problem or self._refuse_next_calibration:
+            stale = []
+            if self._refuse_next_calibration:   # an OK left over from before, sent ahead of the echo
+                stale = [self._status("CALIBRATION", text="stale status (simulated fault)")]
             self._refuse_next_calibration = False
-            self._reply(conn, key, [echo, self._status("CALIBRATION", StatusCode.CONFIG_ERROR,
-                                                       f"calibration matrix {problem or 'rejected (simulated)'}")])
+            self._reply(conn, key, stale + [echo, self._status("CALIBRATION", StatusCode.CONFIG_ERROR,
+                                                               f"calibration matrix {problem or 'rejected (simulated)'}")])
             return
         self.calibration = matrix.copy()
         self._reply(conn, key, [echo] + reach + [self._status("CALIBRATION", text="calibration received")],
