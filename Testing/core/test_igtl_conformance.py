@@ -386,3 +386,40 @@ def test_targeting_refused_without_calibration_or_explicit_robot_frame():
     finally:
         sim.stop()
     assert sim.commands == [] and sim.calibration is None
+
+
+def test_sender_workspace_limit_refuses_a_target_before_sending_it():
+    sim = _sim()
+    try:
+        s = _session(sim, workspace_mm=((-50, -50, -50), (50, 50, 42)))     # C is at z = 45 mm
+        s.command("START_UP")
+        s.calibrate()
+        s.command("TARGETING", confirm=True)
+        assert s.send_target("A", confirm=True).state == "reachable"
+        with pytest.raises(RobotBridgeError, match=r"Target C is 3\.0 mm outside the robot workspace; it is not sent"):
+            s.send_target("C", confirm=True)
+        s.close(stop_if_moving=False)
+    finally:
+        sim.stop()
+    assert s.target("C").state == "unreachable" and len(sim.targets) == 1
+
+
+def test_brp_needle_position_from_the_confirmation_image_is_echoed_and_checked():
+    sim = _sim(profile="brp")
+    try:
+        s = _session(sim, "brp")
+        s.command("START_UP")
+        s.send_needle_length(100.0)
+        s.calibrate()
+        s.command("PLANNING")
+        s.command("TARGETING", confirm=True)
+        s.send_target("A", confirm=True)
+        s.move_to_target("A", confirm=True)
+        seen = s.target("A").pose()
+        seen[:3, 3] += [0.4, -0.3, 0.2]
+        assert s.send_needle_position(seen) < 1e-3
+        s.retract_needle()
+        s.close()
+    finally:
+        sim.stop()
+    assert sim.needle_home

@@ -994,7 +994,8 @@ class RobotSession:
         raise RobotBridgeError("The robot did not report CURRENT_POSITION; check the robot connection.")
 
     def retract_needle(self):
-        """brp: STRING RETRACT_NEEDLE -> STATUS ACK_RETRACT_NEEDLE -> STATUS RETRACT_NEEDLE (needle home)."""
+        """brp: STRING RETRACT_NEEDLE -> STATUS ACK_RETRACT_NEEDLE -> STATUS RETRACT_NEEDLE, then CURRENT_POSITION
+        queries until the robot is back in targeting position with the needle out of the target (home)."""
         self.motion_possible = True
         self._discard_stale("STATUS", "ACK_RETRACT_NEEDLE")
         self._discard_stale("STATUS", "RETRACT_NEEDLE")
@@ -1012,6 +1013,20 @@ class RobotSession:
         if not st.ok:
             raise RobotBridgeError(f"The robot could not retract the needle: {st.status_string or _code_name(st.code)}; "
                                    "retract it at the robot.")
+        # a BRP robot answers RETRACT_NEEDLE OK when the retraction starts and refuses any transition (without a
+        # reply) until the needle is home: wait until it reports the targeting position again, needle out of target
+        deadline = time.monotonic() + self.motion_timeout_s
+        while True:
+            if self._stop_sent:
+                raise RobotBridgeError("STOP was sent while the needle was retracting; check the robot before "
+                                       "continuing.")
+            _pos, flags = self.query_position()
+            if flags.get("IS_IN_TARGETING_POS") == "1" and flags.get("HAS_REACHED_TARGET") == "0":
+                break
+            if time.monotonic() >= deadline:
+                raise RobotBridgeError(f"The robot did not report the needle home within {self.motion_timeout_s:g} s "
+                                       "after RETRACT_NEEDLE; check the robot.")
+            time.sleep(self.poll_period_s)
         self._needle_out = False
         self.motion_possible = False
         self._event("needle_retracted")
