@@ -130,10 +130,11 @@ def test_profile_mismatch_is_reported_not_ignored():
 
 
 # ------------------------------------------------------------------------------ misbehaving robots
+@pytest.mark.parametrize("after", [0, 1])     # connection lost before the echo / after the echo, before STATUS
 @pytest.mark.parametrize("profile", PROFILES)
-def test_wrong_echo_of_a_target_resent_after_reconnect_is_caught(profile):
-    sim = _sim(Fault("drop_connection", target=1), Fault("wrong_echo", target=1, offset_mm=5.0, resend=1),
-               profile=profile)
+def test_wrong_echo_of_a_target_resent_after_reconnect_is_caught(profile, after):
+    sim = _sim(Fault("drop_connection", target=1, after=after),
+               Fault("wrong_echo", target=1, offset_mm=5.0, resend=1), profile=profile)
     try:
         s = _session(sim, profile)
         with pytest.raises(RobotBridgeError, match=r"echoed target A 5\.00 mm"):

@@ -23,8 +23,8 @@ the event loop, not polling).
 
 Faults (:class:`Fault`, command line ``--fault KIND[:key=value,...]``):
 
-* ``drop_connection`` (``target=N`` or ``phase=P``): act on the message, then close the connection
-  before replying.
+* ``drop_connection`` (``target=N`` or ``phase=P``, ``after=0``): act on the message, send the first
+  ``after`` reply messages (e.g. 1 = the acknowledgement only), then close the connection.
 * ``delay_ack`` (``phase=P`` or ``target=N``, ``delay=s``): send the acknowledgement late.
 * ``missing_ack`` (``phase=P`` or ``target=N``): ignore the message as if it were lost.
 * ``refuse`` (``phase=P``, ``code=13``): answer the phase STATUS with an error code.
@@ -80,6 +80,7 @@ class Fault:
     offset_mm: float = 5.0
     rotate_deg: float = 0.0
     resend: int = 0
+    after: int = 0
     code: int = StatusCode.NOT_READY
     fired: int = 0
 
@@ -93,7 +94,8 @@ class Fault:
 
     @classmethod
     def parse(cls, spec: str) -> "Fault":
-        """``kind[:key=value,...]`` with keys phase, target, count, delay, offset_mm, rotate_deg, resend, code."""
+        """``kind[:key=value,...]`` with keys phase, target, count, delay, offset_mm, rotate_deg, resend, after,
+        code."""
         kind, _, rest = spec.partition(":")
         kw: dict = {}
         for item in filter(None, rest.split(",")):
@@ -104,7 +106,7 @@ class Fault:
             try:
                 if key == "phase":
                     kw["phase"] = value.strip()
-                elif key in ("target", "count", "code", "resend"):
+                elif key in ("target", "count", "code", "resend", "after"):
                     kw[key] = int(value)
                 elif key in ("delay", "delay_s"):
                     kw["delay_s"] = float(value)
@@ -112,7 +114,7 @@ class Fault:
                     kw[key] = float(value)
                 else:
                     raise RobotBridgeError(f"Unknown fault option {key!r}; use phase, target, count, delay, "
-                                           "offset_mm, rotate_deg, resend or code.")
+                                           "offset_mm, rotate_deg, resend, after or code.")
             except ValueError as exc:
                 raise RobotBridgeError(f"Fault option {item!r} needs a number.") from exc
         return cls(kind.strip(), **kw)
@@ -299,7 +301,9 @@ class RobotSimulator:
         self._observe(conn, list(msgs) + list(observe))
         if self._fault("malformed", phase, target):
             self._send(conn, [malformed_v2_message()])
-        if self._fault("drop_connection", phase, target):
+        f = self._fault("drop_connection", phase, target)
+        if f:
+            self._send(conn, list(msgs)[:f.after])
             conn.close("simulated dropped connection")
             return
         f = self._fault("delay_ack", phase, target)
