@@ -136,7 +136,8 @@ def load_robot_calibration(path) -> RobotCalibration:
     try:
         data = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
-        raise RobotBridgeError(f"Robot calibration file {p.name} is not valid JSON ({exc}); compute it again.") from None
+        raise RobotBridgeError(f"Robot calibration file {p.name} is not valid JSON ({exc}); compute it "
+                               "again.") from None
     cal = calibration_from_dict(data, f"Robot calibration file {p.name}")
     cal.path = str(p)
     return cal

@@ -58,6 +58,7 @@ Registration QA: the plan's ``registration_qa`` or the registration's ``qa.json`
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -448,7 +449,7 @@ class RobotSession:
         self._stop_sent = False           # STOP/EMERGENCY sent: waits for motion end at once
         self.phase = ""                   # last workphase the robot confirmed
         self._qa_override: dict | None = None
-        import itertools
+        self._id_lock = threading.Lock()
         counter = itertools.count(1)
         self._positions = Inbox(maxlen=1, counter=counter)
         self._lock = threading.RLock()
@@ -550,8 +551,9 @@ class RobotSession:
                                f"{self.reconnect_attempts + 1} attempts ({last}); check the robot and network.")
 
     def _new_id(self) -> str:
-        self.counter += 1
-        return f"{self.tag}{self.counter:04d}"
+        with self._id_lock:     # emergency_stop may run beside a session thread
+            self.counter += 1
+            return f"{self.tag}{self.counter:04d}"
 
     # -------------------------------------------------------------- plan and safety
     def load_plan(self, plan: RobotPlan):
@@ -839,7 +841,8 @@ class RobotSession:
         p = robot_pose[:3, 3]
         if np.any(p < lo) or np.any(p > hi):
             out = float(np.linalg.norm(p - np.clip(p, lo, hi)))
-            t.state, t.robot_status = "unreachable", f"{out:.1f} mm outside the robot workspace (checked before sending)"
+            t.state = "unreachable"
+            t.robot_status = f"{out:.1f} mm outside the robot workspace (checked before sending)"
             self._event("target_state", target=t.name, state=t.state, robot_status=t.robot_status)
             raise RobotBridgeError(f"Target {t.name} is {out:.1f} mm outside the robot workspace; it is not sent, "
                                    "re-plan it.")
@@ -1011,8 +1014,8 @@ class RobotSession:
         self._transact(msg, ("STATUS", "ACK_RETRACT_NEEDLE"), "RETRACT_NEEDLE", check)
         st = self._wait_reply("STATUS", "RETRACT_NEEDLE", seen["seq"], self.motion_timeout_s, None, "RETRACT_NEEDLE")
         if not st.ok:
-            raise RobotBridgeError(f"The robot could not retract the needle: {st.status_string or _code_name(st.code)}; "
-                                   "retract it at the robot.")
+            raise RobotBridgeError(f"The robot could not retract the needle: "
+                                   f"{st.status_string or _code_name(st.code)}; retract it at the robot.")
         # a BRP robot answers RETRACT_NEEDLE OK when the retraction starts and refuses any transition (without a
         # reply) until the needle is home: wait until it reports the targeting position again, needle out of target
         deadline = time.monotonic() + self.motion_timeout_s

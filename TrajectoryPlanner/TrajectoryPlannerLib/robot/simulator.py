@@ -334,7 +334,8 @@ class RobotSimulator:
                               StringMessage("HAS_REACHED_TARGET", "1" if self.has_reached_target else "0")])
         elif self.profile == "brp" and msg.type_name == "STRING" and dev == "CURRENT_STATUS":
             self._send(conn, [self._status(self.phase or "UNDEFINED")])
-        elif self.profile == "brp" and msg.type_name == "STRING" and dev == "NEEDLE_LENGTH" and self.phase == "START_UP":
+        elif (self.profile == "brp" and msg.type_name == "STRING" and dev == "NEEDLE_LENGTH"
+              and self.phase == "START_UP"):
             try:
                 length = float(msg.text)
             except ValueError:
@@ -471,8 +472,9 @@ class RobotSimulator:
             if self._refuse_next_calibration:   # an OK left over from before, sent ahead of the echo
                 stale = [self._status("CALIBRATION", text="stale status (simulated fault)")]
             self._refuse_next_calibration = False
-            self._reply(conn, key, stale + [echo, self._status("CALIBRATION", StatusCode.CONFIG_ERROR,
-                                                               f"calibration matrix {problem or 'rejected (simulated)'}")])
+            refusal = self._status("CALIBRATION", StatusCode.CONFIG_ERROR,
+                                   f"calibration matrix {problem or 'rejected (simulated)'}")
+            self._reply(conn, key, stale + [echo, refusal])
             return
         self.calibration = matrix.copy()
         self._reply(conn, key, [echo] + reach + [self._status("CALIBRATION", text="calibration received")],
