@@ -196,3 +196,10 @@ def test_robot_frame_ct_statement_is_the_only_way_to_an_identity_calibration():
     plan.state_robot_frame_ct("Dr Test")
     np.testing.assert_array_equal(plan.calibration_matrix, np.eye(4))
     assert "stated explicitly by Dr Test" in plan.robot_frame_statement
+
+
+def test_qa_target_of_another_name_counts_only_at_the_same_point():
+    qa = {**QA_OK, "targets": [{"name": "T1", "ras": [10.0, 20.0, 30.0], "predicted_tre_mm": 1.0}]}
+    assert registration_qa_problem(qa, ["A"], [[10.5, 20.0, 30.5]]) is None          # register --target T1
+    problem = registration_qa_problem(qa, ["A"], [[14.0, 20.0, 30.0]])
+    assert problem and "no predicted error at target A" in problem

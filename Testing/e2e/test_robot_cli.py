@@ -288,3 +288,24 @@ def test_interrupt_during_a_move_sends_stop_and_the_robot_stops(tmp_path, sig):
     stop_at = next(i for i, x in enumerate(records) if x["dir"] == "received" and x.get("text") == "STOP")
     after = [x for x in records[stop_at:] if x["dir"] == "sent" and x["device"] == "CURRENT_POSITION"]
     assert len(after) <= 1                                     # the robot stopped at the STOP
+
+
+def test_robot_send_reads_the_registrations_qa_json(tmp_path):
+    """qa.json as ``smartbiopsy register --target X,Y,Z`` writes it (targets T1..T3 at the planned points)."""
+    qa = {"passed": True, "failures": [], "thresholds": {"max_predicted_tre_mm": 3.0},
+          "targets": [{"name": f"T{i + 1}", "ras": t["target_ras"], "predicted_tre_mm": 1.4}
+                      for i, t in enumerate(PLAN["trajectories"])]}
+    (tmp_path / "qa.json").write_text(json.dumps(qa))
+    plan = {k: v for k, v in PLAN.items() if k != "registration_qa"}
+    sim = Sim()
+    try:
+        ok = _send(tmp_path, sim.port, plan, "--confirm", "--registration-qa", str(tmp_path / "qa.json"))
+        qa["targets"][1]["predicted_tre_mm"] = 3.5
+        (tmp_path / "qa.json").write_text(json.dumps(qa))
+        bad = _send(tmp_path, sim.port, plan, "--confirm", "--registration-qa", str(tmp_path / "qa.json"))
+        missing = _send(tmp_path, sim.port, plan, "--confirm")
+    finally:
+        sim.stop()
+    assert ok.returncode == 0, ok.stderr
+    assert bad.returncode == 2 and "target T2 is 3.5 mm, over its 3 mm threshold" in bad.stderr
+    assert missing.returncode == 2 and "no registration QA" in missing.stderr

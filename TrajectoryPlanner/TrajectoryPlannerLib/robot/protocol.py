@@ -128,13 +128,19 @@ def _number(v) -> float | None:
     return float(v)
 
 
-def registration_qa_problem(qa, target_names=()) -> str | None:
+#: A QA target entry covers a robot target of another name when its CT RAS point ("ras") is this close (mm).
+QA_POINT_MATCH_MM = 2.0
+
+
+def registration_qa_problem(qa, target_names=(), target_points=None) -> str | None:
     """None when the registration QA lets targets go to the robot; otherwise why not (a phrase).
 
     Passes only when ``qa["passed"]`` is the JSON boolean ``true``, no failure is listed, and the QA gives a
-    finite predicted error (``targets[*].predicted_tre_mm``, mm) for every target in ``target_names`` within
-    its threshold (``targets[*].max_predicted_tre_mm`` or ``thresholds.max_predicted_tre_mm``, mm). This is
-    the format of the registration's ``qa.json``."""
+    finite predicted error (``targets[*].predicted_tre_mm``, mm) within its threshold
+    (``targets[*].max_predicted_tre_mm`` or ``thresholds.max_predicted_tre_mm``, mm) for every target in
+    ``target_names``: the entry of the same name, or one whose ``ras`` point lies within
+    ``QA_POINT_MATCH_MM`` of the target's point (``target_points``, CT RAS mm, same order). This is the
+    format of the registration's ``qa.json``."""
     if not isinstance(qa, dict) or not qa:
         return "the plan carries no registration QA"
     if qa.get("passed") is not True:
@@ -148,6 +154,7 @@ def registration_qa_problem(qa, target_names=()) -> str | None:
     if not isinstance(entries, list) or not entries:
         return "the registration QA gives no predicted error at the targets"
     seen = {}
+    points = []
     for e in entries:
         if not isinstance(e, dict) or not isinstance(e.get("name"), str):
             return "the registration QA has a target entry without a name"
@@ -162,7 +169,19 @@ def registration_qa_problem(qa, target_names=()) -> str | None:
             return (f"the predicted registration error at target {name} is {tre:.1f} mm, over its {thr:g} mm "
                     "threshold")
         seen[name] = tre
-    missing = [n for n in target_names if n not in seen]
+        ras = e.get("ras")
+        if isinstance(ras, list) and len(ras) == 3 and all(_number(v) is not None for v in ras):
+            points.append(np.asarray(ras, float))
+    names = list(target_names)
+    pts = list(target_points) if target_points is not None else [None] * len(names)
+
+    def covered(name, point):
+        if name in seen:
+            return True
+        return point is not None and any(float(np.linalg.norm(np.asarray(point, float) - q)) <= QA_POINT_MATCH_MM
+                                         for q in points)
+
+    missing = [n for n, p in zip(names, pts) if not covered(n, p)]
     if missing:
         return f"the registration QA gives no predicted error at target {', '.join(missing)}"
     return None
@@ -267,7 +286,8 @@ class RobotPlan:
 
     @property
     def registration_qa_problem(self) -> str | None:
-        return registration_qa_problem(self.registration_qa, [t.target for t in self.targets])
+        return registration_qa_problem(self.registration_qa, [t.target for t in self.targets],
+                                       [t.target_ras for t in self.targets])
 
     @property
     def registration_qa_passed(self) -> bool:
@@ -613,7 +633,8 @@ class RobotSession:
         if self.plan is None:
             return "no plan is loaded"
         qa = self._qa_override if self._qa_override is not None else self.plan.registration_qa
-        return registration_qa_problem(qa, [t.target for t in self.plan.targets])
+        return registration_qa_problem(qa, [t.target for t in self.plan.targets],
+                                       [t.target_ras for t in self.plan.targets])
 
     @property
     def registration_qa_passed(self) -> bool:
