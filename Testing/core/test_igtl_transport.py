@@ -220,3 +220,18 @@ def malformed_v2_message(device="MALFORMED"):
     body = struct.pack(">HHII", 12, 1, 0, 0) + content + b"\x00"
     return struct.pack(">H12s20sQQQ", 2, b"STRING", device.encode().ljust(20, b"\0"), 0, len(body),
                        C.crc64(body)) + body
+
+
+def test_listening_observer_is_not_closed_as_idle_while_it_receives():
+    srv = IgtlServer(0, idle_timeout_s=0.3)
+    try:
+        with IgtlClient("127.0.0.1", srv.port) as obs:
+            obs.connect()
+            assert _wait(lambda: len(srv.connections) == 1)
+            for i in range(12):                                     # 1.2 s of broadcasts, never a byte back
+                srv.broadcast(C.StringMessage("CURRENT_STATUS", str(i)))
+                time.sleep(0.1)
+            assert obs.connected and srv.idle_closed == 0
+            assert _wait(lambda: srv.idle_closed == 1, timeout=10)   # closed once the broadcasts stop
+    finally:
+        srv.stop()

@@ -227,6 +227,8 @@ class Connection:
                     self.loop.call_soon(self._close_now, f"send failed: {exc}")
                     raise RobotBridgeError(
                         f"Sending to {self.peer} failed ({exc}); check the robot connection and reconnect.") from exc
+                if n:
+                    self.last_activity = time.monotonic()
                 if n == len(data):
                     return
                 self._out += data[n:]
@@ -431,9 +433,9 @@ class IgtlServer:
     ``on_disconnect(conn, reason)``, ``on_reject(conn, rejection)``.
 
     At most ``max_connections`` clients at once (a further client gets a STATUS ``REJECTED``
-    RESOURCE_ERROR and is closed); a client that sends nothing for ``idle_timeout_s`` seconds is closed
-    (None: never). When the process runs out of descriptors the listening socket pauses instead of
-    spinning.
+    RESOURCE_ERROR and is closed); a client with no traffic either way for ``idle_timeout_s`` seconds is
+    closed (None: never), so an observer that only listens stays connected while there is something to
+    watch. When the process runs out of descriptors the listening socket pauses instead of spinning.
     """
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", *, on_message=None, on_connect=None,
