@@ -416,13 +416,10 @@ def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
     run.results["plan"] = result
     pdict = result.to_dict()
     best = _best_trajectories(result)
-    qa_passed = True
     fusion = run.results.get("fusion")
-    if fusion is not None:
-        qa_passed = bool(fusion.report.to_dict().get("passed", False))
     pdict["robot_trajectories"] = [{"name": t.region or t.target, "region": t.region or t.target,
                                     "entry_ras": t.entry_ras, "target_ras": t.target_ras} for t in best]
-    pdict["registration_qa"] = {"passed": qa_passed}
+    pdict["registration_qa"] = _registration_qa_for_robot(fusion)
     write_json(d / "plan.json", pdict)
     from TrajectoryPlannerLib.planning.skinmap import skin_model, write_skin_model
 
@@ -442,6 +439,13 @@ def _best_trajectories(result) -> list:
     return [best[k] for k in sorted(best)]
 
 
+def _registration_qa_for_robot(fusion) -> dict:
+    """The registration QA the robot gate reads (qa.json format); none -> a QA that does not pass."""
+    if fusion is None:
+        return {"passed": False, "failures": ["no registration QA: the MRI->CT transform was supplied"]}
+    return fusion.report.to_dict()
+
+
 def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
     from TrajectoryPlannerLib.robot.protocol import RobotPlan, RobotSession
     from TrajectoryPlannerLib.robot.simulator import RobotSimulator, Workspace
@@ -452,11 +456,12 @@ def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
     d.mkdir(parents=True, exist_ok=True)
     best = run.results["best_trajectories"]
     fusion = run.results.get("fusion")
-    qa_passed = True if fusion is None else bool(fusion.report.to_dict().get("passed", False))
     plan = RobotPlan.from_dict({
         "trajectories": [{"name": t.target, "region": t.region or t.target, "entry_ras": list(t.entry_ras),
                           "target_ras": list(t.target_ras)} for t in best],
-        "registration_qa": {"passed": qa_passed}})
+        "registration_qa": _registration_qa_for_robot(fusion)})
+    # the simulated robot works in CT RAS coordinates: stated explicitly (and logged), never a silent identity
+    plan.state_robot_frame_ct("the demo (the simulated robot works in CT coordinates)")
     if not run.options.auto_confirm:
         raise SmartBiopsyError("the robot session needs the operator's confirmation of the plan; "
                                "rerun with --confirm after reviewing plan/plan.json")
@@ -468,7 +473,6 @@ def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
             session.load_plan(plan)
             logger.warning("DEMO: plan auto-confirmed for the robot simulator (operator '%s')", run.options.operator)
             session.confirm_plan(operator=f"{run.options.operator} (auto-confirmed in the demo)")
-            session.set_registration_qa(qa_passed, {"source": "registration QA"})
             result = session.run_plan(confirm=True, progress=lambda f, msg: progress(0.1 + 0.85 * f, str(msg)[:60]),
                                       should_cancel=should_cancel)
     finally:

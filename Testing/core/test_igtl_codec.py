@@ -172,3 +172,44 @@ def test_v2_extended_header_inconsistent_sizes_rejected():
     hdr = struct.pack(">H12s20sQQQ", 2, b"TRANSFORM", b"V2", 0, len(body), C.crc64(body))
     out = C.StreamDecoder().feed(hdr + body)
     assert out[0].reason == "malformed_body"
+
+
+def test_malformed_v2_metadata_header_is_dropped_once_and_the_stream_goes_on():
+    dec = C.StreamDecoder()
+    out = dec.feed(malformed_v2_message("BAD") + C.StringMessage("GOOD", "ok").pack())
+    assert [o.reason for o in out if isinstance(o, C.Rejection)] == ["malformed_body"]
+    assert "metadata header" in out[0].detail
+    assert [o.device_name for o in out if not isinstance(o, C.Rejection)] == ["GOOD"]
+    assert len(dec._buf) == 0                                   # nothing left behind to re-parse
+    assert dec.feed(C.StringMessage("NEXT", "x").pack())[0].device_name == "NEXT"
+
+
+def test_decoder_never_raises_on_mutated_messages_with_valid_crc():
+    rng = np.random.default_rng(7)
+    good = [C.TransformMessage("T", _pose(), header_version=2, metadata={"k": "v"}).pack(),
+            C.StatusMessage("S", status_string="x", header_version=2).pack(),
+            C.StringMessage("S", "hello", header_version=2, metadata={"a": "b"}).pack(),
+            C.PointMessage("P", [C.PointElement("p")], header_version=2).pack(),
+            C.TrajectoryMessage("J", [C.TrajectoryElement("j")], header_version=2).pack()]
+    dec = C.StreamDecoder()
+    for i in range(3000):
+        raw = bytearray(good[i % len(good)])
+        body = raw[C.HEADER_SIZE:]
+        for _ in range(int(rng.integers(1, 4))):
+            body[int(rng.integers(0, len(body)))] = int(rng.integers(0, 256))
+        if rng.random() < 0.3:
+            body = body[:int(rng.integers(0, len(body)))]
+        header = struct.pack(">H12s20sQQQ", 2, bytes(raw[2:14]), bytes(raw[14:34]), 0, len(body), C.crc64(bytes(body)))
+        out = dec.feed(header + bytes(body))                    # must never raise
+        assert all(isinstance(o, (C.Rejection, C.IgtlMessage)) for o in out)
+    assert len(dec._buf) == 0
+    assert dec.feed(C.StringMessage("END", "x").pack())[0].device_name == "END"
+
+
+def malformed_v2_message(device="MALFORMED"):
+    """STRING v2 message with a 1-byte metadata header and a valid CRC (built here, independently of the
+    simulator's fault)."""
+    content = struct.pack(">HH", 3, 1) + b"x"
+    body = struct.pack(">HHII", 12, 1, 0, 0) + content + b"\x00"
+    return struct.pack(">H12s20sQQQ", 2, b"STRING", device.encode().ljust(20, b"\0"), 0, len(body),
+                       C.crc64(body)) + body

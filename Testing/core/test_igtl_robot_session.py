@@ -16,16 +16,19 @@ PLAN = {
         {"name": "B", "region": "B", "entry_ras": [0.0, 70.0, 95.0], "target_ras": [5.0, 20.0, 35.0]},
         {"name": "C", "region": "C", "entry_ras": [35.0, 65.0, 85.0], "target_ras": [20.0, 12.0, 45.0]},
     ],
-    "registration_qa": {"passed": True, "tre_mm": 1.2},
+    "registration_qa": {"passed": True, "failures": [], "thresholds": {"max_predicted_tre_mm": 3.0},
+                        "targets": [{"name": n, "predicted_tre_mm": 1.2} for n in "ABC"]},
 }
 FAST = dict(ack_timeout_s=1.0, status_timeout_s=2.0, motion_timeout_s=5.0, reconnect_delay_s=0.05)
 
 
-def _session(sim, plan=PLAN, confirm=True, **kw):
+def _session(sim, plan=PLAN, confirm=True, frame="ct", **kw):
     opts = {**FAST, **kw}
     s = RobotSession("127.0.0.1", sim.port, **opts)
     s.connect()
     s.load_plan(RobotPlan.from_dict(plan))
+    if frame == "ct":
+        s.state_robot_frame_ct("Dr Test")
     if confirm:
         s.confirm_plan("Dr Test")
     return s
@@ -310,7 +313,7 @@ def test_current_position_polling_tracks_the_needle():
 
 @pytest.mark.parametrize("bad, message", [
     ({"trajectories": []}, "1 to 3"),
-    ({"trajectories": [PLAN["trajectories"][0]] * 4}, "1 to 3"),
+    ({"trajectories": [{**PLAN["trajectories"][0], "name": n} for n in "ABCD"]}, "1 to 3"),
     ({"trajectories": [{"name": "A", "entry_ras": [0, 0, 0]}]}, "entry_ras"),
     ({"trajectories": [{"name": "A", "entry_ras": [1, 2, 3], "target_ras": [1, 2, 3]}]}, "same entry and target"),
     ({"trajectories": [{"name": "A", "entry_ras": [1, 2], "target_ras": [1, 2, 3]}]}, "three finite"),

@@ -130,3 +130,108 @@ def test_connect_refused_is_a_clear_error():
     with IgtlClient("127.0.0.1", port) as cl:
         with pytest.raises(RobotBridgeError, match="Cannot connect"):
             cl.connect(timeout=1)
+
+
+def test_malformed_v2_message_costs_one_rejection_and_the_connection_goes_on(echo_server):
+    with IgtlClient("127.0.0.1", echo_server.port) as cl:
+        cl.connect()
+        for _ in range(3):
+            cl.send_bytes(malformed_v2_message())
+        cl.send(C.StringMessage("AFTER", "x"))
+        assert cl.receive(("STRING", "AFTER"), timeout=3) is not None
+    assert [r.reason for r in echo_server.rejections] == ["malformed_body"] * 3
+    assert all(len(c.decoder._buf) == 0 for c in echo_server.connections)
+
+
+def test_server_limits_simultaneous_connections_and_keeps_serving():
+    srv = IgtlServer(0, on_message=lambda c, m: c.send(m), max_connections=3)
+    socks = []
+    try:
+        for _ in range(6):
+            socks.append(socket.create_connection(("127.0.0.1", srv.port)))
+        assert _wait(lambda: srv.refused_connections == 3)
+        assert len(srv.connections) == 3
+        refused = 0
+        for s in socks[3:]:
+            s.settimeout(3)
+            data = s.recv(4096)
+            msg = C.decode_message(data) if data else None
+            refused += msg is not None and msg.device_name == "REJECTED" and msg.code == C.StatusCode.RESOURCE_ERROR
+        assert refused == 3
+        for s in socks[:3]:
+            s.close()
+        assert _wait(lambda: len(srv.connections) == 0)
+        with IgtlClient("127.0.0.1", srv.port) as cl:
+            cl.connect()
+            cl.send(C.StringMessage("OK", "x"))
+            assert cl.receive(("STRING", "OK"), timeout=3) is not None
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout():
+    srv = IgtlServer(0, on_message=lambda c, m: c.send(m), idle_timeout_s=0.3)
+    try:
+        idle = socket.create_connection(("127.0.0.1", srv.port))
+        assert _wait(lambda: len(srv.connections) == 1)
+        assert _wait(lambda: len(srv.connections) == 0, timeout=10) and srv.idle_closed == 1
+        idle.settimeout(3)
+        assert idle.recv(10) == b""                                # closed by the server
+        idle.close()
+    finally:
+        srv.stop()
+
+
+def test_accept_loop_pauses_instead_of_spinning_when_out_of_descriptors():
+    import errno
+
+    srv = IgtlServer(0)
+    calls = {"n": 0}
+    real = srv._lsock
+
+    class NoDescriptors:
+        def fileno(self):
+            return real.fileno()
+
+        def accept(self):
+            calls["n"] += 1
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def close(self):
+            real.close()
+
+    try:
+        srv.loop.run_sync(lambda: setattr(srv, "_lsock", NoDescriptors()))
+        waiting = socket.create_connection(("127.0.0.1", srv.port))   # makes the listening socket readable
+        time.sleep(1.0)
+        assert 1 <= calls["n"] <= 20                                   # a few retries, not a busy loop
+        assert srv.accept_pauses >= 1
+        waiting.close()
+    finally:
+        srv.stop()
+
+
+def malformed_v2_message(device="MALFORMED"):
+    """STRING v2 message with a 1-byte metadata header and a valid CRC (built here, independently of the
+    simulator's fault)."""
+    content = struct.pack(">HH", 3, 1) + b"x"
+    body = struct.pack(">HHII", 12, 1, 0, 0) + content + b"\x00"
+    return struct.pack(">H12s20sQQQ", 2, b"STRING", device.encode().ljust(20, b"\0"), 0, len(body),
+                       C.crc64(body)) + body
+
+
+def test_listening_observer_is_not_closed_as_idle_while_it_receives():
+    srv = IgtlServer(0, idle_timeout_s=0.3)
+    try:
+        with IgtlClient("127.0.0.1", srv.port) as obs:
+            obs.connect()
+            assert _wait(lambda: len(srv.connections) == 1)
+            for i in range(12):                                     # 1.2 s of broadcasts, never a byte back
+                srv.broadcast(C.StringMessage("CURRENT_STATUS", str(i)))
+                time.sleep(0.1)
+            assert obs.connected and srv.idle_closed == 0
+            assert _wait(lambda: srv.idle_closed == 1, timeout=10)   # closed once the broadcasts stop
+    finally:
+        srv.stop()

@@ -115,7 +115,10 @@ def scenario_robot_safety(scene) -> dict:
                 session.confirm_plan("self-test")
         assert "confirm" in refusals[0] and "QA" in refusals[1], refusals
         assert session.stop().ok, "STOP was not accepted"
-        session.set_registration_qa(True, {"fre_mm": 0.4})
+        session.set_registration_qa({"passed": True, "failures": [], "thresholds": {"max_predicted_tre_mm": 3.0},
+                                     "targets": [{"name": "A", "predicted_tre_mm": 0.8},
+                                                 {"name": "B", "predicted_tre_mm": 0.9}]})
+        session.state_robot_frame_ct("self-test (simulated robot in CT coordinates)")
         session.command("START_UP")
         session.calibrate()
         session.command("PLANNING")

@@ -488,7 +488,17 @@ def parse_header(raw: bytes) -> Header | None:
 
 
 def decode_body(header: Header, body: bytes) -> IgtlMessage:
-    """Message from a header and a CRC-checked body; raises IgtlCodecError on malformed content."""
+    """Message from a header and a CRC-checked body; raises IgtlCodecError on any malformed content (never
+    another exception, whatever the bytes)."""
+    try:
+        return _decode_body(header, body)
+    except IgtlCodecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed message, never a crash
+        raise IgtlCodecError(f"{header.type_name} body cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_body(header: Header, body: bytes) -> IgtlMessage:
     common = {"timestamp": header.timestamp, "header_version": header.version}
     content = body
     if header.version == 2:
@@ -502,6 +512,8 @@ def decode_body(header: Header, body: bytes) -> IgtlMessage:
         metadata = {}
         if mh_size:
             mh = body[end_content:end_content + mh_size]
+            if mh_size < 2:
+                raise IgtlCodecError(f"v2 metadata header of {mh_size} bytes is shorter than its 2-byte count")
             (count,) = struct.unpack_from(">H", mh)
             if mh_size != 2 + count * _MD_ENTRY.size:
                 raise IgtlCodecError("v2 metadata header size does not match its entry count")
@@ -627,7 +639,7 @@ class StreamDecoder:
                 continue
             try:
                 out.append(decode_body(header, body))
-            except IgtlCodecError as exc:
+            except Exception as exc:  # noqa: BLE001 - decode_body raises only IgtlCodecError; belt and braces
                 out.append(Rejection("malformed_body", f"{header.type_name} {header.device_name!r}: {exc}",
                                      header.type_name, header.device_name))
         del buf[:pos]

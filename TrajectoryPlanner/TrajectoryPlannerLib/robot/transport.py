@@ -33,6 +33,12 @@ logger = logging.getLogger(__name__)
 
 #: Bytes allowed to wait in a connection's send buffer before ``send`` refuses (peer not reading).
 MAX_PENDING_SEND_BYTES = 64 << 20
+#: Default limits of every server: simultaneous clients, seconds without any byte received before a
+#: client is closed (None = never), rejections kept per connection / server, rejections logged per connection.
+DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+MAX_KEPT_REJECTIONS = 1000
+MAX_LOGGED_REJECTIONS = 20
 _REJECTION_CODES = {"crc_mismatch": StatusCode.CHECKSUM_ERROR, "oversized": StatusCode.OVERFLOW}
 
 
@@ -178,8 +184,10 @@ class Connection:
         self.on_sent = on_sent
         self.report_rejections = report_rejections
         self.rejections: list[Rejection] = []
+        self.rejections_total = 0
         self.messages_received = 0
         self.messages_sent = 0
+        self.last_activity = time.monotonic()
         self._out = bytearray()
         self._wlock = threading.Lock()
         self._closed = False
@@ -219,6 +227,8 @@ class Connection:
                     self.loop.call_soon(self._close_now, f"send failed: {exc}")
                     raise RobotBridgeError(
                         f"Sending to {self.peer} failed ({exc}); check the robot connection and reconnect.") from exc
+                if n:
+                    self.last_activity = time.monotonic()
                 if n == len(data):
                     return
                 self._out += data[n:]
@@ -273,7 +283,15 @@ class Connection:
             if not data:
                 self._close_now("peer closed the connection")
                 return
-            self._dispatch(self.decoder.feed(data))
+            self.last_activity = time.monotonic()
+            try:
+                events = self.decoder.feed(data)
+            except Exception as exc:  # noqa: BLE001 - a decoder bug must cost this connection, not the loop
+                logger.error("OpenIGTLink input from %s could not be decoded (%s); closing the connection",
+                             self.peer, exc)
+                self._close_now("undecodable input")
+                return
+            self._dispatch(events)
             if self.decoder.fatal:
                 self._close_now("stream could not be resynchronised")
 
@@ -291,7 +309,13 @@ class Connection:
 
     def _reject(self, rej: Rejection):
         self.rejections.append(rej)
-        logger.warning("OpenIGTLink from %s rejected (%s): %s", self.peer, rej.reason, rej.detail)
+        del self.rejections[:-MAX_KEPT_REJECTIONS]
+        self.rejections_total += 1
+        if self.rejections_total <= MAX_LOGGED_REJECTIONS:
+            logger.warning("OpenIGTLink from %s rejected (%s): %s", self.peer, rej.reason, rej.detail)
+        elif self.rejections_total == MAX_LOGGED_REJECTIONS + 1:
+            logger.warning("OpenIGTLink from %s: more rejections; no longer logged (counted in rejections_total)",
+                           self.peer)
         if self.on_reject is not None:
             try:
                 self.on_reject(self, rej)
@@ -352,14 +376,19 @@ class Inbox:
     either may be None.
     """
 
-    def __init__(self, maxlen: int = 100000):
+    def __init__(self, maxlen: int = 100000, counter=None):
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self.maxlen = maxlen
         self.dropped = 0
+        self._counter = counter if counter is not None else itertools.count(1)
+        self.last_seq = 0
 
     def put(self, message: IgtlMessage):
+        """Store a message; it gets ``arrival_seq``, increasing in arrival order (shared by inboxes built with
+        the same ``counter``), so a reply can be tied to what it answers."""
         with self._cond:
+            self.last_seq = message.arrival_seq = next(self._counter)
             if len(self._items) >= self.maxlen:
                 self._items.popleft()
                 self.dropped += 1
@@ -402,11 +431,17 @@ class IgtlServer:
 
     Callbacks (all optional, run in the loop thread): ``on_message(conn, msg)``, ``on_connect(conn)``,
     ``on_disconnect(conn, reason)``, ``on_reject(conn, rejection)``.
+
+    At most ``max_connections`` clients at once (a further client gets a STATUS ``REJECTED``
+    RESOURCE_ERROR and is closed); a client with no traffic either way for ``idle_timeout_s`` seconds is
+    closed (None: never), so an observer that only listens stays connected while there is something to
+    watch. When the process runs out of descriptors the listening socket pauses instead of spinning.
     """
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", *, on_message=None, on_connect=None,
                  on_disconnect=None, on_reject=None, on_sent=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 report_rejections: bool = True, name: str = "igtl-server"):
+                 report_rejections: bool = True, name: str = "igtl-server",
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S):
         self.on_message = on_message
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
@@ -414,8 +449,14 @@ class IgtlServer:
         self.on_sent = on_sent
         self.max_body_bytes = max_body_bytes
         self.report_rejections = report_rejections
+        self.max_connections = max(1, int(max_connections))
+        self.idle_timeout_s = None if idle_timeout_s is None else float(idle_timeout_s)
+        self.refused_connections = 0
+        self.idle_closed = 0
+        self.accept_pauses = 0
         self.connections: list[Connection] = []
         self.rejections: list[Rejection] = []
+        self._accept_paused = False
         self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -429,13 +470,67 @@ class IgtlServer:
         self.port = self._lsock.getsockname()[1]
         self.loop = EventLoop(name)
         self.loop.run_sync(lambda: self.loop.selector.register(self._lsock, selectors.EVENT_READ, self._on_accept))
+        if self.idle_timeout_s is not None:
+            self.loop.call_later(min(self.idle_timeout_s, 5.0), self._check_idle)
         logger.info("OpenIGTLink server listening on %s:%d", host, self.port)
 
-    def _on_accept(self, _mask):
-        try:
-            sock, _addr = self._lsock.accept()
-        except (BlockingIOError, OSError):
+    def _check_idle(self):
+        if self._lsock.fileno() < 0:
             return
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if now - conn.last_activity > self.idle_timeout_s:
+                self.idle_closed += 1
+                conn._close_now(f"idle for more than {self.idle_timeout_s:g} s")
+        self.loop.call_later(min(self.idle_timeout_s, 5.0), self._check_idle)
+
+    def _pause_accept(self, delay_s: float = 0.2):
+        """Out of descriptors: stop watching the listening socket for a moment instead of spinning."""
+        if self._accept_paused:
+            return
+        self._accept_paused = True
+        self.accept_pauses += 1
+        try:
+            self.loop.selector.unregister(self._lsock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+        def resume():
+            self._accept_paused = False
+            if self._lsock.fileno() >= 0:
+                try:
+                    self.loop.selector.register(self._lsock, selectors.EVENT_READ, self._on_accept)
+                except (KeyError, ValueError, OSError):
+                    pass
+
+        self.loop.call_later(delay_s, resume)
+
+    def _on_accept(self, _mask):
+        for _ in range(64):
+            try:
+                sock, _addr = self._lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.warning("OpenIGTLink server cannot accept a client (%s); pausing new connections", exc)
+                self._pause_accept()
+                return
+            if len(self.connections) >= self.max_connections:
+                self.refused_connections += 1
+                if self.refused_connections <= MAX_LOGGED_REJECTIONS:
+                    logger.warning("OpenIGTLink server refuses a client: %d connections already open",
+                                   len(self.connections))
+                try:
+                    sock.setblocking(False)
+                    sock.send(StatusMessage("REJECTED", code=StatusCode.RESOURCE_ERROR, error_name="too_many_clients",
+                                            status_string=f"at most {self.max_connections} clients").pack())
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            self._accept(sock)
+
+    def _accept(self, sock):
         conn = Connection(self.loop, sock, max_body_bytes=self.max_body_bytes, on_message=self._message,
                           on_reject=self._reject, on_close=self._closed, on_sent=self.on_sent,
                           report_rejections=self.report_rejections)
@@ -450,6 +545,7 @@ class IgtlServer:
 
     def _reject(self, conn, rej):
         self.rejections.append(rej)
+        del self.rejections[:-MAX_KEPT_REJECTIONS]
         if self.on_reject is not None:
             self.on_reject(conn, rej)
 
@@ -544,6 +640,7 @@ class IgtlClient:
 
     def _reject(self, conn, rej):
         self.rejections.append(rej)
+        del self.rejections[:-MAX_KEPT_REJECTIONS]
         if self.on_reject is not None:
             self.on_reject(conn, rej)
 
