@@ -8,7 +8,7 @@ plus the report describe what happened. Folder layout (all coordinates RAS mm)::
     summary.json                 stages (status, seconds, message), case description, peak memory
     inputs/                      ct.nrrd, mri_t2.nrrd (the anatomical MRI used for fusion)
     registration/                fusion.json, qa.json, mri_to_ct.json, mri_to_ct.tfm, t2_on_ct.nrrd, *.png
-    characterisation/            adc/ff/ef.nrrd, tumour.nrrd, habitats.nrrd (MRI grid), regions.csv,
+    characterisation/            adc/ff/ef.nrrd, adc_qc.json, tumour.nrrd, habitats.nrrd (MRI grid), regions.csv,
                                  targets.json (point_ras: MRI world, point_ct_ras: CT world), radiomics.csv
     plan/                        plan.json, skin_model.vtp
     robot/                       session.json, session.jsonl
@@ -343,6 +343,8 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         maps["ff"] = ff
     for k, v in maps.items():
         save_image(v, d / f"{k}.nrrd")
+    from SmartBiopsyLib.characterise.maps import write_adc_qc
+    write_adc_qc(adc, d / "adc_qc.json")
     save_image(tumour, d / "tumour.nrrd")
     size = measure_tumour(tumour)
     progress(0.45, "habitats")

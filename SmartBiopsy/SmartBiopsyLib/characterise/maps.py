@@ -1,12 +1,14 @@
 """Quantitative MRI maps for tumour characterisation: ADC, fat fraction (FF) and enhancement fraction (EF).
 
 All maps are ``RasVolume`` objects on ONE grid (the grid of the first input); voxels where a map cannot be
-computed (background, signal at the noise floor, non-finite input) are NaN. Units:
+computed (background, non-finite or non-positive input) are NaN. Units:
 
 * ADC in 10^-6 mm^2/s (as scanners store it), from multi-b DWI by a log-linear least-squares fit
-  ``ln S(b) = ln S0 - b * ADC``. ``method="wlls"`` (default) weights each point by S(b)^2, the inverse of
-  the variance of ln S under Gaussian/Rician noise at reasonable SNR; ``method="ols"`` is the unweighted fit
-  over all b-values that Siemens scanners use for their own ADC map (``adc_scanner`` oracle; see the test).
+  ``ln S(b) = ln S0 - b * ADC``. ``method="ols"`` (default) is the unweighted fit over all b-values that
+  scanners use for their own ADC map (``adc_scanner`` oracle, Testing/core/test_adc_real.py);
+  ``method="wlls"`` weights each point by S(b)^2 (reads 7-10 % above scanner maps on real prostate DWI).
+  Each b-value image's noise floor comes from its own noise estimate; NaN only where the fit is undefined,
+  counted per reason (:func:`adc_qc`, written as adc_qc.json).
 * FF in percent: ``100 * F / (W + F)`` from magnitude Dixon water and fat images.
   Swap handling: a *global* water/fat swap (the two series labelled the wrong way round, or the whole
   reconstruction choosing the wrong solution) is detected from the subcutaneous fat shell: in a correctly
@@ -152,27 +154,63 @@ def _b_of(key, vol: RasVolume) -> float:
         raise InputDataError(f"the DWI series '{vol.name}' has no usable b-value ({b!r}); give b-values in s/mm^2") from exc
 
 
-def compute_adc(dwi: Mapping[float, RasVolume], method: str = "wlls", exclude_low_b: bool = False,
+#: The ADC fit every product path uses (``characterise``, ``run``, ``demo``, the SmartBiopsy module) and the
+#: real-data oracle test checks: the unweighted log-linear fit over all b-values that scanners use.
+DEFAULT_ADC_METHOD = "ols"
+#: Noise-floor handling: "flag" (default) fits every b-value like the scanner and counts the voxels whose
+#: highest-b signal is at the noise floor; "exclude" leaves such points out of that voxel's fit.
+NOISE_FLOOR_MODES = ("flag", "exclude")
+#: Reasons a voxel of the ADC map is NaN (keys of ``meta["nan_reasons"]`` and of adc_qc.json).
+ADC_NAN_REASONS = ("no_signal", "non_finite_input", "non_positive_signal", "too_few_b_above_noise_floor")
+
+
+def _per_b_sigma(noise_sigma, b: np.ndarray, stack: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Noise sigma of every b-value image (image units), each from ITS OWN background voxels.
+
+    ``noise_sigma``: None (estimate), one number (the user's value for every image) or ``{b: sigma}``.
+    """
+    if noise_sigma is None:
+        return np.array([estimate_noise_sigma(stack[k], background) for k in range(len(b))])
+    if isinstance(noise_sigma, Mapping):
+        try:
+            return np.array([float(next(v for k, v in noise_sigma.items() if abs(float(k) - bv) < 0.5))
+                             for bv in b])
+        except StopIteration:
+            raise InputDataError(f"a noise sigma is needed for every b-value {[float(x) for x in b]}; "
+                                 f"only {sorted(map(float, noise_sigma))} were given") from None
+    return np.full(len(b), float(noise_sigma))
+
+
+def compute_adc(dwi: Mapping[float, RasVolume], method: str = DEFAULT_ADC_METHOD, exclude_low_b: bool = False,
                 low_b_threshold: float = 100.0, mask: np.ndarray | None = None, min_snr: float = 2.0,
-                noise_sigma: float | None = None, transforms: Mapping[float, np.ndarray] | None = None,
+                noise_sigma: float | Mapping[float, float] | None = None,
+                transforms: Mapping[float, np.ndarray] | None = None, noise_floor: str = "flag",
                 progress: Callable | None = None, should_cancel: Callable | None = None) -> RasVolume:
     """ADC map (10^-6 mm^2/s) from magnitude DWI ``{b [s/mm^2]: RasVolume}`` by log-linear least squares.
 
-    * ``method``: ``"wlls"`` (weights S^2 of the measured signal) or ``"ols"`` (unweighted, the scanner fit).
+    * ``method``: ``"ols"`` (default; unweighted over all b, the fit scanners use for their ADC map, checked
+      against the PROSTATEx scanner map) or ``"wlls"`` (weights S^2 of the measured signal).
     * ``exclude_low_b``: drop b < ``low_b_threshold`` (perfusion-weighted points); at least two distinct
       b-values must remain.
-    * Background: ``mask`` (bool, same grid) or :func:`signal_mask` of the lowest-b image.
-    * Noise floor: sigma is estimated from the background (or given, image units); voxels whose
-      highest-b signal is below ``min_snr * sigma`` are left out (NaN) because the Rician floor there
-      biases the slope. ``min_snr=0`` disables this.
+    * Signal: ``mask`` (bool, same grid) or :func:`signal_mask` of the lowest-b image; voxels outside are NaN.
+    * Noise floor: the sigma of EVERY b-value image is estimated from that image's own background voxels
+      (or given: one number or ``{b: sigma}``); its floor is ``min_snr * sigma_b``. ``noise_floor="flag"``
+      (default) keeps every point in the fit and counts voxels whose highest-b signal is below its floor
+      (``meta["voxels_highest_b_at_noise_floor"]``: their ADC is biased low by the Rician floor);
+      ``"exclude"`` leaves points below their own image's floor out of that voxel's fit, NaN when fewer
+      than two b-values remain. A floor is never applied to another b-value's image.
+    * NaN only where the fit is undefined; ``meta["nan_reasons"]`` counts the voxels per reason
+      (:data:`ADC_NAN_REASONS`, each voxel counted once, first reason wins). See :func:`adc_qc`.
     * Grids: all series must share the grid of the lowest b, unless ``transforms[b]`` is given.
 
-    Returns a float32 ``RasVolume`` on the lowest-b grid, NaN where not computed, with ``meta`` holding
-    units, method, b-values used, noise sigma and voxel counts. Negative, fitted ADC values (noise) are kept
-    so that statistics are unbiased; values are clipped to [-1000, 5000].
+    Returns a float32 ``RasVolume`` on the lowest-b grid with ``meta`` holding units, method, b-values,
+    per-b noise sigma and voxel counts. Negative fitted ADC values (noise) are kept so that statistics are
+    unbiased; values are clipped to [-1000, 5000] (``meta["voxels_clipped"]``).
     """
     if method not in ("wlls", "ols"):
         raise ValueError(f"unknown ADC fit method {method!r}; use 'wlls' or 'ols'")
+    if noise_floor not in NOISE_FLOOR_MODES:
+        raise ValueError(f"unknown noise-floor mode {noise_floor!r}; use one of {NOISE_FLOOR_MODES}")
     if not dwi:
         raise InputDataError("no diffusion-weighted series were given; load a DWI series with at least two b-values")
     items = sorted(((_b_of(k, v), v) for k, v in dwi.items()), key=lambda t: t[0])
@@ -206,33 +244,97 @@ def compute_adc(dwi: Mapping[float, RasVolume], method: str = "wlls", exclude_lo
     body = signal_mask(lowest) if mask is None else np.asarray(mask, bool)
     if body.shape != lowest.shape:
         raise InputDataError("the ADC mask does not match the DWI grid; use a mask on the DWI grid")
-    if noise_sigma is None:
-        noise_sigma = estimate_noise_sigma(lowest, ~signal_mask(lowest) & (lowest > 0))
-    valid = body & finite & (stack > 0).all(axis=0)
-    if min_snr > 0 and noise_sigma > 0:
-        valid &= stack[-1] >= min_snr * noise_sigma
+    background = ~signal_mask(lowest) & finite
+    sigma = _per_b_sigma(noise_sigma, b, stack, background)
+    floor = min_snr * sigma if min_snr > 0 else np.zeros_like(sigma)
+    positive = (stack > 0).all(axis=0)
+    reasons = {"no_signal": ~body, "non_finite_input": body & ~finite,
+               "non_positive_signal": body & finite & ~positive}
+    valid = body & finite & positive
     _check_cancel(should_cancel)
     _report(progress, 0.2, f"fitting ADC ({method.upper()}, b = {', '.join(f'{x:g}' for x in b)})")
 
     s = stack[:, valid].astype(np.float64)  # (M, N)
+    above = s >= floor[:, None]
+    at_floor = ~above[-1]
+    use = np.ones_like(s, bool)
+    if noise_floor == "exclude":
+        use = above
+        # a slope needs two distinct b-values above their own floors
+        enough = use.sum(axis=0) >= 2
+        too_few = np.zeros(lowest.shape, bool)
+        too_few[valid] = ~enough
+        reasons["too_few_b_above_noise_floor"] = too_few
+        valid_idx = np.flatnonzero(valid.ravel())
+        valid = valid.copy()
+        valid.ravel()[valid_idx[~enough]] = False
+        s, use, at_floor = s[:, enough], use[:, enough], at_floor[enough]
+    else:
+        reasons["too_few_b_above_noise_floor"] = np.zeros(lowest.shape, bool)
     y = np.log(s)
-    w = s ** 2 if method == "wlls" else np.ones_like(s)
+    w = (s ** 2 if method == "wlls" else np.ones_like(s)) * use
     sw = w.sum(axis=0)
     bm = (w * b[:, None]).sum(axis=0) / sw
     ym = (w * y).sum(axis=0) / sw
     db = b[:, None] - bm
     sxx = (w * db ** 2).sum(axis=0)
     slope = (w * db * (y - ym)).sum(axis=0) / sxx
-    adc = np.clip(-slope * 1e6, -1000.0, 5000.0)
+    raw = -slope * 1e6
+    adc = np.clip(raw, -1000.0, 5000.0)
     out = np.full(lowest.shape, np.nan, np.float32)
     out[valid] = adc
     _report(progress, 1.0, "ADC done")
+    counts, seen = {}, np.zeros(lowest.shape, bool)
+    for name in ADC_NAN_REASONS:  # each NaN voxel counted once, under its first reason
+        r = reasons[name] & ~seen
+        counts[name] = int(r.sum())
+        seen |= r
     meta = {"units": ADC_UNITS, "quantity": "ADC", "method": method, "b_values": [float(x) for x in b],
-            "noise_sigma": float(noise_sigma), "min_snr": float(min_snr), "voxels_fitted": int(valid.sum()),
-            "voxels_in_mask": int(body.sum())}
-    logger.info("ADC (%s) from b=%s: %d voxels fitted (%d in the signal mask), noise sigma %.3g",
-                method, meta["b_values"], meta["voxels_fitted"], meta["voxels_in_mask"], noise_sigma)
+            "noise_floor": noise_floor, "min_snr": float(min_snr),
+            "noise_sigma": {f"{bv:g}": float(sg) for bv, sg in zip(b, sigma)},
+            "voxels_total": int(lowest.size), "voxels_in_mask": int(body.sum()), "voxels_fitted": int(valid.sum()),
+            "voxels_nan": int((~valid).sum()), "voxels_nan_in_mask": int((body & ~valid).sum()),
+            "nan_reasons": counts, "voxels_clipped": int(np.sum(raw != adc)),
+            "voxels_highest_b_at_noise_floor": int(at_floor.sum())}
+    logger.info("ADC (%s) from b=%s: %d voxels fitted (%d in the signal mask), NaN by reason %s, noise sigma %s",
+                method, meta["b_values"], meta["voxels_fitted"], meta["voxels_in_mask"], counts, meta["noise_sigma"])
     return RasVolume(out, ref.ijk_to_ras.copy(), "ADC", meta)
+
+
+def adc_qc(adc: RasVolume) -> dict:
+    """Quality record of an ADC map (what adc_qc.json holds): fit, per-b noise sigma, NaN counts per reason.
+
+    For a computed map (meta from :func:`compute_adc`) every key is reported; for an imported map only its
+    NaN count is known (``"source": "imported"``).
+    """
+    m = dict(adc.meta or {})
+    arr = np.asarray(adc.array)
+    if "nan_reasons" not in m:
+        return {"source": "imported", "voxels_total": int(arr.size), "voxels_nan": int(np.isnan(arr).sum()),
+                "units": m.get("units", ADC_UNITS)}
+    keys = ("method", "b_values", "noise_floor", "min_snr", "noise_sigma", "voxels_total", "voxels_in_mask",
+            "voxels_fitted", "voxels_nan", "voxels_nan_in_mask", "nan_reasons", "voxels_clipped",
+            "voxels_highest_b_at_noise_floor", "units")
+    out = {"source": "computed"} | {k: m[k] for k in keys if k in m}
+    inmask = max(int(m.get("voxels_in_mask", 0)), 1)
+    out["nan_percent_of_signal_voxels"] = round(100.0 * m.get("voxels_nan_in_mask", 0) / inmask, 3)
+    out["nan_reason_meaning"] = {
+        "no_signal": "outside the signal mask of the lowest-b image (air, background)",
+        "non_finite_input": "a DWI value is NaN or infinite",
+        "non_positive_signal": "a DWI value is 0, so its logarithm is undefined",
+        "too_few_b_above_noise_floor": "fewer than two b-values above their own noise floor (noise_floor='exclude')"}
+    return out
+
+
+def write_adc_qc(adc: RasVolume, path) -> str:
+    """Write :func:`adc_qc` of ``adc`` as JSON to ``path``; returns the path."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(adc_qc(adc), fh, indent=1)
+    return os.fspath(path)
 
 
 def check_adc_units(adc: RasVolume, mask: np.ndarray | None = None, allow_convert: bool = False) -> RasVolume:

@@ -1,7 +1,7 @@
 """``smartbiopsy characterise``: maps, habitats, targets and radiomics from mpMRI and a tumour mask.
 
-Writes into ``--out``: adc.nrrd, ff.nrrd, ef.nrrd, habitats.nrrd (1 A, 2 B, 3 C), regions.csv,
-targets.json (RAS mm), radiomics.csv (unless --no-radiomics), characterisation.json (summary).
+Writes into ``--out``: adc.nrrd, adc_qc.json (ADC fit, noise per b-value, NaN counts per reason), ff.nrrd,
+ef.nrrd, habitats.nrrd (1 A, 2 B, 3 C), regions.csv, targets.json (RAS mm), radiomics.csv (unless --no-radiomics), characterisation.json (summary).
 All inputs must be on one grid (the ADC/DWI grid); the tumour mask too.
 """
 from __future__ import annotations
@@ -31,7 +31,11 @@ def register(subparsers):
     p.add_argument("--ef", help="precomputed EF map (%%) instead of T1 pre/post")
     p.add_argument("--tumour", required=True, help="tumour label map (non-zero = tumour) on the map grid")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--adc-method", choices=("wlls", "ols"), default="wlls")
+    p.add_argument("--adc-method", choices=("ols", "wlls"), default=None,
+                   help="ADC fit: ols (default; the unweighted log-linear fit over all b that scanners use) or wlls")
+    p.add_argument("--adc-noise-floor", choices=("flag", "exclude"), default="flag",
+                   help="flag (default): fit every b-value and count voxels at the noise floor in adc_qc.json; "
+                        "exclude: leave b-values below their own image's noise floor out of that voxel's fit")
     p.add_argument("--exclude-low-b", action="store_true", help="fit ADC only on b >= 100 s/mm^2")
     p.add_argument("--mode", choices=("median", "kmeans"), default="median")
     p.add_argument("--predicted-tre", type=float, default=1.0, help="predicted registration TRE (mm)")
@@ -77,7 +81,8 @@ def run(args) -> int:
     if args.adc:
         adc = maps.check_adc_units(_load(args.adc), allow_convert=args.allow_unit_conversion)
     elif args.dwi:
-        adc = maps.compute_adc(_load_dwi(args.dwi), method=args.adc_method, exclude_low_b=args.exclude_low_b)
+        adc = maps.compute_adc(_load_dwi(args.dwi), method=args.adc_method or maps.DEFAULT_ADC_METHOD,
+                               exclude_low_b=args.exclude_low_b, noise_floor=args.adc_noise_floor)
     else:
         raise InputDataError("give either --dwi (DWI with at least two b-values) or a precomputed --adc map")
     mask = np.asarray(tumour_vol.array) != 0
@@ -100,6 +105,7 @@ def run(args) -> int:
     maps.align_to_reference(named, adc)  # same grid or a clear error
     for name, v in named.items():
         imageio.save_image(v, out / f"{name}.nrrd")
+    maps.write_adc_qc(adc, out / "adc_qc.json")
     size = tumour.measure_tumour(tumour_vol)
     res = habitats.compute_habitats(adc, ef, ff, mask, habitats.HabitatConfig(mode=args.mode))
     imageio.save_image(res.labels, out / "habitats.nrrd")
