@@ -12,6 +12,8 @@ from SmartBiopsyCoreLib.dataio import dicomio, imageio
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 
+from dce_case import write_dce
+
 T0 = dt.datetime(2024, 3, 1, 10, 0, 0)
 AX = np.eye(3)
 COR = np.column_stack([[1, 0, 0], [0, 0, -1], [0, 1, 0]]).astype(float)   # i->R, j->I, k->A
@@ -31,30 +33,6 @@ def write_three_orientation_localizer(out_dir, description="t1_fl2d_3orient", fr
         dicomio.write_dicom_series(_vol((1, 16, 16), rot), out_dir, modality="MR", series_description=description,
                                    series_number=1, series_uid=uid, frame_of_reference_uid=frame,
                                    file_prefix=f"LOC{n}_")
-
-
-def write_dce(out_dir, n_frames=8, arrival=3, frame="1.2.3.4.5", dt_s=6.0, description="t1_vibe_dyn"):
-    """A DCE stored as one series per frame (different acquisition times, one frame of reference).
-
-    Two tissues: a dark one (pre 60) that enhances to 200 from frame ``arrival`` on, and a bright one
-    (pre 600) that does not enhance. Returns the tissue masks.
-    """
-    shape = (6, 24, 24)
-    rng = np.random.default_rng(5)
-    dark = np.zeros(shape, bool)
-    dark[1:5, 4:12, 4:20] = True
-    bright = np.zeros(shape, bool)
-    bright[1:5, 12:20, 4:20] = True
-    m = make_grid([-18.0, -18.0, -9.0], [1.5, 1.5, 3.0], shape, AX)
-    for t in range(n_frames):
-        enh = 0.0 if t < arrival else min(1.0, (t - arrival + 1) / 2.0)
-        clean = np.where(dark, 60.0 + 140.0 * enh, 0.0) + np.where(bright, 600.0, 0.0)
-        img = np.hypot(clean + rng.normal(0, 4, shape), rng.normal(0, 4, shape))
-        dicomio.write_dicom_series(RasVolume(img.astype(np.float32), m, "dce", {}), os.path.join(out_dir, f"dyn{t:02d}"),
-                                   modality="MR", series_description=description, series_number=20 + t,
-                                   frame_of_reference_uid=frame, flip_angle=12.0,
-                                   acquisition_datetime=T0 + dt.timedelta(seconds=dt_s * t))
-    return dark, bright
 
 
 def build_study(root, outside):

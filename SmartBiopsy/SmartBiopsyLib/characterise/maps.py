@@ -18,13 +18,16 @@ computed (background, non-finite or non-positive input) are NaN. Units:
   Per-voxel swaps of magnitude Dixon cannot be detected from magnitudes alone: a magnitude pair cannot
   tell FF from 100 - FF in one voxel, so local swaps (field-inhomogeneity artefacts at the edge of the
   field of view) remain and must be checked visually.
-* EF in percent: ``100 * (post - pre) / pre`` from pre- and post-contrast T1 (same sequence and scaling).
+* EF in percent: ``100 * (post - pre) / pre`` from pre- and post-contrast T1 (same sequence and scaling), or
+  from a DCE time series (:func:`compute_ef_dynamic`: baseline frames before bolus arrival, peak or chosen
+  post-contrast frame, both stated in ``meta``); tissue from the post-contrast / maximum-over-time signal.
 
 Long functions accept ``progress(fraction, message)`` and ``should_cancel()`` (both optional).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -461,8 +464,10 @@ def compute_ef(pre: RasVolume, post: RasVolume, mask: np.ndarray | None = None,
                transforms: Mapping[str, np.ndarray] | None = None) -> RasVolume:
     """Enhancement fraction (percent) ``100 (post - pre) / pre`` from pre/post-contrast T1 of one sequence.
 
-    Voxels outside ``mask`` or :func:`signal_mask` of the pre-contrast image (low signal, where the ratio
-    is noise) are NaN. ``transforms["t1_post"]`` resamples a post-contrast series on another grid.
+    Tissue: ``mask`` or :func:`signal_mask` of the larger of the two signals (the post-contrast signal where
+    tissue enhances): a pre-contrast mask would drop the dark tissue that enhances, which is what the map is
+    for. Voxels outside the tissue or with pre = 0 (ratio undefined) are NaN. ``transforms["t1_post"]``
+    resamples a post-contrast series on another grid.
     """
     vols = align_to_reference({"t1_pre": pre, "t1_post": post}, pre, transforms)
     a = np.asarray(vols["t1_pre"].array, np.float64)
@@ -472,13 +477,133 @@ def compute_ef(pre: RasVolume, post: RasVolume, mask: np.ndarray | None = None,
         raise InputDataError("the T1 images contain negative values; magnitude pre- and post-contrast images are required")
     if not np.any(a[finite] > 0):
         raise InputDataError("the pre-contrast T1 image is empty (all zero); the series is corrupt or missing")
-    body = signal_mask(np.where(finite, a, 0)) if mask is None else np.asarray(mask, bool)
-    valid = body & finite & (a > 0)
-    ef = np.full(a.shape, np.nan, np.float32)
-    ef[valid] = (100.0 * (p[valid] - a[valid]) / a[valid]).astype(np.float32)
+    body = signal_mask(np.where(finite, np.maximum(a, p), 0)) if mask is None else np.asarray(mask, bool)
+    return _ef_map(a, p, body & finite, pre, {"tissue_mask": "signal of max(pre, post)" if mask is None else "given"})
+
+
+def _ef_map(pre: np.ndarray, post: np.ndarray, tissue: np.ndarray, grid: RasVolume, extra: dict) -> RasVolume:
+    valid = tissue & (pre > 0)
+    ef = np.full(pre.shape, np.nan, np.float32)
+    ef[valid] = (100.0 * (post[valid] - pre[valid]) / pre[valid]).astype(np.float32)
     med_body = float(np.median(ef[valid])) if valid.any() else float("nan")
     if np.isfinite(med_body) and med_body < -30:
         logger.warning("median enhancement in the body is %.0f%%; pre- and post-contrast may be swapped", med_body)
-    return RasVolume(ef, pre.ijk_to_ras.copy(), "EF",
-                     {"units": PERCENT, "quantity": "EF", "definition": "100*(post-pre)/pre",
-                      "voxels_computed": int(valid.sum())})
+    meta = {"units": PERCENT, "quantity": "EF", "definition": "100*(post-pre)/pre",
+            "voxels_computed": int(valid.sum()), "voxels_in_tissue": int(tissue.sum())} | extra
+    return RasVolume(ef, grid.ijk_to_ras.copy(), "EF", meta)
+
+
+@dataclass
+class DynamicChoice:
+    """Which frames of a DCE made the EF map: baseline (before bolus arrival) and post-contrast frame."""
+
+    baseline_frames: list
+    baseline_times_s: list
+    bolus_arrival_frame: int | None
+    bolus_arrival_s: float | None
+    post_frame: int
+    post_time_s: float
+    post_choice: str                 # "peak" or "chosen"
+    baseline_choice: str             # "automatic" or "chosen"
+    curve: list                      # mean rise (frame - first frame) of the enhancing voxels, per frame
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def sentence(self) -> str:
+        base = (f"baseline frames {self.baseline_frames[0] + 1}-{self.baseline_frames[-1] + 1} "
+                f"({self.baseline_times_s[0]:.0f}-{self.baseline_times_s[-1]:.0f} s, {self.baseline_choice})")
+        arrival = (f", bolus arrival {self.bolus_arrival_s:.0f} s" if self.bolus_arrival_s is not None else "")
+        return (f"{base}{arrival}; post-contrast frame {self.post_frame + 1} at {self.post_time_s:.0f} s "
+                f"({'peak enhancement' if self.post_choice == 'peak' else 'chosen time'})")
+
+
+def choose_dynamic_frames(frames, times_s, tissue: np.ndarray, noise_sigma: float = 0.0,
+                          baseline_frames: int | None = None, post_time_s: float | None = None,
+                          min_rise: float = 0.10, min_fraction: float = 0.005) -> DynamicChoice:
+    """Baseline frames before the bolus arrives, and the post-contrast frame (peak or chosen time).
+
+    A tissue voxel enhances in frame t when (frame t - first frame) exceeds ``max(5 sqrt(2) sigma,
+    min_rise x median tissue signal)``. The bolus arrives at the first frame in which at least
+    ``min_fraction`` of the tissue (and 10 voxels) enhances; every frame before it is baseline
+    (``baseline_frames`` = N takes the first N instead). The curve is the mean rise over the voxels that
+    enhance in any frame; the post frame is its maximum after the baseline, or the frame nearest
+    ``post_time_s`` (seconds from the first frame). Raises :class:`InputDataError` when nothing enhances.
+    """
+    t = np.asarray(times_s, float)
+    n = len(frames)
+    first = np.asarray(frames[0].array, np.float32)[tissue]
+    threshold = max(5.0 * np.sqrt(2.0) * float(noise_sigma), min_rise * float(np.median(first)))
+    rises = [np.asarray(f.array, np.float32)[tissue] - first for f in frames]
+    enhancing = np.zeros(first.shape, bool)
+    fraction = np.zeros(n)
+    for k, d in enumerate(rises):
+        above = d > threshold
+        fraction[k] = float(above.mean())
+        enhancing |= above
+    curve = np.array([float(d[enhancing].mean()) if enhancing.any() else 0.0 for d in rises])
+    need = max(min_fraction, 10.0 / max(first.size, 1))
+    if baseline_frames is not None:
+        if not 1 <= int(baseline_frames) < n:
+            raise InputDataError(f"the DCE has {n} frames, so the baseline must be 1 to {n - 1} frames, "
+                                 f"not {baseline_frames}")
+        nb, arrival, how = int(baseline_frames), None, "chosen"
+    else:
+        rising = np.flatnonzero(fraction[1:] >= need)
+        if rising.size == 0:
+            raise InputDataError(
+                f"no contrast enhancement was found in the {n} DCE frames (no frame rises by more than "
+                f"{threshold:.0f} in {100 * need:.1f} % of the tissue); check that contrast was given or choose "
+                "the baseline frames and post time")
+        arrival = int(rising[0] + 1)
+        nb, how = arrival, "automatic"
+    if post_time_s is not None:
+        post = int(np.argmin(np.abs(t - float(post_time_s))))
+        if post < nb:
+            raise InputDataError(f"the chosen post-contrast time {post_time_s:g} s falls in the baseline "
+                                 f"(first {nb} frames, up to {t[nb - 1]:.0f} s); choose a later time")
+        pchoice = "chosen"
+    else:
+        post = int(nb + np.argmax(curve[nb:]))
+        pchoice = "peak"
+    return DynamicChoice(list(range(nb)), [float(x) for x in t[:nb]], arrival,
+                         None if arrival is None else float(t[arrival]), post, float(t[post]), pchoice, how,
+                         [round(float(c), 3) for c in curve])
+
+
+def compute_ef_dynamic(frames, times_s, mask: np.ndarray | None = None, baseline_frames: int | None = None,
+                       post_time_s: float | None = None) -> RasVolume:
+    """Enhancement fraction (percent) from a DCE time series: ``100 (post - baseline) / baseline``.
+
+    ``frames``: RasVolumes on one grid (magnitude, one sequence); ``times_s``: seconds from the first frame.
+    Baseline = mean of the frames before bolus arrival (found automatically, or the first
+    ``baseline_frames``); post = the peak-enhancement frame or the frame nearest ``post_time_s``. Tissue:
+    ``mask`` or :func:`signal_mask` of the maximum over time. ``meta["dynamic"]`` states the frames used
+    (:class:`DynamicChoice`), ``meta["dynamic_sentence"]`` says it in words.
+    """
+    if len(frames) < 2 or len(frames) != len(times_s):
+        raise InputDataError("a DCE needs at least two frames, each with its acquisition time")
+    ref = frames[0]
+    for f in frames[1:]:
+        if not f.same_grid(ref, tol=1e-3):
+            raise InputDataError(f"DCE frame '{f.name}' is not on the grid of the first frame; the frames of one "
+                                 "time series must share a grid")
+    peak = np.zeros(ref.array.shape, np.float32)
+    for f in frames:
+        a = np.asarray(f.array, np.float32)
+        if np.any(a[np.isfinite(a)] < 0):
+            raise InputDataError("the DCE frames contain negative values; magnitude images are required")
+        np.fmax(peak, a, out=peak)
+    tissue = signal_mask(peak) if mask is None else np.asarray(mask, bool)
+    if not tissue.any():
+        raise InputDataError("the DCE frames hold no tissue signal (all background); the series is empty or corrupt")
+    sigma = estimate_noise_sigma(np.asarray(ref.array, float), ~signal_mask(peak))
+    choice = choose_dynamic_frames(frames, times_s, tissue, sigma, baseline_frames, post_time_s)
+    pre = np.mean([np.asarray(frames[i].array, np.float64) for i in choice.baseline_frames], axis=0)
+    post = np.asarray(frames[choice.post_frame].array, np.float64)
+    finite = np.isfinite(pre) & np.isfinite(post)
+    out = _ef_map(pre, post, tissue & finite, ref,
+                  {"definition": "100*(post-mean(baseline))/mean(baseline)", "tissue_mask": "signal of the maximum over time",
+                   "dynamic": choice.to_dict(), "dynamic_sentence": choice.sentence(), "noise_sigma": float(sigma)})
+    logger.info("EF from DCE: %s", choice.sentence())
+    return out
