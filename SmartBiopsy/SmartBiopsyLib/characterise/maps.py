@@ -79,6 +79,59 @@ def align_to_reference(volumes: Mapping[str, RasVolume], reference: RasVolume,
     return out
 
 
+FRAME_KEY = "frame_of_reference_uid"
+
+
+def _frame_meta(ref: RasVolume) -> dict:
+    """The DICOM frame of reference of ``ref`` (if known), for the meta of a map computed on its grid."""
+    f = (ref.meta or {}).get(FRAME_KEY)
+    return {FRAME_KEY: f} if f else {}
+
+
+def to_common_grid(volumes: Mapping[str, RasVolume], reference: RasVolume,
+                   transforms: Mapping[str, np.ndarray] | None = None, labels: tuple = ()) -> tuple[dict, dict]:
+    """Bring maps from different series of one session onto ``reference``'s grid.
+
+    Per volume: on the grid already -> unchanged; ``transforms[name]`` given (4x4 RAS, that volume's world
+    -> reference world) -> resampled with it; same DICOM frame of reference as ``reference`` (meta
+    ``frame_of_reference_uid``: one scanner session, one patient position) -> resampled in place (identity).
+    A different or unknown frame of reference without a transform raises :class:`InputDataError`: series of
+    two sessions are not aligned. Linear interpolation, NaN outside; nearest neighbour for ``labels``.
+    Returns ``(volumes on the reference grid, {name: how})``.
+    """
+    transforms = dict(transforms or {})
+    f_ref = (reference.meta or {}).get(FRAME_KEY)
+    out, how = {}, {}
+    for name, vol in volumes.items():
+        if vol is None:
+            continue
+        if vol.same_grid(reference, tol=1e-3):
+            out[name], how[name] = vol, "same grid"
+            continue
+        order = 0 if name in labels else 1
+        fill = 0 if name in labels else np.nan
+        f = (vol.meta or {}).get(FRAME_KEY)
+        if name in transforms:
+            t = transforms[name]
+            out[name] = resample(vol, reference, None if t is None else np.asarray(t, float), order=order, fill=fill)
+            how[name] = "resampled with the given transform"
+        elif f and f_ref and f == f_ref:
+            out[name] = resample(vol, reference, None, order=order, fill=fill)
+            how[name] = "resampled (same frame of reference)"
+        elif f and f_ref:
+            raise InputDataError(
+                f"'{name}' comes from another frame of reference than '{reference.name}' (another session or "
+                f"patient position), so it cannot simply be resampled; register it and pass its transform")
+        else:
+            raise InputDataError(
+                f"'{name}' is not on the voxel grid of '{reference.name}' and its frame of reference is unknown "
+                f"(not read from DICOM), so it cannot be resampled safely; pass its transform (identity if both "
+                f"series come from one session) or load both from DICOM")
+        out[name].meta["resampled_onto"] = reference.name
+        logger.info("%s: %s onto the grid of %s", name, how[name], reference.name)
+    return out, how
+
+
 # -------------------------------------------------------------------------------------------------
 # masks and noise
 # -------------------------------------------------------------------------------------------------
@@ -298,7 +351,7 @@ def compute_adc(dwi: Mapping[float, RasVolume], method: str = DEFAULT_ADC_METHOD
             "voxels_total": int(lowest.size), "voxels_in_mask": int(body.sum()), "voxels_fitted": int(valid.sum()),
             "voxels_nan": int((~valid).sum()), "voxels_nan_in_mask": int((body & ~valid).sum()),
             "nan_reasons": counts, "voxels_clipped": int(np.sum(raw != adc)),
-            "voxels_highest_b_at_noise_floor": int(at_floor.sum())}
+            "voxels_highest_b_at_noise_floor": int(at_floor.sum())} | _frame_meta(ref)
     logger.info("ADC (%s) from b=%s: %d voxels fitted (%d in the signal mask), NaN by reason %s, noise sigma %s",
                 method, meta["b_values"], meta["voxels_fitted"], meta["voxels_in_mask"], counts, meta["noise_sigma"])
     return RasVolume(out, ref.ijk_to_ras.copy(), "ADC", meta)
@@ -327,6 +380,21 @@ def adc_qc(adc: RasVolume) -> dict:
         "non_positive_signal": "a DWI value is 0, so its logarithm is undefined",
         "too_few_b_above_noise_floor": "fewer than two b-values above their own noise floor (noise_floor='exclude')"}
     return out
+
+
+def write_ef_qc(ef: RasVolume, path) -> str:
+    """Write how an EF map was made (definition, tissue mask, DCE frames used and why) as JSON; returns the path."""
+    import json
+    import os
+
+    m = dict(ef.meta or {})
+    keys = ("definition", "tissue_mask", "voxels_computed", "voxels_in_tissue", "dynamic", "dynamic_sentence",
+            "noise_sigma", "resampled_onto", FRAME_KEY)
+    doc = {"source": "computed" if "definition" in m else "imported"} | {k: m[k] for k in keys if k in m}
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=1, default=float)
+    return os.fspath(path)
 
 
 def write_adc_qc(adc: RasVolume, path) -> str:
@@ -442,7 +510,7 @@ def compute_ff(water: RasVolume, fat: RasVolume, mask: np.ndarray | None = None,
     swapped = bool(np.isfinite(shell_med) and shell_med < 50.0)
     meta = {"units": PERCENT, "quantity": "FF", "shell_median_ff": shell_med, "swap_detected": swapped,
             "swap_corrected": False, "voxels_computed": int(valid.sum()),
-            "noise_sigma_water": float(sig_w), "noise_sigma_fat": float(sig_f)}
+            "noise_sigma_water": float(sig_w), "noise_sigma_fat": float(sig_f)} | _frame_meta(water)
     if swapped:
         msg = (f"the Dixon water and fat images look swapped (median FF {shell_med:.0f}% in the outer {shell_mm:g} mm "
                "of the body, where subcutaneous fat should be above 50%)")
@@ -478,7 +546,8 @@ def compute_ef(pre: RasVolume, post: RasVolume, mask: np.ndarray | None = None,
     if not np.any(a[finite] > 0):
         raise InputDataError("the pre-contrast T1 image is empty (all zero); the series is corrupt or missing")
     body = signal_mask(np.where(finite, np.maximum(a, p), 0)) if mask is None else np.asarray(mask, bool)
-    return _ef_map(a, p, body & finite, pre, {"tissue_mask": "signal of max(pre, post)" if mask is None else "given"})
+    return _ef_map(a, p, body & finite, pre, {"tissue_mask": "signal of max(pre, post)" if mask is None else "given"}
+                   | _frame_meta(pre))
 
 
 def _ef_map(pre: np.ndarray, post: np.ndarray, tissue: np.ndarray, grid: RasVolume, extra: dict) -> RasVolume:
@@ -604,6 +673,7 @@ def compute_ef_dynamic(frames, times_s, mask: np.ndarray | None = None, baseline
     finite = np.isfinite(pre) & np.isfinite(post)
     out = _ef_map(pre, post, tissue & finite, ref,
                   {"definition": "100*(post-mean(baseline))/mean(baseline)", "tissue_mask": "signal of the maximum over time",
-                   "dynamic": choice.to_dict(), "dynamic_sentence": choice.sentence(), "noise_sigma": float(sigma)})
+                   "dynamic": choice.to_dict(), "dynamic_sentence": choice.sentence(), "noise_sigma": float(sigma)}
+                  | _frame_meta(ref))
     logger.info("EF from DCE: %s", choice.sentence())
     return out

@@ -310,3 +310,21 @@ def load_study_intake(path, progress: Callable | None = None,
         progress(1.0, f"loaded {len(out)} volumes, {len(intake.time_series)} time series")
     logger.info("loaded study %s: %s", path, ", ".join([*out, *intake.time_series]))
     return intake
+
+
+def load_time_series(path, kind: str = "DCE", progress: Callable | None = None,
+                     should_cancel: Callable | None = None) -> TimeSeries:
+    """The one ``kind`` time series ("DCE" or "VFA") below ``path`` (its frames stored as separate series).
+
+    Raises :class:`InputDataError` naming what was found when there is none or more than one.
+    """
+    intake = load_study_intake(path, progress, should_cancel)
+    found = [t for t in intake.time_series.values() if t.kind == kind]
+    if len(found) == 1:
+        return found[0]
+    what = "; ".join(t.label for t in intake.time_series.values()) or "no time series"
+    if not found:
+        raise InputDataError(f"no {kind} time series (at least {dicomio.MIN_DYNAMIC_FRAMES} series of one description "
+                             f"and frame of reference with distinct acquisition times) was found in {path} ({what}); "
+                             f"choose the folder of the dynamic series")
+    raise InputDataError(f"{path} holds {len(found)} {kind} time series ({what}); choose the folder of one of them")
