@@ -9,7 +9,7 @@ from SmartBiopsyCoreLib.dataio import imageio
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyLib.characterise import maps
 
-from dce_case import DARK_POST, DARK_PRE, dce_frames, tissues, write_dce
+from SmartBiopsyCoreLib.phantom.dce import DARK_POST, DARK_PRE, dce_frames, tissues, write_dce
 
 TRUE_EF = 100.0 * (DARK_POST - DARK_PRE) / DARK_PRE   # 400 %
 

@@ -12,7 +12,7 @@ from SmartBiopsyCoreLib.dataio import dicomio, imageio
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 
-from dce_case import write_dce
+from SmartBiopsyCoreLib.phantom.dce import write_dce
 
 T0 = dt.datetime(2024, 3, 1, 10, 0, 0)
 AX = np.eye(3)

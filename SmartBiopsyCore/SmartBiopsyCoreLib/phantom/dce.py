@@ -1,4 +1,9 @@
-"""A constructed DCE written as one DICOM series per frame (as scanners store many dynamic protocols)."""
+"""Simulated DCE (test and demo data only): a dark tissue that enhances and a bright one that does not,
+written as one DICOM series per frame (as scanners store many dynamic protocols).
+
+Written DICOM says so in its StudyDescription ("SmartBiopsy simulated DCE"); values are arbitrary magnitude
+units with Rician noise, times in seconds from the first frame, grid RAS mm.
+"""
 from __future__ import annotations
 
 import datetime as dt
@@ -24,7 +29,7 @@ def tissues():
 
 
 def dce_frames(n_frames=8, arrival=3, dt_s=6.0, sigma=4.0, seed=5):
-    """[RasVolume] and times: the dark tissue rises from 30 to 150 over two frames from ``arrival`` on."""
+    """Simulated frames [RasVolume] and times: the dark tissue rises from 30 to 150 over two frames from ``arrival`` on."""
     rng = np.random.default_rng(seed)
     dark, bright = tissues()
     m = make_grid([-18.0, -18.0, -9.0], [1.5, 1.5, 3.0], SHAPE, np.eye(3))
@@ -45,5 +50,6 @@ def write_dce(out_dir, n_frames=8, arrival=3, frame="1.2.3.4.5", dt_s=6.0, descr
         dicomio.write_dicom_series(vol, os.path.join(out_dir, f"dyn{t:02d}"), modality="MR",
                                    series_description=description, series_number=first_series + t,
                                    frame_of_reference_uid=frame, flip_angle=12.0,
+                                   study_description="SmartBiopsy simulated DCE",
                                    acquisition_datetime=T0 + dt.timedelta(seconds=sec))
     return frames, times
