@@ -96,6 +96,9 @@ def test_symlink_next_to_its_target_is_read_once(tmp_path):
     dicomio.write_dicom_series(_vol(), root / "t2", modality="MR", series_description="t2_tse_tra")
     os.symlink(root / "t2", root / "t2_again", target_is_directory=True)
     os.symlink(root, root / "t2" / "loop", target_is_directory=True)  # a link cycle must not hang
+    (root / "extra").mkdir()
+    first = sorted((root / "t2").glob("*.dcm"))[0]
+    os.symlink(first, root / "extra" / "slice.dcm")  # one slice linked from another folder: not a duplicate
     intake = imageio.load_study_intake(root)
     assert list(intake.volumes) == ["t2_tse_tra"] and not intake.skipped
 
