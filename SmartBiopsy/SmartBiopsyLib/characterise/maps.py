@@ -532,9 +532,9 @@ def compute_ef(pre: RasVolume, post: RasVolume, mask: np.ndarray | None = None,
                transforms: Mapping[str, np.ndarray] | None = None) -> RasVolume:
     """Enhancement fraction (percent) ``100 (post - pre) / pre`` from pre/post-contrast T1 of one sequence.
 
-    Tissue: ``mask`` or :func:`signal_mask` of the larger of the two signals (the post-contrast signal where
-    tissue enhances): a pre-contrast mask would drop the dark tissue that enhances, which is what the map is
-    for. Voxels outside the tissue or with pre = 0 (ratio undefined) are NaN. ``transforms["t1_post"]``
+    Tissue: ``mask`` or :func:`tissue_mask` (signal before OR after contrast): a pre-contrast mask alone
+    would drop the dark tissue that enhances, which is what the map is for. Voxels outside the tissue or
+    with pre = 0 (ratio undefined) are NaN. ``transforms["t1_post"]``
     resamples a post-contrast series on another grid.
     """
     vols = align_to_reference({"t1_pre": pre, "t1_post": post}, pre, transforms)
@@ -545,9 +545,21 @@ def compute_ef(pre: RasVolume, post: RasVolume, mask: np.ndarray | None = None,
         raise InputDataError("the T1 images contain negative values; magnitude pre- and post-contrast images are required")
     if not np.any(a[finite] > 0):
         raise InputDataError("the pre-contrast T1 image is empty (all zero); the series is corrupt or missing")
-    body = signal_mask(np.where(finite, np.maximum(a, p), 0)) if mask is None else np.asarray(mask, bool)
-    return _ef_map(a, p, body & finite, pre, {"tissue_mask": "signal of max(pre, post)" if mask is None else "given"}
+    body = tissue_mask(np.where(finite, a, 0), np.where(finite, np.maximum(a, p), 0)) if mask is None \
+        else np.asarray(mask, bool)
+    return _ef_map(a, p, body & finite, pre, {"tissue_mask": "signal before or after contrast" if mask is None
+                                              else "given"}
                    | _frame_meta(pre))
+
+
+def tissue_mask(pre: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """Voxels with signal before contrast OR at peak enhancement (:func:`signal_mask` of each, united).
+
+    The peak (post-contrast or maximum-over-time) image keeps the dark tissue that only shows once it
+    enhances; the pre-contrast image keeps tissue that an Otsu split of the peak image's several bright
+    levels could leave out when the background is zero.
+    """
+    return signal_mask(pre) | signal_mask(peak)
 
 
 def _ef_map(pre: np.ndarray, post: np.ndarray, tissue: np.ndarray, grid: RasVolume, extra: dict) -> RasVolume:
@@ -647,7 +659,7 @@ def compute_ef_dynamic(frames, times_s, mask: np.ndarray | None = None, baseline
     ``frames``: RasVolumes on one grid (magnitude, one sequence); ``times_s``: seconds from the first frame.
     Baseline = mean of the frames before bolus arrival (found automatically, or the first
     ``baseline_frames``); post = the peak-enhancement frame or the frame nearest ``post_time_s``. Tissue:
-    ``mask`` or :func:`signal_mask` of the maximum over time. ``meta["dynamic"]`` states the frames used
+    ``mask`` or :func:`tissue_mask` of the first frame and the maximum over time. ``meta["dynamic"]`` states the frames used
     (:class:`DynamicChoice`), ``meta["dynamic_sentence"]`` says it in words.
     """
     if len(frames) < 2 or len(frames) != len(times_s):
@@ -663,7 +675,8 @@ def compute_ef_dynamic(frames, times_s, mask: np.ndarray | None = None, baseline
         if np.any(a[np.isfinite(a)] < 0):
             raise InputDataError("the DCE frames contain negative values; magnitude images are required")
         np.fmax(peak, a, out=peak)
-    tissue = signal_mask(peak) if mask is None else np.asarray(mask, bool)
+    first = np.asarray(ref.array, np.float32)
+    tissue = tissue_mask(np.where(np.isfinite(first), first, 0), peak) if mask is None else np.asarray(mask, bool)
     if not tissue.any():
         raise InputDataError("the DCE frames hold no tissue signal (all background); the series is empty or corrupt")
     sigma = estimate_noise_sigma(np.asarray(ref.array, float), ~signal_mask(peak))
@@ -672,7 +685,8 @@ def compute_ef_dynamic(frames, times_s, mask: np.ndarray | None = None, baseline
     post = np.asarray(frames[choice.post_frame].array, np.float64)
     finite = np.isfinite(pre) & np.isfinite(post)
     out = _ef_map(pre, post, tissue & finite, ref,
-                  {"definition": "100*(post-mean(baseline))/mean(baseline)", "tissue_mask": "signal of the maximum over time",
+                  {"definition": "100*(post-mean(baseline))/mean(baseline)",
+                   "tissue_mask": "signal in the first frame or the maximum over time",
                    "dynamic": choice.to_dict(), "dynamic_sentence": choice.sentence(), "noise_sigma": float(sigma)}
                   | _frame_meta(ref))
     logger.info("EF from DCE: %s", choice.sentence())
