@@ -189,3 +189,19 @@ def test_characterise_takes_a_dce_folder_and_states_baseline_and_post(tmp_path):
     assert "baseline frames 1-3" in proc.stdout and "peak enhancement" in proc.stdout, proc.stderr[-2000:]
     qc = json.loads((tmp_path / "out" / "ef_qc.json").read_text())
     assert qc["dynamic"]["baseline_frames"] == [0, 1, 2] and qc["dynamic"]["post_choice"] == "peak"
+
+
+def test_load_lists_time_series_and_skipped_series(tmp_path):
+    from SmartBiopsyCoreLib.phantom.dce import write_dce
+
+    write_localizer(tmp_path / "study" / "localizer")
+    write_dce(str(tmp_path / "study" / "dce"), n_frames=5, arrival=2)
+    proc = smartbiopsy("load", tmp_path / "study", "--json", "--mrb", tmp_path / "s.mrb")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert doc["volumes"] == [] and len(doc["time_series"]) == 1
+    ts = doc["time_series"][0]
+    assert ts["kind"] == "DCE" and ts["n_frames"] == 5 and ts["times_s"] == [0.0, 6.0, 12.0, 18.0, 24.0]
+    assert ts["sequence_node"].startswith("t1_vibe_dyn_DCE")
+    assert "orientations" in doc["skipped"][0]["reason"]
+    assert (tmp_path / "s.mrb").stat().st_size > 0

@@ -26,3 +26,18 @@ def test_dce_frames_become_one_sequence_node_indexed_by_time():
     browser.SetSelectedItemNumber(4)
     np.testing.assert_allclose(volume_from_node(browser.GetProxyNode(seq)).array, frames[4].array)
     np.testing.assert_allclose(volume_from_node(proxy).ijk_to_ras, frames[0].ijk_to_ras, atol=1e-6)
+
+
+def test_ef_from_a_dce_sequence_node_states_baseline_and_peak():
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import time_series_from_sequence_node
+    from SmartBiopsyCoreLib.phantom.dce import dce_frames as simulated_dce
+    from SmartBiopsyLib.characterise import maps
+
+    rt = new_runtime()
+    frames, times = simulated_dce(n_frames=8, arrival=3)
+    seq, _browser, _proxy = add_time_series_node(rt.scene, frames, times, "dce", "DCE", rt.logics["sequences"])
+    back, t, kind = time_series_from_sequence_node(seq)
+    assert kind == "DCE" and t == times
+    np.testing.assert_allclose(back[5].array, frames[5].array)
+    ef = maps.compute_ef_dynamic(back, t)
+    assert ef.meta["dynamic"]["baseline_frames"] == [0, 1, 2] and ef.meta["dynamic"]["post_choice"] == "peak"

@@ -196,3 +196,21 @@ def add_time_series_node(scene, frames, times_s, name: str, kind: str = "DCE", s
         if proxy is not None:
             proxy.SetName(name)
     return seq, browser, proxy
+
+
+def time_series_from_sequence_node(sequence_node) -> tuple[list, list, str]:
+    """``(frames [RasVolume], index values [float], kind)`` of a Sequence node of volumes (inverse of
+    :func:`add_time_series_node`; for a DCE the index values are seconds from the first frame, as
+    ``maps.compute_ef_dynamic`` takes them). A node whose index is not numeric raises ValueError."""
+    frames, values = [], []
+    for n in range(sequence_node.GetNumberOfDataNodes()):
+        node = sequence_node.GetNthDataNode(n)
+        frames.append(volume_from_node(node))
+        text = sequence_node.GetNthIndexValue(n)
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise ValueError(f"sequence '{sequence_node.GetName()}' has a non-numeric index value {text!r}; "
+                             "a DCE needs its frame times in seconds") from None
+    kind = sequence_node.GetAttribute("SmartBiopsy.TimeSeriesKind") or "DCE"
+    return frames, values, kind
