@@ -205,3 +205,32 @@ def test_load_lists_time_series_and_skipped_series(tmp_path):
     assert ts["sequence_node"].startswith("t1_vibe_dyn_DCE")
     assert "orientations" in doc["skipped"][0]["reason"]
     assert (tmp_path / "s.mrb").stat().st_size > 0
+
+
+def test_run_takes_a_dce_folder_and_says_which_frames_made_the_ef(tmp_path):
+    from SmartBiopsyCoreLib.phantom.dce import SHAPE, dce_frames, write_dce
+
+    frame = "1.2.3.4.5"
+    frames, _ = dce_frames()
+    m = frames[0].ijk_to_ras
+    body = frames[0].array > 15
+    dwi = {b: RasVolume(np.where(body, 800 * np.exp(-b * 1.2e-3), 0).astype(np.float32), m, f"b{b}", {})
+           for b in (0.0, 800.0)}
+    dicomio.write_dwi_series(dwi, tmp_path / "dwi", frame_of_reference_uid=frame)
+    write_dce(str(tmp_path / "dce"), frame=frame)
+    tum = np.zeros(SHAPE, np.uint8)
+    tum[1:5, 3:12, 4:16] = 1
+    imageio.save_image(RasVolume(tum, m, "tumour", {"frame_of_reference_uid": frame}), tmp_path / "tumour.nrrd")
+    imageio.save_image(simulated_ct_around(frames[0]), tmp_path / "ct.nrrd")
+    write_transform_json(tmp_path / "identity.json", np.eye(4), "test: the simulated CT is built in the MRI world")
+    out = tmp_path / "out"
+    proc = smartbiopsy("run", "--ct", tmp_path / "ct.nrrd", "--dwi", tmp_path / "dwi", "--dce", tmp_path / "dce",
+                       "--tumour", tmp_path / "tumour.nrrd", "--transform", tmp_path / "identity.json", "--out", out,
+                       timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert stages["characterise"]["status"] == "done", proc.stderr[-2000:]
+    assert "a DCE of 8 frames" in stages["load"]["message"]
+    assert any("EF from the DCE: baseline frames 1-3" in line for line in summary["lines"])
+    qc = json.loads((out / "characterisation" / "ef_qc.json").read_text())
+    assert qc["dynamic"]["bolus_arrival_s"] == 18.0 and qc["dynamic"]["post_choice"] == "peak"
