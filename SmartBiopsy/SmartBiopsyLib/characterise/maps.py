@@ -615,14 +615,16 @@ def choose_dynamic_frames(frames, times_s, tissue: np.ndarray, noise_sigma: floa
     n = len(frames)
     first = np.asarray(frames[0].array, np.float32)[tissue]
     threshold = max(5.0 * np.sqrt(2.0) * float(noise_sigma), min_rise * float(np.median(first)))
-    rises = [np.asarray(f.array, np.float32)[tissue] - first for f in frames]
+    def rise(k):  # recomputed per pass instead of holding every frame's rise (70 frames x 1e6 voxels)
+        return np.asarray(frames[k].array, np.float32)[tissue] - first
+
     enhancing = np.zeros(first.shape, bool)
     fraction = np.zeros(n)
-    for k, d in enumerate(rises):
-        above = d > threshold
+    for k in range(n):
+        above = rise(k) > threshold
         fraction[k] = float(above.mean())
         enhancing |= above
-    curve = np.array([float(d[enhancing].mean()) if enhancing.any() else 0.0 for d in rises])
+    curve = np.array([float(rise(k)[enhancing].mean()) if enhancing.any() else 0.0 for k in range(n)])
     need = max(min_fraction, 10.0 / max(first.size, 1))
     if baseline_frames is not None:
         if not 1 <= int(baseline_frames) < n:
