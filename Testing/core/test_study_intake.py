@@ -119,3 +119,19 @@ def test_real_prostatex_series_reached_through_symlinks(shared_data, tmp_path):
     intake = imageio.load_study_intake(tmp_path)
     assert {"t2_tse_tra", "ep2d_diff_tra_DYNDIST_b800", "ep2d_diff_tra_DYNDIST_ADC"} <= set(intake.volumes)
     assert [s.reason for s in intake.skipped if "3orient" in s.label]
+
+
+def test_derived_screenshot_series_is_skipped_with_its_reason(tmp_path):
+    import pydicom
+
+    dicomio.write_dicom_series(_vol(), tmp_path / "t2", modality="MR", series_description="t2_tse_tra", series_number=4)
+    files = dicomio.write_dicom_series(_vol(seed=2), tmp_path / "shot", modality="MR",
+                                       series_description="t2_tse_tra_MPR_screenshot", series_number=501)
+    for f in files:  # a derived screen save: Secondary Capture SOP class
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+        ds.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+        ds.save_as(f)
+    intake = imageio.load_study_intake(tmp_path)
+    assert list(intake.volumes) == ["t2_tse_tra"]
+    assert [s.reason for s in intake.skipped] == ["a secondary capture (screenshot), not an image volume"]
