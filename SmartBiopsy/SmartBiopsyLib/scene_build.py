@@ -58,6 +58,12 @@ def build_case_scene(scene, run) -> dict:
         n = add_volume_node(scene, v, names.get(k, k))
         _put(sh, n, f_img)
         mri_nodes.append(n)
+    if getattr(inputs, "dce", None) is not None:
+        # the DCE as ONE Sequence node (MRI world; index = seconds from the first frame)
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import add_time_series_node
+
+        seq, _browser, _proxy = add_time_series_node(scene, inputs.dce.frames, inputs.dce.times_s, "DCE", "DCE")
+        _put(sh, seq, f_img)
     m = res.get("mri_to_ct")
     if m is not None:
         from RegistrationFusionLib.registration.mrml import apply_registration

@@ -6,9 +6,9 @@ stops the run with one clear message, the outputs of the finished stages are kep
 plus the report describe what happened. Folder layout (all coordinates RAS mm)::
 
     summary.json                 stages (status, seconds, message), case description, peak memory
-    inputs/                      ct.nrrd, mri_t2.nrrd (the anatomical MRI used for fusion)
+    inputs/                      ct.nrrd, mri_t2.nrrd (the anatomical MRI used for fusion), series_used.json (--case)
     registration/                fusion.json, qa.json, mri_to_ct.json, mri_to_ct.tfm, t2_on_ct.nrrd, *.png
-    characterisation/            adc/ff/ef.nrrd, tumour.nrrd, habitats.nrrd (MRI grid), regions.csv,
+    characterisation/            adc/ff/ef.nrrd, adc_qc.json, ef_qc.json, tumour.nrrd, habitats.nrrd (MRI grid), regions.csv,
                                  targets.json (point_ras: MRI world, point_ct_ras: CT world), radiomics.csv
     plan/                        plan.json, skin_model.vtp
     robot/                       session.json, session.jsonl
@@ -84,6 +84,10 @@ class CaseInputs:
     synthetic: bool = False
     source: str = ""
     truth: object = None                         # phantom truth, for the demo's accuracy lines
+    # study intake and mixed grids
+    dce: object = None                           # imageio.TimeSeries (kind "DCE"): EF when no T1 pre/post
+    map_transforms: dict = field(default_factory=dict)   # {"ef"|"ff": 4x4 RAS map world -> ADC world}
+    intake: dict | None = None                   # which series were used for what, and what was skipped
 
 
 @dataclass
@@ -100,6 +104,8 @@ class RunOptions:
     synthetic_pathology: bool = False            # demo: a clearly labelled synthetic pathology file
     seed: int = 0
     write_confirm_ct: bool = True
+    dce_baseline_frames: int | None = None       # DCE: baseline frames (None: before bolus arrival)
+    dce_post_time_s: float | None = None         # DCE: post-contrast time from the first frame (None: peak)
 
 
 @dataclass
@@ -141,7 +147,7 @@ class CaseRun:
             "peak_memory_mb": round(peak, 1),
             "options": self.options.__dict__,
             "lines": self.lines,
-        }
+        } | ({"intake": self.inputs.intake} if self.inputs.intake else {})
 
     def write_summary(self) -> None:
         write_json(self.out / "summary.json", self.summary())
@@ -219,7 +225,14 @@ def _stage_load(run: CaseRun, progress, should_cancel) -> str:
         _check_mri(i.mri_anatomical, "anatomical MRI")
         save_image(i.mri_anatomical, d / "mri_t2.nrrd", compress=False)
     n = sum(v is not None for v in (i.mri_anatomical, i.dixon_water, i.dixon_fat, i.t1_pre, i.t1_post)) + len(i.dwi or {})
-    return f"CT {'x'.join(map(str, i.ct.array.shape[::-1]))} and {n} MRI volumes"
+    extra = ""
+    if i.dce is not None:
+        extra = f" and a DCE of {len(i.dce.frames)} frames"
+    if i.intake:
+        write_json(d / "series_used.json", i.intake)
+        skipped = len(i.intake.get("skipped", []))
+        extra += f"; {skipped} series skipped (inputs/series_used.json)" if skipped else ""
+    return f"CT {'x'.join(map(str, i.ct.array.shape[::-1]))} and {n} MRI volumes{extra}"
 
 
 def _check_ct(ct: RasVolume) -> None:
@@ -321,8 +334,20 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     progress(0.35, "EF")
     ef = i.ef if i.ef is not None else (compute_ef(i.t1_pre, i.t1_post)
                                         if i.t1_pre is not None and i.t1_post is not None else None)
+    if ef is None and i.dce is not None:
+        from SmartBiopsyLib.characterise.maps import compute_ef_dynamic
+        ef = compute_ef_dynamic(i.dce.frames, i.dce.times_s, baseline_frames=run.options.dce_baseline_frames,
+                                post_time_s=run.options.dce_post_time_s)
+        run.lines.append(f"EF from the DCE: {ef.meta['dynamic_sentence']}")
     if ef is None:
-        raise InputDataError("no pre/post-contrast T1 and no EF map were given; pass --t1-pre and --t1-post or --ef")
+        raise InputDataError("no pre/post-contrast T1, DCE or EF map were given; pass --t1-pre and --t1-post, "
+                             "--dce or --ef")
+    from SmartBiopsyLib.characterise.maps import to_common_grid
+    moved, grids = to_common_grid({"ef": ef, "ff": ff}, adc, i.map_transforms)
+    ef, ff = moved["ef"], moved.get("ff")
+    for name, how in grids.items():
+        if how != "same grid":
+            run.lines.append(f"{name.upper()} {how} onto the ADC grid")
     if i.tumour is None:
         raise InputDataError("no tumour segmentation was given; pass --tumour (a label map on the MRI grid)")
     tumour = i.tumour
@@ -343,6 +368,9 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         maps["ff"] = ff
     for k, v in maps.items():
         save_image(v, d / f"{k}.nrrd")
+    from SmartBiopsyLib.characterise.maps import write_adc_qc, write_ef_qc
+    write_adc_qc(adc, d / "adc_qc.json")
+    write_ef_qc(ef, d / "ef_qc.json")
     save_image(tumour, d / "tumour.nrrd")
     size = measure_tumour(tumour)
     progress(0.45, "habitats")

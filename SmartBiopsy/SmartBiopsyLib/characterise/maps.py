@@ -1,12 +1,14 @@
 """Quantitative MRI maps for tumour characterisation: ADC, fat fraction (FF) and enhancement fraction (EF).
 
 All maps are ``RasVolume`` objects on ONE grid (the grid of the first input); voxels where a map cannot be
-computed (background, signal at the noise floor, non-finite input) are NaN. Units:
+computed (background, non-finite or non-positive input) are NaN. Units:
 
 * ADC in 10^-6 mm^2/s (as scanners store it), from multi-b DWI by a log-linear least-squares fit
-  ``ln S(b) = ln S0 - b * ADC``. ``method="wlls"`` (default) weights each point by S(b)^2, the inverse of
-  the variance of ln S under Gaussian/Rician noise at reasonable SNR; ``method="ols"`` is the unweighted fit
-  over all b-values that Siemens scanners use for their own ADC map (``adc_scanner`` oracle; see the test).
+  ``ln S(b) = ln S0 - b * ADC``. ``method="ols"`` (default) is the unweighted fit over all b-values that
+  scanners use for their own ADC map (``adc_scanner`` oracle, Testing/core/test_adc_real.py);
+  ``method="wlls"`` weights each point by S(b)^2 (reads 7-10 % above scanner maps on real prostate DWI).
+  Each b-value image's noise floor comes from its own noise estimate; NaN only where the fit is undefined,
+  counted per reason (:func:`adc_qc`, written as adc_qc.json).
 * FF in percent: ``100 * F / (W + F)`` from magnitude Dixon water and fat images.
   Swap handling: a *global* water/fat swap (the two series labelled the wrong way round, or the whole
   reconstruction choosing the wrong solution) is detected from the subcutaneous fat shell: in a correctly
@@ -16,13 +18,16 @@ computed (background, signal at the noise floor, non-finite input) are NaN. Unit
   Per-voxel swaps of magnitude Dixon cannot be detected from magnitudes alone: a magnitude pair cannot
   tell FF from 100 - FF in one voxel, so local swaps (field-inhomogeneity artefacts at the edge of the
   field of view) remain and must be checked visually.
-* EF in percent: ``100 * (post - pre) / pre`` from pre- and post-contrast T1 (same sequence and scaling).
+* EF in percent: ``100 * (post - pre) / pre`` from pre- and post-contrast T1 (same sequence and scaling), or
+  from a DCE time series (:func:`compute_ef_dynamic`: baseline frames before bolus arrival, peak or chosen
+  post-contrast frame, both stated in ``meta``); tissue from the post-contrast / maximum-over-time signal.
 
 Long functions accept ``progress(fraction, message)`` and ``should_cancel()`` (both optional).
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -72,6 +77,59 @@ def align_to_reference(volumes: Mapping[str, RasVolume], reference: RasVolume,
                 f"'{name}' is not on the same voxel grid as '{reference.name}' (shape {vol.array.shape} vs "
                 f"{reference.array.shape}); register it first or pass its transform so it can be resampled")
     return out
+
+
+FRAME_KEY = "frame_of_reference_uid"
+
+
+def _frame_meta(ref: RasVolume) -> dict:
+    """The DICOM frame of reference of ``ref`` (if known), for the meta of a map computed on its grid."""
+    f = (ref.meta or {}).get(FRAME_KEY)
+    return {FRAME_KEY: f} if f else {}
+
+
+def to_common_grid(volumes: Mapping[str, RasVolume], reference: RasVolume,
+                   transforms: Mapping[str, np.ndarray] | None = None, labels: tuple = ()) -> tuple[dict, dict]:
+    """Bring maps from different series of one session onto ``reference``'s grid.
+
+    Per volume: on the grid already -> unchanged; ``transforms[name]`` given (4x4 RAS, that volume's world
+    -> reference world) -> resampled with it; same DICOM frame of reference as ``reference`` (meta
+    ``frame_of_reference_uid``: one scanner session, one patient position) -> resampled in place (identity).
+    A different or unknown frame of reference without a transform raises :class:`InputDataError`: series of
+    two sessions are not aligned. Linear interpolation, NaN outside; nearest neighbour for ``labels``.
+    Returns ``(volumes on the reference grid, {name: how})``.
+    """
+    transforms = dict(transforms or {})
+    f_ref = (reference.meta or {}).get(FRAME_KEY)
+    out, how = {}, {}
+    for name, vol in volumes.items():
+        if vol is None:
+            continue
+        if vol.same_grid(reference, tol=1e-3):
+            out[name], how[name] = vol, "same grid"
+            continue
+        order = 0 if name in labels else 1
+        fill = 0 if name in labels else np.nan
+        f = (vol.meta or {}).get(FRAME_KEY)
+        if name in transforms:
+            t = transforms[name]
+            out[name] = resample(vol, reference, None if t is None else np.asarray(t, float), order=order, fill=fill)
+            how[name] = "resampled with the given transform"
+        elif f and f_ref and f == f_ref:
+            out[name] = resample(vol, reference, None, order=order, fill=fill)
+            how[name] = "resampled (same frame of reference)"
+        elif f and f_ref:
+            raise InputDataError(
+                f"'{name}' comes from another frame of reference than '{reference.name}' (another session or "
+                f"patient position), so it cannot simply be resampled; register it and pass its transform")
+        else:
+            raise InputDataError(
+                f"'{name}' is not on the voxel grid of '{reference.name}' and its frame of reference is unknown "
+                f"(not read from DICOM), so it cannot be resampled safely; pass its transform (identity if both "
+                f"series come from one session) or load both from DICOM")
+        out[name].meta["resampled_onto"] = reference.name
+        logger.info("%s: %s onto the grid of %s", name, how[name], reference.name)
+    return out, how
 
 
 # -------------------------------------------------------------------------------------------------
@@ -152,27 +210,63 @@ def _b_of(key, vol: RasVolume) -> float:
         raise InputDataError(f"the DWI series '{vol.name}' has no usable b-value ({b!r}); give b-values in s/mm^2") from exc
 
 
-def compute_adc(dwi: Mapping[float, RasVolume], method: str = "wlls", exclude_low_b: bool = False,
+#: The ADC fit every product path uses (``characterise``, ``run``, ``demo``, the SmartBiopsy module) and the
+#: real-data oracle test checks: the unweighted log-linear fit over all b-values that scanners use.
+DEFAULT_ADC_METHOD = "ols"
+#: Noise-floor handling: "flag" (default) fits every b-value like the scanner and counts the voxels whose
+#: highest-b signal is at the noise floor; "exclude" leaves such points out of that voxel's fit.
+NOISE_FLOOR_MODES = ("flag", "exclude")
+#: Reasons a voxel of the ADC map is NaN (keys of ``meta["nan_reasons"]`` and of adc_qc.json).
+ADC_NAN_REASONS = ("no_signal", "non_finite_input", "non_positive_signal", "too_few_b_above_noise_floor")
+
+
+def _per_b_sigma(noise_sigma, b: np.ndarray, stack: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Noise sigma of every b-value image (image units), each from ITS OWN background voxels.
+
+    ``noise_sigma``: None (estimate), one number (the user's value for every image) or ``{b: sigma}``.
+    """
+    if noise_sigma is None:
+        return np.array([estimate_noise_sigma(stack[k], background) for k in range(len(b))])
+    if isinstance(noise_sigma, Mapping):
+        try:
+            return np.array([float(next(v for k, v in noise_sigma.items() if abs(float(k) - bv) < 0.5))
+                             for bv in b])
+        except StopIteration:
+            raise InputDataError(f"a noise sigma is needed for every b-value {[float(x) for x in b]}; "
+                                 f"only {sorted(map(float, noise_sigma))} were given") from None
+    return np.full(len(b), float(noise_sigma))
+
+
+def compute_adc(dwi: Mapping[float, RasVolume], method: str = DEFAULT_ADC_METHOD, exclude_low_b: bool = False,
                 low_b_threshold: float = 100.0, mask: np.ndarray | None = None, min_snr: float = 2.0,
-                noise_sigma: float | None = None, transforms: Mapping[float, np.ndarray] | None = None,
+                noise_sigma: float | Mapping[float, float] | None = None,
+                transforms: Mapping[float, np.ndarray] | None = None, noise_floor: str = "flag",
                 progress: Callable | None = None, should_cancel: Callable | None = None) -> RasVolume:
     """ADC map (10^-6 mm^2/s) from magnitude DWI ``{b [s/mm^2]: RasVolume}`` by log-linear least squares.
 
-    * ``method``: ``"wlls"`` (weights S^2 of the measured signal) or ``"ols"`` (unweighted, the scanner fit).
+    * ``method``: ``"ols"`` (default; unweighted over all b, the fit scanners use for their ADC map, checked
+      against the PROSTATEx scanner map) or ``"wlls"`` (weights S^2 of the measured signal).
     * ``exclude_low_b``: drop b < ``low_b_threshold`` (perfusion-weighted points); at least two distinct
       b-values must remain.
-    * Background: ``mask`` (bool, same grid) or :func:`signal_mask` of the lowest-b image.
-    * Noise floor: sigma is estimated from the background (or given, image units); voxels whose
-      highest-b signal is below ``min_snr * sigma`` are left out (NaN) because the Rician floor there
-      biases the slope. ``min_snr=0`` disables this.
+    * Signal: ``mask`` (bool, same grid) or :func:`signal_mask` of the lowest-b image; voxels outside are NaN.
+    * Noise floor: the sigma of EVERY b-value image is estimated from that image's own background voxels
+      (or given: one number or ``{b: sigma}``); its floor is ``min_snr * sigma_b``. ``noise_floor="flag"``
+      (default) keeps every point in the fit and counts voxels whose highest-b signal is below its floor
+      (``meta["voxels_highest_b_at_noise_floor"]``: their ADC is biased low by the Rician floor);
+      ``"exclude"`` leaves points below their own image's floor out of that voxel's fit, NaN when fewer
+      than two b-values remain. A floor is never applied to another b-value's image.
+    * NaN only where the fit is undefined; ``meta["nan_reasons"]`` counts the voxels per reason
+      (:data:`ADC_NAN_REASONS`, each voxel counted once, first reason wins). See :func:`adc_qc`.
     * Grids: all series must share the grid of the lowest b, unless ``transforms[b]`` is given.
 
-    Returns a float32 ``RasVolume`` on the lowest-b grid, NaN where not computed, with ``meta`` holding
-    units, method, b-values used, noise sigma and voxel counts. Negative, fitted ADC values (noise) are kept
-    so that statistics are unbiased; values are clipped to [-1000, 5000].
+    Returns a float32 ``RasVolume`` on the lowest-b grid with ``meta`` holding units, method, b-values,
+    per-b noise sigma and voxel counts. Negative fitted ADC values (noise) are kept so that statistics are
+    unbiased; values are clipped to [-1000, 5000] (``meta["voxels_clipped"]``).
     """
     if method not in ("wlls", "ols"):
         raise ValueError(f"unknown ADC fit method {method!r}; use 'wlls' or 'ols'")
+    if noise_floor not in NOISE_FLOOR_MODES:
+        raise ValueError(f"unknown noise-floor mode {noise_floor!r}; use one of {NOISE_FLOOR_MODES}")
     if not dwi:
         raise InputDataError("no diffusion-weighted series were given; load a DWI series with at least two b-values")
     items = sorted(((_b_of(k, v), v) for k, v in dwi.items()), key=lambda t: t[0])
@@ -206,33 +300,112 @@ def compute_adc(dwi: Mapping[float, RasVolume], method: str = "wlls", exclude_lo
     body = signal_mask(lowest) if mask is None else np.asarray(mask, bool)
     if body.shape != lowest.shape:
         raise InputDataError("the ADC mask does not match the DWI grid; use a mask on the DWI grid")
-    if noise_sigma is None:
-        noise_sigma = estimate_noise_sigma(lowest, ~signal_mask(lowest) & (lowest > 0))
-    valid = body & finite & (stack > 0).all(axis=0)
-    if min_snr > 0 and noise_sigma > 0:
-        valid &= stack[-1] >= min_snr * noise_sigma
+    background = ~signal_mask(lowest) & finite
+    sigma = _per_b_sigma(noise_sigma, b, stack, background)
+    floor = min_snr * sigma if min_snr > 0 else np.zeros_like(sigma)
+    positive = (stack > 0).all(axis=0)
+    reasons = {"no_signal": ~body, "non_finite_input": body & ~finite,
+               "non_positive_signal": body & finite & ~positive}
+    valid = body & finite & positive
     _check_cancel(should_cancel)
     _report(progress, 0.2, f"fitting ADC ({method.upper()}, b = {', '.join(f'{x:g}' for x in b)})")
 
     s = stack[:, valid].astype(np.float64)  # (M, N)
+    above = s >= floor[:, None]
+    at_floor = ~above[-1]
+    use = np.ones_like(s, bool)
+    if noise_floor == "exclude":
+        use = above
+        # a slope needs two distinct b-values above their own floors
+        enough = use.sum(axis=0) >= 2
+        too_few = np.zeros(lowest.shape, bool)
+        too_few[valid] = ~enough
+        reasons["too_few_b_above_noise_floor"] = too_few
+        valid_idx = np.flatnonzero(valid.ravel())
+        valid = valid.copy()
+        valid.ravel()[valid_idx[~enough]] = False
+        s, use, at_floor = s[:, enough], use[:, enough], at_floor[enough]
+    else:
+        reasons["too_few_b_above_noise_floor"] = np.zeros(lowest.shape, bool)
     y = np.log(s)
-    w = s ** 2 if method == "wlls" else np.ones_like(s)
+    w = (s ** 2 if method == "wlls" else np.ones_like(s)) * use
     sw = w.sum(axis=0)
     bm = (w * b[:, None]).sum(axis=0) / sw
     ym = (w * y).sum(axis=0) / sw
     db = b[:, None] - bm
     sxx = (w * db ** 2).sum(axis=0)
     slope = (w * db * (y - ym)).sum(axis=0) / sxx
-    adc = np.clip(-slope * 1e6, -1000.0, 5000.0)
+    raw = -slope * 1e6
+    adc = np.clip(raw, -1000.0, 5000.0)
     out = np.full(lowest.shape, np.nan, np.float32)
     out[valid] = adc
     _report(progress, 1.0, "ADC done")
+    counts, seen = {}, np.zeros(lowest.shape, bool)
+    for name in ADC_NAN_REASONS:  # each NaN voxel counted once, under its first reason
+        r = reasons[name] & ~seen
+        counts[name] = int(r.sum())
+        seen |= r
     meta = {"units": ADC_UNITS, "quantity": "ADC", "method": method, "b_values": [float(x) for x in b],
-            "noise_sigma": float(noise_sigma), "min_snr": float(min_snr), "voxels_fitted": int(valid.sum()),
-            "voxels_in_mask": int(body.sum())}
-    logger.info("ADC (%s) from b=%s: %d voxels fitted (%d in the signal mask), noise sigma %.3g",
-                method, meta["b_values"], meta["voxels_fitted"], meta["voxels_in_mask"], noise_sigma)
+            "noise_floor": noise_floor, "min_snr": float(min_snr),
+            "noise_sigma": {f"{bv:g}": float(sg) for bv, sg in zip(b, sigma)},
+            "voxels_total": int(lowest.size), "voxels_in_mask": int(body.sum()), "voxels_fitted": int(valid.sum()),
+            "voxels_nan": int((~valid).sum()), "voxels_nan_in_mask": int((body & ~valid).sum()),
+            "nan_reasons": counts, "voxels_clipped": int(np.sum(raw != adc)),
+            "voxels_highest_b_at_noise_floor": int(at_floor.sum())} | _frame_meta(ref)
+    logger.info("ADC (%s) from b=%s: %d voxels fitted (%d in the signal mask), NaN by reason %s, noise sigma %s",
+                method, meta["b_values"], meta["voxels_fitted"], meta["voxels_in_mask"], counts, meta["noise_sigma"])
     return RasVolume(out, ref.ijk_to_ras.copy(), "ADC", meta)
+
+
+def adc_qc(adc: RasVolume) -> dict:
+    """Quality record of an ADC map (what adc_qc.json holds): fit, per-b noise sigma, NaN counts per reason.
+
+    For a computed map (meta from :func:`compute_adc`) every key is reported; for an imported map only its
+    NaN count is known (``"source": "imported"``).
+    """
+    m = dict(adc.meta or {})
+    arr = np.asarray(adc.array)
+    if "nan_reasons" not in m:
+        return {"source": "imported", "voxels_total": int(arr.size), "voxels_nan": int(np.isnan(arr).sum()),
+                "units": m.get("units", ADC_UNITS)}
+    keys = ("method", "b_values", "noise_floor", "min_snr", "noise_sigma", "voxels_total", "voxels_in_mask",
+            "voxels_fitted", "voxels_nan", "voxels_nan_in_mask", "nan_reasons", "voxels_clipped",
+            "voxels_highest_b_at_noise_floor", "units")
+    out = {"source": "computed"} | {k: m[k] for k in keys if k in m}
+    inmask = max(int(m.get("voxels_in_mask", 0)), 1)
+    out["nan_percent_of_signal_voxels"] = round(100.0 * m.get("voxels_nan_in_mask", 0) / inmask, 3)
+    out["nan_reason_meaning"] = {
+        "no_signal": "outside the signal mask of the lowest-b image (air, background)",
+        "non_finite_input": "a DWI value is NaN or infinite",
+        "non_positive_signal": "a DWI value is 0, so its logarithm is undefined",
+        "too_few_b_above_noise_floor": "fewer than two b-values above their own noise floor (noise_floor='exclude')"}
+    return out
+
+
+def write_ef_qc(ef: RasVolume, path) -> str:
+    """Write how an EF map was made (definition, tissue mask, DCE frames used and why) as JSON; returns the path."""
+    import json
+    import os
+
+    m = dict(ef.meta or {})
+    keys = ("definition", "tissue_mask", "voxels_computed", "voxels_in_tissue", "dynamic", "dynamic_sentence",
+            "noise_sigma", "resampled_onto", FRAME_KEY)
+    doc = {"source": "computed" if "definition" in m else "imported"} | {k: m[k] for k in keys if k in m}
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=1, default=float)
+    return os.fspath(path)
+
+
+def write_adc_qc(adc: RasVolume, path) -> str:
+    """Write :func:`adc_qc` of ``adc`` as JSON to ``path``; returns the path."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(adc_qc(adc), fh, indent=1)
+    return os.fspath(path)
 
 
 def check_adc_units(adc: RasVolume, mask: np.ndarray | None = None, allow_convert: bool = False) -> RasVolume:
@@ -337,7 +510,7 @@ def compute_ff(water: RasVolume, fat: RasVolume, mask: np.ndarray | None = None,
     swapped = bool(np.isfinite(shell_med) and shell_med < 50.0)
     meta = {"units": PERCENT, "quantity": "FF", "shell_median_ff": shell_med, "swap_detected": swapped,
             "swap_corrected": False, "voxels_computed": int(valid.sum()),
-            "noise_sigma_water": float(sig_w), "noise_sigma_fat": float(sig_f)}
+            "noise_sigma_water": float(sig_w), "noise_sigma_fat": float(sig_f)} | _frame_meta(water)
     if swapped:
         msg = (f"the Dixon water and fat images look swapped (median FF {shell_med:.0f}% in the outer {shell_mm:g} mm "
                "of the body, where subcutaneous fat should be above 50%)")
@@ -359,8 +532,10 @@ def compute_ef(pre: RasVolume, post: RasVolume, mask: np.ndarray | None = None,
                transforms: Mapping[str, np.ndarray] | None = None) -> RasVolume:
     """Enhancement fraction (percent) ``100 (post - pre) / pre`` from pre/post-contrast T1 of one sequence.
 
-    Voxels outside ``mask`` or :func:`signal_mask` of the pre-contrast image (low signal, where the ratio
-    is noise) are NaN. ``transforms["t1_post"]`` resamples a post-contrast series on another grid.
+    Tissue: ``mask`` or :func:`tissue_mask` (signal before OR after contrast): a pre-contrast mask alone
+    would drop the dark tissue that enhances, which is what the map is for. Voxels outside the tissue or
+    with pre = 0 (ratio undefined) are NaN. ``transforms["t1_post"]``
+    resamples a post-contrast series on another grid.
     """
     vols = align_to_reference({"t1_pre": pre, "t1_post": post}, pre, transforms)
     a = np.asarray(vols["t1_pre"].array, np.float64)
@@ -370,13 +545,151 @@ def compute_ef(pre: RasVolume, post: RasVolume, mask: np.ndarray | None = None,
         raise InputDataError("the T1 images contain negative values; magnitude pre- and post-contrast images are required")
     if not np.any(a[finite] > 0):
         raise InputDataError("the pre-contrast T1 image is empty (all zero); the series is corrupt or missing")
-    body = signal_mask(np.where(finite, a, 0)) if mask is None else np.asarray(mask, bool)
-    valid = body & finite & (a > 0)
-    ef = np.full(a.shape, np.nan, np.float32)
-    ef[valid] = (100.0 * (p[valid] - a[valid]) / a[valid]).astype(np.float32)
+    body = tissue_mask(np.where(finite, a, 0), np.where(finite, np.maximum(a, p), 0)) if mask is None \
+        else np.asarray(mask, bool)
+    return _ef_map(a, p, body & finite, pre, {"tissue_mask": "signal before or after contrast" if mask is None
+                                              else "given"}
+                   | _frame_meta(pre))
+
+
+def tissue_mask(pre: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """Voxels with signal before contrast OR at peak enhancement (:func:`signal_mask` of each, united).
+
+    The peak (post-contrast or maximum-over-time) image keeps the dark tissue that only shows once it
+    enhances; the pre-contrast image keeps tissue that an Otsu split of the peak image's several bright
+    levels could leave out when the background is zero.
+    """
+    return signal_mask(pre) | signal_mask(peak)
+
+
+def _ef_map(pre: np.ndarray, post: np.ndarray, tissue: np.ndarray, grid: RasVolume, extra: dict) -> RasVolume:
+    valid = tissue & (pre > 0)
+    ef = np.full(pre.shape, np.nan, np.float32)
+    ef[valid] = (100.0 * (post[valid] - pre[valid]) / pre[valid]).astype(np.float32)
     med_body = float(np.median(ef[valid])) if valid.any() else float("nan")
     if np.isfinite(med_body) and med_body < -30:
         logger.warning("median enhancement in the body is %.0f%%; pre- and post-contrast may be swapped", med_body)
-    return RasVolume(ef, pre.ijk_to_ras.copy(), "EF",
-                     {"units": PERCENT, "quantity": "EF", "definition": "100*(post-pre)/pre",
-                      "voxels_computed": int(valid.sum())})
+    meta = {"units": PERCENT, "quantity": "EF", "definition": "100*(post-pre)/pre",
+            "voxels_computed": int(valid.sum()), "voxels_in_tissue": int(tissue.sum())} | extra
+    return RasVolume(ef, grid.ijk_to_ras.copy(), "EF", meta)
+
+
+@dataclass
+class DynamicChoice:
+    """Which frames of a DCE made the EF map: baseline (before bolus arrival) and post-contrast frame."""
+
+    baseline_frames: list
+    baseline_times_s: list
+    bolus_arrival_frame: int | None
+    bolus_arrival_s: float | None
+    post_frame: int
+    post_time_s: float
+    post_choice: str                 # "peak" or "chosen"
+    baseline_choice: str             # "automatic" or "chosen"
+    curve: list                      # mean rise (frame - first frame) of the enhancing voxels, per frame
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def sentence(self) -> str:
+        base = (f"baseline frames {self.baseline_frames[0] + 1}-{self.baseline_frames[-1] + 1} "
+                f"({self.baseline_times_s[0]:.0f}-{self.baseline_times_s[-1]:.0f} s, {self.baseline_choice})")
+        arrival = (f", bolus arrival {self.bolus_arrival_s:.0f} s" if self.bolus_arrival_s is not None else "")
+        return (f"{base}{arrival}; post-contrast frame {self.post_frame + 1} at {self.post_time_s:.0f} s "
+                f"({'peak enhancement' if self.post_choice == 'peak' else 'chosen time'})")
+
+
+def choose_dynamic_frames(frames, times_s, tissue: np.ndarray, noise_sigma: float = 0.0,
+                          baseline_frames: int | None = None, post_time_s: float | None = None,
+                          min_rise: float = 0.10, min_fraction: float = 0.005) -> DynamicChoice:
+    """Baseline frames before the bolus arrives, and the post-contrast frame (peak or chosen time).
+
+    A tissue voxel enhances in frame t when (frame t - first frame) exceeds ``max(5 sqrt(2) sigma,
+    min_rise x median tissue signal)``. The bolus arrives at the first frame in which at least
+    ``min_fraction`` of the tissue (and 10 voxels) enhances; every frame before it is baseline
+    (``baseline_frames`` = N takes the first N instead). The curve is the mean rise over the voxels that
+    enhance in any frame; the post frame is its maximum after the baseline, or the frame nearest
+    ``post_time_s`` (seconds from the first frame). Raises :class:`InputDataError` when nothing enhances.
+    """
+    t = np.asarray(times_s, float)
+    n = len(frames)
+    first = np.asarray(frames[0].array, np.float32)[tissue]
+    threshold = max(5.0 * np.sqrt(2.0) * float(noise_sigma), min_rise * float(np.median(first)))
+    def rise(k):  # recomputed per pass instead of holding every frame's rise (70 frames x 1e6 voxels)
+        return np.asarray(frames[k].array, np.float32)[tissue] - first
+
+    enhancing = np.zeros(first.shape, bool)
+    fraction = np.zeros(n)
+    for k in range(n):
+        above = rise(k) > threshold
+        fraction[k] = float(above.mean())
+        enhancing |= above
+    curve = np.array([float(rise(k)[enhancing].mean()) if enhancing.any() else 0.0 for k in range(n)])
+    need = max(min_fraction, 10.0 / max(first.size, 1))
+    if baseline_frames is not None:
+        if not 1 <= int(baseline_frames) < n:
+            raise InputDataError(f"the DCE has {n} frames, so the baseline must be 1 to {n - 1} frames, "
+                                 f"not {baseline_frames}")
+        nb, arrival, how = int(baseline_frames), None, "chosen"
+    else:
+        rising = np.flatnonzero(fraction[1:] >= need)
+        if rising.size == 0:
+            raise InputDataError(
+                f"no contrast enhancement was found in the {n} DCE frames (no frame rises by more than "
+                f"{threshold:.0f} in {100 * need:.1f} % of the tissue); check that contrast was given or choose "
+                "the baseline frames and post time")
+        arrival = int(rising[0] + 1)
+        nb, how = arrival, "automatic"
+    if post_time_s is not None:
+        post = int(np.argmin(np.abs(t - float(post_time_s))))
+        if post < nb:
+            raise InputDataError(f"the chosen post-contrast time {post_time_s:g} s falls in the baseline "
+                                 f"(first {nb} frames, up to {t[nb - 1]:.0f} s); choose a later time")
+        pchoice = "chosen"
+    else:
+        post = int(nb + np.argmax(curve[nb:]))
+        pchoice = "peak"
+    return DynamicChoice(list(range(nb)), [float(x) for x in t[:nb]], arrival,
+                         None if arrival is None else float(t[arrival]), post, float(t[post]), pchoice, how,
+                         [round(float(c), 3) for c in curve])
+
+
+def compute_ef_dynamic(frames, times_s, mask: np.ndarray | None = None, baseline_frames: int | None = None,
+                       post_time_s: float | None = None) -> RasVolume:
+    """Enhancement fraction (percent) from a DCE time series: ``100 (post - baseline) / baseline``.
+
+    ``frames``: RasVolumes on one grid (magnitude, one sequence); ``times_s``: seconds from the first frame.
+    Baseline = mean of the frames before bolus arrival (found automatically, or the first
+    ``baseline_frames``); post = the peak-enhancement frame or the frame nearest ``post_time_s``. Tissue:
+    ``mask`` or :func:`tissue_mask` of the first frame and the maximum over time. ``meta["dynamic"]`` states the frames used
+    (:class:`DynamicChoice`), ``meta["dynamic_sentence"]`` says it in words.
+    """
+    if len(frames) < 2 or len(frames) != len(times_s):
+        raise InputDataError("a DCE needs at least two frames, each with its acquisition time")
+    ref = frames[0]
+    for f in frames[1:]:
+        if not f.same_grid(ref, tol=1e-3):
+            raise InputDataError(f"DCE frame '{f.name}' is not on the grid of the first frame; the frames of one "
+                                 "time series must share a grid")
+    peak = np.zeros(ref.array.shape, np.float32)
+    for f in frames:
+        a = np.asarray(f.array, np.float32)
+        if np.any(a[np.isfinite(a)] < 0):
+            raise InputDataError("the DCE frames contain negative values; magnitude images are required")
+        np.fmax(peak, a, out=peak)
+    first = np.asarray(ref.array, np.float32)
+    tissue = tissue_mask(np.where(np.isfinite(first), first, 0), peak) if mask is None else np.asarray(mask, bool)
+    if not tissue.any():
+        raise InputDataError("the DCE frames hold no tissue signal (all background); the series is empty or corrupt")
+    sigma = estimate_noise_sigma(np.asarray(ref.array, float), ~signal_mask(peak))
+    choice = choose_dynamic_frames(frames, times_s, tissue, sigma, baseline_frames, post_time_s)
+    pre = np.mean([np.asarray(frames[i].array, np.float64) for i in choice.baseline_frames], axis=0)
+    post = np.asarray(frames[choice.post_frame].array, np.float64)
+    finite = np.isfinite(pre) & np.isfinite(post)
+    out = _ef_map(pre, post, tissue & finite, ref,
+                  {"definition": "100*(post-mean(baseline))/mean(baseline)",
+                   "tissue_mask": "signal in the first frame or the maximum over time",
+                   "dynamic": choice.to_dict(), "dynamic_sentence": choice.sentence(), "noise_sigma": float(sigma)}
+                  | _frame_meta(ref))
+    logger.info("EF from DCE: %s", choice.sentence())
+    return out

@@ -1,8 +1,14 @@
 """``smartbiopsy characterise``: maps, habitats, targets and radiomics from mpMRI and a tumour mask.
 
-Writes into ``--out``: adc.nrrd, ff.nrrd, ef.nrrd, habitats.nrrd (1 A, 2 B, 3 C), regions.csv,
-targets.json (RAS mm), radiomics.csv (unless --no-radiomics), characterisation.json (summary).
-All inputs must be on one grid (the ADC/DWI grid); the tumour mask too.
+Writes into ``--out``: adc.nrrd, adc_qc.json (ADC fit, noise per b-value, NaN counts per reason), ff.nrrd,
+ef.nrrd, ef_qc.json (how EF was made; for a DCE the baseline and post-contrast frames), habitats.nrrd
+(1 A, 2 B, 3 C), regions.csv, targets.json (RAS mm), radiomics.csv (unless --no-radiomics),
+characterisation.json (summary).
+
+Grids: the ADC/DWI grid is the reference. Maps and the tumour mask from other series of the same session
+(same DICOM frame of reference) are resampled onto it; from another frame of reference (or of unknown frame,
+e.g. NRRD without DICOM information) they need ``--transform NAME=PATH`` (the series' world -> the DWI world,
+RAS, as a smartbiopsy.transform/1 JSON or an ITK/Slicer transform file), otherwise the run stops.
 """
 from __future__ import annotations
 
@@ -29,9 +35,19 @@ def register(subparsers):
     p.add_argument("--t1-pre")
     p.add_argument("--t1-post")
     p.add_argument("--ef", help="precomputed EF map (%%) instead of T1 pre/post")
+    p.add_argument("--dce", help="DCE folder (frames stored as separate DICOM series) instead of T1 pre/post")
+    p.add_argument("--dce-baseline-frames", type=int, help="number of baseline frames (default: before bolus arrival)")
+    p.add_argument("--dce-post-time", type=float, help="post-contrast time in s from the first frame (default: peak)")
+    p.add_argument("--transform", action="append", default=[], metavar="NAME=PATH",
+                   help="transform of a map from another frame of reference onto the DWI/ADC world "
+                        "(NAME: ef, ff, tumour; repeatable)")
     p.add_argument("--tumour", required=True, help="tumour label map (non-zero = tumour) on the map grid")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--adc-method", choices=("wlls", "ols"), default="wlls")
+    p.add_argument("--adc-method", choices=("ols", "wlls"), default=None,
+                   help="ADC fit: ols (default; the unweighted log-linear fit over all b that scanners use) or wlls")
+    p.add_argument("--adc-noise-floor", choices=("flag", "exclude"), default="flag",
+                   help="flag (default): fit every b-value and count voxels at the noise floor in adc_qc.json; "
+                        "exclude: leave b-values below their own image's noise floor out of that voxel's fit")
     p.add_argument("--exclude-low-b", action="store_true", help="fit ADC only on b >= 100 s/mm^2")
     p.add_argument("--mode", choices=("median", "kmeans"), default="median")
     p.add_argument("--predicted-tre", type=float, default=1.0, help="predicted registration TRE (mm)")
@@ -68,38 +84,69 @@ def _load_dwi(items):
     return out
 
 
+def _load_transforms(items) -> dict:
+    """{name: 4x4 RAS} from NAME=PATH items (smartbiopsy.transform/1 JSON or an ITK/Slicer transform file)."""
+    from SmartBiopsyCoreLib.dataio.transforms import load_mri_to_ct
+
+    out = {}
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep or name not in ("ef", "ff", "tumour"):
+            raise InputDataError(f"--transform {it!r} needs the form NAME=PATH with NAME one of ef, ff, tumour")
+        out[name] = load_mri_to_ct(path)
+    return out
+
+
 def run(args) -> int:
     from SmartBiopsyLib.characterise import habitats, maps, targets, tumour
     from SmartBiopsyCoreLib.dataio import imageio
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tumour_vol = _load(args.tumour)
+    transforms = _load_transforms(args.transform)
     if args.adc:
         adc = maps.check_adc_units(_load(args.adc), allow_convert=args.allow_unit_conversion)
     elif args.dwi:
-        adc = maps.compute_adc(_load_dwi(args.dwi), method=args.adc_method, exclude_low_b=args.exclude_low_b)
+        adc = maps.compute_adc(_load_dwi(args.dwi), method=args.adc_method or maps.DEFAULT_ADC_METHOD,
+                               exclude_low_b=args.exclude_low_b, noise_floor=args.adc_noise_floor)
     else:
         raise InputDataError("give either --dwi (DWI with at least two b-values) or a precomputed --adc map")
+    moved, how = maps.to_common_grid({"tumour": tumour_vol}, adc, transforms, labels=("tumour",))
+    tumour_vol = moved["tumour"]
     mask = np.asarray(tumour_vol.array) != 0
-    if tumour_vol.array.shape != adc.array.shape:
-        raise InputDataError("the tumour mask is not on the ADC/DWI grid; resample it onto that grid first")
     if args.ff:
-        ff = maps.check_percent_map(_load(args.ff), "FF", mask, allow_convert=args.allow_unit_conversion)
+        ff = _load(args.ff)
     elif args.dixon_water and args.dixon_fat:
         ff = maps.compute_ff(_load(args.dixon_water), _load(args.dixon_fat))
     else:
         ff = None
         logger.warning("no FF map or Dixon images: fat inside the tumour cannot be excluded")
     if args.ef:
-        ef = maps.check_percent_map(_load(args.ef), "EF", mask)
+        ef = _load(args.ef)
+    elif args.dce:
+        dce = imageio.load_time_series(args.dce, "DCE")
+        ef = maps.compute_ef_dynamic(dce.frames, dce.times_s, baseline_frames=args.dce_baseline_frames,
+                                     post_time_s=args.dce_post_time)
+        print(f"note: EF from the DCE {dce.label}: {ef.meta['dynamic_sentence']}")
     elif args.t1_pre and args.t1_post:
         ef = maps.compute_ef(_load(args.t1_pre), _load(args.t1_post))
     else:
-        raise InputDataError("give either --t1-pre and --t1-post or a precomputed --ef map")
+        raise InputDataError("give --t1-pre and --t1-post, a --dce folder or a precomputed --ef map")
+    moved, moved_how = maps.to_common_grid({"ef": ef} | ({"ff": ff} if ff is not None else {}), adc, transforms)
+    how |= moved_how
+    ef, ff = moved["ef"], moved.get("ff")
+    if args.ef:
+        ef = maps.check_percent_map(ef, "EF", mask)
+    if args.ff:
+        ff = maps.check_percent_map(ff, "FF", mask, allow_convert=args.allow_unit_conversion)
+    for name, h in how.items():
+        if h != "same grid":
+            print(f"note: {name} {h} onto the ADC grid")
     named = {"adc": adc, "ef": ef} | ({"ff": ff} if ff is not None else {})
-    maps.align_to_reference(named, adc)  # same grid or a clear error
     for name, v in named.items():
         imageio.save_image(v, out / f"{name}.nrrd")
+    maps.write_adc_qc(adc, out / "adc_qc.json")
+    maps.write_ef_qc(ef, out / "ef_qc.json")
     size = tumour.measure_tumour(tumour_vol)
     res = habitats.compute_habitats(adc, ef, ff, mask, habitats.HabitatConfig(mode=args.mode))
     imageio.save_image(res.labels, out / "habitats.nrrd")
@@ -110,7 +157,8 @@ def run(args) -> int:
         from SmartBiopsyLib.characterise import radiomics as radiomics_features
         radiomics_features.write_radiomics_csv(radiomics_features.compute_radiomics(res.labels, named),
                                                out / "radiomics.csv")
-    summary = {"tumour": size.to_dict(), "habitats": res.to_dict(), "targets": [t.to_dict() for t in ts]}
+    summary = {"tumour": size.to_dict(), "habitats": res.to_dict(), "targets": [t.to_dict() for t in ts],
+               "grids": how, "adc_qc": maps.adc_qc(adc)}
     (out / "characterisation.json").write_text(json.dumps(summary, indent=2, default=float))
     for msg in list(res.missing.values()) + size.notes:
         print(f"note: {msg}")

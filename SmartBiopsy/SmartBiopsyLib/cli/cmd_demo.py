@@ -52,6 +52,12 @@ def register(subparsers) -> None:
     r.add_argument("--ff")
     r.add_argument("--ef")
     r.add_argument("--targets", help="targets.json instead of the habitat targets (CT world)")
+    r.add_argument("--dce", help="DCE folder (frames stored as separate DICOM series) instead of T1 pre/post")
+    r.add_argument("--dce-baseline-frames", type=int, help="DCE baseline frames (default: before bolus arrival)")
+    r.add_argument("--dce-post-time", type=float, help="DCE post-contrast time in s from the first frame (default: peak)")
+    r.add_argument("--map-transform", action="append", default=[], metavar="NAME=PATH",
+                   help="transform of the ef or ff map's series onto the DWI/ADC world when it comes from another "
+                        "frame of reference (smartbiopsy.transform/1 JSON or ITK file; repeatable)")
     r.add_argument("--needle", default="", help="needle model name")
     r.add_argument("--mode", choices=("oblique", "in-plane"), default="oblique")
     r.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch")
@@ -112,16 +118,35 @@ def run_demo(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- run
 def run_user(args) -> int:
-    from SmartBiopsyLib.cli.main import ProgressBar
-    from SmartBiopsyCoreLib.errors import InputDataError
-    from SmartBiopsyCoreLib.dataio.imageio import load_image
-    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, StageFailed, run_case
+    """``run``: load (a case folder and/or explicit inputs), then every stage. ``summary.json`` is written
+    whatever happens: by the workflow once the stages run, by :func:`_fail_load` when loading stops."""
+    from SmartBiopsyCoreLib.errors import SmartBiopsyError
+    from SmartBiopsyLib.workflow import StageFailed
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vols = {}
+    intake = None
     if args.case:
-        vols.update(_recognise_case_folder(args.case))
+        try:
+            roles, intake = _recognise_case_folder(args.case)
+        except SmartBiopsyError as exc:
+            _fail_load(out, str(exc), {"path": str(args.case), "used": {}, "skipped": []})
+        vols.update(roles)
+        _print_intake(intake)
+    try:
+        return _run_user_loaded(args, out, vols, intake)
+    except StageFailed:
+        raise
+    except SmartBiopsyError as exc:
+        _fail_load(out, str(exc), intake)
+
+
+def _run_user_loaded(args, out, vols, intake) -> int:
+    from SmartBiopsyLib.cli.main import ProgressBar
+    from SmartBiopsyCoreLib.errors import InputDataError
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, StageFailed, run_case
 
     def opt(path, key):
         if path:
@@ -135,8 +160,18 @@ def run_user(args) -> int:
     if args.dwi:
         from SmartBiopsyCoreLib.dataio.dicomio import load_dwi_series
         dwi = load_dwi_series(args.dwi)
+    if args.dce:
+        from SmartBiopsyCoreLib.dataio.imageio import load_time_series
+        vols["dce"] = load_time_series(args.dce, "DCE")
+    map_transforms = {}
+    for it in args.map_transform:
+        from SmartBiopsyCoreLib.dataio.transforms import load_mri_to_ct
+        name, sep, path = it.partition("=")
+        if not sep or name not in ("ef", "ff"):
+            raise InputDataError(f"--map-transform {it!r} needs the form NAME=PATH with NAME ef or ff")
+        map_transforms[name] = load_mri_to_ct(path)
     if "ct" not in vols:
-        _fail_load(out, "no planning CT was given; pass --ct (or a --case folder with a CT series)")
+        raise InputDataError("no planning CT was given; pass --ct (or a --case folder with a CT series)")
     mri_to_ct = None
     if args.transform:
         from SmartBiopsyCoreLib.dataio.transforms import load_mri_to_ct
@@ -149,9 +184,11 @@ def run_user(args) -> int:
                         dwi=dwi, dixon_water=vols.get("dixon_water"), dixon_fat=vols.get("dixon_fat"),
                         t1_pre=vols.get("t1_pre"), t1_post=vols.get("t1_post"), tumour=vols.get("tumour"),
                         risk_labelmaps=risk, mri_to_ct=mri_to_ct, adc=vols.get("adc"), ff=vols.get("ff"),
-                        ef=vols.get("ef"), targets_ct=targets_ct, source=str(args.case or args.ct))
+                        ef=vols.get("ef"), targets_ct=targets_ct, source=str(args.case or args.ct),
+                        dce=vols.get("dce"), map_transforms=map_transforms, intake=intake)
     options = RunOptions(needle=args.needle, planning_mode=args.mode, notch_mode=args.notch_mode,
-                         operator=args.operator, auto_confirm=bool(args.confirm), robot=args.robot)
+                         operator=args.operator, auto_confirm=bool(args.confirm), robot=args.robot,
+                         dce_baseline_frames=args.dce_baseline_frames, dce_post_time_s=args.dce_post_time)
     try:
         run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
     except StageFailed as exc:
@@ -161,51 +198,106 @@ def run_user(args) -> int:
     return 0
 
 
-def _fail_load(out: Path, message: str):
+def _fail_load(out: Path, message: str, intake: dict | None = None):
     from SmartBiopsyCoreLib.errors import InputDataError
     from SmartBiopsyLib.workflow import write_json
 
-    write_json(out / "summary.json", {"case": {}, "stages": [{"name": "load", "status": "failed", "seconds": 0,
-                                                              "message": message}]})
+    summary = {"case": {}, "stages": [{"name": "load", "status": "failed", "seconds": 0, "message": message}]}
+    if intake:
+        summary["intake"] = intake
+        write_json(out / "inputs" / "series_used.json", intake)
+    write_json(out / "summary.json", summary)
     raise InputDataError(message)
 
 
-def _recognise_case_folder(path) -> dict:
-    """Map the series of a case folder to roles by their descriptions (case-insensitive keywords)."""
-    from SmartBiopsyCoreLib.errors import InputDataError
-    from SmartBiopsyCoreLib.dataio.imageio import load_study
+def _print_intake(intake: dict) -> None:
+    """Which series of the case folder are used for what, and which were skipped (stdout)."""
+    print(f"case folder {intake['path']}:")
+    for role, what in intake["used"].items():
+        print(f"  {role:<12} {what}")
+    for s in intake.get("not_used", []):
+        print(f"  not used     {s['series']}: {s['reason']}")
+    for s in intake["skipped"]:
+        print(f"  skipped      {s['series']}: {s['reason']}")
+    sys.stdout.flush()
 
-    vols = load_study(path)
+
+def _series_text(v) -> str:
+    m = v.meta or {}
+    num = m.get("series_number")
+    return f"'{m.get('series_description') or v.name}'" + (f" (series {num})" if num is not None else "")
+
+
+def _recognise_case_folder(path) -> tuple[dict, dict]:
+    """Map the series of a case folder to roles by their descriptions (case-insensitive keywords).
+
+    Returns ``(roles, intake)``: roles {ct, t2, dwi {b: vol}, dixon_water, dixon_fat, t1_pre, t1_post, dce,
+    tumour, adc}; intake {"path", "used" {role: series}, "not_used", "skipped" [{series, reason}]}. A scanner
+    ADC map is not used when the DWI is there (the ADC is computed from it).
+    """
+    from SmartBiopsyCoreLib.errors import InputDataError
+    from SmartBiopsyCoreLib.dataio.imageio import load_study_intake
+
+    study = load_study_intake(path)
     roles: dict = {}
     dwi: dict = {}
-    for name, v in vols.items():
+    not_used = []
+    for name, v in study.volumes.items():
         low = name.lower()
         mod = str(v.meta.get("modality", "")).upper()
         b = v.meta.get("b_value")
+        role, why = None, "no role recognised from its description"
         if b is not None:
             dwi[float(b)] = v
+            continue
         elif mod == "CT" or low.startswith("ct") or "_ct" in low:
-            roles.setdefault("ct", v)
+            role, why = ("ct", "") if "ct" not in roles else (None, "a second CT; the first one is used")
         elif "water" in low:
-            roles["dixon_water"] = v
+            role = "dixon_water"
         elif "fat" in low and "sat" not in low:
-            roles["dixon_fat"] = v
+            role = "dixon_fat"
         elif "post" in low:
-            roles["t1_post"] = v
+            role = "t1_post"
         elif "pre" in low:
-            roles["t1_pre"] = v
+            role = "t1_pre"
         elif "t2" in low:
-            roles.setdefault("t2", v)
+            role, why = ("t2", "") if "t2" not in roles else (None, "a second T2; the first one is used for fusion")
         elif "tumour" in low or "tumor" in low:
-            roles["tumour"] = v
+            role = "tumour"
         elif "adc" in low:
-            roles["adc"] = v
+            role = "adc"
+        if role is None:
+            not_used.append({"series": _series_text(v), "reason": why})
+            continue
+        if role in roles:
+            not_used.append({"series": _series_text(roles[role]), "reason": f"replaced by a later {role} series"})
+        roles[role] = v
+    for name, ts in study.time_series.items():
+        if ts.kind == "DCE" and "dce" not in roles:
+            roles["dce"] = ts
+        else:
+            not_used.append({"series": ts.label, "reason": "a variable-flip-angle T1 set (T1 mapping is not used)"
+                             if ts.kind == "VFA" else "a second DCE series"})
     if dwi:
         roles["dwi"] = dwi
+        if "adc" in roles:
+            not_used.append({"series": _series_text(roles.pop("adc")),
+                             "reason": "scanner ADC map; the ADC is computed from the DWI"})
+    used = {}
+    for role, v in roles.items():
+        if role == "dwi":
+            first = next(iter(v.values()))
+            used[role] = f"{_series_text(first)} b = {'/'.join(f'{b:g}' for b in sorted(v))} s/mm^2"
+        elif role == "dce":
+            used[role] = v.label
+        else:
+            used[role] = _series_text(v)
+    intake = {"path": str(path), "used": used, "not_used": not_used,
+              "skipped": [s.to_dict() for s in study.skipped]}
     if not roles:
-        raise InputDataError(f"no series of {path} could be recognised (CT, T2, DWI, Dixon, T1 pre/post); "
+        raise InputDataError(f"no series of {path} could be recognised (CT, T2, DWI, Dixon, T1 pre/post, DCE); "
                              "pass the inputs explicitly with --ct, --t2, --dwi, ...")
-    return roles
+    return roles, intake
 
 
 def _load_targets(path) -> dict:

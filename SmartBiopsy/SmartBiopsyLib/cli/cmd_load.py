@@ -1,7 +1,10 @@
 """``smartbiopsy load PATH [PATH ...] [--mrb OUT.mrb] [--json]``: load images into a headless Slicer scene.
 
-Each PATH is a DICOM folder (every series, multi-b DWI split per b-value) or a NRRD/NIfTI/MetaImage file.
-Prints one line per volume node (name, size, spacing, modality, b-value); ``--mrb`` saves the scene bundle.
+Each PATH is a DICOM folder (every series, multi-b DWI split per b-value; symbolic links followed) or a
+NRRD/NIfTI/MetaImage file. Prints one line per volume node (name, size, spacing, modality, b-value), one per
+time series (a DCE or variable-flip-angle set stored as separate series becomes ONE Sequence node), and every
+series that was skipped with its reason (localizers, screenshots, unreadable series); ``--mrb`` saves the
+scene bundle.
 """
 from __future__ import annotations
 
@@ -22,16 +25,23 @@ def run(args) -> int:
     import numpy as np
 
     from SmartBiopsyLib.cli.main import ProgressBar
-    from SmartBiopsyCoreLib.dataio.imageio import load_study
+    from SmartBiopsyCoreLib.dataio.imageio import load_study_intake
     from SmartBiopsyCoreLib.runtime import new_runtime
     from SmartBiopsyCoreLib.dataio.scene_io import save_scene_bundle
-    from SmartBiopsyCoreLib.dataio.volumes_mrml import add_volume_node
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import add_time_series_node, add_volume_node
 
     rt = new_runtime()
-    rows = []
+    rows, series_rows, skipped = [], [], []
     for path in args.paths:
         bar = ProgressBar("load")
-        volumes = load_study(path, progress=bar)
+        intake = load_study_intake(path, progress=bar)
+        volumes = intake.volumes
+        skipped.extend(s.to_dict() for s in intake.skipped)
+        for name, ts in intake.time_series.items():
+            index = ts.flip_angles if ts.kind == "VFA" else ts.times_s
+            seq, _browser, _proxy = add_time_series_node(rt.scene, ts.frames, index, name, ts.kind,
+                                                         rt.logics.get("sequences"))
+            series_rows.append(ts.to_dict() | {"sequence_node": seq.GetName(), "id": seq.GetID()})
         for name, vol in volumes.items():
             node = add_volume_node(rt.scene, vol, name)
             m = vol.meta
@@ -44,13 +54,18 @@ def run(args) -> int:
     if args.mrb:
         save_scene_bundle(rt.scene, args.mrb, rt.app_logic)
     if args.json:
-        print(json.dumps({"volumes": rows, "mrb": args.mrb}, indent=1))
+        print(json.dumps({"volumes": rows, "time_series": series_rows, "skipped": skipped, "mrb": args.mrb},
+                         indent=1))
     else:
         for r in rows:
             b = f" b={r['b_value']:g}" if r["b_value"] is not None else ""
             sp = "x".join(f"{s:g}" for s in r["spacing_mm"])
             sz = "x".join(str(s) for s in r["size_ijk"])
             print(f"{r['node']:<40} {r['modality']:<3} {sz:<14} {sp:<14} mm{b}", file=sys.stdout)
+        for t in series_rows:
+            print(f"{t['sequence_node']:<40} time series: {t['label']}")
+        for s in skipped:
+            print(f"skipped {s['series']}: {s['reason']}")
         if args.mrb:
             print(f"scene bundle: {args.mrb}")
     return 0

@@ -88,6 +88,11 @@ class DicomSeriesInfo:
     image_type: list[str] = field(default_factory=list)
     rows: int = 0
     columns: int = 0
+    frame_of_reference_uid: str = ""
+    flip_angle: float | None = None          # degrees (FlipAngle of the first image)
+    trigger_time_ms: float | None = None     # TriggerTime of the first image (ms)
+    sop_class_uid: str = ""
+    samples_per_pixel: int = 1
     files: list[str] = field(default_factory=list, repr=False)
 
     @property
@@ -200,10 +205,7 @@ def _scan(path, progress=None, should_cancel=None) -> _ScanResult:
     if os.path.isfile(path):
         files = [path]
     else:
-        files = []
-        for root, dirs, names in os.walk(path):
-            dirs.sort()
-            files.extend(os.path.join(root, n) for n in sorted(names) if not n.startswith("."))
+        files = walk_files(path)
     series: dict[str, DicomSeriesInfo] = {}
     headers: dict[str, object] = {}
     corrupt: list[str] = []
@@ -249,6 +251,11 @@ def _scan(path, progress=None, should_cancel=None) -> _ScanResult:
                 image_type=[str(v) for v in (ds.get("ImageType") or [])],
                 rows=int(ds.Rows),
                 columns=int(ds.Columns),
+                frame_of_reference_uid=_text(ds.get("FrameOfReferenceUID")),
+                flip_angle=_number(ds.get("FlipAngle")),
+                trigger_time_ms=_number(ds.get("TriggerTime")),
+                sop_class_uid=_text(ds.get("SOPClassUID")),
+                samples_per_pixel=int(_number(ds.get("SamplesPerPixel")) or 1),
             )
             series[uid] = info
         else:
@@ -265,6 +272,30 @@ def _scan(path, progress=None, should_cancel=None) -> _ScanResult:
     if progress is not None:
         progress(1.0, f"found {len(series)} DICOM series")
     return _ScanResult(series, headers, corrupt, len(files))
+
+
+def walk_files(path) -> list[str]:
+    """Every file below ``path`` (sorted, hidden files skipped), following symbolic links to folders and
+    files once each: a series reached through a link is read, and a file reached twice (a link next to its
+    target) is listed once, under the first path met."""
+    seen_dirs, seen_files, out = set(), set(), []
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:  # a link cycle or a second link to a folder already walked
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs.sort()
+        for n in sorted(names):
+            if n.startswith("."):
+                continue
+            f = os.path.join(root, n)
+            rf = os.path.realpath(f)
+            if rf in seen_files or not os.path.isfile(f):
+                continue  # a second path to the same file, or a dangling link
+            seen_files.add(rf)
+            out.append(f)
+    return out
 
 
 def scan_dicom_folder(path, progress: Callable | None = None,
@@ -522,6 +553,9 @@ def _build_volume(info: DicomSeriesInfo, files: list[str], headers: list, b_valu
         "acquisition_date": info.acquisition_date,
         "acquisition_time": info.acquisition_time,
         "image_type": list(info.image_type),
+        "frame_of_reference_uid": info.frame_of_reference_uid,
+        "flip_angle": info.flip_angle,
+        "trigger_time_ms": info.trigger_time_ms,
         "units": _units(info, first),
         "slice_thickness_mm": _number(first.get("SliceThickness")),
         "n_slices": int(array.shape[0]),
@@ -736,7 +770,8 @@ def write_dicom_series(volume: RasVolume, out_dir, *, modality: str = "CT", seri
                        study_uid: str | None = None, series_uid: str | None = None,
                        frame_of_reference_uid: str | None = None, study_description: str = "SmartBiopsy",
                        b_value: float | None = None, acquisition_datetime: _dt.datetime | None = None,
-                       uid_seed: str | None = None, file_prefix: str = "IMG") -> list[str]:
+                       uid_seed: str | None = None, file_prefix: str = "IMG",
+                       flip_angle: float | None = None) -> list[str]:
     """Write ``volume`` as a DICOM series (one file per slice) into ``out_dir``; returns the file paths.
 
     ``modality`` 'CT' (CT Image Storage; values in HU) or 'MR' (MR Image Storage). Values are stored as
@@ -744,13 +779,16 @@ def write_dicom_series(volume: RasVolume, out_dir, *, modality: str = "CT", seri
     Geometry comes from ``volume.ijk_to_ras`` converted to LPS by SmartBiopsyCoreLib.geometry; a
     volume whose k axis points against row x column is read back with its slices in reverse order
     (same voxel positions in space). ``b_value`` (s/mm^2) is written to DiffusionBValue (0018,9087)
-    and the Siemens B_value (0019,100C). ``uid_seed`` makes every UID deterministic.
+    and the Siemens B_value (0019,100C). ``uid_seed`` makes every UID deterministic. ``flip_angle``
+    (degrees, MR) is written to FlipAngle; ``acquisition_datetime`` sets the series' acquisition time (the
+    frames of a DCE written as separate series differ in it, see ``group_time_series``).
     """
     return _write_series([(b_value, volume)], out_dir, modality=modality, series_description=series_description,
                          series_number=series_number, patient_id=patient_id, patient_name=patient_name,
                          study_uid=study_uid, series_uid=series_uid,
                          frame_of_reference_uid=frame_of_reference_uid, study_description=study_description,
-                         acquisition_datetime=acquisition_datetime, uid_seed=uid_seed, file_prefix=file_prefix)
+                         acquisition_datetime=acquisition_datetime, uid_seed=uid_seed, file_prefix=file_prefix,
+                         flip_angle=flip_angle)
 
 
 def write_dwi_series(volumes: dict[float, RasVolume], out_dir, *, series_description: str = "DWI",
@@ -781,7 +819,7 @@ def write_dwi_series(volumes: dict[float, RasVolume], out_dir, *, series_descrip
 
 def _write_series(items, out_dir, *, modality, series_description, series_number, patient_id, patient_name,
                   study_uid, series_uid, frame_of_reference_uid, study_description, acquisition_datetime,
-                  uid_seed, file_prefix) -> list[str]:
+                  uid_seed, file_prefix, flip_angle=None) -> list[str]:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
@@ -845,6 +883,8 @@ def _write_series(items, out_dir, *, modality, series_description, series_number
             ds.EchoTrainLength = ""
             ds.MagneticFieldStrength = "1.5"
             ds.SpacingBetweenSlices = _ds_str(float(spacing[2]))
+            if flip_angle is not None:
+                ds.FlipAngle = _ds_str(float(flip_angle))
             if b is not None:
                 ds.SequenceName = f"*ep_b{b:g}t"
                 ds.add_new((0x0018, 0x9087), "FD", float(b))
@@ -885,3 +925,123 @@ def _write_series(items, out_dir, *, modality, series_description, series_number
             paths.append(path)
     logger.info("wrote %d %s DICOM files of '%s' to %s", len(paths), modality, series_description, out_dir)
     return paths
+
+
+# ------------------------------------------------------------------------------------------------
+# study intake: series that are not volumes, and series that are frames of one time series
+# ------------------------------------------------------------------------------------------------
+_LOCALIZER_RE = re.compile(r"locali[sz]er|scout|survey|topogram|scanogram|tri[-_ ]?pilot|3[-_ ]?plane|"
+                           r"(^|[^a-z])loc([^a-z]|$)|aahead", re.IGNORECASE)
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+#: A DCE needs at least this many frames (two series of one description are more often a repeat).
+MIN_DYNAMIC_FRAMES = 3
+
+
+def unusable_reason(info: DicomSeriesInfo, headers: dict) -> str | None:
+    """Why a series cannot be one image volume of the case, from its headers alone (None: load it).
+
+    Localizers/scouts (ImageType LOCALIZER or a localizer-like description), series whose images have
+    several orientations (three-plane localizers, reformats), secondary captures and colour images.
+    ``headers`` maps file -> header dataset (as from the scan).
+    """
+    it = {t.upper() for t in info.image_type}
+    if "LOCALIZER" in it or _LOCALIZER_RE.search(info.description or ""):
+        return "a localizer (scout) for planning the acquisition, not a diagnostic volume"
+    iops = set()
+    for f in info.files:
+        iop = headers[f].get("ImageOrientationPatient")
+        if iop is not None and len(iop) == 6:
+            iops.add(tuple(np.round([float(v) for v in iop], 3)))
+    if len(iops) > 1:
+        return f"its images have {len(iops)} different orientations (a localizer or a set of reformats), not one volume"
+    if info.sop_class_uid.startswith(_SECONDARY_CAPTURE):
+        return "a secondary capture (screenshot), not an image volume"
+    if info.samples_per_pixel != 1:
+        return "a colour image (screenshot or overlay), not a greyscale volume"
+    return None
+
+
+def acquisition_seconds(info: DicomSeriesInfo) -> float | None:
+    """Acquisition date+time of a series in seconds (any epoch, for differences), or None."""
+    t = (info.acquisition_time or "").strip()
+    m = re.match(r"^(\d{2})(\d{2})?(\d{2})?(\.\d+)?$", t.replace(":", ""))
+    if not m:
+        return None
+    h, mi, se = int(m.group(1)), int(m.group(2) or 0), int(m.group(3) or 0)
+    frac = float(m.group(4)) if m.group(4) else 0.0
+    day = 0.0
+    d = (info.acquisition_date or "").strip()
+    if re.match(r"^\d{8}$", d):
+        day = (_dt.date(int(d[:4]), int(d[4:6]), int(d[6:])) - _dt.date(1970, 1, 1)).days * 86400.0
+    return day + h * 3600.0 + mi * 60.0 + se + frac
+
+
+@dataclass
+class TimeSeriesInfo:
+    """Several DICOM series that are the frames of ONE acquisition (found by :func:`group_time_series`).
+
+    ``kind``: ``"DCE"`` (dynamic contrast-enhanced: same sequence repeated in time; ``times_s`` from the
+    first frame) or ``"VFA"`` (variable flip angle T1 mapping: same sequence at several flip angles).
+    ``series`` are ordered by time (DCE) or flip angle (VFA).
+    """
+
+    kind: str
+    description: str
+    frame_of_reference_uid: str
+    series: list[DicomSeriesInfo]
+    times_s: list[float]
+    flip_angles: list[float | None]
+
+    @property
+    def label(self) -> str:
+        what = {"DCE": "dynamic contrast-enhanced series", "VFA": "variable-flip-angle T1 series"}[self.kind]
+        extra = (f"{len(self.series)} frames over {self.times_s[-1]:.0f} s" if self.kind == "DCE" else
+                 "flip angles " + "/".join(f"{a:g}" for a in self.flip_angles if a is not None) + " deg")
+        return f"'{self.description or 'unnamed'}' ({what}, {extra})"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "description": self.description, "label": self.label,
+                "frame_of_reference_uid": self.frame_of_reference_uid, "n_frames": len(self.series),
+                "series_numbers": [s.number for s in self.series], "times_s": list(self.times_s),
+                "flip_angles": list(self.flip_angles)}
+
+
+def group_time_series(series) -> list[TimeSeriesInfo]:
+    """Find the time series among separately stored series.
+
+    Series are grouped by (series description, frame of reference, modality, matrix, number of images);
+    a group whose flip angles differ is a variable-flip-angle (VFA) set; a group of at least
+    :data:`MIN_DYNAMIC_FRAMES` series with one flip angle and distinct acquisition times (or trigger
+    times) is a DCE, ordered by time. Multi-b DWI and groups without times are left alone.
+    """
+    groups: dict = defaultdict(list)
+    for s in series:
+        if s.b_values or not s.frame_of_reference_uid:
+            continue
+        groups[(s.description, s.frame_of_reference_uid, s.modality, s.rows, s.columns, s.n_files)].append(s)
+    out = []
+    for (desc, frame, *_), members in groups.items():
+        if len(members) < 2:
+            continue
+        angles = {round(s.flip_angle, 1) for s in members if s.flip_angle is not None}
+        times = [acquisition_seconds(s) for s in members]
+        if len(angles) > 1:
+            members = sorted(members, key=lambda s: (s.flip_angle is None, s.flip_angle or 0.0))
+            t = [acquisition_seconds(s) for s in members]
+            t0 = min((x for x in t if x is not None), default=None)
+            out.append(TimeSeriesInfo("VFA", desc, frame, members,
+                                      [0.0 if x is None or t0 is None else x - t0 for x in t],
+                                      [s.flip_angle for s in members]))
+            continue
+        if len(members) < MIN_DYNAMIC_FRAMES:
+            continue
+        if any(t is None for t in times) or len(set(np.round(times, 3))) != len(members):
+            trig = [s.trigger_time_ms for s in members]
+            if any(t is None for t in trig) or len(set(trig)) != len(members):
+                continue
+            times = [t / 1000.0 for t in trig]
+        order = np.argsort(times, kind="stable")
+        members = [members[i] for i in order]
+        times = [float(times[i] - times[order[0]]) for i in order]
+        out.append(TimeSeriesInfo("DCE", desc, frame, members, times, [s.flip_angle for s in members]))
+    return out

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass, field
 from typing import Callable
 
 from SmartBiopsyCoreLib.geometry import RasVolume
@@ -133,67 +134,197 @@ def save_image(volume: RasVolume, path, compress: bool = True) -> str:
     return path
 
 
+@dataclass
+class SkippedSeries:
+    """A series (or image file) of a study folder that was not loaded, and why (one sentence)."""
+
+    label: str
+    reason: str
+    where: str = ""
+
+    def to_dict(self) -> dict:
+        return {"series": self.label, "reason": self.reason, "where": self.where}
+
+
+@dataclass
+class TimeSeries:
+    """The frames of one time series stored as separate DICOM series (a DCE, or a variable-flip-angle set).
+
+    ``frames`` share one grid (RAS); ``times_s`` are seconds from the first frame; ``flip_angles`` degrees.
+    """
+
+    name: str
+    kind: str                     # "DCE" or "VFA"
+    description: str
+    frames: list
+    times_s: list
+    flip_angles: list
+    label: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "description": self.description, "label": self.label,
+                "n_frames": len(self.frames), "times_s": [round(float(t), 3) for t in self.times_s],
+                "flip_angles": list(self.flip_angles),
+                "size_ijk": list(self.frames[0].array.shape[::-1]) if self.frames else []}
+
+
+@dataclass
+class StudyIntake:
+    """What :func:`load_study_intake` found in a study folder: volumes, time series and skipped series."""
+
+    path: str
+    volumes: dict = field(default_factory=dict)        # {name: RasVolume}
+    time_series: dict = field(default_factory=dict)    # {name: TimeSeries}
+    skipped: list = field(default_factory=list)        # [SkippedSeries]
+
+    def to_dict(self) -> dict:
+        vols = {k: {"series": v.meta.get("series_description", ""), "series_number": v.meta.get("series_number"),
+                    "modality": v.meta.get("modality", ""), "b_value": v.meta.get("b_value"),
+                    "size_ijk": list(v.array.shape[::-1]),
+                    "source_path": v.meta.get("source_path", "")} for k, v in self.volumes.items()}
+        return {"path": self.path, "volumes": vols,
+                "time_series": {k: t.to_dict() for k, t in self.time_series.items()},
+                "skipped": [s.to_dict() for s in self.skipped]}
+
+
 def load_study(path, progress: Callable | None = None,
                should_cancel: Callable | None = None) -> dict[str, RasVolume]:
-    """Every volume below a folder: {sanitised name: RasVolume}.
+    """Every usable volume below a folder: {sanitised name: RasVolume} (see :func:`load_study_intake`;
+    skipped series are logged, time series are not included)."""
+    return load_study_intake(path, progress, should_cancel).volumes
+
+
+def load_study_intake(path, progress: Callable | None = None,
+                      should_cancel: Callable | None = None) -> StudyIntake:
+    """Every volume and time series below a study folder (symbolic links followed), and what was skipped.
 
     DICOM series are keyed by their sanitised series description (a multi-b DWI series gives one entry
     per b-value, '<description>_b800'); image files by their file name without extension. Duplicate
-    names get the series number (or a counter) appended. A problem in any series raises
-    :class:`InputDataError` naming that series.
+    names get the series number (or a counter) appended. Series stored separately that are the frames of
+    one DCE or variable-flip-angle acquisition (same description and frame of reference, distinct
+    acquisition times or flip angles: ``dicomio.group_time_series``) become one :class:`TimeSeries`.
+    Localizers, multi-orientation series, screenshots, single images and series that cannot be read are
+    skipped, each with its reason; only a folder without any usable series (or with a corrupt DICOM file
+    whose series is unknown) is an error.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         if os.path.exists(path):
             vol = load_image(path)
-            return {sanitise_name(vol.name): vol}
+            return StudyIntake(path, {sanitise_name(vol.name): vol})
         raise InputDataError(f"the folder {path} does not exist; check the path")
-    out: dict[str, RasVolume] = {}
+    intake = StudyIntake(path)
+    out = intake.volumes
 
-    def put(key: str, vol: RasVolume, number=None):
+    def put(store: dict, key: str, item, number=None):
         key = sanitise_name(key)
-        if key in out and number is not None:
+        if key in store and number is not None:
             key = f"{key}_s{number}"
         base, n = key, 2
-        while key in out:
+        while key in store:
             key, n = f"{base}_{n}", n + 1
-        vol.name = key
-        out[key] = vol
+        item.name = key
+        store[key] = item
+        return key
 
-    image_files = []
-    for root, dirs, names in os.walk(path):
-        dirs.sort()
-        image_files.extend(os.path.join(root, n) for n in sorted(names) if image_extension(n))
+    def where(info) -> str:
+        return os.path.dirname(info.files[0]) if info.files else ""
+
+    image_files = [f for f in dicomio.walk_files(path) if image_extension(f)]
     res = dicomio._scan(path)
     if not res.series and not image_files:
         dicomio._select_series(res, path, None)  # raises the right "empty / not DICOM / corrupt" error
     dicomio._refuse_corrupt(res, path)
     series = sorted(res.series.values(), key=lambda s: (s.number if s.number is not None else 1 << 30))
-    total = len(series) + len(image_files)
-    done = 0
+    usable = []
     for info in series:
-        if should_cancel is not None and should_cancel():
-            raise InputDataError("loading the study was cancelled")
-        if progress is not None:
-            progress(done / max(total, 1), f"loading {info.description or info.uid}")
-        if info.is_multi_b:
-            for b, vol in dicomio._load_dwi_from_scan(res, info, should_cancel=should_cancel).items():
-                put(f"{info.description or 'dwi'}_b{b:g}", vol, info.number)
+        reason = dicomio.unusable_reason(info, res.headers)
+        if reason:
+            intake.skipped.append(SkippedSeries(info.label, reason, where(info)))
         else:
-            vol = dicomio._load_from_scan(res, info, should_cancel=should_cancel)
-            if min(vol.array.shape) < 2:
-                logger.info("skipping single-slice series %s (a localiser or screenshot)", info.label)
-                continue
-            put(info.description or f"series_{info.number}", vol, info.number)
-        done += 1
-    for f in image_files:
+            usable.append(info)
+    groups = dicomio.group_time_series(usable)
+    grouped = {s.uid for g in groups for s in g.series}
+    total = len(usable) + len(image_files)
+    done = 0
+
+    def tick(message):
         if should_cancel is not None and should_cancel():
             raise InputDataError("loading the study was cancelled")
         if progress is not None:
-            progress(done / max(total, 1), f"loading {os.path.basename(f)}")
-        put(_stem(f), _load_file(f, require_3d=False))
+            progress(done / max(total, 1), message)
+
+    for info in usable:
+        if info.uid in grouped:
+            continue
+        tick(f"loading {info.description or info.uid}")
+        try:
+            if info.is_multi_b:
+                for b, vol in dicomio._load_dwi_from_scan(res, info, should_cancel=should_cancel).items():
+                    put(out, f"{info.description or 'dwi'}_b{b:g}", vol, info.number)
+            else:
+                vol = dicomio._load_from_scan(res, info, should_cancel=should_cancel)
+                if min(vol.array.shape) < 2:
+                    intake.skipped.append(SkippedSeries(info.label, "a single image (one slice), not a volume",
+                                                        where(info)))
+                else:
+                    put(out, info.description or f"series_{info.number}", vol, info.number)
+        except InputDataError as exc:
+            if "cancelled" in str(exc):
+                raise
+            intake.skipped.append(SkippedSeries(info.label, str(exc), where(info)))
         done += 1
+    for g in groups:
+        tick(f"loading {g.label}")
+        try:
+            frames = [dicomio._load_from_scan(res, info, should_cancel=should_cancel) for info in g.series]
+            bad = next((f for f in frames[1:] if not f.same_grid(frames[0], tol=1e-3)), None)
+            if bad is not None:
+                raise InputDataError(f"frame '{bad.meta.get('series_number')}' is not on the grid of the first "
+                                     f"frame; the frames cannot form one time series")
+        except InputDataError as exc:
+            if "cancelled" in str(exc):
+                raise
+            intake.skipped.append(SkippedSeries(g.label, str(exc), where(g.series[0])))
+            continue
+        ts = TimeSeries("", g.kind, g.description, frames, list(g.times_s), list(g.flip_angles), g.label)
+        key = put(intake.time_series, f"{g.description or 'dynamic'}_{g.kind}", ts)
+        for n, f in enumerate(frames):
+            f.name = f"{key}_{n:03d}"
+            f.meta["time_series"] = key
+            f.meta["time_s"] = float(g.times_s[n])
+        done += len(g.series)
+    for f in image_files:
+        tick(f"loading {os.path.basename(f)}")
+        try:
+            put(out, _stem(f), _load_file(f, require_3d=False))
+        except InputDataError as exc:
+            intake.skipped.append(SkippedSeries(os.path.basename(f), str(exc), os.path.dirname(f)))
+        done += 1
+    for s in intake.skipped:
+        logger.warning("skipped %s: %s", s.label, s.reason)
+    if not out and not intake.time_series:
+        listed = "; ".join(f"{s.label}: {s.reason}" for s in intake.skipped[:6])
+        raise InputDataError(f"no usable image series in {path} ({listed}); choose the folder of the study")
     if progress is not None:
-        progress(1.0, f"loaded {len(out)} volumes")
-    logger.info("loaded study %s: %s", path, ", ".join(out))
-    return out
+        progress(1.0, f"loaded {len(out)} volumes, {len(intake.time_series)} time series")
+    logger.info("loaded study %s: %s", path, ", ".join([*out, *intake.time_series]))
+    return intake
+
+
+def load_time_series(path, kind: str = "DCE", progress: Callable | None = None,
+                     should_cancel: Callable | None = None) -> TimeSeries:
+    """The one ``kind`` time series ("DCE" or "VFA") below ``path`` (its frames stored as separate series).
+
+    Raises :class:`InputDataError` naming what was found when there is none or more than one.
+    """
+    intake = load_study_intake(path, progress, should_cancel)
+    found = [t for t in intake.time_series.values() if t.kind == kind]
+    if len(found) == 1:
+        return found[0]
+    what = "; ".join(t.label for t in intake.time_series.values()) or "no time series"
+    if not found:
+        raise InputDataError(f"no {kind} time series (at least {dicomio.MIN_DYNAMIC_FRAMES} series of one description "
+                             f"and frame of reference with distinct acquisition times) was found in {path} ({what}); "
+                             f"choose the folder of the dynamic series")
+    raise InputDataError(f"{path} holds {len(found)} {kind} time series ({what}); choose the folder of one of them")

@@ -159,3 +159,58 @@ def _meta_from_attributes(node) -> dict:
             pass
         meta[key] = value
     return meta
+
+
+def add_time_series_node(scene, frames, times_s, name: str, kind: str = "DCE", sequences_logic=None):
+    """Add a time series (a DCE or variable-flip-angle set) as ONE Sequence node with a browser.
+
+    ``frames``: RasVolumes on one grid; ``times_s``: the index values (seconds from the first frame for a
+    DCE; for ``kind="VFA"`` pass the flip angles in degrees). Returns ``(sequence node, browser node,
+    proxy volume node or None)``; all are owned by the scene. The proxy node (the frame shown in the
+    views) is created when ``sequences_logic`` (vtkSlicerSequencesLogic) is given.
+    """
+    if not frames or len(frames) != len(times_s):
+        raise ValueError("a time series needs one index value per frame")
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", f"{name} ({kind})")
+    if kind == "VFA":
+        seq.SetIndexName("flip angle")
+        seq.SetIndexUnit("deg")
+    else:
+        seq.SetIndexName("time")
+        seq.SetIndexUnit("s")
+    seq.SetIndexType(seq.NumericIndex)
+    for vol, t in zip(frames, times_s):
+        tmp = add_volume_node(scene, vol, f"{name}_frame")
+        seq.SetDataNodeAtValue(tmp, f"{float(t):g}")
+        display = tmp.GetDisplayNode()
+        scene.RemoveNode(tmp)
+        if display is not None:
+            scene.RemoveNode(display)
+    seq.SetAttribute("SmartBiopsy.TimeSeriesKind", kind)
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
+    browser.SetAndObserveMasterSequenceNodeID(seq.GetID())
+    proxy = None
+    if sequences_logic is not None:
+        sequences_logic.UpdateProxyNodesFromSequences(browser)
+        proxy = browser.GetProxyNode(seq)
+        if proxy is not None:
+            proxy.SetName(name)
+    return seq, browser, proxy
+
+
+def time_series_from_sequence_node(sequence_node) -> tuple[list, list, str]:
+    """``(frames [RasVolume], index values [float], kind)`` of a Sequence node of volumes (inverse of
+    :func:`add_time_series_node`; for a DCE the index values are seconds from the first frame, as
+    ``maps.compute_ef_dynamic`` takes them). A node whose index is not numeric raises ValueError."""
+    frames, values = [], []
+    for n in range(sequence_node.GetNumberOfDataNodes()):
+        node = sequence_node.GetNthDataNode(n)
+        frames.append(volume_from_node(node))
+        text = sequence_node.GetNthIndexValue(n)
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise ValueError(f"sequence '{sequence_node.GetName()}' has a non-numeric index value {text!r}; "
+                             "a DCE needs its frame times in seconds") from None
+    kind = sequence_node.GetAttribute("SmartBiopsy.TimeSeriesKind") or "DCE"
+    return frames, values, kind

@@ -1,2 +1,2 @@
 """Digital phantoms for the demo, tests and benchmarks (everything they produce is simulated and says so):
-the retroperitoneal-sarcoma case (sarcoma) and a small analytic abdomen for planner tests (abdomen)."""
+the retroperitoneal-sarcoma case (sarcoma), a small analytic abdomen for planner tests (abdomen) and a DCE (dce)."""
