@@ -36,7 +36,7 @@ from SmartBiopsyCoreLib.errors import InputDataError, SmartBiopsyError
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("load", "fuse", "characterise", "plan", "robot", "sample", "record", "scene", "report")
+STAGES = ("load", "fuse", "characterise", "plan", "calibrate", "robot", "sample", "record", "scene", "report")
 
 
 def _json_default(o):
@@ -100,6 +100,7 @@ class RunOptions:
     synthetic_pathology: bool = False            # demo: a clearly labelled synthetic pathology file
     seed: int = 0
     write_confirm_ct: bool = True
+    robot_frame_model: str = ""                  # fiducial-frame model of the robot in the planning CT ("" = none)
 
 
 @dataclass
@@ -158,7 +159,7 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
     run = CaseRun(out, inputs, options)
     progress_factory = progress_factory or (lambda name: (lambda f, m: None))
     stage_funcs = {"load": _stage_load, "fuse": _stage_fuse, "characterise": _stage_characterise,
-                   "plan": _stage_plan, "robot": _stage_robot, "sample": _stage_sample, "record": _stage_record,
+                   "plan": _stage_plan, "calibrate": _stage_calibrate, "robot": _stage_robot, "sample": _stage_sample, "record": _stage_record,
                    "scene": _stage_scene, "report": _stage_report}
     failure: StageFailed | None = None
     for name in STAGES:
@@ -440,6 +441,39 @@ def _best_trajectories(result) -> list:
         if t.target not in best or t.rank < best[t.target].rank:
             best[t.target] = t
     return [best[k] for k in sorted(best)]
+
+
+def _stage_calibrate(run: CaseRun, progress, should_cancel) -> str:
+    """Robot-to-CT calibration from the robot's fiducial frame in the planning CT (robot/calibration/)."""
+    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
+    from TrajectoryPlannerLib.calibration.calibration_file import write_calibration
+    from TrajectoryPlannerLib.calibration.frame_fit import calibrate_from_ct
+    from TrajectoryPlannerLib.calibration.picture import write_calibration_picture
+
+    if not run.options.robot_frame_model:
+        return "skipped (no robot fiducial frame model given)"
+    model = load_model(run.options.robot_frame_model)
+    targets = {t.target: list(t.target_ras) for t in run.results["best_trajectories"]}
+    result = calibrate_from_ct(run.inputs.ct, model, targets, progress=lambda f, m: progress(0.9 * f, m),
+                               should_cancel=should_cancel)
+    d = run.out / "robot" / "calibration"
+    write_calibration(result, d)
+    write_calibration_picture(run.inputs.ct, result, d / "calibration.png")
+    run.results["calibration"] = result
+    worst = max(result.target_errors.values()) if result.target_errors else float("nan")
+    msg = (f"{model.name}: {len(result.residuals_mm)} fiducials, residual RMS {result.rms_mm:.2f} mm, predicted "
+           f"error at targets <= {worst:.2f} mm (95 %)")
+    truth = getattr(run.inputs.truth, "robot_to_ct", None)
+    if truth is not None:
+        c = model.centre
+        m = result.matrix_robot_to_ct_ras
+        err = float(np.linalg.norm(m[:3, :3] @ c + m[:3, 3] - (truth[:3, :3] @ c + truth[:3, 3])))
+        write_json(d / "truth_check.json", {"frame_centre_error_mm": err, "simulated": True})
+        msg += f"; {err:.2f} mm from the simulated truth"
+    if not result.passed:
+        failed = ", ".join(k for k, c in result.checks.items() if not c["passed"])
+        raise SmartBiopsyError(f"the robot calibration failed its QA ({failed}); see robot/calibration/calibration_qa.json")
+    return msg
 
 
 def _stage_robot(run: CaseRun, progress, should_cancel) -> str:

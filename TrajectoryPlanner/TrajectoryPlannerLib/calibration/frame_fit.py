@@ -183,11 +183,15 @@ def _candidate_voxels(ct: RasVolume, model: FrameModel):
     thr = 0.5 * (model.hu_nominal + (-1000.0))
     step = tuple(int(v) for v in np.maximum(np.round(COARSE_MM / ct.spacing[::-1]).astype(int), 1))  # k, j, i
     bm = _block_max(ct.array, step)
-    lab, n = ndimage.label(bm > BODY_HU)
+    # the body from a sparse sample of the grid, opened so that thin bright things outside it (the frame's
+    # tubes, streak artefacts) neither join it nor connect the frame to it
+    sample = ct.array[::step[0], ::step[1], ::step[2]][:bm.shape[0], :bm.shape[1], :bm.shape[2]] > BODY_HU
+    sample = np.pad(sample, [(0, b - s) for b, s in zip(bm.shape, sample.shape)])
+    lab, n = ndimage.label(ndimage.binary_opening(sample, iterations=1))
     if n:
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
-        body = ndimage.binary_fill_holes(lab == int(np.argmax(sizes)))
+        body = ndimage.binary_dilation(ndimage.binary_fill_holes(lab == int(np.argmax(sizes))), iterations=1)
     else:
         body = np.zeros(bm.shape, bool)
     cand = (bm >= thr) & ~body
@@ -198,7 +202,8 @@ def _candidate_voxels(ct: RasVolume, model: FrameModel):
         lo = np.array([s.start for s in sl]) * step
         hi = np.minimum(np.array([s.stop for s in sl]) * step, shape)
         sub = ct.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        idx = np.nonzero(sub >= thr)
+        # metal (brighter than any fiducial) is not a candidate, so its streaks cannot join it to the frame
+        idx = np.nonzero((sub >= thr) & (sub <= model.hu_max))
         if idx[0].size == 0:
             continue
         kji = np.stack(idx, 1) + lo
@@ -217,8 +222,8 @@ def _candidate_voxels(ct: RasVolume, model: FrameModel):
     labels = lab[tuple((kji - lo).T)]
     peak = ndimage.maximum(vals, labels, index=np.arange(1, n + 1))
     count = np.bincount(labels, minlength=n + 1)[1:]
-    # a fiducial's peak lies in the model's range (the table is fainter, metal brighter); a speck is noise
-    ok_labels = np.nonzero((peak >= model.hu_min) & (peak <= model.hu_max) & (count >= 4))[0] + 1
+    # a fiducial's peak reaches the model's range (the table and streaks stay fainter); a speck is noise
+    ok_labels = np.nonzero((peak >= model.hu_min) & (count >= 4))[0] + 1
     keep = np.isin(labels, ok_labels)
     return kji[keep], vals[keep], thr
 
