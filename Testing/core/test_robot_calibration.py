@@ -161,3 +161,16 @@ def test_calibration_document_is_strict_json_with_the_agreed_keys(zframe):
     json.dumps(doc, allow_nan=False)
     assert set(doc) == {"schema", "from_frame", "to_frame", "space", "units", "matrix_robot_to_ct_ras", "qa", "source"}
     assert doc["qa"]["passed"] is True and doc["from_frame"] == "ROBOT" and doc["space"] == "RAS"
+
+
+def test_two_equally_good_poses_are_refused_even_without_the_model_check(zframe, monkeypatch):
+    """The fit itself notices a frame that two poses explain (here the symmetric layout, model check bypassed)."""
+    import TrajectoryPlannerLib.calibration.frame_fit as ff
+
+    d = zframe.to_dict()
+    d["tubes"][5]["start"], d["tubes"][5]["end"] = [-30.0, 30.0, 30.0], [-30.0, -30.0, -30.0]
+    sym = parse_model(d)
+    monkeypatch.setattr(ff, "model_symmetries", lambda model, tol_mm=1.0: [])
+    ct, _ = calibration_ct(0, sym, pixel_mm=1.0, slice_mm=2.0)
+    with pytest.raises(CalibrationError, match="two different poses"):
+        ff.calibrate_from_ct(ct, sym, TARGET)

@@ -137,11 +137,16 @@ def _rotvec_matrix(w: np.ndarray) -> np.ndarray:
     return np.eye(3) + math.sin(th) * kx + (1 - math.cos(th)) * (kx @ kx)
 
 
+def _cross(a, b) -> np.ndarray:
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+
 def _frame(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    a = u / np.linalg.norm(u)
-    w = np.cross(a, v)
-    w /= np.linalg.norm(w)
-    return np.stack([a, w, np.cross(a, w)], 1)
+    """Orthonormal frame (columns) from a direction u and a second, non-parallel direction v."""
+    a = u / math.sqrt(float(u @ u))
+    w = _cross(a, v)
+    w = w / math.sqrt(float(w @ w))
+    return np.stack([a, w, _cross(a, w)], 1)
 
 
 def _closest_midpoint(p1, d1, p2, d2) -> np.ndarray:
@@ -198,7 +203,10 @@ def _candidate_voxels(ct: RasVolume, model: FrameModel):
     clab, cn = ndimage.label(ndimage.binary_dilation(cand, iterations=1) & ~body, structure=np.ones((3, 3, 3), bool))
     kjis, valss = [], []
     shape = np.array(ct.shape_kji)
-    for sl in ndimage.find_objects(clab):
+    cpeak = ndimage.maximum(bm, clab, index=np.arange(1, cn + 1)) if cn else []
+    for n_c, sl in enumerate(ndimage.find_objects(clab)):
+        if sl is None or cpeak[n_c] < model.hu_min:
+            continue  # nothing in this region reaches a fiducial's CT number (table, streaks)
         lo = np.array([s.start for s in sl]) * step
         hi = np.minimum(np.array([s.stop for s in sl]) * step, shape)
         sub = ct.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
@@ -254,21 +262,23 @@ def _extract_tubes(pts: np.ndarray, w: np.ndarray, model: FrameModel, spacing: n
     for _ in range(3 * len(model.tubes)):
         if len(remaining) < 20:
             break
-        cand = remaining if len(remaining) <= 4000 else rng.choice(remaining, 4000, replace=False)
+        cand = remaining if len(remaining) <= 1500 else rng.choice(remaining, 1500, replace=False)
         P = pts[cand]
-        best, best_n = None, 0
-        for _trial in range(300):
-            i, j = rng.integers(0, len(P), 2)
-            d = P[j] - P[i]
-            n = np.linalg.norm(d)
-            if n < min_len / 2:
-                continue
-            d = d / n
-            inl = _line_dist(P, P[i], d) <= tol
-            c = int(inl.sum())
-            if c > best_n:
-                best_n, best = c, (P[i], d)
-        if best is None or best_n < 20:
+        # 200 two-point line hypotheses scored at once against the sample
+        ij = rng.integers(0, len(P), (200, 2))
+        d = P[ij[:, 1]] - P[ij[:, 0]]
+        n = np.linalg.norm(d, axis=1)
+        ok = n >= min_len / 2
+        if not ok.any():
+            break
+        a0, d = P[ij[ok, 0]], d[ok] / n[ok, None]
+        q = P[None, :, :] - a0[:, None, :]                           # (hyp, points, 3)
+        along = np.einsum("hpk,hk->hp", q, d)
+        dist2 = np.einsum("hpk,hpk->hp", q, q) - along ** 2
+        counts = (dist2 <= tol * tol).sum(1)
+        h = int(np.argmax(counts))
+        best_n, best = int(counts[h]), (a0[h], d[h])
+        if best_n < 20:
             break
         # refine on all remaining points: PCA of inliers, twice
         a, d = best
@@ -338,13 +348,19 @@ def _partial_volume_axis(ct: RasVolume, tube: Fiducial, radius_mm: float) -> np.
     d = tube.direction
     s_all = (tube.points - a) @ d
     p0, p1 = a + s_all.min() * d, a + s_all.max() * d
-    ijk = ct.ras_to_ijk_points(np.array([p0, p1]))
-    pad = np.ceil(reach / sp).astype(int) + 1
-    lo = np.maximum(np.floor(ijk.min(0)).astype(int) - pad, 0)
-    hi = np.minimum(np.ceil(ijk.max(0)).astype(int) + pad + 1, np.array(ct.shape_kji)[::-1])
-    sub = ct.array[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]].astype(np.float32)
-    kk, jj, ii = np.mgrid[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]]
-    pts = ct.kji_to_ras_points(np.stack([kk.ravel(), jj.ravel(), ii.ravel()], 1).astype(float))
+    # voxels within reach of the axis: small index cubes marched along it (not the segment's whole bounding box)
+    steps = np.linspace(0.0, 1.0, max(int(np.ceil(np.linalg.norm(p1 - p0) / reach)) + 1, 2))
+    centres = np.rint(ct.ras_to_ijk_points(p0 + steps[:, None] * (p1 - p0))).astype(int)  # (i, j, k)
+    half = np.ceil(reach / sp).astype(int) + 1
+    offs = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), -1).reshape(-1, 3)
+    cand = (centres[:, None, :] + offs[None]).reshape(-1, 3)
+    shape_ijk = np.array(ct.shape_kji)[::-1]
+    cand = cand[np.all((cand >= 0) & (cand < shape_ijk), axis=1)]
+    flat = np.unique(np.ravel_multi_index((cand[:, 2], cand[:, 1], cand[:, 0]), ct.shape_kji))
+    kk, jj, ii = np.unravel_index(flat, ct.shape_kji)
+    cand = np.stack([ii, jj, kk], 1)
+    sub = ct.array[cand[:, 2], cand[:, 1], cand[:, 0]].astype(np.float32)
+    pts = ct.ijk_to_ras_points(cand.astype(float))
     w = np.clip(sub.ravel() + 1000.0, 0.0, None)
     s = (pts - a) @ d
     # keep clear of the ends, where a frame's tubes meet and the neighbour's voxels fall in the same cylinder
@@ -529,9 +545,13 @@ def predicted_target_error(result: CalibrationResult, target_ras, samples: int =
     rng = np.random.default_rng(seed)
     x = rng.multivariate_normal(np.zeros(6), cov, size=samples, method="eigh")
     c = result.centre_ras
-    errs = np.empty(samples)
-    for n in range(samples):
-        errs[n] = np.linalg.norm(_rotvec_matrix(x[n, :3]) @ (p - c) + c + x[n, 3:] - p)
+    # Rodrigues for every sample at once: R v = v cos th + (k x v) sin th + k (k.v)(1 - cos th)
+    v = p - c
+    th = np.linalg.norm(x[:, :3], axis=1)
+    k = np.divide(x[:, :3], th[:, None], out=np.zeros_like(x[:, :3]), where=th[:, None] > 1e-15)
+    rv = (v[None] * np.cos(th)[:, None] + np.cross(k, v[None]) * np.sin(th)[:, None]
+          + k * (k @ v)[:, None] * (1 - np.cos(th))[:, None])
+    errs = np.linalg.norm(rv + x[:, 3:] - v[None], axis=1)
     fit95 = float(np.percentile(errs, 95))
     return float(math.hypot(fit95, 2.0 * result.model.tolerance_mm))
 
