@@ -180,12 +180,12 @@ def test_a_tube_missing_from_the_scan_is_refused_by_name(zframe):
     """Six of seven tubes fit a pose well; the seventh's absence must still stop the calibration."""
     ct, truth = calibration_ct(4, zframe, pixel_mm=1.0, slice_mm=2.0)
     d = zframe.to_dict()
-    # erase the frame, then draw it again without D2
+    # erase the frame, then draw it again without E1
     corners = np.array([tb[k] for tb in d["tubes"] for k in ("start", "end")]) @ truth[:3, :3].T + truth[:3, 3]
     ijk = ct.ras_to_ijk_points(np.vstack([corners.min(0) - 8, corners.max(0) + 8]))
     lo, hi = np.floor(ijk.min(0)).astype(int), np.ceil(ijk.max(0)).astype(int) + 1
     hu = ct.array.astype(np.float32)
     hu[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = -1000.0
-    render_frame(hu, ct, parse_model({**d, "tubes": [tb for tb in d["tubes"] if tb["name"] != "D2"]}), truth)
-    with pytest.raises(CalibrationError, match="missing D2"):
+    render_frame(hu, ct, parse_model({**d, "tubes": [tb for tb in d["tubes"] if tb["name"] != "E1"]}), truth)
+    with pytest.raises(CalibrationError, match="missing E1"):
         calibrate_from_ct(ct.with_array(np.round(hu).astype(np.int16)), zframe, TARGET)
