@@ -36,7 +36,7 @@ from SmartBiopsyCoreLib.errors import InputDataError, SmartBiopsyError
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("load", "fuse", "characterise", "plan", "robot", "sample", "record", "scene", "report")
+STAGES = ("load", "fuse", "characterise", "plan", "calibrate", "robot", "sample", "record", "scene", "report")
 
 
 def _json_default(o):
@@ -106,6 +106,7 @@ class RunOptions:
     write_confirm_ct: bool = True
     dce_baseline_frames: int | None = None       # DCE: baseline frames (None: before bolus arrival)
     dce_post_time_s: float | None = None         # DCE: post-contrast time from the first frame (None: peak)
+    robot_frame_model: str = ""                  # fiducial-frame model of the robot in the planning CT ("" = none)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
     run = CaseRun(out, inputs, options)
     progress_factory = progress_factory or (lambda name: (lambda f, m: None))
     stage_funcs = {"load": _stage_load, "fuse": _stage_fuse, "characterise": _stage_characterise,
-                   "plan": _stage_plan, "robot": _stage_robot, "sample": _stage_sample, "record": _stage_record,
+                   "plan": _stage_plan, "calibrate": _stage_calibrate, "robot": _stage_robot, "sample": _stage_sample, "record": _stage_record,
                    "scene": _stage_scene, "report": _stage_report}
     failure: StageFailed | None = None
     for name in STAGES:
@@ -474,6 +475,39 @@ def _registration_qa_for_robot(fusion) -> dict:
     return fusion.report.to_dict()
 
 
+def _stage_calibrate(run: CaseRun, progress, should_cancel) -> str:
+    """Robot-to-CT calibration from the robot's fiducial frame in the planning CT (robot/calibration/)."""
+    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
+    from TrajectoryPlannerLib.calibration.calibration_file import write_calibration
+    from TrajectoryPlannerLib.calibration.frame_fit import calibrate_from_ct
+    from TrajectoryPlannerLib.calibration.picture import write_calibration_picture
+
+    if not run.options.robot_frame_model:
+        return "skipped (no robot fiducial frame model given)"
+    model = load_model(run.options.robot_frame_model)
+    targets = {t.target: list(t.target_ras) for t in run.results["best_trajectories"]}
+    result = calibrate_from_ct(run.inputs.ct, model, targets, progress=lambda f, m: progress(0.9 * f, m),
+                               should_cancel=should_cancel)
+    d = run.out / "robot" / "calibration"
+    write_calibration(result, d)
+    write_calibration_picture(run.inputs.ct, result, d / "calibration.png")
+    run.results["calibration"] = result
+    worst = max(result.target_errors.values()) if result.target_errors else float("nan")
+    msg = (f"{model.name}: {len(result.residuals_mm)} fiducials, residual RMS {result.rms_mm:.2f} mm, predicted "
+           f"error at targets <= {worst:.2f} mm (95 %)")
+    truth = getattr(run.inputs.truth, "robot_to_ct", None)
+    if truth is not None:
+        c = model.centre
+        m = result.matrix_robot_to_ct_ras
+        err = float(np.linalg.norm(m[:3, :3] @ c + m[:3, 3] - (truth[:3, :3] @ c + truth[:3, 3])))
+        write_json(d / "truth_check.json", {"frame_centre_error_mm": err, "simulated": True})
+        msg += f"; {err:.2f} mm from the simulated truth"
+    if not result.passed:
+        failed = ", ".join(k for k, c in result.checks.items() if not c["passed"])
+        raise SmartBiopsyError(f"the robot calibration failed its QA ({failed}); see robot/calibration/calibration_qa.json")
+    return msg
+
+
 def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
     from TrajectoryPlannerLib.robot.protocol import RobotPlan, RobotSession
     from TrajectoryPlannerLib.robot.simulator import RobotSimulator, Workspace
@@ -488,12 +522,24 @@ def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
         "trajectories": [{"name": t.target, "region": t.region or t.target, "entry_ras": list(t.entry_ras),
                           "target_ras": list(t.target_ras)} for t in best],
         "registration_qa": _registration_qa_for_robot(fusion)})
-    # the simulated robot works in CT RAS coordinates: stated explicitly (and logged), never a silent identity
-    plan.state_robot_frame_ct("the demo (the simulated robot works in CT coordinates)")
+    calibration = run.results.get("calibration")
+    if calibration is not None:
+        # the robot-to-CT calibration computed from the robot's fiducial frame (calibrate stage), validated again
+        from TrajectoryPlannerLib.robot.calibration_io import calibration_from_dict
+
+        plan.use_calibration(calibration_from_dict(calibration.to_dict(), "the computed robot calibration"))
+    elif run.inputs.synthetic:
+        # a simulated robot without a frame in the scan works in CT RAS: stated explicitly and logged
+        plan.state_robot_frame_ct("the demo (the simulated robot works in CT coordinates)")
+    else:
+        raise SmartBiopsyError("no robot calibration: give the robot's fiducial frame model (--robot-frame-model) so "
+                               "the run can calibrate the robot from the planning CT")
     if not run.options.auto_confirm:
         raise SmartBiopsyError("the robot session needs the operator's confirmation of the plan; "
                                "rerun with --confirm after reviewing plan/plan.json")
     centre = np.mean([t.target_ras for t in best], axis=0)
+    if plan.calibration_matrix is not None:
+        centre = (np.linalg.inv(plan.calibration_matrix) @ np.append(centre, 1.0))[:3]  # the workspace is in robot coordinates
     ws = Workspace(lower_mm=tuple(centre - 250.0), upper_mm=tuple(centre + 250.0))
     sim = RobotSimulator(0, "127.0.0.1", workspace=ws, speed_mm_s=400.0, log_path=d / "robot_side.jsonl").start()
     try:

@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+#: the simulated robot's fiducial frame, placed in the phantom CT and calibrated by the demo
+DEMO_ROBOT_FRAME = "zframe-7tube"
+
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,9 @@ def register(subparsers) -> None:
     r.add_argument("--robot", choices=("simulator", "none"), default="none",
                    help="send the plan to the robot simulator (needs --confirm) or stop before the robot")
     r.add_argument("--confirm", action="store_true", help="the operator confirms the plan for the robot")
+    r.add_argument("--robot-frame-model", default="",
+                   help="the robot's fiducial frame in the planning CT (built-in model name or model JSON): the run "
+                        "computes the robot-to-CT calibration from it before the robot step")
     r.add_argument("--operator", default="operator")
     r.add_argument("--out", required=True)
     r.set_defaults(func=run_user)
@@ -80,7 +86,7 @@ def run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bar = ProgressBar("phantom")
-    case = generate_phantom(args.seed, progress=lambda f, m: bar(0.7 * f, m))
+    case = generate_phantom(args.seed, progress=lambda f, m: bar(0.7 * f, m), robot_frame=DEMO_ROBOT_FRAME)
     src = out / "phantom"
     case.write(src, dicom=args.dicom, progress=lambda f, m: bar(0.7 + 0.3 * f, m))
     bar(1.0, f"seed {args.seed}")
@@ -109,7 +115,8 @@ def run_demo(args) -> int:
                         t1_post=mri["t1_post"], tumour=tumour, risk_labelmaps=[(labels, PHANTOM_RISK_LABELS)],
                         synthetic=True, source=f"digital phantom seed {args.seed}", truth=case.truth)
     options = RunOptions(refine=not args.no_refine, notch_mode=args.notch_mode, operator="demo operator",
-                         auto_confirm=True, robot="simulator", synthetic_pathology=True, seed=args.seed)
+                         auto_confirm=True, robot="simulator", synthetic_pathology=True, seed=args.seed,
+                         robot_frame_model=DEMO_ROBOT_FRAME)
     run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
     _print_summary(run, extra=[("phantom", t_phantom, f"seed {args.seed}, written to {src}"),
                                ("read back", t_load, "volumes read back from " + ("DICOM" if args.dicom else "NRRD"))])
@@ -188,7 +195,8 @@ def _run_user_loaded(args, out, vols, intake) -> int:
                         dce=vols.get("dce"), map_transforms=map_transforms, intake=intake)
     options = RunOptions(needle=args.needle, planning_mode=args.mode, notch_mode=args.notch_mode,
                          operator=args.operator, auto_confirm=bool(args.confirm), robot=args.robot,
-                         dce_baseline_frames=args.dce_baseline_frames, dce_post_time_s=args.dce_post_time)
+                         dce_baseline_frames=args.dce_baseline_frames, dce_post_time_s=args.dce_post_time,
+                         robot_frame_model=args.robot_frame_model)
     try:
         run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
     except StageFailed as exc:

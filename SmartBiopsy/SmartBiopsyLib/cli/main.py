@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cmd_register",
     "cmd_characterise",
     "cmd_plan",
+    "cmd_calibrate",
     "cmd_robot",
     "cmd_sample",
     "cmd_specimens",

@@ -447,9 +447,13 @@ class PhantomTruth:
     deformation: bool = False
     anatomy: dict = field(default_factory=dict)
     habitat_values: dict = field(default_factory=dict)
+    robot_to_ct: np.ndarray | None = None        # the robot's fiducial frame pose (robot frame -> CT RAS)
+    robot_frame_model: str | None = None
 
     def to_dict(self) -> dict:
-        return {
+        robot = {} if self.robot_to_ct is None else {
+            "robot_to_ct_ras": np.asarray(self.robot_to_ct).tolist(), "robot_frame_model": self.robot_frame_model}
+        return {**robot, 
             "mri_to_ct_ras": self.mri_to_ct.tolist(),
             "capsules_ct_ras": self.capsules_ct.tolist(),
             "capsules_mri_ras": self.capsules_mri.tolist(),
@@ -544,6 +548,26 @@ def _ct_grid() -> RasVolume:
     return RasVolume(np.zeros(shape_kji, np.int16), make_grid(origin, spacing, shape_kji), "CT")
 
 
+def _add_robot_frame(seed: int, anat: Anatomy, ct: RasVolume, cls: np.ndarray, hu: np.ndarray, model_name: str):
+    """Extend the CT anteriorly (air) to hold the robot's fiducial frame and draw it at a seeded pose above the
+    tumour side of the abdomen; returns (grid, classes, HU, robot->CT pose)."""
+    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
+    from SmartBiopsyCoreLib.phantom.robot_frame import render_frame, seeded_frame_pose
+
+    model = load_model(model_name)
+    anchor = np.array([anat.side * 40.0, anat.body_b + 68.0, float(anat.tumour_centre[2])])
+    pose = seeded_frame_pose(seed, model, anchor)
+    top = anat.body_b + 68.0 + 75.0
+    y_max = ct.ijk_to_ras_points(np.array([[0.0, ct.shape_kji[1] - 1, 0.0]]))[0, 1]
+    extra = max(int(np.ceil((top - y_max) / ct.spacing[1])), 0)
+    nk, nj, ni = ct.shape_kji
+    grid = RasVolume(np.zeros((nk, nj + extra, ni), np.int16), ct.ijk_to_ras.copy(), "CT")
+    cls = np.concatenate([cls, np.full((nk, extra, ni), T["air"], cls.dtype)], axis=1)
+    hu = np.concatenate([hu, np.full((nk, extra, ni), _PROPS[T["air"], P_HU], np.float32)], axis=1)
+    render_frame(hu, grid, model, pose)
+    return grid, cls, hu, pose
+
+
 def _mri_pose(rng: np.random.Generator) -> np.ndarray:
     """A random rigid MRI->CT pose: rotation up to ~6 degrees, translation up to ~20 mm."""
     axis = rng.normal(size=3)
@@ -574,20 +598,23 @@ _CACHE_MAX = 4
 
 
 def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, should_cancel=None,
-                     ct_noise_hu: float = 10.0, mri_noise: float = 0.012, cache: bool = True) -> PhantomCase:
+                     ct_noise_hu: float = 10.0, mri_noise: float = 0.012, cache: bool = True,
+                     robot_frame: str | None = None) -> PhantomCase:
     """Generate the phantom case for ``seed`` (deterministic). See the module docstring.
 
     Noise levels: CT Gaussian ``ct_noise_hu``; MRI Rician with sigma = ``mri_noise`` x the 95th
     percentile of the body signal of each series. With ``cache`` (default) the last few cases are kept
     in memory and returned again for the same arguments; their arrays are read-only (copy before
-    modifying).
+    modifying). ``robot_frame``: a fiducial-frame model name (e.g. "zframe-7tube") to place the robot's
+    frame at a seeded pose anterior to the abdomen; the CT's field of view then extends anteriorly to hold it
+    and the truth records the pose (``robot_to_ct``).
     """
-    key = (int(seed), bool(deformation), float(ct_noise_hu), float(mri_noise))
+    key = (int(seed), bool(deformation), float(ct_noise_hu), float(mri_noise), robot_frame)
     if cache and key in _CACHE:
         if progress:
             progress(1.0, "phantom ready (cached)")
         return _CACHE[key]
-    case = _generate(int(seed), deformation, progress, should_cancel, ct_noise_hu, mri_noise)
+    case = _generate(int(seed), deformation, progress, should_cancel, ct_noise_hu, mri_noise, robot_frame)
     if cache:
         _freeze(case)
         if len(_CACHE) >= _CACHE_MAX:
@@ -605,7 +632,7 @@ def _freeze(case: PhantomCase) -> None:
         a.setflags(write=False)
 
 
-def _generate(seed, deformation, progress, should_cancel, ct_noise_hu, mri_noise) -> PhantomCase:
+def _generate(seed, deformation, progress, should_cancel, ct_noise_hu, mri_noise, robot_frame=None) -> PhantomCase:
     t0 = time.perf_counter()
     anat = Anatomy(seed)
     rng = np.random.default_rng(seed + 1000)
@@ -636,6 +663,9 @@ def _generate(seed, deformation, progress, should_cancel, ct_noise_hu, mri_noise
     cls[:, shell, :] = np.where(cls[:, shell, :] == T["air"], T["table"], cls[:, shell, :])
     hu = _PROPS[cls, P_HU].astype(np.float32)
     hu[:, core, :] = np.where(cls[:, core, :] == T["air"], -850.0, hu[:, core, :])
+    robot_to_ct = None
+    if robot_frame:
+        ct, cls, hu, robot_to_ct = _add_robot_frame(seed, anat, ct, cls, hu, robot_frame)
     # capsules: supersampled occupancy for sub-voxel accuracy
     _supersample_capsules(anat, ct, np.array([c for c, _ in anat.capsules]), [hu], [lambda c: _PROPS[c, P_HU]],
                           factor=(3, 3, 5))
@@ -686,7 +716,8 @@ def _generate(seed, deformation, progress, should_cancel, ct_noise_hu, mri_noise
         adc=truth_maps["adc"], ff=truth_maps["ff"], ef=truth_maps["ef"], mri_labels=mri_labels,
         mri_habitats=mri_hab, tumour_mask_mri=mri_grid.with_array((_LABEL_OF[centre_cls] == LABELS["tumour"]).astype(np.uint8), name="tumour"),
         tumour_volume_ml=float((ct_labels.array == LABELS["tumour"]).sum() * ct.voxel_volume_mm3 / 1000.0),
-        deformation=deformation, anatomy=anat.to_dict(),
+        deformation=deformation, anatomy=anat.to_dict(), robot_to_ct=robot_to_ct,
+        robot_frame_model=robot_frame or None,
         habitat_values={name: {"habitat": int(t[2]), "adc": t[5], "ff": t[6], "ef": t[8]}
                         for name, t in ((t[0], t) for t in _TISSUES) if t[0].startswith("tumour")},
     )

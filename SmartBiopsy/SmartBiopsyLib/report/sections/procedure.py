@@ -62,6 +62,7 @@ def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
                 out.append(f'<p class="note">timeline not drawn: {esc(exc)}</p>')
     else:
         out.append(na_note("Procedure log " + case.why("specimens", "specimens/procedure.json")))
+    out.append(_calibration(case))
     sess = case.json("robot/session.json")
     if isinstance(sess, dict):
         out.append(f"<p>Robot session: {'completed' if sess.get('completed') else 'NOT completed'}"
@@ -77,3 +78,30 @@ def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
     else:
         out.append(na_note("Robot session " + case.why("robot", "robot/session.json")))
     return "\n".join(out)
+
+
+def _calibration(case: CaseFolder) -> str:
+    """The robot-to-CT calibration computed from the robot's fiducial frame in the planning CT."""
+    import base64
+
+    qa = case.json("robot/calibration/calibration_qa.json")
+    if not isinstance(qa, dict):
+        return na_note("Robot calibration " + case.why("robot", "robot/calibration/calibration_qa.json"))
+    truth = case.json("robot/calibration/truth_check.json")
+    rows = [("fiducial frame", qa.get("model", "-")), ("fiducials found", qa.get("fiducials_found", "-")),
+            ("residual RMS (mm)", fmt_num(qa.get("residual_rms_mm"), 3)),
+            ("worst fiducial residual (mm)", fmt_num(max((qa.get("residual_mm_per_fiducial") or {}).values(), default=None), 3)),
+            ("predicted error at targets, 95 % (mm)",
+             ", ".join(f"{k} {fmt_num(v, 2)}" for k, v in (qa.get("predicted_error_p95_mm_at_targets") or {}).items()) or "-"),
+            ("QA", "PASSED" if qa.get("passed") is True else "FAILED")]
+    if isinstance(truth, dict) and truth.get("frame_centre_error_mm") is not None:
+        rows.append(("error against the simulated truth (mm)", fmt_num(truth["frame_centre_error_mm"], 3)))
+    parts = ["<p>Robot-to-CT calibration from the robot's fiducial frame in the planning CT:</p>",
+             html_table(("quantity", "value"), rows)]
+    png = case.root / "robot" / "calibration" / "calibration.png"
+    if png.is_file():
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        parts.append(f'<figure><img alt="robot calibration" src="data:image/png;base64,{data}" style="max-width:100%">'
+                     "<figcaption>Maximum-intensity projections around the frame with the fitted model and each "
+                     "fiducial's residual.</figcaption></figure>")
+    return "\n".join(parts)
