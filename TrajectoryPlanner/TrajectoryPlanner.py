@@ -27,6 +27,7 @@ HOMEPAGE = "https://github.com/smartbiopsy/SlicerSmartBiopsy"
 #: Needle catalogue names (TrajectoryPlannerLib.planning.needles.needle_names(); a static test keeps them equal).
 NEEDLES = ["15G/16G-16cm", "15G/16G-10cm", "17G/18G-10mm", "17G/18G-20mm", "17G/18G-endcut-20mm"]
 PHASES = ["START_UP", "CALIBRATION", "PLANNING", "TARGETING", "MOVE_TO_TARGET", "MANUAL"]
+FRAME_MODELS = ["zframe-7tube", "spheres-6"]
 
 
 #
@@ -69,6 +70,8 @@ class TrajectoryPlannerParameterNode:
     patientPosition - excludes the table-side skin.
     robotHost/robotPort - OpenIGTLink server of the robot; robotPhase - workphase to request.
     registrationTransform - approved MRI to CT transform (its QA verdict gates robot motion).
+    frameModel - the robot's fiducial frame in the CT (calibration); robotFrameIsCT - the operator states that
+    the robot works in CT coordinates instead (logged).
     """
 
     ctVolume: vtkMRMLScalarVolumeNode
@@ -86,6 +89,8 @@ class TrajectoryPlannerParameterNode:
     robotHost: str = "127.0.0.1"
     robotPort: Annotated[int, WithinRange(1, 65535)] = 18944
     robotPhase: Annotated[str, Choice(PHASES)] = "START_UP"
+    frameModel: Annotated[str, Choice(FRAME_MODELS)] = "zframe-7tube"
+    robotFrameIsCT: bool = False
 
 
 #
@@ -108,6 +113,7 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._lineNodes = []
         self._session = None
         self._statusTimer = None
+        self._calibration = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -125,6 +131,7 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.refreshRiskButton.connect("clicked(bool)", self.onRefreshRiskTable)
         self.ui.computeButton.connect("clicked(bool)", self.onCompute)
         self.ui.resliceButton.connect("clicked(bool)", self.onReslice)
+        self.ui.calibrateButton.connect("clicked(bool)", self.onCalibrate)
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.phaseButton.connect("clicked(bool)", self.onPhase)
         self.ui.sendTargetButton.connect("clicked(bool)", self.onSendTarget)
@@ -143,8 +150,13 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.removeObservers()
         if self._statusTimer:
             self._statusTimer.stop()
+        self._shutdownRobot()
+
+    def _shutdownRobot(self) -> None:
+        """Module exit, scene close and application close: STOP first when motion may be in progress."""
         if self._session is not None:
-            self._session.close()
+            if not self.logic.shutdownRobot(self._session):
+                slicer.util.errorDisplay(_("STOP was not acknowledged by the robot; stop the robot at its own console."))
             self._session = None
 
     def enter(self) -> None:
@@ -153,6 +165,7 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
+        self._shutdownRobot()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -160,6 +173,8 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def onSceneStartClose(self, caller, event) -> None:
         """Called just before the scene is closed."""
+        self._shutdownRobot()
+        self._calibration = None
         self.setParameterNode(None)
         self._result = None
 
@@ -290,17 +305,26 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 _("The robot bridge needs {pkgs}. Install now?").format(pkgs=", ".join(missing))):
             slicer.util.pip_install(" ".join(missing))
 
+    def onCalibrate(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The robot calibration failed."), waitCursor=True):
+            pn = self._parameterNode
+            self._calibration = None
+            result, _transform, _model = self.logic.calibrateRobot(pn.ctVolume, pn.frameModel, pn.targets)
+            self._appendRobotMessage(self.logic.calibrationText(result))
+            self._calibration = result if result.passed else None
+
     def onConnect(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not connect to the robot."), waitCursor=True):
             if self._session is not None:
-                self._session.close()
-                self._session = None
                 self._statusTimer.stop()
+                self._shutdownRobot()
             else:
                 self._ensureRequirements()
                 pn = self._parameterNode
+                statedBy = _("the operator at this workstation") if pn.robotFrameIsCT else ""
                 self._session = self.logic.connectRobot(pn.robotHost, pn.robotPort, self._result, pn.registrationTransform,
-                                                        os.path.join(slicer.app.temporaryPath, "robot_session.jsonl"))
+                                                        os.path.join(slicer.app.temporaryPath, "robot_session.jsonl"),
+                                                        calibration=self._calibration, robotFrameCTBy=statedBy)
                 self._statusTimer.start()
             self._checkCanApply()
 
@@ -415,10 +439,28 @@ class TrajectoryPlannerLogic(ScriptedLoadableModuleLogic):
 
     # robot panel: forwards to TrajectoryPlannerLib.logic (the protocol lives in TrajectoryPlannerLib.robot)
     @staticmethod
-    def connectRobot(host, port, result, transformNode, logPath):
+    def connectRobot(host, port, result, transformNode, logPath, calibration=None, robotFrameCTBy=""):
         from TrajectoryPlannerLib import logic
 
-        return logic.connect_robot(host, port, result, transformNode, logPath)
+        return logic.connect_robot(host, port, result, transformNode, logPath, calibration=calibration,
+                                   robot_frame_ct_by=robotFrameCTBy)
+
+    @staticmethod
+    def shutdownRobot(session) -> bool:
+        from TrajectoryPlannerLib import logic
+
+        return logic.shutdown_robot(session)
+
+    def calibrateRobot(self, ctNode, frameModel, targetsNode=None, progress=None, shouldCancel=None):
+        from TrajectoryPlannerLib import logic
+
+        return logic.calibrate_robot(self.scene, ctNode, frameModel, targetsNode, progress, shouldCancel)
+
+    @staticmethod
+    def calibrationText(result) -> str:
+        from TrajectoryPlannerLib import logic
+
+        return logic.calibration_text(result)
 
     @staticmethod
     def robotConnected(session) -> bool:

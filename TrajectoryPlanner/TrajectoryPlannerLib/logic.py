@@ -207,15 +207,79 @@ def robot_plan(result, transform_node):
         for name, t in best.items()], "registration_qa": qa})
 
 
-def connect_robot(host: str, port: int, result, transform_node, log_path):
-    """Open a robot session (log in ``log_path``) and load the plan; the caller owns and closes the session."""
+def calibrate_robot(scene, ct_node, model_name: str, targets_node=None, progress=None, should_cancel=None):
+    """Robot-to-CT calibration from the robot's fiducial frame in ``ct_node``.
+
+    Returns (CalibrationResult, transform node robot->CT, model node of the fitted frame under it); the nodes
+    are added to ``scene`` and owned by the caller. The predicted error is checked at the targets' points.
+    Raises CalibrationError (one sentence) when the frame is missing, partial, degenerate or ambiguous.
+    """
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
+    from TrajectoryPlannerLib.calibration.frame_fit import calibrate_from_ct
+    from TrajectoryPlannerLib.calibration.mrml import add_calibration_nodes
+
+    if ct_node is None:
+        raise TrajectoryPlannerError("Select the planning CT that shows the robot's fiducial frame.")
+    targets = {}
+    if targets_node is not None:
+        for i in range(targets_node.GetNumberOfControlPoints()):
+            p = [0.0, 0.0, 0.0]
+            targets_node.GetNthControlPointPositionWorld(i, p)
+            targets[targets_node.GetNthControlPointLabel(i) or f"T{i + 1}"] = p
+    result = calibrate_from_ct(volume_from_node(ct_node), load_model(model_name), targets,
+                               progress=progress, should_cancel=should_cancel)
+    tnode, mnode = add_calibration_nodes(scene, result)
+    return result, tnode, mnode
+
+
+def calibration_text(result) -> str:
+    """One line per fiducial and the verdict, for the robot panel's messages."""
+    qa = result.qa_dict()
+    lines = [f"calibration {qa['model']}: {qa['fiducials_found']} fiducials, residual RMS {qa['residual_rms_mm']:.3f} mm, "
+             f"QA {'PASSED' if qa['passed'] is True else 'FAILED'}"]
+    lines += [f"  {k}: residual {v:.3f} mm" for k, v in qa["residual_mm_per_fiducial"].items()]
+    lines += [f"  predicted error at {k}: {v:.2f} mm (95 %)" for k, v in qa["predicted_error_p95_mm_at_targets"].items()]
+    lines += [f"  check {k} failed" for k, c in qa["checks"].items() if not c["passed"]]
+    return "\n".join(lines)
+
+
+def connect_robot(host: str, port: int, result, transform_node, log_path, calibration=None,
+                  robot_frame_ct_by: str = ""):
+    """Open a robot session (log in ``log_path``), load the plan and set the robot frame; the caller owns and
+    closes the session.
+
+    The robot frame is either ``calibration`` (a CalibrationResult whose QA passed, validated again by the
+    robot bridge's reader) or the operator's explicit statement that the robot works in CT coordinates
+    (``robot_frame_ct_by`` names who states it; logged). Neither: refused before connecting.
+    """
+    from TrajectoryPlannerLib.robot.calibration_io import calibration_from_dict
     from TrajectoryPlannerLib.robot.protocol import RobotSession
 
     plan_ = robot_plan(result, transform_node)
+    if calibration is not None:
+        plan_.use_calibration(calibration_from_dict(calibration.to_dict(), "the robot calibration"))
+    elif str(robot_frame_ct_by or "").strip():
+        plan_.state_robot_frame_ct(robot_frame_ct_by)
+    else:
+        raise RobotBridgeError("There is no robot calibration: calibrate the robot from the CT (its QA must pass) "
+                               "or state that the robot works in CT coordinates.")
     session = RobotSession(host, int(port), log_path=str(log_path))
     session.connect()
     session.load_plan(plan_)
     return session
+
+
+def shutdown_robot(session) -> bool:
+    """Close the session, sending STOP first (acknowledgement awaited, bounded) when motion may be in progress.
+    For module exit and scene close; never raises. True when there was nothing to stop or STOP was
+    acknowledged."""
+    if session is None:
+        return True
+    moving = bool(getattr(session, "motion_possible", False))
+    acknowledged = session.emergency_stop(2.0) if moving else True
+    session.close(stop_if_moving=False)
+    return bool(acknowledged)
 
 
 def robot_connected(session) -> bool:
@@ -237,10 +301,14 @@ def send_target(session, name: str):
     return session.send_target(name, confirm=True)
 
 
-def robot_stop(session):
+def robot_stop(session) -> bool:
+    """STOP now (a new message id, reconnecting once if needed, acknowledgement awaited at most 2 s)."""
     if session is None:
         raise RobotBridgeError("No robot session is connected; stop the robot at its own console.")
-    return session.stop()
+    if not session.emergency_stop(2.0):
+        raise RobotBridgeError("STOP was sent but the robot did not acknowledge it within 2 s; stop the robot at "
+                               "its own console.")
+    return True
 
 
 def robot_emergency(session):
