@@ -115,6 +115,18 @@ def build_case(root: Path, pathology: bool = True, synthetic_case: bool = True) 
                              for i, t in enumerate(chosen)], completed=True, log_path="robot/session.jsonl")
     (root / "robot").mkdir(parents=True, exist_ok=True)
     (root / "robot" / "session.json").write_text(json.dumps(session.to_dict()))
+    # robot calibration: the frame fitted in a simulated calibration CT, written by the real writers
+    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
+    from SmartBiopsyCoreLib.phantom.robot_frame import calibration_ct
+    from TrajectoryPlannerLib.calibration.calibration_file import write_calibration
+    from TrajectoryPlannerLib.calibration.frame_fit import calibrate_from_ct
+    from TrajectoryPlannerLib.calibration.picture import write_calibration_picture
+
+    frame = load_model("spheres-6")
+    cal_ct, _ = calibration_ct(3, frame, pixel_mm=1.5, slice_mm=2.0)
+    cal = calibrate_from_ct(cal_ct, frame, {t["target"]: t["target_ras"] for t in chosen})
+    write_calibration(cal, root / "robot" / "calibration")
+    write_calibration_picture(cal_ct, cal, root / "robot" / "calibration" / "calibration.png")
     # sampling: needle 1 mm lateral of the plan, tip-distal notch sampled on the maps' own grid
     sdir = root / "sampling"
     all_values = {}

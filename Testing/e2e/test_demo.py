@@ -25,7 +25,8 @@ def demo_dir(tmp_path_factory):
 def test_demo_runs_every_stage(demo_dir):
     summary = json.loads((demo_dir / "summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
-    assert list(stages) == ["load", "fuse", "characterise", "plan", "robot", "sample", "record", "scene", "report"]
+    assert list(stages) == ["load", "fuse", "characterise", "plan", "calibrate", "robot", "sample", "record", "scene",
+                            "report"]
     assert all(s["status"] == "done" for s in stages.values()), stages
     assert summary["case"]["synthetic"] is True
     session = json.loads((demo_dir / "robot" / "session.json").read_text())
@@ -72,7 +73,10 @@ def test_scene_bundle_reloads_with_the_expected_nodes(demo_dir):
     assert {"A", "B", "C"} <= {n[:1] for n in names} or {"A", "B", "C"} <= names
     ct = scene.GetFirstNodeByName("Planning CT")
     from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
-    assert ct is not None and ct.GetImageData().GetDimensions() == generate_phantom(0).ct.array.shape[::-1]
+    from SmartBiopsyLib.cli.cmd_demo import DEMO_ROBOT_FRAME
+
+    shape = generate_phantom(0, robot_frame=DEMO_ROBOT_FRAME).ct.array.shape
+    assert ct is not None and ct.GetImageData().GetDimensions() == shape[::-1]
     sh = scene.GetSubjectHierarchyNode()
     folders = {sh.GetItemName(sh.GetItemByPositionUnderParent(sh.GetSceneItemID(), i))
                for i in range(sh.GetNumberOfItemChildren(sh.GetSceneItemID()))}

@@ -664,13 +664,20 @@ def _generate(seed, deformation, progress, should_cancel, ct_noise_hu, mri_noise
     hu = _PROPS[cls, P_HU].astype(np.float32)
     hu[:, core, :] = np.where(cls[:, core, :] == T["air"], -850.0, hu[:, core, :])
     robot_to_ct = None
+    nj0 = cls.shape[1]
     if robot_frame:
         ct, cls, hu, robot_to_ct = _add_robot_frame(seed, anat, ct, cls, hu, robot_frame)
     # capsules: supersampled occupancy for sub-voxel accuracy
     _supersample_capsules(anat, ct, np.array([c for c, _ in anat.capsules]), [hu], [lambda c: _PROPS[c, P_HU]],
                           factor=(3, 3, 5))
     hu = ndimage.gaussian_filter(hu, sigma=(0.35, 0.6, 0.6))
-    hu += rng.normal(0, ct_noise_hu, hu.shape).astype(np.float32)
+    noise = rng.normal(0, ct_noise_hu, (hu.shape[0], nj0, hu.shape[2])).astype(np.float32)
+    if hu.shape[1] > nj0:
+        # the robot frame's extra rows draw from their own stream: the rest of the case (MRI pose included)
+        # stays exactly what it is without the frame
+        extra = np.random.default_rng(seed + 7000).normal(0, ct_noise_hu, (hu.shape[0], hu.shape[1] - nj0, hu.shape[2]))
+        noise = np.concatenate([noise, extra.astype(np.float32)], axis=1)
+    hu += noise
     ct = ct.with_array(np.clip(np.round(hu), -1024, 3071).astype(np.int16), name="CT", modality="CT", units="HU")
     ct_labels = ct.with_array(_LABEL_OF[cls], name="CT labels")
     ct_hab = ct.with_array(_HABITAT_OF[cls], name="CT habitats")

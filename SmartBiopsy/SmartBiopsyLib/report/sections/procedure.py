@@ -62,7 +62,7 @@ def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
                 out.append(f'<p class="note">timeline not drawn: {esc(exc)}</p>')
     else:
         out.append(na_note("Procedure log " + case.why("specimens", "specimens/procedure.json")))
-    out.append(_calibration(case))
+    out.append(_calibration(case, figs))
     sess = case.json("robot/session.json")
     if isinstance(sess, dict):
         out.append(f"<p>Robot session: {'completed' if sess.get('completed') else 'NOT completed'}"
@@ -80,10 +80,8 @@ def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
     return "\n".join(out)
 
 
-def _calibration(case: CaseFolder) -> str:
+def _calibration(case: CaseFolder, figs: FigureStore) -> str:
     """The robot-to-CT calibration computed from the robot's fiducial frame in the planning CT."""
-    import base64
-
     qa = case.json("robot/calibration/calibration_qa.json")
     if not isinstance(qa, dict):
         return na_note("Robot calibration " + case.why("robot", "robot/calibration/calibration_qa.json"))
@@ -100,8 +98,6 @@ def _calibration(case: CaseFolder) -> str:
              html_table(("quantity", "value"), rows)]
     png = case.root / "robot" / "calibration" / "calibration.png"
     if png.is_file():
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        parts.append(f'<figure><img alt="robot calibration" src="data:image/png;base64,{data}" style="max-width:100%">'
-                     "<figcaption>Maximum-intensity projections around the frame with the fitted model and each "
-                     "fiducial's residual.</figcaption></figure>")
+        parts.append(figs.embed_file(png, "robot_calibration", "Maximum-intensity projections around the robot's "
+                                     "fiducial frame with the fitted model and each fiducial's residual."))
     return "\n".join(parts)
