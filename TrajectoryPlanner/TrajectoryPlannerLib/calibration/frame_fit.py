@@ -3,7 +3,9 @@
 Pipeline (CT in HU on its RasVolume grid; every point RAS mm; the result maps robot-frame points to CT RAS):
 
 1. Candidates. Voxels brighter than halfway between air and the model's nominal CT number, outside the
-   patient (the body is the largest connected region above -300 HU on a coarse grid, holes filled).
+   patient (the body is the largest connected region above -300 HU on a coarse grid, holes filled), found
+   first on a sparse sampling finer than the smallest fiducial and then read at full resolution only in
+   boxes around them (metal, brighter than any fiducial, is left out).
    Connected groups whose peak is outside the model's ``ct_intensity_hu`` range are dropped (table, metal).
 2. Fiducials. Tubes: straight segments extracted one by one by RANSAC (a frame's tubes touch at its
    corners, so one connected group can hold several tubes); each segment becomes points on its axis
@@ -44,6 +46,7 @@ COARSE_MM = 4.0           # coarse grid for the body mask
 PARALLEL_DEG = 8.0        # two tubes closer than this are treated as parallel
 ANGLE_TOL_DEG = 6.0       # a detected tube pair matches a model pair when their angles agree this well
 INLIER_MM = 1.5           # a detected axis point explains a model tube when this close (hypothesis scoring)
+GAP_TOL_MM = 3.0          # a detected tube pair matches a model pair when their lines' shortest distances agree
 
 
 class CalibrationError(TrajectoryPlannerError):
@@ -173,49 +176,57 @@ def _line_dist(p: np.ndarray, a: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 
 # ================================================================================ 1. candidates
-def _block_max(a: np.ndarray, step) -> np.ndarray:
-    """Maximum over blocks of ``step`` voxels (k, j, i), the array padded with its minimum at the far edges."""
-    pad = [(0, (-n) % s) for n, s in zip(a.shape, step)]
-    if any(p[1] for p in pad):
-        a = np.pad(a, pad, constant_values=a.min())
-    nk, nj, ni = a.shape
-    return a.reshape(nk // step[0], step[0], nj // step[1], step[1], ni // step[2], step[2]).max(axis=(1, 3, 5))
-
-
 def _candidate_voxels(ct: RasVolume, model: FrameModel):
     """(kji indices (N, 3), HU (N,), threshold) of bright voxels outside the patient whose connected region has
-    a peak in the model's range. Works on a coarse block grid first, so the cost hardly depends on pixel size."""
+    a peak in the model's range.
+
+    Reads the full grid only at two sparse samplings (the body on a ~4 mm grid; candidates on a grid finer than
+    the smallest fiducial, so none can fall between samples) and then only the boxes around candidates at full
+    resolution, so the cost hardly depends on the pixel size.
+    """
     thr = 0.5 * (model.hu_nominal + (-1000.0))
-    step = tuple(int(v) for v in np.maximum(np.round(COARSE_MM / ct.spacing[::-1]).astype(int), 1))  # k, j, i
-    bm = _block_max(ct.array, step)
+    sp = ct.spacing[::-1]  # k, j, i
+    step = tuple(int(v) for v in np.maximum(np.round(COARSE_MM / sp).astype(int), 1))
     # the body from a sparse sample of the grid, opened so that thin bright things outside it (the frame's
     # tubes, streak artefacts) neither join it nor connect the frame to it
-    sample = ct.array[::step[0], ::step[1], ::step[2]][:bm.shape[0], :bm.shape[1], :bm.shape[2]] > BODY_HU
-    sample = np.pad(sample, [(0, b - s) for b, s in zip(bm.shape, sample.shape)])
+    sample = ct.array[::step[0], ::step[1], ::step[2]] > BODY_HU
     lab, n = ndimage.label(ndimage.binary_opening(sample, iterations=1))
     if n:
         sizes = np.bincount(lab.ravel())
         sizes[0] = 0
         body = ndimage.binary_dilation(ndimage.binary_fill_holes(lab == int(np.argmax(sizes))), iterations=1)
     else:
-        body = np.zeros(bm.shape, bool)
-    cand = (bm >= thr) & ~body
-    clab, cn = ndimage.label(ndimage.binary_dilation(cand, iterations=1) & ~body, structure=np.ones((3, 3, 3), bool))
-    kjis, valss = [], []
+        body = np.zeros(sample.shape, bool)
+    # candidates on a grid whose pitch is 0.7 of the smallest fiducial's diameter
+    r_min = min(f.radius_mm for f in (model.tubes or model.spheres))
+    cstep = tuple(int(v) for v in np.maximum(np.floor(1.4 * r_min / sp).astype(int), 1))
+    cs = ct.array[::cstep[0], ::cstep[1], ::cstep[2]]
+    ck, cj, ci = (np.arange(n_) * s_ // b_ for n_, s_, b_ in zip(cs.shape, cstep, step))
+    in_body = body[np.ix_(np.minimum(ck, body.shape[0] - 1), np.minimum(cj, body.shape[1] - 1),
+                          np.minimum(ci, body.shape[2] - 1))]
+    cand = (cs >= thr) & ~in_body
+    clab, cn = ndimage.label(ndimage.binary_dilation(cand, iterations=1), structure=np.ones((3, 3, 3), bool))
+    # a region none of whose samples comes near a fiducial's CT number is the table or a streak: not read
+    cpeak = ndimage.maximum(np.where(cand, cs, -1024), clab, index=np.arange(1, cn + 1)) if cn else []
+    coarse_peak_min = thr + 0.6 * (model.hu_min - thr)
     shape = np.array(ct.shape_kji)
-    cpeak = ndimage.maximum(bm, clab, index=np.arange(1, cn + 1)) if cn else []
+    boxes = []
     for n_c, sl in enumerate(ndimage.find_objects(clab)):
-        if sl is None or cpeak[n_c] < model.hu_min:
-            continue  # nothing in this region reaches a fiducial's CT number (table, streaks)
-        lo = np.array([s.start for s in sl]) * step
-        hi = np.minimum(np.array([s.stop for s in sl]) * step, shape)
+        if sl is None or cpeak[n_c] < coarse_peak_min:
+            continue
+        lo = np.maximum((np.array([s.start for s in sl]) - 1) * cstep, 0)
+        hi = np.minimum((np.array([s.stop for s in sl]) + 1) * cstep, shape)
+        boxes.append((lo, hi))
+    kjis, valss = [], []
+    for lo, hi in boxes:
         sub = ct.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
         # metal (brighter than any fiducial) is not a candidate, so its streaks cannot join it to the frame
         idx = np.nonzero((sub >= thr) & (sub <= model.hu_max))
         if idx[0].size == 0:
             continue
         kji = np.stack(idx, 1) + lo
-        inside = body[kji[:, 0] // step[0], kji[:, 1] // step[1], kji[:, 2] // step[2]]
+        inside = body[np.minimum(kji[:, 0] // step[0], body.shape[0] - 1), np.minimum(kji[:, 1] // step[1], body.shape[1] - 1),
+                      np.minimum(kji[:, 2] // step[2], body.shape[2] - 1)]
         kjis.append(kji[~inside])
         valss.append(sub[idx][~inside].astype(np.float32))
     if not kjis or sum(len(k) for k in kjis) == 0:
@@ -373,9 +384,24 @@ def _partial_volume_axis(ct: RasVolume, tube: Fiducial, radius_mm: float) -> np.
 
 
 # ================================================================================ 3. hypotheses
+def _line_gaps(points, dirs: np.ndarray) -> np.ndarray:
+    """Shortest distance between every pair of infinite lines (point, unit direction); parallel pairs: inf."""
+    n = len(dirs)
+    out = np.full((n, n), np.inf)
+    for i in range(n):
+        for j in range(n):
+            c = _cross(dirs[i], dirs[j])
+            nc = math.sqrt(float(c @ c))
+            if nc > 1e-6:
+                out[i, j] = abs(float((np.asarray(points[j]) - np.asarray(points[i])) @ c)) / nc
+    return out
+
+
 def _tube_hypotheses(det: list[Fiducial], model: FrameModel):
     mt = model.tubes
     mdir = np.array([t.direction for t in mt])
+    model_gap = _line_gaps([t.start for t in mt], mdir)
+    det_gap = _line_gaps([f.centre for f in det], np.array([f.direction for f in det]))
     hyps = []
     cos_par = math.cos(math.radians(PARALLEL_DEG))
     for i, j in itertools.combinations(range(len(det)), 2):
@@ -389,6 +415,8 @@ def _tube_hypotheses(det: list[Fiducial], model: FrameModel):
                 continue
             if abs(math.degrees(math.acos(min(1.0, abs(cab)))) - ang_det) > ANGLE_TOL_DEG:
                 continue
+            if abs(model_gap[a, b] - det_gap[i, j]) > GAP_TOL_MM:
+                continue  # the two lines' shortest distance differs: not this pair of model tubes
             for s in (1.0, -1.0):
                 u = s * di
                 v = dj if (u @ dj) * cab >= 0 else -dj
