@@ -1,7 +1,7 @@
 """Build the case's Slicer scene from a finished (or partly finished) workflow run (MRML glue).
 
 Every node is named, coloured and placed in a subject-hierarchy folder: Images, Registration, Habitats,
-Plan, Sampling. MRI-derived volumes sit under the MRI->CT transform, so they overlay the CT when the
+Plan, Robot (the fitted calibration frame), Sampling. MRI-derived volumes sit under the MRI->CT transform, so they overlay the CT when the
 scene is opened in Slicer. Takes the scene explicitly; returns the number of nodes per class.
 """
 from __future__ import annotations
@@ -97,6 +97,14 @@ def build_case_scene(scene, run) -> dict:
         f_plan = _folder(sh, "Plan")
         for node in _flatten(show_plan(scene, plan, skin_poly=res.get("skin_poly"))):
             _put(sh, node, f_plan)
+    calibration = res.get("calibration")
+    if calibration is not None:
+        # the robot's fitted fiducial frame under the robot-to-CT transform, in a Robot folder
+        from TrajectoryPlannerLib.calibration.mrml import add_calibration_nodes
+
+        f_cal = _folder(sh, "Robot")
+        for node in add_calibration_nodes(scene, calibration):
+            _put(sh, node, f_cal)
     samples = res.get("samples") or []
     if samples:
         from SmartBiopsyLib.sampling.mrml import add_sampling_nodes

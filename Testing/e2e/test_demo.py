@@ -64,7 +64,9 @@ def test_scene_bundle_reloads_with_the_expected_nodes(demo_dir):
     for cls, n in expected.items():
         assert scene.GetNumberOfNodesByClass(cls) == n, cls
     assert expected["vtkMRMLScalarVolumeNode"] >= 5          # CT, T2, ADC, FF, EF
-    assert expected["vtkMRMLLinearTransformNode"] == 1
+    assert expected["vtkMRMLLinearTransformNode"] == 2       # MRI -> CT and robot -> CT (calibration)
+    frame = scene.GetFirstNodeByName("zframe-7tube (fitted)")
+    assert frame is not None and frame.GetParentTransformNode().GetName() == "Robot to CT"
     assert expected["vtkMRMLSegmentationNode"] >= 1
     assert expected["vtkMRMLMarkupsROINode"] == 3            # one notch per target
     assert expected["vtkMRMLMarkupsLineNode"] >= 6           # trajectories + needles
