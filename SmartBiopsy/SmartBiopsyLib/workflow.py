@@ -258,8 +258,12 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
         return "transform supplied by the user (no capsule QA)"
     if i.mri_anatomical is None:
         raise InputDataError("no anatomical MRI (e.g. T2) was given for the capsule fusion; pass --t2 or a transform")
-    fusion = fuse_ct_mri(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
-                         should_cancel=should_cancel)
+    from RegistrationFusionLib.registration.pipeline import fuse_with_fallback  # < 3 capsule pairs: capsule-free
+
+    fusion = fuse_with_fallback(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
+                                should_cancel=should_cancel)
+    if getattr(fusion, "method", "capsules") == "intensity":
+        return _stage_fuse_intensity(run, fusion, d, progress)
     m = np.asarray(fusion.matrix, float)
     run.results["fusion"] = fusion
     run.results["mri_to_ct"] = m
@@ -280,6 +284,47 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     write_fusion_pictures(i.ct, t2_on_ct, centre, d)
     lm = fusion.landmark
     msg = f"{len(lm.used)} capsule pairs, FRE {lm.fre_mm:.2f} mm"
+    if i.truth is not None:
+        err = _truth_tre(i.truth, m)
+        run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
+        msg += f", true TRE {err:.2f} mm"
+    return msg
+
+
+def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
+    """Outputs of an accepted capsule-free fusion (a refused one has already raised with its reason).
+
+    ``run.results["fusion"]`` stays None as for a user-supplied transform (no capsule QA downstream);
+    the intensity-only result and its QA (error estimate, not a capsule TRE) are in
+    ``run.results["fusion_intensity"]`` and ``registration/qa.json``.
+    """
+    from RegistrationFusionLib.registration.qa import write_fusion_pictures
+    from RegistrationFusionLib.registration.refine import resample_mri_on_ct
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
+    from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
+
+    i = run.inputs
+    m = np.asarray(fusion.matrix, float)
+    run.results["fusion"] = None
+    run.results["fusion_intensity"] = fusion
+    run.results["mri_to_ct"] = m
+    write_json(d / "fusion.json", fusion.to_dict())
+    write_json(d / "qa.json", fusion.report.to_dict())
+    write_transform_json(d / "mri_to_ct.json", m, "capsule-free intensity fusion")
+    write_itk_transform(m, str(d / "mri_to_ct.tfm"))
+    progress(0.96, "resampling MRI on CT")
+    t2_on_ct = resample_mri_on_ct(i.mri_anatomical, i.ct, m)
+    save_image(t2_on_ct, d / "t2_on_ct.nrrd")
+    run.results["t2_on_ct"] = t2_on_ct
+    if i.tumour is not None and np.any(i.tumour.array):
+        centre = apply_transform(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))
+    else:
+        lo, hi = i.ct.bounds_ras()
+        centre = (lo + hi) / 2
+    write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+    res = fusion.intensity
+    msg = (f"capsule-free intensity-only fusion ({fusion.fallback_reason.split(';')[0]}), error estimate "
+           f"{res.error_estimate_mm:.1f} mm")
     if i.truth is not None:
         err = _truth_tre(i.truth, m)
         run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")

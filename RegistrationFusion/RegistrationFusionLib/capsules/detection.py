@@ -53,6 +53,10 @@ class CapsuleDetectionError(RegistrationFusionError):
         self.rejected = list(rejected or [])
 
 
+class NoCapsulesFound(CapsuleDetectionError):
+    """The image was searched and holds no capsule (the capsule-free fusion may take over)."""
+
+
 @dataclass
 class CapsuleParams:
     """Tunable settings of :func:`detect_capsules` (mm, mm^3, HU)."""
@@ -624,7 +628,7 @@ def detect_capsules_once(volume: RasVolume, modality: str, *, body_mask: np.ndar
     if not centres:
         reasons = sorted({r.reason.split(" (")[0] for r in rejected})
         extra = f" ({len(rejected)} candidate(s) rejected: {', '.join(reasons)})" if rejected else ""
-        raise CapsuleDetectionError(
+        raise NoCapsulesFound(
             f"no skin capsules found in the {what}{extra}; check that the capsules are inside the field of "
             f"view and that the image is a {'CT' if mod == 'ct' else 'T1/T2-weighted MRI'}", rejected)
     centres = np.array(centres)

@@ -1,0 +1,98 @@
+"""Capsule-free (intensity-only) fusion: DICOM Patient Position prior, principal-axes multi-start,
+refusal of ambiguous pairs, the automatic fallback and its QA (an error estimate, never a capsule TRE)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from RegistrationFusionLib.registration import intensity, qa
+from RegistrationFusionLib.registration.pipeline import IntensityFusion, fuse_with_fallback
+from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+
+
+def tumour_tre(case, m):
+    mask = case.truth.tumour_mask_mri
+    pts = mask.voxel_centres_ras(mask.array > 0)[::50]
+    t = case.truth.mri_to_ct
+    return np.linalg.norm((pts @ m[:3, :3].T + m[:3, 3]) - (pts @ t[:3, :3].T + t[:3, 3]), axis=1)
+
+
+def symmetric_pair():
+    """A featureless ball (CT: water in air; MRI: bright in dark), a rotation about its centre is invisible."""
+    def ball(value, background, spacing, noise, seed):
+        n = 48
+        m = make_grid((-(n - 1) / 2 * spacing,) * 3, (spacing,) * 3, (n, n, n))
+        k, j, i = np.mgrid[0:n, 0:n, 0:n]
+        r = np.sqrt(((i - (n - 1) / 2) ** 2 + (j - (n - 1) / 2) ** 2 + (k - (n - 1) / 2) ** 2)) * spacing
+        a = np.where(r <= 45.0, value, background) + np.random.default_rng(seed).normal(0, noise, r.shape)
+        return RasVolume(a.astype(np.float32), m, "ball")
+    return ball(0.0, -1000.0, 3.0, 5.0, 1), ball(400.0, 10.0, 2.5, 5.0, 2)
+
+
+def test_position_prior_turns_feet_first_ct_to_head_first_mri():
+    pts = np.random.default_rng(0).normal(size=(100, 3)) * [30, 20, 80]
+    prior, hyps = intensity.pose_hypotheses({"patient_position": "FFS"}, {"patient_position": "HFS"}, pts, pts)
+    assert "FFS" in prior and np.allclose(hyps[0][1], np.diag([-1.0, 1.0, -1.0]))
+    assert any(np.allclose(r, np.eye(3)) for _, r in hyps)  # a correct DICOM patient frame is tried too
+    _, same = intensity.pose_hypotheses({"patient_position": "HFS"}, {"patient_position": "HFS"}, pts, pts)
+    assert len(same) == 1 and np.allclose(same[0][1], np.eye(3))
+    prior, pa = intensity.pose_hypotheses({}, {}, pts, pts)
+    assert "principal axes" in prior and len(pa) >= 4
+
+
+def test_feet_first_ct_registers_to_head_first_mri_without_capsules(tmp_path):
+    """The phantom CT written feet first (DICOM FFS) and the MRI head first (HFS), read back from DICOM:
+    the capsule-free fusion is accepted with TRE <= 2 mm, and its QA is intensity-only."""
+    from SmartBiopsyCoreLib.dataio.dicomio import load_dicom_series, write_dicom_series
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
+
+    case = generate_phantom(0, ct_pose="FFS")
+    write_dicom_series(case.ct, tmp_path / "ct", modality="CT", series_description="CT FFS", series_number=2,
+                       patient_id="P0")
+    write_dicom_series(case.mri["t2"], tmp_path / "t2", modality="MR", series_description="T2", series_number=3,
+                       patient_id="P0")
+    ct, t2 = load_dicom_series(tmp_path / "ct"), load_dicom_series(tmp_path / "t2")
+    assert (ct.meta["patient_position"], t2.meta["patient_position"]) == ("FFS", "HFS")
+    targets = {"tumour": case.truth.mri_to_ct[:3, :3] @ case.truth.tumour_mask_mri.voxel_centres_ras(
+        case.truth.tumour_mask_mri.array > 0).mean(axis=0) + case.truth.mri_to_ct[:3, 3]}
+    res = fuse_with_fallback(ct, t2, use_capsules=False, targets_ct=targets)
+    assert isinstance(res, IntensityFusion) and res.intensity.accepted
+    tre = tumour_tre(case, res.matrix)
+    print(f"FFS/HFS phantom: TRE mean {tre.mean():.2f} max {tre.max():.2f} mm, estimate "
+          f"{res.intensity.error_estimate_mm:.2f} mm, {res.intensity.seconds:.0f} s")
+    assert tre.max() <= 2.0
+    assert res.intensity.error_estimate_mm >= tre.mean()  # the estimate does not promise more than is measured
+    d = res.report.to_dict()
+    assert d["method"] == "intensity-only" and d["fre_mm"] is None and d["markers"] == []
+    assert d["passed"] and "no capsule FRE/TRE" in d["notes"][0]
+    assert d["targets"][0]["predicted_tre_mm"] == pytest.approx(res.intensity.error_estimate_mm)
+    json.dumps(d, allow_nan=False)
+
+
+def test_symmetric_featureless_pair_is_refused():
+    ct, mr = symmetric_pair()
+    res = intensity.register_intensity(ct, mr)
+    print(res.reason)
+    assert not res.accepted
+    assert "refused" in res.reason
+    with pytest.raises(intensity.IntensityFusionRefused, match="ambiguous"):
+        fuse_with_fallback(ct, mr, use_capsules=False)
+    rep = qa.build_intensity_report(res)
+    assert not rep.passed and rep.failures == [res.reason]
+
+
+def test_real_ct_mr_pair_without_capsules_falls_back_to_intensity_fusion(shared_data):
+    """RIRE patient 002 head CT/T2 (no capsules, NRRD: no Patient Position): the default path finds no
+    capsules and falls back to the principal-axes multi-start, which must agree with itself."""
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+
+    ct = load_image(shared_data / "rire-pat002/pat002_ct.nrrd")
+    mr = load_image(shared_data / "rire-pat002/pat002_mr_T2.nrrd")
+    res = fuse_with_fallback(ct, mr)
+    assert isinstance(res, IntensityFusion), "capsules were reported on a capsule-free pair"
+    r = res.intensity
+    print(r.reason, f"{r.seconds:.0f} s")
+    assert r.accepted and r.n_agreeing >= 2 and r.spread_mm <= 3.0
+    assert "no skin capsules found" in res.fallback_reason
