@@ -96,3 +96,36 @@ def test_real_ct_mr_pair_without_capsules_falls_back_to_intensity_fusion(shared_
     print(r.reason, f"{r.seconds:.0f} s")
     assert r.accepted and r.n_agreeing >= 2 and r.spread_mm <= 3.0
     assert "no skin capsules found" in res.fallback_reason
+
+
+def _fake_intensity_result(accepted=True):
+    return intensity.IntensityFusionResult(np.eye(4), accepted, "capsule-free fusion accepted (test)" if accepted
+                                           else "the capsule-free fusion is ambiguous and was refused (test)",
+                                           "test prior", [], 3, 0.4, 1.5, 1.9, 0.2, 0.3)
+
+
+@pytest.mark.parametrize("n_ct, n_mr", [(2, 5), (5, 0), (4, 4)])  # (4, 4): unrelated layouts, no pair
+def test_fewer_than_three_capsules_fall_back_to_capsule_free_fusion(monkeypatch, n_ct, n_mr):
+    from RegistrationFusionLib.capsules import detection
+
+    class Det(list):
+        """Stands for a CapsuleDetection: a length and the centres (RAS mm)."""
+
+    def detect(vol, modality, **kw):
+        n = n_ct if modality == "ct" else n_mr
+        if n == 0:
+            raise detection.NoCapsulesFound("no skin capsules found in the MRI 'x'; check the field of view")
+        out = Det(range(n))
+        out.centres_ras, out.fle_cov_ras = np.random.default_rng(n + (modality == "ct") * 100).normal(size=(n, 3)) * 50, None
+        return out
+
+    calls = []
+    monkeypatch.setattr(detection, "detect_capsules", detect)
+    monkeypatch.setattr(intensity, "register_intensity", lambda *a, **k: calls.append(1) or _fake_intensity_result())
+    ct, mr = symmetric_pair()
+    res = fuse_with_fallback(ct, mr)
+    assert calls and isinstance(res, IntensityFusion)
+    assert res.report.to_dict()["method"] == "intensity-only"
+    monkeypatch.setattr(intensity, "register_intensity", lambda *a, **k: _fake_intensity_result(False))
+    with pytest.raises(intensity.IntensityFusionRefused, match="refused"):
+        fuse_with_fallback(ct, mr)
