@@ -129,3 +129,34 @@ def test_fewer_than_three_capsules_fall_back_to_capsule_free_fusion(monkeypatch,
     monkeypatch.setattr(intensity, "register_intensity", lambda *a, **k: _fake_intensity_result(False))
     with pytest.raises(intensity.IntensityFusionRefused, match="refused"):
         fuse_with_fallback(ct, mr)
+
+
+def _starts(rows):
+    """IntensityStart list from (mi_initial, mi_final, distance_to_best_mm) rows, best first."""
+    return [intensity.IntensityStart("h", np.eye(4), np.eye(4), a, b, 0, d) for a, b, d in rows]
+
+
+ASSESS = dict(agreement_mm=3.0, min_agreeing=2, min_mi_gain=0.01, min_margin=0.05)
+
+
+def test_accepts_best_alignment_reached_by_several_starts_with_clear_margin():
+    ok, reasons, n, spread, gain, margin = intensity.assess_starts(
+        _starts([(0.3, 0.80, 0.0), (0.2, 0.79, 0.8), (0.25, 0.79, 1.2), (0.2, 0.50, 120.0)]), **ASSESS)
+    assert ok and not reasons and n == 3 and spread == pytest.approx(1.2) and margin == pytest.approx(0.375)
+
+
+def test_refuses_alignment_reached_by_a_single_start():
+    ok, reasons, *_ = intensity.assess_starts(_starts([(0.3, 0.80, 0.0), (0.2, 0.60, 8.0), (0.2, 0.50, 120.0)]),
+                                              **ASSESS)
+    assert not ok and len(reasons) == 1 and "only 1 of 3" in reasons[0]
+
+
+def test_refuses_when_a_distinct_alignment_fits_almost_as_well():
+    ok, reasons, *_ = intensity.assess_starts(_starts([(0.3, 0.80, 0.0), (0.2, 0.80, 1.0), (0.2, 0.78, 60.0)]),
+                                              **ASSESS)
+    assert not ok and len(reasons) == 1 and "different alignment 60 mm away" in reasons[0]
+
+
+def test_refuses_without_mutual_information_gain():
+    ok, reasons, *_ = intensity.assess_starts(_starts([(0.795, 0.80, 0.0), (0.7, 0.80, 0.5)]), **ASSESS)
+    assert not ok and len(reasons) == 1 and "hardly improved" in reasons[0]

@@ -372,26 +372,12 @@ def register_intensity(ct: RasVolume, mri: RasVolume, *, grid_mm: float = 3.0, b
 
     for s in starts:
         s.distance_to_best_mm = dist(s.refined, best.refined)
-    agreeing = [i for i in ranked if starts[i].distance_to_best_mm <= agreement_mm]
-    others = [i for i in ranked if starts[i].distance_to_best_mm > agreement_mm]
-    spread = max(starts[i].distance_to_best_mm for i in agreeing)
-    mi_gain = best.mi_final - best.mi_initial
-    second = starts[others[0]].mi_final if others else float("-inf")
-    margin = (best.mi_final - second) / abs(best.mi_final) if best.mi_final != 0 and np.isfinite(second) else float("inf")
-    reasons = []
-    if not np.isfinite(best.mi_final) or mi_gain < min_mi_gain:
-        reasons.append(f"mutual information hardly improved from the initial pose ({best.mi_initial:.3f} -> "
-                       f"{best.mi_final:.3f} nats, {min_mi_gain:g} needed)")
-    if len(agreeing) < min_agreeing:
-        reasons.append(f"only {len(agreeing)} of {len(ranked)} refined starts reached the best alignment "
-                       f"(within {agreement_mm:g} mm; {min_agreeing} needed)")
-    if others and margin < min_margin:
-        reasons.append(f"a different alignment {starts[others[0]].distance_to_best_mm:.0f} mm away fits almost "
-                       f"as well (mutual information {second:.3f} vs {best.mi_final:.3f} nats)")
-    accepted = not reasons
+    accepted, reasons, n_agree, spread, mi_gain, margin = assess_starts(
+        [starts[i] for i in ranked], agreement_mm=agreement_mm, min_agreeing=min_agreeing, min_mi_gain=min_mi_gain,
+        min_margin=min_margin)
     est = spread + error_floor_mm
     if accepted:
-        reason = (f"capsule-free fusion accepted ({prior}): {len(agreeing)} of {len(ranked)} refined starts agree "
+        reason = (f"capsule-free fusion accepted ({prior}): {n_agree} of {len(ranked)} refined starts agree "
                   f"within {spread:.1f} mm, mutual information {best.mi_initial:.3f} -> {best.mi_final:.3f} nats, "
                   f"next distinct alignment {100 * margin:.0f} % worse; intensity-only error estimate "
                   f"{est:.1f} mm")
@@ -401,11 +387,41 @@ def register_intensity(ct: RasVolume, mri: RasVolume, *, grid_mm: float = 3.0, b
     logger.info(reason)
     report(1.0, "capsule-free fusion done")
     return IntensityFusionResult(
-        best.refined, accepted, reason, prior, [starts[i] for i in order], len(agreeing), spread, error_floor_mm,
+        best.refined, accepted, reason, prior, [starts[i] for i in order], n_agree, spread, error_floor_mm,
         est, mi_gain, margin, time.perf_counter() - t0,
         {"grid_mm": grid_mm, "bins": bins, "perturb_deg": perturb_deg, "agreement_mm": agreement_mm,
          "min_agreeing": min_agreeing, "min_mi_gain_nats": min_mi_gain, "min_margin_fraction": min_margin,
          "refined_starts": len(ranked), "hypotheses": [h for h, _ in hyps]})
+
+
+def assess_starts(ranked: list[IntensityStart], *, agreement_mm: float, min_agreeing: int, min_mi_gain: float,
+                  min_margin: float):
+    """Is the best of the refined starts (``ranked`` by MI, best first, ``distance_to_best_mm`` filled) unambiguous?
+
+    Returns (accepted, reasons, n_agreeing, spread_mm, mi_gain_nats, margin_fraction). Accepted only when the
+    best start gained at least ``min_mi_gain`` nats over its initial pose, at least ``min_agreeing`` starts lie
+    within ``agreement_mm`` of it, and the best start further away has an MI lower by at least ``min_margin``
+    of the best MI.
+    """
+    best = ranked[0]
+    agreeing = [s for s in ranked if s.distance_to_best_mm <= agreement_mm]
+    others = [s for s in ranked if s.distance_to_best_mm > agreement_mm]
+    spread = max(s.distance_to_best_mm for s in agreeing)
+    mi_gain = best.mi_final - best.mi_initial
+    second = others[0].mi_final if others else float("-inf")
+    margin = ((best.mi_final - second) / abs(best.mi_final) if best.mi_final != 0 and np.isfinite(second)
+              else float("inf"))
+    reasons = []
+    if not np.isfinite(best.mi_final) or not mi_gain >= min_mi_gain:
+        reasons.append(f"mutual information hardly improved from the initial pose ({best.mi_initial:.3f} -> "
+                       f"{best.mi_final:.3f} nats, {min_mi_gain:g} needed)")
+    if len(agreeing) < min_agreeing:
+        reasons.append(f"only {len(agreeing)} of {len(ranked)} refined starts reached the best alignment "
+                       f"(within {agreement_mm:g} mm; {min_agreeing} needed)")
+    if others and not margin >= min_margin:
+        reasons.append(f"a different alignment {others[0].distance_to_best_mm:.0f} mm away fits almost "
+                       f"as well (mutual information {second:.3f} vs {best.mi_final:.3f} nats)")
+    return not reasons, reasons, len(agreeing), float(spread), float(mi_gain), float(margin)
 
 
 def _inside(vol: RasVolume, pts_ras: np.ndarray) -> np.ndarray:
