@@ -359,7 +359,7 @@ def test_capsules_next_to_skin_bumps_are_found_and_bumps_are_not():
     assert (missed, fp) == (0, 0), (det.centres_ras, truth)
 
 
-def test_fine_pixel_ct_is_searched_on_the_detection_grid():
+def test_fine_pixel_ct_is_searched_on_the_detection_grid(caplog):
     """A CT with 0.5 mm pixels is block-averaged to the ~1 mm detection grid first (cost independent of the
     pixel size) and gives the capsules of the same scan at 1 mm, within the sub-voxel error."""
     from RegistrationFusionLib.capsules.detection import on_detection_grid
@@ -375,7 +375,9 @@ def test_fine_pixel_ct_is_searched_on_the_detection_grid():
     fine = resample(vol, fine_ref, order=1, fill=-1000.0)
     reduced, _ = on_detection_grid(fine, None, 1.0)
     assert np.allclose(reduced.spacing, [1.0, 1.0, 2.0]) and np.allclose(reduced.origin_ras, vol.origin_ras)
-    det = detect_capsules(fine, "ct")
+    with caplog.at_level("INFO", logger="RegistrationFusionLib.capsules.detection"):
+        det = detect_capsules(fine, "ct")
+    assert "capsule detection on a [1.0, 1.0, 2.0] mm grid" in caplog.text
     err, missed, fp = match(det.centres_ras, truth)
     assert (missed, fp) == (0, 0)
     assert np.linalg.norm(err, axis=1).max() < 0.4
