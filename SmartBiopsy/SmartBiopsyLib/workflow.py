@@ -323,7 +323,7 @@ def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
         centre = (lo + hi) / 2
     write_fusion_pictures(i.ct, t2_on_ct, centre, d)
     res = fusion.intensity
-    msg = (f"capsule-free intensity-only fusion ({fusion.fallback_reason.split(';')[0]}), error estimate "
+    msg = (f"capsule-free intensity-only fusion ({fusion.fallback_reason.split(' (')[0].split(';')[0]}), error estimate "
            f"{res.error_estimate_mm:.1f} mm")
     if i.truth is not None:
         err = _truth_tre(i.truth, m)

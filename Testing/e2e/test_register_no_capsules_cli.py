@@ -32,3 +32,17 @@ def test_register_no_capsules_refuses_ambiguous_pair_and_writes_no_transform(tmp
     assert not (out / "transform.json").exists() and not (out / "mri_to_ct.tfm").exists()
     q = json.loads((out / "qa.json").read_text())
     assert q["passed"] is False and q["method"] == "intensity-only" and q["fre_mm"] is None
+
+
+def test_run_fuses_capsule_free_real_pair_in_the_fuse_stage(shared_data, tmp_path):
+    """RIRE head CT/T2 (no capsules): `run` falls back to the capsule-free fusion in its fuse stage and
+    records an intensity-only QA; it then stops at the missing DWI, with its summary written."""
+    out = tmp_path / "run"
+    proc = smartbiopsy("run", "--ct", shared_data / "rire-pat002/pat002_ct.nrrd", "--t2",
+                       shared_data / "rire-pat002/pat002_mr_T2.nrrd", "--robot", "none", "--out", out)
+    stages = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert stages["fuse"]["status"] == "done", (stages["fuse"], proc.stderr[-500:])
+    assert "capsule-free intensity-only fusion" in stages["fuse"]["message"]
+    q = json.loads((out / "registration" / "qa.json").read_text())
+    assert q["method"] == "intensity-only" and q["passed"] and q["fre_mm"] is None
+    assert (out / "registration" / "mri_to_ct.json").exists()
