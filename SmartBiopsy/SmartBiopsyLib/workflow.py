@@ -255,7 +255,6 @@ def _check_mri(mri: RasVolume, what: str) -> None:
 
 
 def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
-    from RegistrationFusionLib.registration.pipeline import fuse_ct_mri
     from RegistrationFusionLib.registration.qa import write_fusion_pictures
     from RegistrationFusionLib.registration.refine import resample_mri_on_ct
     from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
@@ -272,8 +271,12 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
         return "transform supplied by the user (no capsule QA)"
     if i.mri_anatomical is None:
         raise InputDataError("no anatomical MRI (e.g. T2) was given for the capsule fusion; pass --t2 or a transform")
-    fusion = fuse_ct_mri(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
-                         should_cancel=should_cancel)
+    from RegistrationFusionLib.registration.pipeline import fuse_with_fallback  # < 3 capsule pairs: capsule-free
+
+    fusion = fuse_with_fallback(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
+                                should_cancel=should_cancel)
+    if getattr(fusion, "method", "capsules") == "intensity":
+        return _stage_fuse_intensity(run, fusion, d, progress)
     m = np.asarray(fusion.matrix, float)
     run.results["fusion"] = fusion
     run.results["mri_to_ct"] = m
@@ -294,6 +297,47 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     write_fusion_pictures(i.ct, t2_on_ct, centre, d)
     lm = fusion.landmark
     msg = f"{len(lm.used)} capsule pairs, FRE {lm.fre_mm:.2f} mm"
+    if i.truth is not None:
+        err = _truth_tre(i.truth, m)
+        run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
+        msg += f", true TRE {err:.2f} mm"
+    return msg
+
+
+def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
+    """Outputs of an accepted capsule-free fusion (a refused one has already raised with its reason).
+
+    ``run.results["fusion"]`` stays None as for a user-supplied transform (no capsule QA downstream);
+    the intensity-only result and its QA (error estimate, not a capsule TRE) are in
+    ``run.results["fusion_intensity"]`` and ``registration/qa.json``.
+    """
+    from RegistrationFusionLib.registration.qa import write_fusion_pictures
+    from RegistrationFusionLib.registration.refine import resample_mri_on_ct
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
+    from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
+
+    i = run.inputs
+    m = np.asarray(fusion.matrix, float)
+    run.results["fusion"] = None
+    run.results["fusion_intensity"] = fusion
+    run.results["mri_to_ct"] = m
+    write_json(d / "fusion.json", fusion.to_dict())
+    write_json(d / "qa.json", fusion.report.to_dict())
+    write_transform_json(d / "mri_to_ct.json", m, "capsule-free intensity fusion")
+    write_itk_transform(m, str(d / "mri_to_ct.tfm"))
+    progress(0.96, "resampling MRI on CT")
+    t2_on_ct = resample_mri_on_ct(i.mri_anatomical, i.ct, m)
+    save_image(t2_on_ct, d / "t2_on_ct.nrrd")
+    run.results["t2_on_ct"] = t2_on_ct
+    if i.tumour is not None and np.any(i.tumour.array):
+        centre = apply_transform(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))
+    else:
+        lo, hi = i.ct.bounds_ras()
+        centre = (lo + hi) / 2
+    write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+    res = fusion.intensity
+    msg = (f"capsule-free intensity-only fusion ({fusion.fallback_reason.split(' (')[0].split(';')[0]}), error estimate "
+           f"{res.error_estimate_mm:.1f} mm")
     if i.truth is not None:
         err = _truth_tre(i.truth, m)
         run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
@@ -445,10 +489,9 @@ def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
     run.results["plan"] = result
     pdict = result.to_dict()
     best = _best_trajectories(result)
-    fusion = run.results.get("fusion")
     pdict["robot_trajectories"] = [{"name": t.region or t.target, "region": t.region or t.target,
                                     "entry_ras": t.entry_ras, "target_ras": t.target_ras} for t in best]
-    pdict["registration_qa"] = _registration_qa_for_robot(fusion)
+    pdict["registration_qa"] = _registration_qa_for_robot(run, best)
     write_json(d / "plan.json", pdict)
     from TrajectoryPlannerLib.planning.skinmap import skin_model, write_skin_model
 
@@ -468,11 +511,20 @@ def _best_trajectories(result) -> list:
     return [best[k] for k in sorted(best)]
 
 
-def _registration_qa_for_robot(fusion) -> dict:
-    """The registration QA the robot gate reads (qa.json format); none -> a QA that does not pass."""
-    if fusion is None:
-        return {"passed": False, "failures": ["no registration QA: the MRI->CT transform was supplied"]}
-    return fusion.report.to_dict()
+def _registration_qa_for_robot(run: CaseRun, best) -> dict:
+    """The registration QA the robot gate reads (qa.json format); none -> a QA that does not pass.
+
+    Capsule fusion: its QA report. Capsule-free fusion: the intensity-only QA evaluated at the planned
+    targets (its error estimate at each). A transform supplied by the user has no QA: the gate refuses."""
+    fusion = run.results.get("fusion")
+    if fusion is not None:
+        return fusion.report.to_dict()
+    intensity = run.results.get("fusion_intensity")
+    if intensity is not None:
+        from RegistrationFusionLib.registration.qa import build_intensity_report
+
+        return build_intensity_report(intensity.intensity, {t.target: list(t.target_ras) for t in best}).to_dict()
+    return {"passed": False, "failures": ["no registration QA: the MRI->CT transform was supplied"]}
 
 
 def _stage_calibrate(run: CaseRun, progress, should_cancel) -> str:
@@ -517,11 +569,10 @@ def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
     d = run.out / "robot"
     d.mkdir(parents=True, exist_ok=True)
     best = run.results["best_trajectories"]
-    fusion = run.results.get("fusion")
     plan = RobotPlan.from_dict({
         "trajectories": [{"name": t.target, "region": t.region or t.target, "entry_ras": list(t.entry_ras),
                           "target_ras": list(t.target_ras)} for t in best],
-        "registration_qa": _registration_qa_for_robot(fusion)})
+        "registration_qa": _registration_qa_for_robot(run, best)})
     calibration = run.results.get("calibration")
     if calibration is not None:
         # the robot-to-CT calibration computed from the robot's fiducial frame (calibrate stage), validated again

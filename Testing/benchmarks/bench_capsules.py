@@ -2,7 +2,12 @@
 MRI per-axis error, pairing and landmark TRE vs predicted TRE) and speed on a 512 x 512 x 300 CT against a
 plain SimpleITK pipeline (threshold, ball opening, components, centroids), measured side by side.
 
-Run: .venv/bin/python Testing/benchmarks/bench_capsules.py [--seeds 10]
+Fine pixels (``--fine``): a 409 x 512 x 512 CT with 0.39 mm pixels (0.5 mm slices) made from the seed-0
+phantom, detected by today's code and by the code of ``--old-ref`` (a git revision, loaded from git
+history) side by side, each in its own process on the same saved volume: wall time, peak resident
+memory (VmHWM of the process, input volume and imports included) and the tracemalloc peak of the detection call.
+
+Run: .venv/bin/python Testing/benchmarks/bench_capsules.py [--seeds 10] [--fine [--old-ref e98f41e] [--skip-seeds]]
 """
 from __future__ import annotations
 
@@ -43,10 +48,114 @@ def sitk_baseline(vol: RasVolume, radius_mm=6.0):
     return np.array([[-p[0], -p[1], p[2]] for p in pts]).reshape(-1, 3)
 
 
+OLD_REF = "e98f41e"  # the last revision before detection worked on the detection grid from the start
+DETECTION_PATH = "RegistrationFusion/RegistrationFusionLib/capsules/detection.py"
+
+
+def load_detection(ref: str | None):
+    """``detect_capsules`` of today's tree (ref None) or of git revision ``ref`` (module loaded from history)."""
+    if ref is None:
+        return detect_capsules
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{DETECTION_PATH}"], capture_output=True,
+                         text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"detection_{ref}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"detection_{ref}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod.detect_capsules
+
+
+def child(which: str, npz: str, ref: str) -> None:
+    """Run one detection on the saved CT in this (fresh) process and print one JSON line."""
+    import json
+    import tracemalloc
+
+    def hwm_mb(key="VmHWM"):  # this process's peak resident memory (ru_maxrss would include the parent's before exec)
+        for ln in Path("/proc/self/status").read_text().splitlines():
+            if ln.startswith(key + ":"):
+                return float(ln.split()[1]) / 1024.0
+        return float("nan")
+
+    det_fn = load_detection(None if which == "new" else ref)
+    d = np.load(npz)
+    vol = RasVolume(d["array"], d["ijk_to_ras"], "CT 409x512x512 0.39 mm")
+    truth = d["truth"]
+    rss0 = hwm_mb("VmRSS")
+    tracemalloc.start()
+    t = time.perf_counter()
+    det = det_fn(vol, "ct")
+    dt = time.perf_counter() - t
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    e, miss, fp = match(det.centres_ras, truth)
+    print(json.dumps({"which": which, "seconds": dt, "maxrss_mb": hwm_mb(),
+                      "rss_before_mb": rss0, "tracemalloc_peak_mb": peak / 2 ** 20, "found": len(det), "miss": miss,
+                      "fp": fp, "mean_err_mm": float(np.linalg.norm(e, axis=1).mean()) if len(e) else float("nan")}))
+
+
+def fine_pixel_benchmark(ref: str, timeout_s: float) -> None:
+    import json
+    import subprocess
+    import tempfile
+
+    from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
+
+    case = generate_phantom(0)
+    truth = np.asarray(case.truth.capsules_ct)
+    shape = (409, 512, 512)
+    sp = (0.39, 0.39, 0.5)
+    centre = truth.mean(axis=0)
+    origin = centre - (np.array(shape[::-1]) - 1) / 2 * np.array(sp)
+    ref_vol = RasVolume(np.zeros(shape, np.int16), make_grid(origin, sp, shape), "ref")
+    t = time.perf_counter()
+    hr = resample(case.ct, ref_vol, order=1, fill=-1000.0)
+    arr = np.round(hr.array).astype(np.int16)
+    del hr
+    inside = truth[np.all(np.abs(truth - centre) < (np.array(shape[::-1]) * sp) / 2 - 8.0, axis=1)]
+    npz = Path(tempfile.mkdtemp()) / "fine_ct.npz"
+    np.savez(npz, array=arr, ijk_to_ras=ref_vol.ijk_to_ras, truth=inside)
+    print(f"\nfine-pixel CT {shape[::-1]} voxels, {sp} mm, {arr.nbytes / 2 ** 20:.0f} MB int16, {len(inside)} capsules "
+          f"inside the field of view (made in {time.perf_counter() - t:.0f} s)")
+    del arr
+    print(f"{'code':<16} {'time s':>7} {'peak RSS MB':>11} {'RSS before MB':>13} {'tracemalloc MB':>14} {'found':>5} "
+          f"{'miss':>4} {'FP':>3} {'mean err mm':>11}")
+    for which in ("new", "old"):
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", which, str(npz), "--old-ref", ref],
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            print(f"{which + ' (' + (ref if which == 'old' else 'HEAD') + ')':<16} > {timeout_s:.0f} s (stopped)")
+            continue
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if not line:
+            print(f"{which}: failed: {proc.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(line[-1])
+        print(f"{which + ' (' + (ref if which == 'old' else 'HEAD') + ')':<16} {r['seconds']:7.1f} {r['maxrss_mb']:11.0f} "
+              f"{r['rss_before_mb']:13.0f} {r['tracemalloc_peak_mb']:14.0f} {r['found']:>5} {r['miss']:>4} {r['fp']:>3} "
+              f"{r['mean_err_mm']:11.3f}")
+    npz.unlink()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--fine", action="store_true", help="also the 409x512x512 0.39 mm CT, old vs new")
+    ap.add_argument("--skip-seeds", action="store_true", help="only the fine-pixel comparison")
+    ap.add_argument("--old-ref", default=OLD_REF, help="git revision of the old detection code")
+    ap.add_argument("--old-timeout", type=float, default=150.0, help="stop the old code after this many seconds")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args.child[0], args.child[1], args.old_ref)
+    if args.skip_seeds:
+        return fine_pixel_benchmark(args.old_ref, args.old_timeout)
     from RegistrationFusionLib.registration.landmarks import register_capsules
     from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
@@ -105,6 +214,8 @@ def main():
     print(f"{'SimpleITK threshold+opening':<28} {t_base:7.2f} {len(base):>5} {miss_b:>4} {fp_b:>3} "
           f"{(np.linalg.norm(e_base, axis=1).mean() if len(e_base) else float('nan')):11.3f}")
     print(f"speed ratio baseline/ours: {t_base / t_ours:.2f}")
+    if args.fine:
+        fine_pixel_benchmark(args.old_ref, args.old_timeout)
 
 
 if __name__ == "__main__":

@@ -268,7 +268,7 @@ def test_phantom_detected_sets_pair_and_register_within_1mm(cases, detections):
 
 
 @pytest.mark.parametrize("rel, modality", [("rire-pat002/pat002_ct.nrrd", "ct"), ("rire-pat002/pat002_mr_T2.nrrd", "mr"),
-                                           ("prostatex-0000/t2_tra", "mr")])
+                                           ("prostatex-0000/t2_tra", "mr"), ("prostatex-0000/adc_scanner", "mr")])
 def test_real_scans_without_markers_give_no_false_capsules(shared_data, rel, modality):
     """Real patients scanned without skin markers: every surface protrusion (ears, nose, table, skin
     folds) must be rejected, ending in the clear 'no skin capsules found' message."""
@@ -278,3 +278,106 @@ def test_real_scans_without_markers_give_no_false_capsules(shared_data, rel, mod
     with pytest.raises(CapsuleDetectionError, match="no skin capsules found") as info:
         detect_capsules(vol, modality)
     assert len(info.value.rejected) > 0
+
+
+def test_real_dwi_images_without_markers_give_no_false_capsules(shared_data):
+    from SmartBiopsyCoreLib.dataio.dicomio import load_dwi_series
+
+    for b, vol in load_dwi_series(shared_data / "prostatex-0000/dwi").items():
+        with pytest.raises(CapsuleDetectionError, match="no skin capsules found"):
+            detect_capsules(vol, "mr")
+
+
+# ------------------------------------------------------------------------------------------------
+# an MRI whose outline carries bumps (caps of body tissue) next to real capsules resting on the skin
+# ------------------------------------------------------------------------------------------------
+#: (angle deg, z mm, S semi-axis mm, in-plane radius mm, centre offset outside the skin mm): caps of tissue
+SKIN_BUMPS = [(30, -20, 5, 4, -1.0), (75, 5, 6, 4.5, -1.5), (120, 20, 5, 3.5, -0.5), (165, -10, 7, 5, -2.0),
+              (210, 15, 5, 4, -1.0), (255, -25, 6, 4.5, -1.0), (300, 0, 5, 4, -0.5), (345, 25, 6, 5, -1.5)]
+BUMP_CAPSULES = [(52, -5), (142, 5), (232, -8), (322, 12)]
+
+
+def mri_with_skin_bumps(with_capsules: bool, spacing=(1.0, 1.0, 3.0), seed=0):
+    """T2-like MRI of an elliptic body (90 x 70 mm) with the SKIN_BUMPS of body tissue on its outline and,
+    optionally, 10 x 5 mm capsules (brighter, separate objects) touching the skin; Rician noise.
+    Returns (RasVolume, true capsule centres (N, 3) RAS mm)."""
+    from scipy import ndimage
+
+    ni, nj, nk = 220, 180, 30
+    origin = (-(ni - 1) / 2 * spacing[0], -(nj - 1) / 2 * spacing[1], -(nk - 1) / 2 * spacing[2])
+    m = make_grid(origin, spacing, (nk, nj, ni))
+    sub = (np.arange(3) + 0.5) / 3 - 0.5
+    k, j, i = np.mgrid[0:nk, 0:nj, 0:ni].astype(np.float32)
+    body = np.zeros((nk, nj, ni), np.float32)
+    caps = np.zeros_like(body)
+    a_, b_ = 90.0, 70.0
+
+    def skin(ang):
+        t = np.radians(ang)
+        n = np.array([np.cos(t) / a_, np.sin(t) / b_])
+        return np.array([a_ * np.cos(t), b_ * np.sin(t)]), n / np.linalg.norm(n)
+
+    centres = []
+    for ang, z in (BUMP_CAPSULES if with_capsules else []):
+        p, n = skin(ang)
+        centres.append([*(p + 2.7 * n), z])
+    for di in sub:
+        for dj in sub:
+            for dk in sub:
+                x = origin[0] + (i + di) * spacing[0]
+                y = origin[1] + (j + dj) * spacing[1]
+                zz = origin[2] + (k + dk) * spacing[2]
+                inside = (x / a_) ** 2 + (y / b_) ** 2 <= 1
+                for ang, zc, ax, rad, out in SKIN_BUMPS:
+                    p, n = skin(ang)
+                    c = p + n * out
+                    inside |= ((x - c[0]) ** 2 + (y - c[1]) ** 2) / rad ** 2 + ((zz - zc) / ax) ** 2 <= 1
+                body += inside
+                for c in centres:
+                    caps += ((x - c[0]) ** 2 + (y - c[1]) ** 2) / 2.5 ** 2 + ((zz - c[2]) / 5.0) ** 2 <= 1
+    body /= 27.0
+    caps /= 27.0
+    sig = 300.0 * body + 420.0 * np.clip(caps, 0, 1) * (1 - body)
+    sig = ndimage.gaussian_filter(sig, (0.12, 0.6, 0.6))
+    rng = np.random.default_rng(seed)
+    sig = np.hypot(sig + rng.normal(0, 8.0, sig.shape), rng.normal(0, 8.0, sig.shape))
+    return RasVolume(sig.astype(np.float32), m, "MRI with skin bumps"), np.array(centres).reshape(-1, 3)
+
+
+def test_skin_bumps_are_not_capsules():
+    """Caps of body tissue on the outline are rejected as flat; no capsule is reported on a capsule-free MRI."""
+    vol, _ = mri_with_skin_bumps(False)
+    with pytest.raises(CapsuleDetectionError, match="no skin capsules found") as info:
+        detect_capsules(vol, "mr")
+    assert any("bump of the body outline" in r.reason for r in info.value.rejected)
+
+
+def test_capsules_next_to_skin_bumps_are_found_and_bumps_are_not():
+    vol, truth = mri_with_skin_bumps(True)
+    det = detect_capsules(vol, "mr")
+    err, missed, fp = match(det.centres_ras, truth, gate_mm=2.0)
+    assert (missed, fp) == (0, 0), (det.centres_ras, truth)
+
+
+def test_fine_pixel_ct_is_searched_on_the_detection_grid(caplog):
+    """A CT with 0.5 mm pixels is block-averaged to the ~1 mm detection grid first (cost independent of the
+    pixel size) and gives the capsules of the same scan at 1 mm, within the sub-voxel error."""
+    from RegistrationFusionLib.capsules.detection import on_detection_grid
+    from SmartBiopsyCoreLib.geometry import resample
+
+    offsets = [(20, -10, (0.3, -0.2, 0.4)), (100, 12, (-0.25, 0.1, -0.3)), (200, 0, (0.1, 0.35, 0.2)),
+               (290, -20, (-0.4, -0.1, 0.5))]
+    vol, truth = synthetic_ct(offsets, spacing=(1.0, 1.0, 2.0))
+    nk, nj, ni = vol.array.shape
+    fine_ref = RasVolume(np.zeros((nk, 2 * nj, 2 * ni), np.float32),
+                         make_grid(vol.origin_ras - np.array([0.25, 0.25, 0.0]), (0.5, 0.5, 2.0), (nk, 2 * nj, 2 * ni)),
+                         "ref")
+    fine = resample(vol, fine_ref, order=1, fill=-1000.0)
+    reduced, _ = on_detection_grid(fine, None, 1.0)
+    assert np.allclose(reduced.spacing, [1.0, 1.0, 2.0]) and np.allclose(reduced.origin_ras, vol.origin_ras)
+    with caplog.at_level("INFO", logger="RegistrationFusionLib.capsules.detection"):
+        det = detect_capsules(fine, "ct")
+    assert "capsule detection on a [1.0, 1.0, 2.0] mm grid" in caplog.text
+    err, missed, fp = match(det.centres_ras, truth)
+    assert (missed, fp) == (0, 0)
+    assert np.linalg.norm(err, axis=1).max() < 0.4

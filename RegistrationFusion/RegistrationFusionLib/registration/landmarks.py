@@ -37,6 +37,12 @@ class CorrespondenceError(RegistrationFusionError):
     """The CT and MRI capsule sets cannot be paired reliably."""
 
 
+def _with_pairs(n_pairs: int, exc: CorrespondenceError) -> CorrespondenceError:
+    """``exc`` with ``n_pairs``: how many capsule pairs could be formed (fewer than 3: no capsule fusion)."""
+    exc.n_pairs = int(n_pairs)
+    return exc
+
+
 class AmbiguousCorrespondenceError(CorrespondenceError):
     """Two different pairings of the capsules fit about equally well (near-symmetric layout)."""
 
@@ -275,16 +281,16 @@ def match_capsules(fixed_ct: np.ndarray, moving_mri: np.ndarray, *, gate_mm: flo
             results[key] = (len(pairs), float(np.sqrt(np.mean(res ** 2))), tx2)
 
     if not results:
-        raise CorrespondenceError(
+        raise _with_pairs(0, CorrespondenceError(
             "no consistent pairing of the CT and MRI capsules was found (their spacings do not agree within "
-            f"{gate_mm:.1f} mm); check that both images show the same capsules and that the MRI pixel size is right")
+            f"{gate_mm:.1f} mm); check that both images show the same capsules and that the MRI pixel size is right"))
     ranked = sorted(results.items(), key=lambda kv: (-kv[1][0], kv[1][1]))
     best_n = ranked[0][1][0]
     need = max(nf, nm) - max_unmatched
     if best_n < max(3, need):
-        raise CorrespondenceError(
+        raise _with_pairs(best_n, CorrespondenceError(
             f"only {best_n} of {nf} CT / {nm} MRI capsules could be paired consistently (at least {max(3, need)} "
-            "needed); some capsules may have moved or been mis-detected, check the detections and re-run")
+            "needed); some capsules may have moved or been mis-detected, check the detections and re-run"))
     contenders = [kv for kv in ranked if kv[1][0] == best_n and kv[1][1] <= ranked[0][1][1] + ambiguity_margin_mm]
     note = ""
     if len(contenders) > 1 and max_rotation_deg is not None:

@@ -124,3 +124,83 @@ def fuse_ct_mri(ct: RasVolume, mri: RasVolume, *, targets_ct=None, capsules_ct=N
     return FusionResult(matrix, corr, reg, ref, rep,
                         capsules_ct if hasattr(capsules_ct, "centres_ras") else None,
                         capsules_mri if hasattr(capsules_mri, "centres_ras") else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# capsule-free fusion and the automatic fallback
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class IntensityFusion:
+    """A capsule-free (intensity-only) fusion: ``matrix`` MRI->CT (RAS), its result and its QA report.
+
+    ``fallback_reason``: why the capsules were not used (the user asked, or fewer than three pairs).
+    Only returned when accepted; a refused one raises :class:`intensity.IntensityFusionRefused`.
+    """
+
+    matrix: np.ndarray
+    intensity: object
+    report: qa.QAReport
+    fallback_reason: str
+    method: str = "intensity"
+
+    def to_dict(self) -> dict:
+        return qa._clean({"method": "intensity-only", "matrix_mri_to_ct_ras": np.asarray(self.matrix).tolist(),
+                          "fallback_reason": self.fallback_reason, "qa": self.report.to_dict(),
+                          "intensity": self.intensity.to_dict()})
+
+
+def fuse_with_fallback(ct: RasVolume, mri: RasVolume, *, use_capsules: bool = True, targets_ct=None,
+                       detect_options: dict | None = None, intensity_options: dict | None = None,
+                       thresholds: qa.QAThresholds | None = None,
+                       progress: Callable[[float, str], None] | None = None,
+                       should_cancel: Callable[[], bool] | None = None, **capsule_kwargs):
+    """Capsule fusion (:func:`fuse_ct_mri`) when at least three capsule pairs exist, else capsule-free fusion.
+
+    Falls back to :func:`intensity.register_intensity` when ``use_capsules`` is False, when one image holds
+    no capsule, fewer than three, or fewer than three could be paired. Every other capsule problem
+    (ambiguous pairing, collinear capsules, bad input) is raised as before. Returns a
+    :class:`FusionResult` or an accepted :class:`IntensityFusion`; a refused capsule-free fusion raises
+    :class:`intensity.IntensityFusionRefused` (one sentence, with the reason the capsules were not used).
+    ``capsule_kwargs`` go to :func:`fuse_ct_mri`.
+    """
+    from RegistrationFusionLib.capsules.detection import NoCapsulesFound, detect_capsules
+    from RegistrationFusionLib.registration import intensity
+    from RegistrationFusionLib.registration.landmarks import CorrespondenceError
+
+    sub = lambda lo, hi: (None if progress is None else (lambda f, m: progress(lo + (hi - lo) * f, m)))  # noqa: E731
+    why = "capsules not used (--no-capsules)"
+    if use_capsules:
+        try:
+            det_ct = detect_capsules(ct, "ct", progress=sub(0.0, 0.15), should_cancel=should_cancel,
+                                     **(detect_options or {}))
+            det_mr = detect_capsules(mri, "mr", progress=sub(0.15, 0.3), should_cancel=should_cancel,
+                                     **(detect_options or {}))
+            if min(len(det_ct), len(det_mr)) < 3:
+                raise _FewCapsules(f"only {len(det_ct)} CT and {len(det_mr)} MRI capsules were found")
+            return fuse_ct_mri(ct, mri, targets_ct=targets_ct, capsules_ct=det_ct, capsules_mri=det_mr,
+                               thresholds=thresholds, progress=sub(0.3, 1.0), should_cancel=should_cancel,
+                               **capsule_kwargs)
+        except (NoCapsulesFound, _FewCapsules) as exc:
+            why = str(exc)
+        except CorrespondenceError as exc:
+            if getattr(exc, "n_pairs", 3) >= 3:
+                raise
+            why = str(exc)
+        logger.warning("fewer than three capsule pairs (%s): capsule-free fusion", why)
+    res = intensity.register_intensity(ct, mri, progress=sub(0.3 if use_capsules else 0.0, 1.0),
+                                       should_cancel=should_cancel, **(intensity_options or {}))
+    if not res.accepted:
+        exc = intensity.IntensityFusionRefused(f"{res.reason} (capsule-free because {_lower_first(why)})")
+        exc.result = res  # for a QA record of the refusal
+        raise exc
+    rep = qa.build_intensity_report(res, targets_ct, thresholds)
+    return IntensityFusion(np.asarray(res.matrix, float), res, rep, why)
+
+
+class _FewCapsules(RegistrationFusionError):
+    pass
+
+
+def _lower_first(text: str) -> str:
+    text = text.split(";")[0].strip().rstrip(".")
+    return text[:1].lower() + text[1:]

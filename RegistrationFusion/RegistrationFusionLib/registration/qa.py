@@ -60,11 +60,17 @@ class QAReport:
     refinement: dict | None = None
     notes: list[str] = field(default_factory=list)
     pictures: dict = field(default_factory=dict)
+    #: "capsules" (landmark FRE/TRE above) or "intensity-only" (no capsule FRE/TRE: ``fre_mm`` is NaN and
+    #: ``error_estimate_mm`` is the spread of agreeing starts plus a floor, see registration.intensity)
+    method: str = "capsules"
+    error_estimate_mm: float | None = None
 
     def to_dict(self) -> dict:
         return {
+            "method": self.method, "error_estimate_mm": self.error_estimate_mm,
             "passed": bool(self.passed), "failures": list(self.failures),
-            "thresholds": self.thresholds.to_dict(), "fre_mm": float(self.fre_mm),
+            "thresholds": self.thresholds.to_dict(),
+            "fre_mm": float(self.fre_mm) if np.isfinite(self.fre_mm) else None,
             "markers": self.markers, "excluded": self.excluded,
             "targets": [t.to_dict() for t in self.targets],
             "matrix_mri_to_ct_ras": self.matrix_mri_to_ct_ras,
@@ -159,6 +165,38 @@ def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, c
                       None if correspondence is None else correspondence.to_dict(), ref_d, notes)
     logger.info("registration QA %s%s", "passed" if report.passed else "FAILED: ", "; ".join(failures))
     return report
+
+
+def build_intensity_report(result, targets_ct: dict | np.ndarray | None = None,
+                           thresholds: QAThresholds | None = None) -> QAReport:
+    """QA report of a capsule-free fusion (:class:`registration.intensity.IntensityFusionResult`).
+
+    It says that the fusion is intensity-only: no capsule FRE, no markers, no landmark TRE. ``passed``
+    only when the result was accepted (unambiguous) and its error estimate (mm, the same at every
+    target: spread between agreeing starts plus the stated floor) is within ``max_predicted_tre_mm``.
+    Targets get that estimate as their predicted error.
+    """
+    th = thresholds or QAThresholds()
+    if targets_ct is None:
+        named = {}
+    elif isinstance(targets_ct, dict):
+        named = {str(k): np.asarray(v, float).reshape(3) for k, v in targets_ct.items()}
+    else:
+        named = {f"T{i + 1}": p for i, p in enumerate(np.asarray(targets_ct, float).reshape(-1, 3))}
+    est = float(result.error_estimate_mm)
+    failures = []
+    if not result.accepted:
+        failures.append(result.reason)
+    elif est > th.max_predicted_tre_mm:
+        failures.append(f"intensity-only error estimate {est:.2f} mm exceeds {th.max_predicted_tre_mm:.2f} mm")
+    notes = [f"intensity-only fusion (no skin capsules used, {result.prior}): no capsule FRE/TRE exists; error "
+             f"estimate {est:.1f} mm = spread of {result.n_agreeing} agreeing starts {result.spread_mm:.1f} mm + "
+             f"floor {result.error_floor_mm:.1f} mm", result.reason]
+    targets = [QATarget(n, [float(v) for v in p], est, est, None) for n, p in named.items()]
+    rep = QAReport(not failures, failures, th, float("nan"), [], [], targets, np.asarray(result.matrix).tolist(),
+                   None, _clean(result.to_dict()), notes, method="intensity-only", error_estimate_mm=est)
+    logger.info("intensity-only fusion QA %s%s", "passed" if rep.passed else "FAILED: ", "; ".join(failures))
+    return rep
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""``smartbiopsy register --ct CT --mri MRI --out DIR``: capsule-based MRI->CT registration with QA.
+"""``smartbiopsy register --ct CT --mri MRI --out DIR [--no-capsules]``: MRI->CT registration with QA.
+
+Capsule-based; with ``--no-capsules``, or automatically when fewer than three capsule pairs exist, a
+capsule-free (intensity-only) fusion that is accepted only when unambiguous (else the command stops with
+the reason and writes no transform).
 
 Writes into DIR: ``mri_to_ct.tfm`` and ``mri_to_ct.h5`` (ITK, LPS, fixed=CT -> moving=MRI as ITK and Slicer
 store a transform placed on the MRI), ``transform.json`` (the 4x4 RAS matrix mapping MRI points to CT
@@ -23,6 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--target", action="append", nargs=3, type=float, metavar=("R", "A", "S"), default=None,
                    help="CT-RAS point (mm) for predicted TRE and the pictures; repeat for several")
     p.add_argument("--no-refine", action="store_true", help="landmark registration only")
+    p.add_argument("--no-capsules", action="store_true",
+                   help="capsule-free fusion: rigid mutual information from several starts (DICOM Patient "
+                        "Position or principal axes), accepted only when unambiguous; also used automatically "
+                        "when fewer than three capsule pairs exist")
     p.add_argument("--affine", action="store_true", help="add an affine stage after the rigid refinement")
     p.add_argument("--deformable", action="store_true",
                    help="try a coarse, regularised B-spline stage (kept only if it passes the acceptance checks)")
@@ -48,7 +56,8 @@ def run(args) -> int:
     import numpy as np
 
     from RegistrationFusionLib.registration import qa, refine
-    from RegistrationFusionLib.registration.pipeline import fuse_ct_mri
+    from RegistrationFusionLib.registration.intensity import IntensityFusionRefused
+    from RegistrationFusionLib.registration.pipeline import IntensityFusion, fuse_with_fallback
     from SmartBiopsyLib.cli.main import ProgressBar
     from SmartBiopsyCoreLib.errors import InputDataError
     from SmartBiopsyCoreLib.dataio.imageio import save_image
@@ -70,11 +79,22 @@ def run(args) -> int:
     if args.target:
         targets = {f"T{i + 1}": list(t) for i, t in enumerate(args.target)}
     prior = None if args.max_rotation_deg <= 0 else float(args.max_rotation_deg)
-    result = fuse_ct_mri(
-        ct, mri, targets_ct=targets, match_options={"max_rotation_deg": prior}, do_refine=not args.no_refine,
-        refine_options={"affine": args.affine, "deformable": args.deformable},
-        thresholds=qa.QAThresholds(max_fre_mm=args.max_fre_mm, max_predicted_tre_mm=args.max_tre_mm),
-        progress=lambda f, m: bar(0.85 * f, m))
+    thresholds = qa.QAThresholds(max_fre_mm=args.max_fre_mm, max_predicted_tre_mm=args.max_tre_mm)
+    try:
+        result = fuse_with_fallback(
+            ct, mri, use_capsules=not args.no_capsules, targets_ct=targets,
+            match_options={"max_rotation_deg": prior}, do_refine=not args.no_refine,
+            refine_options={"affine": args.affine, "deformable": args.deformable},
+            thresholds=thresholds, progress=lambda f, m: bar(0.85 * f, m))
+    except IntensityFusionRefused as exc:
+        # the refusal is recorded (qa.json, registration.json); no transform is written
+        if getattr(exc, "result", None) is not None:
+            qa.build_intensity_report(exc.result, targets, thresholds).write_json(out / "qa.json")
+            (out / "registration.json").write_text(json.dumps(qa._clean(exc.result.to_dict()), indent=1,
+                                                              default=qa._json_default))
+        raise
+    if isinstance(result, IntensityFusion):
+        return _write_intensity(result, ct, mri, targets, out, bar)
 
     bar(0.87, "writing transform and resampled MRI")
     m = result.matrix
@@ -104,6 +124,42 @@ def run(args) -> int:
         "refinement": None if result.refinement is None else result.refinement.reason,
         "predicted_tre_mm": {t.name: round(t.predicted_tre_mm, 3) for t in rep.targets},
         "notes": rep.notes,
+    }
+    print(json.dumps(summary), file=sys.stdout)
+    return 0
+
+
+def _write_intensity(result, ct, mri, targets, out: Path, bar) -> int:
+    """Outputs of an accepted capsule-free fusion (same files as the capsule path; QA says intensity-only)."""
+    import numpy as np
+
+    from RegistrationFusionLib.registration import qa, refine
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
+    from SmartBiopsyCoreLib.dataio.transforms import write_transform_json
+
+    bar(0.87, "writing transform and resampled MRI")
+    m = result.matrix
+    refine.write_itk_transform(m, str(out / "mri_to_ct.tfm"))
+    refine.write_itk_transform(m, str(out / "mri_to_ct.h5"))
+    write_transform_json(out / "transform.json", m, "smartbiopsy register (capsule-free intensity fusion)")
+    on_ct = refine.resample_mri_on_ct(mri, ct, m)
+    save_image(on_ct, out / "mri_on_ct.nrrd")
+    bar(0.93, "QA pictures")
+    if targets:
+        point = np.asarray(next(iter(targets.values())), float)
+    else:
+        lo, hi = ct.bounds_ras()
+        point = (lo + hi) / 2
+    pics = qa.write_fusion_pictures(ct, on_ct, point, out)
+    result.report.pictures = {k: Path(v).name for k, v in pics.items()}
+    result.report.write_json(out / "qa.json")
+    (out / "registration.json").write_text(json.dumps(result.to_dict(), indent=1, default=qa._json_default))
+    bar(1.0, "done")
+    rep, res = result.report, result.intensity
+    summary = {
+        "out": str(out), "method": "intensity-only", "passed": rep.passed, "failures": rep.failures,
+        "error_estimate_mm": round(res.error_estimate_mm, 2), "agreeing_starts": res.n_agreeing,
+        "prior": res.prior, "capsules": result.fallback_reason, "seconds": round(res.seconds, 1), "notes": rep.notes,
     }
     print(json.dumps(summary), file=sys.stdout)
     return 0

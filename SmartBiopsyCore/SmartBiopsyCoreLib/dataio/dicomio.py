@@ -561,6 +561,9 @@ def _build_volume(info: DicomSeriesInfo, files: list[str], headers: list, b_valu
         "n_slices": int(array.shape[0]),
         "source_path": os.path.dirname(files[0]),
     }
+    position = _text(first.get("PatientPosition")).upper()
+    if position:
+        meta["patient_position"] = position  # HFS/FFS/HFP/FFP...: the prior of capsule-free fusion
     if b_value is not None:
         meta["b_value"] = float(b_value)
     name = _sanitise(info.description or f"series_{info.number}")
@@ -869,7 +872,7 @@ def _write_series(items, out_dir, *, modality, series_description, series_number
         ds.PatientID = patient_id
         ds.PatientBirthDate = ""
         ds.PatientSex = ""
-        ds.PatientPosition = "HFS"
+        ds.PatientPosition = str(vol.meta.get("patient_position") or "HFS").upper()
         ds.SliceThickness = _ds_str(float(spacing[2]))
         if modality == "CT":
             ds.KVP = ""

@@ -29,6 +29,10 @@ ratios such as ADC, FF and EF are unaffected) and Rician noise. Series: T2, DWI 
 (consistent with the EF truth).
 
 Deterministic per seed; anatomy, pose and capsule layout vary with the seed.
+
+``ct_pose="FFS"`` writes the CT as scanned feet-first (patient turned 180 degrees about the
+anterior axis in the CT world, DICOM Patient Position FFS) against the head-first MRI (HFS); the
+default ``"HFS"`` is the case above, unchanged.
 """
 from __future__ import annotations
 
@@ -449,11 +453,13 @@ class PhantomTruth:
     habitat_values: dict = field(default_factory=dict)
     robot_to_ct: np.ndarray | None = None        # the robot's fiducial frame pose (robot frame -> CT RAS)
     robot_frame_model: str | None = None
+    ct_pose: str = "HFS"
 
     def to_dict(self) -> dict:
         robot = {} if self.robot_to_ct is None else {
             "robot_to_ct_ras": np.asarray(self.robot_to_ct).tolist(), "robot_frame_model": self.robot_frame_model}
-        return {**robot, 
+        return {**robot,
+            "ct_pose": self.ct_pose,
             "mri_to_ct_ras": self.mri_to_ct.tolist(),
             "capsules_ct_ras": self.capsules_ct.tolist(),
             "capsules_mri_ras": self.capsules_mri.tolist(),
@@ -599,8 +605,11 @@ _CACHE_MAX = 4
 
 def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, should_cancel=None,
                      ct_noise_hu: float = 10.0, mri_noise: float = 0.012, cache: bool = True,
-                     robot_frame: str | None = None) -> PhantomCase:
+                     robot_frame: str | None = None, ct_pose: str = "HFS") -> PhantomCase:
     """Generate the phantom case for ``seed`` (deterministic). See the module docstring.
+
+    ``ct_pose``: "HFS" (default, head first supine like the MRI) or "FFS" (the CT scanned feet first:
+    see :func:`_feet_first_ct`).
 
     Noise levels: CT Gaussian ``ct_noise_hu``; MRI Rician with sigma = ``mri_noise`` x the 95th
     percentile of the body signal of each series. With ``cache`` (default) the last few cases are kept
@@ -609,6 +618,14 @@ def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, sh
     frame at a seeded pose anterior to the abdomen; the CT's field of view then extends anteriorly to hold it
     and the truth records the pose (``robot_to_ct``).
     """
+    pose = str(ct_pose).upper()
+    if pose != "HFS":
+        if pose != "FFS":
+            raise ValueError(f"ct_pose must be 'HFS' or 'FFS', not {ct_pose!r}")
+        if robot_frame:
+            raise ValueError("the robot frame is placed for a head-first CT only")
+        return _feet_first_ct(generate_phantom(seed, deformation, progress, should_cancel, ct_noise_hu,
+                                               mri_noise, cache))
     key = (int(seed), bool(deformation), float(ct_noise_hu), float(mri_noise), robot_frame)
     if cache and key in _CACHE:
         if progress:
@@ -621,6 +638,36 @@ def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, sh
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = case
     return case
+
+
+#: 180 degrees about the anterior axis (R -> L, S -> I): a feet-first supine patient seen from the table
+FEET_FIRST_RAS = np.diag([-1.0, 1.0, -1.0, 1.0])
+
+
+def _feet_first_ct(case: PhantomCase) -> PhantomCase:
+    """The same case with the CT scanned feet first (Patient Position FFS) and the MRI head first (HFS).
+
+    The CT world is the table's frame, so the patient appears turned by :data:`FEET_FIRST_RAS`; every
+    CT-side truth (CT volumes, CT capsules and axes, MRI->CT transform) is turned with it, the MRI and
+    ``case.anatomy`` (head-first CT world) are shared with the head-first case. Arrays are not copied.
+    """
+    from dataclasses import replace
+
+    f = FEET_FIRST_RAS
+
+    def turn(vol: RasVolume, position=None) -> RasVolume:
+        meta = dict(vol.meta)
+        if position:
+            meta["patient_position"] = position
+        return RasVolume(vol.array, f @ vol.ijk_to_ras, vol.name, meta)
+
+    mri = {k: RasVolume(v.array, v.ijk_to_ras.copy(), v.name, {**v.meta, "patient_position": "HFS"})
+           for k, v in case.mri.items()}
+    tr = case.truth
+    truth = replace(tr, mri_to_ct=f @ tr.mri_to_ct, capsules_ct=tr.capsules_ct @ f[:3, :3].T,
+                    capsule_axes_ct=tr.capsule_axes_ct @ f[:3, :3].T, ct_pose="FFS")
+    return PhantomCase(case.seed, turn(case.ct, "FFS"), turn(case.ct_labels), turn(case.ct_habitats), mri, truth,
+                       case.anatomy, dict(case.timings))
 
 
 def _freeze(case: PhantomCase) -> None:
