@@ -457,3 +457,39 @@ def hit_probability(labels: RasVolume, region: str, point_ras, *, registration_e
                          geo.to_dict(), float(step_mm), fractions=frac)
     logger.debug("hit probability %s at %s: %s", region, np.round(point_ras, 1).tolist(), res.summary())
     return res
+
+
+def planned_hit_probabilities(labels: RasVolume, trajectories, mri_to_ct=None, registration_error=1.0, *,
+                              needle=None, mode: str = "side-notch", n_samples: int = DEFAULT_SAMPLES,
+                              seed: int = 0, min_fraction: float = DEFAULT_MIN_FRACTION) -> list:
+    """Hit probability of each planned trajectory, with its own needle direction.
+
+    ``trajectories``: planner trajectories (``region``/``target``, ``entry_ras``, ``target_ras`` in CT world,
+    RAS mm) or dicts with those keys. ``labels``: the habitat map (MRI world); ``mri_to_ct``: the 4x4 RAS
+    registration taking MRI-world points to CT world (None when the habitat map is in CT world).
+    ``registration_error``: as for :func:`hit_probability`, in CT world (a callable gets the CT target
+    point); it is carried into the habitat map's world with the registration. Returns one
+    :class:`HitProbability` per trajectory, in order, or None where the region is not A, B or C.
+    """
+    m = np.eye(4) if mri_to_ct is None else np.asarray(mri_to_ct, float)
+    ct_to_mri = np.linalg.inv(m)
+    lin = ct_to_mri[:3, :3]
+    geo = NotchGeometry.from_needle(needle, mode)
+    cache: dict = {}
+    out = []
+    for t in trajectories:
+        get = (lambda k: t.get(k)) if isinstance(t, dict) else (lambda k: getattr(t, k, None))
+        region = str(get("region") or get("target") or "").upper()
+        if region not in REGION_CODES:
+            logger.info("trajectory %s: region '%s' is not a habitat; no hit probability", get("name"), region)
+            out.append(None)
+            continue
+        entry = _finite_vector(get("entry_ras"), "trajectory entry")
+        target = _finite_vector(get("target_ras"), "trajectory target")
+        reg = registration_error_from(registration_error, target).rotated(lin)
+        point = target @ lin.T + ct_to_mri[:3, 3]
+        out.append(hit_probability(labels, region, point, registration_error=reg, needle=needle, mode=mode,
+                                   direction=(target - entry) @ lin.T, direction_source=DIRECTION_PLANNED,
+                                   n_samples=n_samples, seed=seed, min_fraction=min_fraction, geometry=geo,
+                                   target_name=str(get("name") or region), cache=cache))
+    return out
