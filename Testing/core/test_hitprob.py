@@ -213,3 +213,25 @@ def test_phantom_targets_carry_hit_probability_in_json(hab, tmp_path):
         assert len(t.candidates) >= 2
     data = json.loads(open(targets.write_targets_json(ts, tmp_path / "t.json")).read())
     assert all(0 <= d["hit_probability"] <= 1 and d["hit_definition"] for d in data["targets"])
+
+
+def test_planned_path_is_evaluated_in_the_habitat_maps_world():
+    """A trajectory in CT world through a rotated + shifted registration gives exactly the probability of the
+    same notch evaluated directly in the MRI world (direction and covariance carried back)."""
+    vol = _slab(lo=12, hi=18)
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # 90 deg about R: MRI A -> CT S
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = rot, [5.0, -7.0, 3.0]
+    point_mri, d_mri = np.array([30.0, 30.0, 14.5]), np.array([1.0, 0.0, 0.0])
+    target_ct = rot @ point_mri + m[:3, 3]
+    entry_ct = target_ct - 80.0 * (rot @ d_mri)
+    cov_ct = np.diag([0.25, 4.0, 0.25])  # large along CT A = MRI S: across the 6 mm slab
+    (planned,) = hitprob.planned_hit_probabilities(vol, [{"name": "T", "region": "A", "entry_ras": entry_ct,
+                                                           "target_ras": target_ct}], m, cov_ct, n_samples=3000)
+    direct = hitprob.hit_probability(vol, "A", point_mri, registration_error=rot.T @ cov_ct @ rot, direction=d_mri,
+                                     n_samples=3000)
+    assert planned.probability == pytest.approx(direct.probability, abs=1e-12)
+    assert np.allclose(planned.point_ras, point_mri) and np.allclose(planned.direction_ras, d_mri)
+    assert planned.direction_source == hitprob.DIRECTION_PLANNED
+    wrong = hitprob.hit_probability(vol, "A", point_mri, registration_error=cov_ct, direction=d_mri, n_samples=3000)
+    assert wrong.probability > direct.probability + 0.1  # the covariance left in CT axes would be too optimistic
