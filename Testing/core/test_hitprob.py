@@ -62,6 +62,27 @@ def test_notch_fractions_match_brute_force_voxelisation_draw_by_draw(hab):
         assert np.mean((fast >= 0.5) != (slow >= 0.5)) <= 0.03, region
 
 
+def test_certain_shortcut_only_skips_notches_wholly_inside_or_outside(hab):
+    """Placements the fast path settles without quadrature (fraction exactly 1 or 0) must be wholly inside or
+    outside the region by brute force; draws around a point 17 mm deep straddle the margin (about 16 mm)."""
+    from scipy import ndimage
+
+    m = hab.array == 1
+    depth = ndimage.distance_transform_edt(np.pad(m, 1), sampling=hab.spacing[::-1])[1:-1, 1:-1, 1:-1]
+    kji = np.argwhere(m & (np.abs(depth - 17.0) < 0.8))[0]
+    rng = np.random.default_rng(8)
+    centres, axes = hitprob.draw_placements(_point(hab, kji), 400, hitprob.RegistrationError.from_sigma(4.0), 2.0,
+                                            0.0, None, rng)
+    geo = hitprob.NotchGeometry.from_needle(NEEDLE)
+    radius = float(np.linalg.norm(geo.quadrature(), axis=1).max())
+    certain = hitprob._certain_fractions(hab, 1, centres, radius)
+    settled = np.flatnonzero(np.isfinite(certain))
+    assert 50 <= settled.size < 400  # some settled, some not
+    slow = np.array([region_fraction(notch_at_centre(centres[n], axes[n], NEEDLE, "side-notch"), hab, 1)[0]
+                     for n in settled])
+    assert np.array_equal(slow, certain[settled])
+
+
 def test_tip_distal_notch_agrees_with_brute_force_draw_by_draw(hab):
     rng = np.random.default_rng(5)
     geo = hitprob.NotchGeometry.from_needle(NEEDLE, "tip-distal")
