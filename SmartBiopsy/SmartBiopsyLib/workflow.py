@@ -404,7 +404,7 @@ def _registration_error_ct(run: CaseRun, point_ct):
     if fusion is None:
         return RegistrationError.from_rms(2.0, "isotropic, RMS 2.0 mm (no landmark registration in this run)")
     cov = fusion.landmark.target_covariance(np.atleast_2d(np.asarray(point_ct, float)))[0]
-    return RegistrationError.from_covariance(cov, "landmark registration target covariance (CT world)")
+    return RegistrationError.from_covariance(cov, "landmark registration target covariance (rigid fit only)")
 
 
 def _registration_error_mri(run: CaseRun, point_mri):
