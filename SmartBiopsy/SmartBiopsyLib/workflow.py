@@ -429,7 +429,9 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         return float(fusion.landmark.predicted_tre(np.atleast_2d(apply_transform(m, point_mri)))[0])
 
     progress(0.6, "targets")
-    targets = plan_targets(hab.labels, maps, predicted_tre_mm=tre_at)
+    targets = plan_targets(hab.labels, maps, predicted_tre_mm=tre_at,
+                           registration_error=lambda p: _registration_error_mri(run, p),
+                           needle=run.options.needle or None, notch_mode=run.options.notch_mode, seed=run.options.seed)
     targets_ct = {t.region: apply_transform(m, t.point_ras) for t in targets}
     tdicts = []
     for t in targets:
@@ -460,8 +462,40 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     if i.truth is not None:
         run.lines.append("targets inside the true habitat: " + ", ".join(
             f"{t.region}={'yes' if _true_habitat(i.truth, t.point_ras) == t.region else 'NO'}" for t in targets))
-    regions = ", ".join(f"{t.region} depth {t.depth_mm:.0f} mm" for t in targets)
+    regions = ", ".join(f"{t.region} depth {t.depth_mm:.0f} mm" + (
+        "" if t.hit_probability is None else f" hit {100 * t.hit_probability:.0f}%") for t in targets)
     return f"tumour {size.voxel_volume_ml / 1000:.2f} L; {regions}"
+
+
+# --- hit probability (registration error at a target; re-evaluation with the planned directions) ----------
+def _registration_error_ct(run: CaseRun, point_ct):
+    """Registration error at a CT-world point: the landmark fit's 3x3 target covariance (mm^2), or an isotropic
+    2 mm RMS when no fusion ran (supplied transform)."""
+    from SmartBiopsyLib.characterise.hitprob import RegistrationError
+
+    fusion = run.results.get("fusion")
+    if fusion is None:
+        return RegistrationError.from_rms(2.0, "isotropic, RMS 2.0 mm (no landmark registration in this run)")
+    cov = fusion.landmark.target_covariance(np.atleast_2d(np.asarray(point_ct, float)))[0]
+    return RegistrationError.from_covariance(cov, "landmark registration target covariance (rigid fit only)")
+
+
+def _registration_error_mri(run: CaseRun, point_mri):
+    """:func:`_registration_error_ct` carried into the MRI world of the habitat map."""
+    m = run.results["mri_to_ct"]
+    return _registration_error_ct(run, apply_transform(m, point_mri)).rotated(np.linalg.inv(m)[:3, :3])
+
+
+def _plan_hit_probabilities(run: CaseRun, trajectories) -> list:
+    """Hit probability of each planned trajectory (planned direction), or [] without habitats."""
+    from SmartBiopsyLib.characterise.hitprob import planned_hit_probabilities
+
+    hab = run.results.get("habitats")
+    if hab is None:
+        return []
+    return planned_hit_probabilities(hab.labels, trajectories, run.results["mri_to_ct"],
+                                     lambda p: _registration_error_ct(run, p), needle=run.options.needle or None,
+                                     mode=run.options.notch_mode, seed=run.options.seed)
 
 
 def _true_habitat(truth, point_mri) -> str:
@@ -492,6 +526,12 @@ def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
     pdict["robot_trajectories"] = [{"name": t.region or t.target, "region": t.region or t.target,
                                     "entry_ras": t.entry_ras, "target_ras": t.target_ras} for t in best]
     pdict["registration_qa"] = _registration_qa_for_robot(run, best)
+    hits = _plan_hit_probabilities(run, result.trajectories)
+    for td, hp in zip(pdict["trajectories"], hits):
+        if hp is not None:
+            td["hit_probability"] = hp.to_dict()
+    run.results["plan_hit_probability"] = {t.target: h for t, h in zip(result.trajectories, hits)
+                                           if h is not None and any(t is b for b in best)}
     write_json(d / "plan.json", pdict)
     from TrajectoryPlannerLib.planning.skinmap import skin_model, write_skin_model
 
@@ -500,7 +540,9 @@ def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
     write_skin_model(poly, d / "skin_model.vtp")
     run.results["skin_poly"] = poly
     run.results["best_trajectories"] = best
-    return "; ".join(f"{t.target}: {t.length_mm:.0f} mm, {t.angle_to_axial_deg:.0f} deg" for t in best)
+    ph = run.results.get("plan_hit_probability") or {}
+    return "; ".join(f"{t.target}: {t.length_mm:.0f} mm, {t.angle_to_axial_deg:.0f} deg"
+                     + (f", hit {ph[t.target].percent:.0f}%" if t.target in ph else "") for t in best)
 
 
 def _best_trajectories(result) -> list:

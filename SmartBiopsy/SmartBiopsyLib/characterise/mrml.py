@@ -100,6 +100,8 @@ def targets_fiducial_node(scene, targets: list, name: str = "Habitat targets"):
     for t in targets:
         idx = node.AddControlPoint(*[float(v) for v in t.point_ras], t.region)
         desc = f"depth {t.depth_mm:.1f} mm" + ("" if t.targetable else "; NOT safely targetable")
+        if getattr(t, "hit_probability", None) is not None:
+            desc += f"; hit probability {100 * t.hit_probability:.0f}% (notch >= 50% in region {t.region})"
         node.SetNthControlPointDescription(idx, desc)
     return node
 

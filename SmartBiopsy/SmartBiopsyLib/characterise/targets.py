@@ -1,4 +1,12 @@
-"""One proposed biopsy target per habitat region, at the deepest point of the region's largest component.
+"""One proposed biopsy target per habitat region: the candidate point with the highest hit probability.
+
+Candidates: the deepest point of the region's largest component and the next deepest points spread over it
+(greedy: each is the deepest voxel at least ``candidate_separation_mm`` from those already taken; up to
+``n_candidates``). For each, the hit probability (:mod:`SmartBiopsyLib.characterise.hitprob`: at least 50 %
+of the notch volume inside the region, Monte Carlo over registration and needle placement error, the needle
+direction unknown before planning) is evaluated with the same random numbers; the target is the candidate
+with the highest probability, and candidates within one Monte Carlo standard error of it count as tied and
+go to the deepest. With ``hit_samples=0`` the deepest point is taken, as before.
 
 Depth (mm) is the distance from the point to the region's edge: the Euclidean distance transform with the
 grid's anisotropic voxel size, measured to the nearest voxel outside the component and corrected by half a
@@ -40,6 +48,12 @@ class Target:
     reasons: list[str] = field(default_factory=list)
     required_depth_mm: float = 0.0
     component_volume_ml: float = 0.0
+    hit_probability: float | None = None  #: see ``hit_definition``; None when not evaluated
+    hit_probability_se: float | None = None  #: Monte Carlo standard error of ``hit_probability``
+    hit_definition: str = ""
+    hit_model: dict = field(default_factory=dict)  #: error inputs, notch, direction, samples, seed (HitProbability)
+    selection: str = "deepest point"
+    candidates: list = field(default_factory=list)  #: [{"point_ras", "depth_mm", "hit_probability"}]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +86,46 @@ def deepest_point(component: np.ndarray, spacing_kji) -> tuple[np.ndarray, float
     return p, best * frac
 
 
+def _edge_depth(p, dist, idx) -> float:
+    """Depth (mm) of voxel ``p`` (kji, unpadded) from the padded distance transform, to the outside voxel's face."""
+    q = np.array([idx[d][tuple(p + 1)] for d in range(3)]) - 1  # nearest outside voxel (kji)
+    delta = np.abs(q - p).astype(float)
+    frac = 1.0 - 0.5 / max(delta.max(), 1.0)
+    return float(dist[tuple(p + 1)]) * frac
+
+
+def candidate_points(component: np.ndarray, spacing_kji, n: int = 8,
+                     separation_mm: float = 5.0) -> list[tuple[np.ndarray, float]]:
+    """Up to ``n`` candidate targets (kji index, depth mm) spread over ``component``.
+
+    The first is :func:`deepest_point`; each next one is the deepest voxel at least ``separation_mm`` from all
+    candidates taken so far (greedy non-maximum suppression on the depth map; equal depths, to 0.01 mm, go to
+    the voxel nearest the component's centroid).
+    """
+    spacing_kji = np.asarray(spacing_kji, float)
+    first, first_depth = deepest_point(component, spacing_kji)
+    out = [(first, first_depth)]
+    if n <= 1:
+        return out
+    padded = np.pad(component, 1)
+    dist, idx = ndimage.distance_transform_edt(padded, sampling=spacing_kji, return_indices=True)
+    vox = np.argwhere(component)
+    depth = dist[1:-1, 1:-1, 1:-1][component]
+    central = (((vox - vox.mean(axis=0)) * spacing_kji) ** 2).sum(axis=1)
+    order = np.lexsort((central, -np.round(depth, 2)))  # deepest first, then nearest the centroid
+    rank = np.empty(len(vox), np.int64)
+    rank[order] = np.arange(len(vox))
+    alive = np.ones(len(vox), bool)
+    for p, _ in out:
+        alive &= (((vox - p) * spacing_kji) ** 2).sum(axis=1) >= separation_mm ** 2
+    while len(out) < n and alive.any():
+        k = int(np.flatnonzero(alive)[np.argmin(rank[alive])])
+        p = vox[k]
+        out.append((p, _edge_depth(p, dist, idx)))
+        alive &= (((vox - p) * spacing_kji) ** 2).sum(axis=1) >= separation_mm ** 2
+    return out
+
+
 def sphere_signature(maps: Mapping[str, RasVolume], point_ras, radius_mm: float = 5.0) -> dict:
     """Mean, SD and voxel count of each map inside a sphere (RAS mm) around ``point_ras``; NaNs ignored."""
     out = {}
@@ -97,14 +151,30 @@ def sphere_signature(maps: Mapping[str, RasVolume], point_ras, radius_mm: float 
 
 
 def plan_targets(habitats: RasVolume, maps: Mapping[str, RasVolume] | None = None,
-                 predicted_tre_mm: float | Callable | None = None, needle_error_mm: float = 2.0,
-                 notch_length_mm: float = 10.0, sphere_radius_mm: float = 5.0) -> list[Target]:
+                 predicted_tre_mm: float | Callable | None = None, needle_error_mm: float | None = None,
+                 notch_length_mm: float = 10.0, sphere_radius_mm: float = 5.0, *, registration_error=None,
+                 needle=None, notch_mode: str = "side-notch", direction=None, n_candidates: int = 8,
+                 candidate_separation_mm: float = 5.0, hit_samples: int = 4000, seed: int = 0,
+                 min_fraction: float = 0.5) -> list[Target]:
     """One :class:`Target` per region present in the habitat label map (1 A, 2 B, 3 C).
 
     ``predicted_tre_mm``: a number, a callable ``f(point_ras) -> mm`` (e.g. the registration's predicted
-    TRE), or None for 1 mm. ``maps``: {name: RasVolume} for the signature (any grid; sampled in RAS).
+    RMS TRE), or None for 1 mm. ``maps``: {name: RasVolume} for the signature (any grid; sampled in RAS).
+    ``needle_error_mm``: lateral needle placement error (RMS mm; None = the needle model's, 2 mm), used in the
+    targetable-depth margin and the hit probability. ``registration_error``: the registration error at a
+    target for the hit probability (a :class:`~SmartBiopsyLib.characterise.hitprob.RegistrationError`, a 3x3
+    covariance in mm^2, an RMS in mm, or a callable ``f(point_ras)`` returning one; None = isotropic with the
+    predicted RMS TRE). ``needle``/``notch_mode``: notch geometry (None = the default needle set, side notch).
+    ``direction``: the needle direction in the habitat map's world, or None before planning (uniform over
+    axial in-plane directions). ``hit_samples=0`` skips the hit probability and takes the deepest point.
     A region that is absent gives no target (logged); an empty habitat map raises :class:`InputDataError`.
     """
+    from SmartBiopsyLib.characterise import hitprob
+
+    if needle_error_mm is None:
+        needle_error_mm = hitprob.lateral_error_for(needle)
+    geometry = hitprob.NotchGeometry.from_needle(needle, notch_mode) if hit_samples else None
+    cache: dict = {}
     lab = np.asarray(habitats.array)
     if not np.isin(lab, list(REGION_CODES.values())).any():
         raise InputDataError("the habitat map has no region A, B or C; compute habitats on a tumour with solid tissue first")
@@ -119,15 +189,36 @@ def plan_targets(habitats: RasVolume, maps: Mapping[str, RasVolume] | None = Non
         box = np.argwhere(comp)
         lo = box.min(axis=0)
         sub = comp[tuple(slice(a, b + 1) for a, b in zip(lo, box.max(axis=0)))]
-        kji, depth = deepest_point(sub, spacing_kji)
-        kji = kji + lo
+        def tre_at(point):
+            if predicted_tre_mm is None:
+                return 1.0
+            if callable(predicted_tre_mm):
+                return float(predicted_tre_mm(point))
+            return float(predicted_tre_mm)
+
+        cands = candidate_points(sub, spacing_kji, n_candidates if hit_samples else 1, candidate_separation_mm)
+        hits, cand_info = [], []
+        for c_kji, c_depth in cands:
+            c_point = habitats.kji_to_ras_points((c_kji + lo)[None])[0]
+            hp = None
+            if hit_samples:
+                reg = registration_error if registration_error is not None else tre_at
+                hp = hitprob.hit_probability(habitats, region, c_point, registration_error=reg, needle=needle,
+                                             mode=notch_mode, lateral_error_mm=needle_error_mm, direction=direction,
+                                             n_samples=hit_samples, seed=seed, min_fraction=min_fraction,
+                                             geometry=geometry, target_name=f"Target {region}", cache=cache)
+            hits.append(hp)
+            cand_info.append({"point_ras": [round(float(v), 3) for v in c_point], "depth_mm": round(float(c_depth), 3),
+                              "hit_probability": None if hp is None else round(hp.probability, 5)})
+        best = 0
+        if hit_samples:
+            top = max(range(len(cands)), key=lambda n: hits[n].probability)
+            tol = hits[top].standard_error
+            tied = [n for n in range(len(cands)) if hits[n].probability >= hits[top].probability - tol - 1e-12]
+            best = max(tied, key=lambda n: (cands[n][1], -n))
+        kji, depth = cands[best][0] + lo, cands[best][1]
         point = habitats.kji_to_ras_points(kji[None])[0]
-        if predicted_tre_mm is None:
-            tre = 1.0
-        elif callable(predicted_tre_mm):
-            tre = float(predicted_tre_mm(point))
-        else:
-            tre = float(predicted_tre_mm)
+        tre = tre_at(point)
         required = tre + needle_error_mm + notch_length_mm / 2.0
         ok = depth >= required
         reasons = [] if ok else [
@@ -136,8 +227,21 @@ def plan_targets(habitats: RasVolume, maps: Mapping[str, RasVolume] | None = Non
         sig = sphere_signature(maps, point, sphere_radius_mm) if maps else {}
         t = Target(f"Target {region}", region, [float(v) for v in point], sig, float(depth), tre, bool(ok), reasons,
                    float(required), float(comp.sum() * habitats.voxel_volume_mm3 / 1000.0))
-        logger.info("target %s at RAS %s, depth %.1f mm (needs %.1f)%s", region, np.round(point, 1).tolist(), depth,
-                    required, "" if ok else " NOT targetable")
+        hp = hits[best]
+        if hp is not None:
+            model = hp.to_dict()
+            t.hit_probability, t.hit_probability_se = float(hp.probability), float(hp.standard_error)
+            t.hit_definition = hp.definition
+            t.hit_model = {k: model[k] for k in ("registration_error", "needle_lateral_rms_mm", "needle_lateral_model",
+                                                 "needle_axial_sd_mm", "direction_ras", "direction_source", "notch",
+                                                 "n_samples", "seed", "min_fraction", "quadrature_step_mm", "frame")}
+            t.selection = (f"highest hit probability of {len(cands)} candidate(s) (the deepest point and the next "
+                           f"deepest points at least {candidate_separation_mm:g} mm apart); candidates within one "
+                           "Monte Carlo standard error count as tied and go to the deepest")
+            t.candidates = cand_info
+        logger.info("target %s at RAS %s, depth %.1f mm (needs %.1f)%s%s", region, np.round(point, 1).tolist(), depth,
+                    required, "" if ok else " NOT targetable",
+                    "" if hp is None else f", hit probability {hp.summary()}")
         targets.append(t)
     return targets
 

@@ -50,8 +50,15 @@ def register(subparsers):
                         "exclude: leave b-values below their own image's noise floor out of that voxel's fit")
     p.add_argument("--exclude-low-b", action="store_true", help="fit ADC only on b >= 100 s/mm^2")
     p.add_argument("--mode", choices=("median", "kmeans"), default="median")
-    p.add_argument("--predicted-tre", type=float, default=1.0, help="predicted registration TRE (mm)")
-    p.add_argument("--needle-error", type=float, default=2.0, help="needle placement error (mm)")
+    p.add_argument("--predicted-tre", type=float, default=1.0, help="predicted registration TRE, RMS mm (targetable depth; the hit probability's registration error)")
+    p.add_argument("--needle-error", type=float, default=None,
+                   help="lateral needle placement error, RMS mm (default: the needle model's, 2 mm)")
+    p.add_argument("--needle", default=None, help="needle set for the notch of the hit probability (default: the "
+                   "planner's default set)")
+    p.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch",
+                   help="notch region for the hit probability")
+    p.add_argument("--hit-samples", type=int, default=4000,
+                   help="Monte Carlo samples per candidate for the hit probability (0 = deepest point only)")
     p.add_argument("--notch-length", type=float, default=10.0, help="biopsy notch length (mm)")
     p.add_argument("--allow-unit-conversion", action="store_true",
                    help="convert ADC in mm^2/s or 10^-3 mm^2/s and FF fractions instead of stopping")
@@ -151,7 +158,10 @@ def run(args) -> int:
     res = habitats.compute_habitats(adc, ef, ff, mask, habitats.HabitatConfig(mode=args.mode))
     imageio.save_image(res.labels, out / "habitats.nrrd")
     habitats.write_regions_csv(res, out / "regions.csv")
-    ts = targets.plan_targets(res.labels, named, args.predicted_tre, args.needle_error, args.notch_length)
+    if args.hit_samples and args.hit_samples < 100:
+        raise InputDataError("--hit-samples must be 0 (deepest point only) or at least 100")
+    ts = targets.plan_targets(res.labels, named, args.predicted_tre, args.needle_error, args.notch_length,
+                              needle=args.needle, notch_mode=args.notch_mode, hit_samples=args.hit_samples)
     targets.write_targets_json(ts, out / "targets.json")
     if not args.no_radiomics:
         from SmartBiopsyLib.characterise import radiomics as radiomics_features
@@ -164,5 +174,9 @@ def run(args) -> int:
         print(f"note: {msg}")
     for t in ts:
         print(f"{t.name}: RAS {np.round(t.point_ras, 1).tolist()} depth {t.depth_mm:.1f} mm"
-              + ("" if t.targetable else " (NOT safely targetable)"))
+              + ("" if t.targetable else " (NOT safely targetable)")
+              + ("" if t.hit_probability is None else
+                 f", hit probability {100 * t.hit_probability:.0f}% (MC SE {100 * t.hit_probability_se:.1f} pp)"))
+    if ts and ts[0].hit_probability is not None:
+        print(f"note: hit probability = {ts[0].hit_definition}; {ts[0].hit_model['direction_source']}")
     return 0

@@ -3,9 +3,13 @@
     smartbiopsy plan --ct CT --targets targets.json [--risk SEG_OR_LABELMAP ...] [--risk-labels aorta=4,ivc=5]
                      [--margin aorta=12 ...] [--needle NAME] [--mode in-plane|oblique] [--max-angle DEG]
                      [--patient-position supine|prone|none] --out DIR
+                     [--habitats habitats.nrrd [--transform mri_to_ct.json] [--registration-error MM]]
 
 Writes DIR/plan.json ({"targets", "trajectories", "shared_entry", "rejections", ...}; RAS mm) and
 DIR/skin_accessibility.vtp (skin surface with ClearanceMM / TargetsReachable point values, LPS file).
+With --habitats every trajectory in plan.json carries ``hit_probability``: the probability that the notch,
+fired along that path, has at least 50 % of its volume inside the target's habitat (Monte Carlo over the
+registration error and the needle's lateral placement error; see SmartBiopsyLib.characterise.hitprob).
 """
 from __future__ import annotations
 
@@ -43,6 +47,15 @@ def register(subparsers) -> None:
     p.add_argument("--allow-partial", action="store_true",
                    help="write a plan even if some target has no safe path (its reason goes to plan.json)")
     p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument("--habitats", help="habitats.nrrd from 'characterise': adds each path's hit probability "
+                                      "(notch at least 50%% inside the target's habitat) to plan.json")
+    p.add_argument("--transform", help="with --habitats: MRI->CT registration (JSON 4x4 RAS or ITK .tfm/.h5); "
+                                       "omit when the habitat map is in CT space")
+    p.add_argument("--registration-error", type=float, default=None, metavar="MM",
+                   help="with --habitats: registration error at the targets, RMS mm (default: each target's "
+                        "predicted_tre_mm in the targets file)")
+    p.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch",
+                   help="with --habitats: notch region for the hit probability")
     p.set_defaults(func=run)
 
 
@@ -104,6 +117,40 @@ def _segment_names(path) -> dict[int, str]:
     return names
 
 
+def _hit_probabilities(args, targets, result) -> dict:
+    """{trajectory name: hit probability dict} for every planned path (its own direction), from --habitats."""
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+    from SmartBiopsyCoreLib.dataio.transforms import load_mri_to_ct
+    from SmartBiopsyCoreLib.errors import InputDataError
+    from SmartBiopsyLib.characterise.hitprob import planned_hit_probabilities
+
+    rms = {}
+    for t in targets:
+        if isinstance(t, dict) and t.get("predicted_tre_mm") is not None:
+            for key in (t.get("name"), t.get("region")):
+                if key:
+                    rms[str(key)] = float(t["predicted_tre_mm"])
+
+    def reg_error(traj):
+        if args.registration_error is not None:
+            return args.registration_error
+        for key in (traj.target, traj.region):
+            if key in rms:
+                return rms[key]
+        raise InputDataError(f"target {traj.target} has no predicted_tre_mm in the targets file; give the "
+                             "registration error with --registration-error MM")
+
+    labels = load_image(args.habitats)
+    mri_to_ct = load_mri_to_ct(args.transform) if args.transform else None
+    out = {}
+    for traj in result.trajectories:
+        (hp,) = planned_hit_probabilities(labels, [traj], mri_to_ct, reg_error(traj), needle=args.needle,
+                                          mode=args.notch_mode)
+        if hp is not None:
+            out[traj.name] = hp.to_dict()
+    return out
+
+
 def run(args) -> int:
     from SmartBiopsyLib.cli.main import ProgressBar
     from SmartBiopsyCoreLib.errors import InputDataError
@@ -114,6 +161,8 @@ def run(args) -> int:
         raise InputDataError(f"--out {out} exists and is not a folder")
     if args.top_n < 1:
         raise InputDataError(f"--top-n must be at least 1 (got {args.top_n})")
+    if (args.transform or args.registration_error is not None) and not args.habitats:
+        raise InputDataError("--transform and --registration-error are for the hit probability; add --habitats")
     targets = _read_targets(args.targets)
     label_names = {int(v): k for k, v in _parse_pairs([args.risk_labels], "--risk-labels", int).items()}
     margins = _parse_pairs(args.margin, "--margin", float)
@@ -135,13 +184,20 @@ def run(args) -> int:
     bar = ProgressBar("plan")
     result = engine.plan(ct, targets, args.needle, labelmaps, margins, settings, args.patient_position,
                          auto_structures=not args.no_auto_risk, progress=lambda f, m: bar(0.9 * f, m))
+    plan_doc = result.to_dict()
+    hits = _hit_probabilities(args, targets, result) if args.habitats else {}
+    for td in plan_doc["trajectories"]:
+        if td["name"] in hits:
+            td["hit_probability"] = hits[td["name"]]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(result.to_dict(), indent=1))
+    (out / "plan.json").write_text(json.dumps(plan_doc, indent=1))
     skin_path = skinmap.write_skin_model(skinmap.skin_model(result), out / "skin_accessibility.vtp")
     bar(1.0, "written")
     best = {t.target: t.name for t in result.trajectories if t.rank == 1}
     summary = {"out": str(out), "trajectories": len(result.trajectories), "best": best,
                "shared_entry": result.shared_entry is not None, "failures": result.failures,
                "plan_s": round(sum(result.timings_s.values()), 2), "skin_model": skin_path}
+    if hits:
+        summary["hit_probability"] = {name: hits[name]["probability"] for name in best.values() if name in hits}
     print(json.dumps(summary), file=sys.stdout)
     return 0

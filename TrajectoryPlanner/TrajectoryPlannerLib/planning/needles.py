@@ -27,6 +27,10 @@ GAUGE_OD_MM = {13: 2.413, 14: 2.108, 15: 1.829, 16: 1.651, 17: 1.473, 18: 1.270,
 SIDE_NOTCH = "side-notch"
 END_CUT = "end-cut"
 
+#: Default lateral needle placement error (mm, RMS distance of the fired needle's axis from the planned line,
+#: perpendicular to it); used for the hit probability of a target and the targetable-depth margin.
+DEFAULT_PLACEMENT_ERROR_LATERAL_MM = 2.0
+
 
 @dataclass(frozen=True)
 class CoaxialIntroducer:
@@ -64,14 +68,23 @@ class CoreNeedle:
 
 @dataclass(frozen=True)
 class NeedleModel:
-    """A biopsy set: optional coaxial introducer plus core needle."""
+    """A biopsy set: optional coaxial introducer plus core needle.
+
+    ``placement_error_lateral_mm``: how far (RMS, mm) the placed needle's axis lies from the planned line,
+    perpendicular to it (a 2-D isotropic Gaussian; per-axis SD = value / sqrt(2)).
+    """
 
     name: str
     core: CoreNeedle
     introducer: CoaxialIntroducer | None = None
     description: str = ""
+    placement_error_lateral_mm: float = DEFAULT_PLACEMENT_ERROR_LATERAL_MM
 
     def __post_init__(self):
+        e = self.placement_error_lateral_mm
+        if not isinstance(e, (int, float)) or not (0.0 <= float(e) < 50.0):
+            raise TrajectoryPlannerError(
+                f"needle '{self.name}': the lateral placement error must be 0-50 mm (got {e})")
         if self.introducer is not None:
             if self.introducer.outer_diameter_mm <= self.core.outer_diameter_mm:
                 raise TrajectoryPlannerError(
@@ -120,6 +133,7 @@ class NeedleModel:
             "pre_fire_gap_mm": self.pre_fire_gap_mm,
             "max_reach_mm": self.max_reach_mm,
             "outer_radius_mm": self.outer_radius_mm,
+            "placement_error_lateral_mm": float(self.placement_error_lateral_mm),
         }
 
 

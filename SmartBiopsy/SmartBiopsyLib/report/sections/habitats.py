@@ -13,6 +13,28 @@ def _mean_sd(st) -> str:
     return f"{fmt_num(st.get('mean'))} ± {fmt_num(st.get('sd'))}" if isinstance(st, dict) and st else "-"
 
 
+def _hit_cell(t: dict, planned: dict) -> str:
+    """Hit probability of a target: at characterisation (no plan yet) and along its best planned path."""
+    parts = []
+    p, se = t.get("hit_probability"), t.get("hit_probability_se")
+    if isinstance(p, (int, float)):
+        parts.append(f"{100 * p:.0f}%" + (f" ± {100 * se:.1f}" if isinstance(se, (int, float)) else ""))
+    hp = planned.get(t.get("region")) or planned.get(t.get("name"))
+    if isinstance(hp, dict) and isinstance(hp.get("probability"), (int, float)):
+        parts.append(f"planned path {100 * hp['probability']:.0f}% ± {100 * hp.get('standard_error', 0.0):.1f}")
+    return "; ".join(parts) if parts else "-"
+
+
+def _planned_hits(case: CaseFolder) -> dict:
+    """{region or target: hit probability dict of its best-ranked trajectory} from plan/plan.json."""
+    plan = case.json("plan/plan.json")
+    out = {}
+    for t in (plan or {}).get("trajectories", []) if isinstance(plan, dict) else []:
+        if isinstance(t, dict) and isinstance(t.get("hit_probability"), dict) and t.get("rank") == 1:
+            out[t.get("region") or t.get("target")] = t["hit_probability"]
+    return out
+
+
 def section_habitats(case: CaseFolder, figs: FigureStore) -> str:
     out = []
     hab = case.volume("characterisation/habitats.nrrd")
@@ -80,6 +102,7 @@ def section_habitats(case: CaseFolder, figs: FigureStore) -> str:
         out.append(f'<p class="note">{esc(m)}</p>')
     if targets:
         rows = []
+        planned = _planned_hits(case)
         for t in targets:
             sig = t.get("signature") or {}
             sv = lambda k: _mean_sd(sig.get(k))  # noqa: E731
@@ -88,9 +111,18 @@ def section_habitats(case: CaseFolder, figs: FigureStore) -> str:
             rows.append((t.get("name"), t.get("region"), "-" if mrp is None else " ".join(fmt_num(v) for v in mrp),
                          "-" if ctp is None else " ".join(fmt_num(v) for v in ctp), fmt_num(t.get("depth_mm")),
                          "yes" if t.get("targetable", True) else "NO: " + "; ".join(t.get("reasons") or []),
-                         sv("adc"), sv("ef"), sv("ff")))
+                         _hit_cell(t, planned), sv("adc"), sv("ef"), sv("ff")))
         out.append(html_table(("target", "region", "MRI RAS (mm)", "CT RAS (mm)", "depth (mm)", "targetable",
-                           "ADC", "EF (%)", "FF (%)"), rows, num_cols=(4,)))
+                           "hit probability ± MC SE (%)", "ADC", "EF (%)", "FF (%)"), rows, num_cols=(4,)))
+        defined = next((t for t in targets if t.get("hit_definition")), None)
+        if defined is not None:
+            model = defined.get("hit_model") or {}
+            reg = (model.get("registration_error") or {}).get("source", "")
+            out.append(f'<p class="note">Hit probability: {esc(defined["hit_definition"])}. Registration error: '
+                       f'{esc(reg)}; needle lateral error {fmt_num(model.get("needle_lateral_rms_mm"))} mm RMS; '
+                       f'direction at characterisation: {esc(model.get("direction_source", "-"))}; the planned-path '
+                       f'value uses the best trajectory\'s direction. Monte Carlo with '
+                       f'{model.get("n_samples", "-")} samples (seed {model.get("seed", "-")}).</p>')
     elif hab is not None:
         out.append(na_note("Targets " + case.why("characterisation", "characterisation/targets.json")))
     return "\n".join(out)
