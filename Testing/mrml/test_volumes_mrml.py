@@ -8,7 +8,7 @@ from scipy.spatial.transform import Rotation
 
 slicer = pytest.importorskip("slicer")
 
-from SmartBiopsyLib import volumes_mrml  # noqa: E402
+from SmartBiopsyCoreLib.dataio import volumes_mrml  # noqa: E402
 def _oblique(dtype=np.float32, shape=(4, 6, 9)) -> RasVolume:
     rng = np.random.default_rng(5)
     rot = Rotation.from_euler("xyz", [15, 30, -50], degrees=True).as_matrix()
