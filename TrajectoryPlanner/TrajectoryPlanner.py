@@ -48,6 +48,7 @@ class TrajectoryPlanner(ScriptedLoadableModule):
             "(bone, gas, vessels, bowel, kidney and your own segments) at least its safety margin away, rank "
             "them by length, clearance and obliquity, reslice along a path, and send confirmed targets to a "
             "needle-guidance robot over OpenIGTLink. Coordinates in RAS mm, angles in degrees. "
+            "Requires 3D Slicer 5.10 or later. "
             f'See the <a href="{HOMEPAGE}/blob/main/Docs/TrajectoryPlanner.md">user guide</a>.')
         self.parent.acknowledgementText = _(
             "The workflow follows Johnston et al., Acad Radiol 2024 (multiregional MRI-informed biopsy of "
@@ -285,21 +286,6 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             yellow.SetSliceToRASByNTP(*direction, *helper, *target, 0)  # plane across the path at the target
 
     # ------------------------------------------------------------------ robot
-    def _ensureRequirements(self) -> None:
-        """Install Resources/requirements.txt on first use (asks the user first)."""
-        path = self.resourcePath("requirements.txt")
-        if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(path), requester=_("Trajectory Planner"))
-            return
-        import importlib.util
-
-        with open(path) as fh:
-            reqs = [line.split("#")[0].strip() for line in fh if line.split("#")[0].strip()]
-        missing = [r for r in reqs if importlib.util.find_spec(r.split(">=")[0].strip()) is None]
-        if missing and slicer.util.confirmOkCancelDisplay(
-                _("The robot bridge needs {pkgs}. Install now?").format(pkgs=", ".join(missing))):
-            slicer.util.pip_install(" ".join(missing))
-
     def onConnect(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not connect to the robot."), waitCursor=True):
             if self._session is not None:
@@ -307,7 +293,6 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self._session = None
                 self._statusTimer.stop()
             else:
-                self._ensureRequirements()
                 pn = self._parameterNode
                 self._session = self.logic.connectRobot(pn.robotHost, pn.robotPort, self._result, pn.registrationTransform)
                 self._statusTimer.start()
