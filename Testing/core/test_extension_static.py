@@ -500,7 +500,7 @@ def test_figures_use_the_object_oriented_api_without_global_state():
             if any(n.startswith(("matplotlib.pyplot", "pylab")) for n in names):
                 bad.append(f"{path.relative_to(ROOT)} imports pyplot")
             src = path.read_text()
-            if re.search(r"matplotlib\.use\(|\bplt\.|rcParams\[", src):
+            if re.search(r"matplotlib\.use\(|\.use\(\s*['\"]\w+['\"]|\bplt\.|rcParams\[", src):
                 bad.append(f"{path.relative_to(ROOT)} changes matplotlib's global state")
     assert not bad, "\n".join(bad)
 
