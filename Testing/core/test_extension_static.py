@@ -461,6 +461,10 @@ def test_runtime_dependencies_are_exactly_what_the_library_code_imports():
     assert all(">=" in d for d in deps.values()), "every runtime dependency needs a lower bound"
     dev = {_canonical(re.split(r"[<>=!~ ;\[]", d)[0]) for d in extras.get("dev", [])}
     assert "pyigtl" in dev and "pyigtl" not in deps, "pyigtl is used by tests and benchmarks only"
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {".".join(p.parent.relative_to(ROOT / m).parts) for m in ALL_MODULES for p in
+                (ROOT / m / f"{m}Lib").rglob("__init__.py") if "__pycache__" not in p.parts}
+    assert set(setuptools["packages"]) == packages, "pyproject packages must list every Lib package"
     boot = (ROOT / "scripts" / "bootstrap.sh").read_text()
     assert re.search(r'--no-build-isolation -e "?\.\[[a-z,]*radiomics', boot), "bootstrap installs the radiomics extra"
 
