@@ -58,7 +58,9 @@ bad = {k: (have[k], v) for k, v in want.items() if have[k] != v}
 sys.exit(f"the Slicer-package environment has the wrong versions: {bad}" if bad else 0)
 EOF
 echo "Slicer $SLICER_VERSION package set: $("$VENV/bin/python" -c 'import platform; print("Python", platform.python_version())'), $SLICER_PACKAGES, $MRML_STAND_IN; no $ABSENT" >&2
-export MPLBACKEND=Agg SMARTBIOPSY_SLICER_ENV=1
+# the module folders on the path, as Slicer has them (nothing is installed into this environment)
+export PYTHONPATH="$PWD/SmartBiopsyCore:$PWD/SmartBiopsy:$PWD/RegistrationFusion:$PWD/TrajectoryPlanner${PYTHONPATH:+:$PYTHONPATH}"
+export MPLBACKEND=Agg
 if [ "$#" -eq 0 ]; then
   set -- Testing/core Testing/mrml
 fi
