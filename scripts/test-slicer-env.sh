@@ -5,7 +5,7 @@
 # second), so the tests that need them check the fail-soft path here. The MRML stand-in is the oldest
 # slicer-core on the package registry (its vtk installed without vtk's matplotlib dependency, as Slicer's own
 # VTK has none). Own virtual environment .venv-slicer/, rebuilt only when the pinned set below changes.
-# Extra arguments go to pytest (default: Testing/core Testing/mrml).
+# Extra arguments go to pytest (test paths default to Testing/core Testing/mrml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,7 +61,12 @@ echo "Slicer $SLICER_VERSION package set: $("$VENV/bin/python" -c 'import platfo
 # the module folders on the path, as Slicer has them (nothing is installed into this environment)
 export PYTHONPATH="$PWD/SmartBiopsyCore:$PWD/SmartBiopsy:$PWD/RegistrationFusion:$PWD/TrajectoryPlanner${PYTHONPATH:+:$PYTHONPATH}"
 export MPLBACKEND=Agg
-if [ "$#" -eq 0 ]; then
-  set -- Testing/core Testing/mrml
+# the core and MRML suites unless test paths are given (options alone, e.g. -k radiomics, apply to those suites)
+has_path=0
+for arg in "$@"; do
+  case "$arg" in Testing*|*.py|*::*) has_path=1 ;; esac
+done
+if [ "$has_path" = 0 ]; then
+  set -- "$@" Testing/core Testing/mrml
 fi
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider --timeout=900 "$@"
