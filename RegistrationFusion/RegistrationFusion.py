@@ -41,6 +41,7 @@ class RegistrationFusion(ScriptedLoadableModule):
             "in both scans, pair and register them (rigid, MRI to CT), optionally refine by mutual information, "
             "review the residual of every capsule and the predicted error at each target, then approve. "
             "Coordinates are RAS millimetres. "
+            "Requires 3D Slicer 5.10 or later. "
             f'See the <a href="{HOMEPAGE}/blob/main/Docs/RegistrationFusion.md">user guide</a>.')
         self.parent.acknowledgementText = _(
             "The workflow follows Johnston et al., Acad Radiol 2024 (multiregional MRI-informed biopsy of "
@@ -248,6 +249,9 @@ class RegistrationFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin
             folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the fusion pictures"))
             if not folder:
                 return
+            from SmartBiopsyCore import ensureRequirements
+
+            ensureRequirements(self.resourcePath("requirements.txt"), _("Registration Fusion"))  # matplotlib, asks first
             paths = self.logic.saveFusionPictures(self._parameterNode, folder)
             self.ui.statusLabel.text = _("Checkerboard and overlay written: {paths}").format(paths=", ".join(paths.values()))
 

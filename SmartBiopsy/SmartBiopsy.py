@@ -48,6 +48,7 @@ class SmartBiopsy(ScriptedLoadableModule):
             "relative to the whole-tumour median, propose one target per habitat, measure what the biopsy notch "
             "sampled on the confirmation CT and keep the specimen record. ADC in 10^-6 mm^2/s, FF and EF in %, "
             "coordinates in RAS mm. "
+            "Requires 3D Slicer 5.10 or later. "
             f'See the <a href="{HOMEPAGE}/blob/main/Docs/SmartBiopsy.md">user guide</a>.')
         self.parent.acknowledgementText = _(
             "The workflow follows Johnston et al., Acad Radiol 2024 (multiregional MRI-informed biopsy of "
@@ -374,6 +375,10 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onGenerateReport(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Report generation failed."), waitCursor=True):
+            from SmartBiopsyCore import ensureRequirements
+
+            # matplotlib for the figures, offered first; declined: the report says which figures are missing
+            ensureRequirements(self.resourcePath("requirements.txt"), _("Smart Biopsy report"))
             path = self._runWithProgress(_("Writing the report"), lambda p, c: self.logic.generateReport(
                 self._parameterNode, p))
             self.ui.statusLabel.text = _("Report written: {path}").format(path=path)

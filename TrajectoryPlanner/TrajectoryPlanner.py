@@ -49,6 +49,7 @@ class TrajectoryPlanner(ScriptedLoadableModule):
             "(bone, gas, vessels, bowel, kidney and your own segments) at least its safety margin away, rank "
             "them by length, clearance and obliquity, reslice along a path, and send confirmed targets to a "
             "needle-guidance robot over OpenIGTLink. Coordinates in RAS mm, angles in degrees. "
+            "Requires 3D Slicer 5.10 or later. "
             f'See the <a href="{HOMEPAGE}/blob/main/Docs/TrajectoryPlanner.md">user guide</a>.')
         self.parent.acknowledgementText = _(
             "The workflow follows Johnston et al., Acad Radiol 2024 (multiregional MRI-informed biopsy of "
@@ -290,26 +291,16 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                                layout.sliceWidget("Yellow").mrmlSliceNode())
 
     # ------------------------------------------------------------------ robot
-    def _ensureRequirements(self) -> None:
-        """Install Resources/requirements.txt on first use (asks the user first)."""
-        path = self.resourcePath("requirements.txt")
-        if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
-            slicer.packaging.pip_ensure(slicer.packaging.load_requirements(path), requester=_("Trajectory Planner"))
-            return
-        import importlib.util
-
-        with open(path) as fh:
-            reqs = [line.split("#")[0].strip() for line in fh if line.split("#")[0].strip()]
-        missing = [r for r in reqs if importlib.util.find_spec(r.split(">=")[0].strip()) is None]
-        if missing and slicer.util.confirmOkCancelDisplay(
-                _("The robot bridge needs {pkgs}. Install now?").format(pkgs=", ".join(missing))):
-            slicer.util.pip_install(" ".join(missing))
-
     def onCalibrate(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("The robot calibration failed."), waitCursor=True):
+            from SmartBiopsyCore import ensureRequirements
+
+            ensureRequirements(self.resourcePath("requirements.txt"), _("Trajectory Planner"))  # the picture; asks first
             pn = self._parameterNode
             self._calibration = None
-            result, _transform, _model = self.logic.calibrateRobot(pn.ctVolume, pn.frameModel, pn.targets)
+            outDir = os.path.join(slicer.app.temporaryPath, "robot_calibration")
+            result, _transform, _model = self.logic.calibrateRobot(pn.ctVolume, pn.frameModel, pn.targets, outDir=outDir)
+            self._appendRobotMessage(_("calibration files in {folder}").format(folder=outDir))
             self._appendRobotMessage(self.logic.calibrationText(result))
             self._calibration = result if result.passed else None
 
@@ -319,7 +310,6 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 self._statusTimer.stop()
                 self._shutdownRobot()
             else:
-                self._ensureRequirements()
                 pn = self._parameterNode
                 statedBy = _("the operator at this workstation") if pn.robotFrameIsCT else ""
                 self._session = self.logic.connectRobot(pn.robotHost, pn.robotPort, self._result, pn.registrationTransform,
@@ -451,10 +441,10 @@ class TrajectoryPlannerLogic(ScriptedLoadableModuleLogic):
 
         return logic.shutdown_robot(session)
 
-    def calibrateRobot(self, ctNode, frameModel, targetsNode=None, progress=None, shouldCancel=None):
+    def calibrateRobot(self, ctNode, frameModel, targetsNode=None, progress=None, shouldCancel=None, outDir=None):
         from TrajectoryPlannerLib import logic
 
-        return logic.calibrate_robot(self.scene, ctNode, frameModel, targetsNode, progress, shouldCancel)
+        return logic.calibrate_robot(self.scene, ctNode, frameModel, targetsNode, progress, shouldCancel, out_dir=outDir)
 
     @staticmethod
     def calibrationText(result) -> str:

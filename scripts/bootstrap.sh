@@ -13,10 +13,9 @@ WANT="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   echo "installing SmartBiopsy and its dependencies into .venv ..." >&2
   .venv/bin/python -m pip install -q --upgrade pip
-  # pyradiomics builds a C extension against numpy and needs its build tools first (no build isolation)
+  # pyradiomics (the radiomics extra, version bound in pyproject.toml) builds a C extension against the
+  # installed numpy and needs its build tools first, without build isolation
   .venv/bin/python -m pip install -q numpy setuptools wheel versioneer
-  # (the 3.1.0 source archive reports its version as 3.0.1a1 when built, so no version bound here)
-  .venv/bin/python -m pip install -q --no-build-isolation pyradiomics
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev,radiomics]"
   echo "$WANT" > "$STAMP"
 fi

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test suite: core, MRML (real headless scene), end-to-end command line, static checks.
-# Extra pytest arguments are passed through (e.g. scripts/test.sh -k phantom).
+# The test suite: core, MRML (real headless scene), end-to-end command line, static checks; then, for the whole
+# suite (no arguments, as CI runs it), the core and MRML suites again with the Python packages 3D Slicer 5.10
+# bundles (scripts/test-slicer-env.sh). Extra pytest arguments run that subset in .venv only
+# (e.g. scripts/test.sh -k phantom).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -10,4 +12,9 @@ if [ ! -d /usr/include/openigtlink ] && command -v apt-get >/dev/null 2>&1 && [ 
     || echo "note: could not install libopenigtlink-dev/openigtlink-examples; interoperability tests will skip" >&2
 fi
 export MPLBACKEND=Agg
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@"
+status=0
+.venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@" || status=$?
+if [ "$#" -eq 0 ]; then
+  bash scripts/test-slicer-env.sh || status=$?
+fi
+exit "$status"

@@ -294,7 +294,13 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
         centre = apply_transform(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))
     if centre is None:
         centre = np.asarray(fusion.landmark.fixed_points).mean(axis=0)
-    write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+    from SmartBiopsyCoreLib.optional import MissingPackageError
+
+    try:
+        write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+    except MissingPackageError as exc:  # matplotlib absent: the pictures are optional, the fusion is not
+        logger.warning("%s", exc)
+        run.lines.append(str(exc))
     lm = fusion.landmark
     msg = f"{len(lm.used)} capsule pairs, FRE {lm.fre_mm:.2f} mm"
     if i.truth is not None:
@@ -334,7 +340,13 @@ def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
     else:
         lo, hi = i.ct.bounds_ras()
         centre = (lo + hi) / 2
-    write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+    from SmartBiopsyCoreLib.optional import MissingPackageError
+
+    try:
+        write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+    except MissingPackageError as exc:  # matplotlib absent: the pictures are optional, the fusion is not
+        logger.warning("%s", exc)
+        run.lines.append(str(exc))
     res = fusion.intensity
     msg = (f"capsule-free intensity-only fusion ({fusion.fallback_reason.split(' (')[0].split(';')[0]}), error estimate "
            f"{res.error_estimate_mm:.1f} mm")
@@ -445,6 +457,10 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         rows = compute_radiomics(hab.labels, maps)
         write_radiomics_csv(rows, d / "radiomics.csv")
         run.results["radiomics"] = rows
+        from SmartBiopsyLib.characterise.radiomics import NOT_AVAILABLE
+
+        if rows and rows[0].error == NOT_AVAILABLE:  # pyradiomics absent: the table says so, the rest goes on
+            run.lines.append(NOT_AVAILABLE)
     except ImportError as exc:  # pyradiomics missing: the rest of the procedure does not depend on it
         logger.warning("radiomics skipped: %s", exc)
         run.results["radiomics"] = []

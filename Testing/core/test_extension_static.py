@@ -364,17 +364,149 @@ def test_parameter_bindings_match_fields_and_have_a_gui_connector(module):
 
 
 # ----------------------------------------------------------------------------------------------- packaging
-@pytest.mark.parametrize("module", MODULES)
-def test_requirements_have_lower_bounds_and_are_installed_from_the_widget(module):
+#: Import names desktop 3D Slicer 5.10 bundles (or that exist only inside Slicer).
+SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "pydicom", "vtk", "vtkmodules", "slicer", "qt", "ctk", "packaging"}
+#: Optional imports a module works without, and why they have no line in its Resources/requirements.txt.
+OPTIONAL_WITHOUT_INSTALL = {
+    "crcmod": "C speed-up of the codec's CRC-64; the codec computes it in Python without crcmod",
+    "radiomics": "pyradiomics comes with the SlicerRadiomics extension (EXTENSION_DEPENDS)",
+}
+#: Import name -> distribution name on the package index (where they differ).
+DISTRIBUTION = {"mpl_toolkits": "matplotlib", "radiomics": "pyradiomics", "yaml": "PyYAML", "slicer": "slicer-core",
+                "vtk": "slicer-core", "vtkmodules": "slicer-core"}
+LIB_PACKAGES = {f"{m}Lib": m for m in ALL_MODULES}
+MINIMUM_SLICER = "5.10"  # Python 3.12
+MINIMUM_PYTHON = (3, 12)
+
+
+def _third_party_imports(paths) -> dict[str, set[str]]:
+    """Top-level third-party import name -> files importing it (function-level imports included)."""
+    import sys
+
+    own = set(LIB_PACKAGES) | set(ALL_MODULES)
+    found: dict[str, set[str]] = {}
+    for path in paths:
+        for name in _imports_of(path):
+            top = name.split(".")[0]
+            if top and top not in sys.stdlib_module_names and top not in own and top != "__future__":
+                found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def _code_of(module: str) -> list[Path]:
+    """The module file, its Lib and every Lib those import (what runs when a user works in the module)."""
+    todo, seen, files = [module], set(), [ROOT / module / f"{module}.py"]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        files += _lib_files(m)
+        for path in [ROOT / m / f"{m}.py", *_lib_files(m)]:
+            todo += [LIB_PACKAGES[n.split(".")[0]] for n in _imports_of(path) if n.split(".")[0] in LIB_PACKAGES]
+    return [f for f in files if f.exists()]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.parametrize("module", ALL_MODULES)
+def test_requirements_list_what_slicer_lacks_and_are_offered_from_a_button(module):
+    """Resources/requirements.txt = the packages the module's code imports that Slicer does not bundle
+    (derived from the imports), each with a >= bound, offered from a button handler after the user agrees."""
+    imports = _third_party_imports(_code_of(module))
+    needed = {_canonical(DISTRIBUTION.get(n, n)) for n in imports if n not in SLICER_BUNDLED | set(OPTIONAL_WITHOUT_INSTALL)}
     req = ROOT / module / "Resources" / "requirements.txt"
-    if not req.exists():
-        pytest.skip(f"{module} needs no extra packages")
-    lines = [line.split("#")[0].strip() for line in req.read_text().splitlines()]
+    lines = [line.split("#")[0].strip() for line in req.read_text().splitlines()] if req.exists() else []
     lines = [line for line in lines if line]
-    assert lines and all(">=" in line for line in lines), f"each requirement needs a >= bound: {lines}"
-    src = (ROOT / module / f"{module}.py").read_text()
-    assert "slicer.packaging" in src and "pip_ensure" in src and "slicer.util.pip_install" in src
-    assert "confirmOkCancelDisplay" in src, "ask before installing with slicer.util.pip_install"
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+>=[0-9.]+(,<[0-9.]+)?", line) for line in lines), \
+        f"each requirement needs a >= bound: {lines}"
+    listed = {_canonical(line.split(">=")[0]) for line in lines}
+    assert listed == needed, f"{module}: requirements.txt lists {sorted(listed)}, the code needs {sorted(needed)} " \
+                             f"({ {n: sorted(f)[:2] for n, f in imports.items()} })"
+    if not needed:
+        return
+    widget = _class(_module_tree(module), f"{module}Widget")
+    callers = [n.name for n in widget.body if isinstance(n, ast.FunctionDef)
+               and "ensureRequirements(self.resourcePath('requirements.txt')" in ast.unparse(n)]
+    assert callers, f"{module}Widget never offers its requirements.txt (SmartBiopsyCore.ensureRequirements)"
+    assert all(c.startswith("on") for c in callers), f"offer the install from a button handler only, not {callers}"
+    top = [n for n in _module_tree(module).body if not isinstance(n, (ast.ClassDef, ast.FunctionDef))]
+    assert "ensureRequirements(" not in "\n".join(ast.unparse(n) for n in top), "never install at import"
+
+
+def test_install_helper_asks_before_installing():
+    tree = _module_tree(CORE)
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "ensureRequirements")
+    src = ast.unparse(fn)
+    assert "slicer.packaging" in src and "pip_ensure" in src and "load_requirements" in src
+    ask, install = src.index("confirmOkCancelDisplay"), src.index("slicer.util.pip_install")
+    assert ask < install, "ask with confirmOkCancelDisplay before slicer.util.pip_install"
+
+
+def test_runtime_dependencies_are_exactly_what_the_library_code_imports():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = {_canonical(re.split(r"[<>=!~ ;\[]", d)[0]): d for d in project["dependencies"]}
+    lib_files = [p for m in ALL_MODULES for p in _lib_files(m)]
+    imported = {_canonical(DISTRIBUTION.get(n, n)) for n in _third_party_imports(lib_files)}
+    extras = project.get("optional-dependencies", {})
+    radiomics = [_canonical(re.split(r"[<>=!~ ;\[]", d)[0]) for d in extras.get("radiomics", [])]
+    assert radiomics == ["pyradiomics"] and ">=" in extras["radiomics"][0], "pyradiomics is the radiomics extra"
+    assert set(deps) == imported - {"pyradiomics"}, \
+        f"runtime dependencies {sorted(deps)} but the libraries import {sorted(imported - {'pyradiomics'})}"
+    assert "vtk" not in deps, "vtk comes with slicer-core's exact pin"
+    assert all(">=" in d for d in deps.values()), "every runtime dependency needs a lower bound"
+    dev = {_canonical(re.split(r"[<>=!~ ;\[]", d)[0]) for d in extras.get("dev", [])}
+    assert "pyigtl" in dev and "pyigtl" not in deps, "pyigtl is used by tests and benchmarks only"
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {".".join(p.parent.relative_to(ROOT / m).parts) for m in ALL_MODULES for p in
+                (ROOT / m / f"{m}Lib").rglob("__init__.py") if "__pycache__" not in p.parts}
+    assert set(setuptools["packages"]) == packages, "pyproject packages must list every Lib package"
+    boot = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    assert re.search(r'--no-build-isolation -e "?\.\[[a-z,]*radiomics', boot), "bootstrap installs the radiomics extra"
+
+
+def test_minimum_slicer_version_is_declared_everywhere_and_tested():
+    core = _module_tree(CORE)
+    declared = next(ast.literal_eval(n.value) for n in core.body if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], "id", "") == "MINIMUM_SLICER_VERSION")
+    assert declared == MINIMUM_SLICER
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    m = re.search(r'if\(Slicer_VERSION VERSION_LESS "([0-9.]+)"\)\s*message\(FATAL_ERROR', cmake)
+    assert m and m.group(1) == MINIMUM_SLICER, "CMakeLists.txt must refuse an older Slicer"
+    assert f"3D Slicer {MINIMUM_SLICER} or later" in (ROOT / "README.md").read_text()
+    assert f"3D Slicer {MINIMUM_SLICER}" in (ROOT / "Docs" / "Developers.md").read_text()
+    for module in MODULES:
+        assert f"Requires 3D Slicer {MINIMUM_SLICER} or later" in ast.unparse(_class(_module_tree(module), module))
+    script = (ROOT / "scripts" / "test-slicer-env.sh").read_text()
+    assert f"SLICER_VERSION={MINIMUM_SLICER}\n" in script
+    assert f"SLICER_PYTHON={MINIMUM_PYTHON[0]}.{MINIMUM_PYTHON[1]}\n" in script
+    assert "scripts/test-slicer-env.sh" in (ROOT / "scripts" / "test.sh").read_text()
+
+
+def test_code_is_valid_for_the_python_of_the_minimum_slicer():
+    """Slicer 5.10 runs Python 3.12: no syntax newer than that (scripts/test-slicer-env.sh runs the suites on it)."""
+    for module in ALL_MODULES:
+        for rel in _lib_py_files(module):
+            path = ROOT / module / rel
+            ast.parse(path.read_text(), str(path), feature_version=MINIMUM_PYTHON)
+
+
+def test_figures_use_the_object_oriented_api_without_global_state():
+    """No pyplot and no backend switch: inside Slicer matplotlib's global state belongs to the user."""
+    bad = []
+    for module in ALL_MODULES:
+        for path in [ROOT / module / f"{module}.py", *_lib_files(module)]:
+            names = _imports_of(path)
+            if any(n.startswith(("matplotlib.pyplot", "pylab")) for n in names):
+                bad.append(f"{path.relative_to(ROOT)} imports pyplot")
+            src = path.read_text()
+            if re.search(r"matplotlib\.use\(|\.use\(\s*['\"]\w+['\"]|\bplt\.|rcParams\[", src):
+                bad.append(f"{path.relative_to(ROOT)} changes matplotlib's global state")
+    assert not bad, "\n".join(bad)
 
 
 def test_needle_choices_match_the_needle_catalogue():

@@ -42,6 +42,8 @@ def test_report_fails_with_reasons_against_thresholds():
 
 
 def test_fusion_pictures_are_written(tmp_path):
+    # without matplotlib (desktop Slicer before the install) see test_optional_packages.py
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed here")
     grid = make_grid((-40, -40, -20), (2, 2, 4), (11, 40, 40))
     k, j, i = np.indices((11, 40, 40))
     ct = RasVolume(np.where((i - 20) ** 2 + (j - 20) ** 2 < 150, 50.0, -1000.0), grid, "ct")

@@ -4,10 +4,13 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 
 from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
 from SmartBiopsyLib.characterise import radiomics as radiomics_features
 def test_radiomics_rows_per_region_and_small_region_reported(tmp_path):
+    # without pyradiomics (Slicer without SlicerRadiomics) see test_optional_packages.py
+    pytest.importorskip("radiomics", reason="pyradiomics is not installed here")
     grid = make_grid((0, 0, 0), (1.5, 1.5, 3.0), (12, 30, 30))
     lab = np.zeros((12, 30, 30), np.uint8)
     lab[2:10, 3:27, 3:15] = 1

@@ -15,6 +15,13 @@ from SmartBiopsyLib.report import figures as report_figures
 from SmartBiopsyLib.report.case import SECTION_TITLES
 from SmartBiopsyLib.report.figures import figure_checks
 from SmartBiopsyLib.report.writer import write_report
+from SmartBiopsyCoreLib.optional import available
+
+HAVE_MATPLOTLIB = available("matplotlib")
+#: Without matplotlib (Slicer's own packages) the figures are replaced by notes: test_optional_packages.py.
+needs_matplotlib = pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed here")
+#: What stands where a figure is: the embedded picture, or the note saying it was not drawn and why.
+FIGURE_MARK = "data:image/png" if HAVE_MATPLOTLIB else "Figure not drawn:"
 
 EXPECTED_FIGURES = ("stage_times", "fusion_checkerboard", "fusion_overlay", "fusion_residuals", "habitats_targets",
                     "trajectories_reslice", "trajectories_3d", "notch_rois", "procedure_timeline", "heterogeneity")
@@ -53,6 +60,7 @@ def _assert_self_contained(text: str):
     assert "<script" not in text and "<link" not in text and "@import" not in text
 
 
+@needs_matplotlib
 def test_report_has_every_section_and_every_figure_embedded(full_report):
     path, text, _ = full_report
     assert path.name == "report.html"
@@ -70,6 +78,7 @@ def test_report_has_every_section_and_every_figure_embedded(full_report):
     _assert_self_contained(text)
 
 
+@needs_matplotlib
 def test_every_figure_is_a_real_picture(full_report):
     path, _, _ = full_report
     for png in sorted((path.parent / "figures").glob("*.png")):
@@ -140,7 +149,7 @@ def test_failed_step_makes_later_sections_say_why(case_dir, tmp_path):
         assert " ".join(f"{v:.1f}" for v in p) in s3
     for n in (2, 3):  # what finished is still reported with its pictures
         s = _section(text, n)
-        assert "not available" not in s and "data:image/png" in s
+        assert "not available (" not in s and FIGURE_MARK in s
     for png in (root / "figures").glob("*.png"):
         assert figure_checks(png)["ok"], png.name
     assert not (root / "figures" / "trajectories_3d.png").exists()
@@ -157,9 +166,9 @@ def test_unreadable_artefact_names_the_file_and_real_pathology_is_not_called_syn
     text = Path(write_report(root)).read_text(encoding="utf-8")
     s2 = _section(text, 2)
     assert "not available (registration/fusion.json could not be read" in s2
-    assert "data:image/png" in s2  # the fused pictures come from the volumes, not the JSON
+    assert FIGURE_MARK in s2  # the fused pictures come from the volumes, not the JSON
     s8 = _section(text, 8)
-    assert "synthetic" not in s8 and "data:image/png" in s8
+    assert "synthetic" not in s8 and FIGURE_MARK in s8
 
 
 def test_empty_folder_still_gives_a_report(tmp_path):
@@ -173,6 +182,7 @@ def test_empty_folder_still_gives_a_report(tmp_path):
     _assert_self_contained(text)
 
 
+@needs_matplotlib
 def test_figure_checks_rejects_blank_tiny_and_non_png(tmp_path):
     from matplotlib import image as mpimg
 

@@ -31,10 +31,13 @@ def _targets_node(scene, points):
     return node
 
 
-def test_calibrate_robot_adds_the_fitted_frame_and_checks_the_targets(scene, calib_ct):
+def test_calibrate_robot_adds_the_fitted_frame_and_checks_the_targets(scene, calib_ct, tmp_path):
     ct, truth = calib_ct
     ct_node = add_volume_node(scene, ct, "CT")
-    result, tnode, mnode = logic.calibrate_robot(scene, ct_node, "zframe-7tube", _targets_node(scene, {"A": [0, 0, 0]}))
+    result, tnode, mnode = logic.calibrate_robot(scene, ct_node, "zframe-7tube", _targets_node(scene, {"A": [0, 0, 0]}),
+                                                 out_dir=tmp_path)
+    for name in ("calibration.json", "calibration_qa.json", "robot_to_ct.tfm"):
+        assert (tmp_path / name).is_file(), name
     assert result.passed and "A" in result.target_errors
     assert mnode.GetParentTransformNode() is tnode
     assert np.linalg.norm(result.matrix_robot_to_ct_ras[:3, 3] - truth[:3, 3]) < 0.5

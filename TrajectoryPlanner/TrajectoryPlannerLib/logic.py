@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -207,12 +208,15 @@ def robot_plan(result, transform_node):
         for name, t in best.items()], "registration_qa": qa})
 
 
-def calibrate_robot(scene, ct_node, model_name: str, targets_node=None, progress=None, should_cancel=None):
+def calibrate_robot(scene, ct_node, model_name: str, targets_node=None, progress=None, should_cancel=None,
+                    out_dir=None):
     """Robot-to-CT calibration from the robot's fiducial frame in ``ct_node``.
 
     Returns (CalibrationResult, transform node robot->CT, model node of the fitted frame under it); the nodes
     are added to ``scene`` and owned by the caller. The predicted error is checked at the targets' points.
-    Raises CalibrationError (one sentence) when the frame is missing, partial, degenerate or ambiguous.
+    With ``out_dir`` the calibration files are written there too (calibration_qa.json and the picture
+    always; calibration.json and robot_to_ct.tfm only when the QA passed). Raises CalibrationError (one
+    sentence) when the frame is missing, partial, degenerate or ambiguous.
     """
     from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
     from SmartBiopsyCoreLib.fiducial_frames.model import load_model
@@ -230,6 +234,12 @@ def calibrate_robot(scene, ct_node, model_name: str, targets_node=None, progress
     result = calibrate_from_ct(volume_from_node(ct_node), load_model(model_name), targets,
                                progress=progress, should_cancel=should_cancel)
     tnode, mnode = add_calibration_nodes(scene, result)
+    if out_dir is not None:
+        from TrajectoryPlannerLib.calibration.calibration_file import write_calibration
+        from TrajectoryPlannerLib.calibration.picture import write_calibration_picture
+
+        write_calibration(result, out_dir)
+        write_calibration_picture(volume_from_node(ct_node), result, Path(out_dir) / "calibration.png")
     return result, tnode, mnode
 
 

@@ -2,7 +2,8 @@
 
 All distances in mm, points in CT RAS; the transform is the 4x4 RAS MRI->CT matrix. The pictures show
 the MRI resampled onto the CT grid (checkerboard and colour overlay) through a given CT-RAS point, in the
-three orthogonal planes of the CT grid. Uses matplotlib with the non-interactive Agg backend.
+three orthogonal planes of the CT grid. matplotlib (optional: Slicer does not bundle it) is used only there,
+through its object-oriented ``Figure`` + ``FigureCanvasAgg`` API: no pyplot, no global backend switch.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from RegistrationFusionLib.errors import RegistrationFusionError
 from SmartBiopsyCoreLib.geometry import RasVolume
+from SmartBiopsyCoreLib.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -227,21 +229,23 @@ def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_di
     """Write ``<prefix>_checkerboard.png`` and ``<prefix>_overlay.png`` through ``point_ras`` (CT RAS mm).
 
     ``mri_on_ct`` must already be resampled onto the CT grid. ``ct_window``: HU (level window) or None for
-    percentiles. Returns {"checkerboard": path, "overlay": path}.
+    percentiles. Returns {"checkerboard": path, "overlay": path}. Without matplotlib raises
+    :class:`SmartBiopsyCoreLib.optional.MissingPackageError` (a SmartBiopsyError) before writing anything.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not mri_on_ct.same_grid(ct):
         raise RegistrationFusionError("the MRI must be resampled onto the CT grid before making fusion pictures")
-    os.makedirs(out_dir, exist_ok=True)
     ct_pl = _planes(ct, point_ras)
     mr_pl = _planes(mri_on_ct, point_ras)
+    require("matplotlib", "Fusion pictures")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for kind in ("checkerboard", "overlay"):
-        fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), dpi=100)
+        fig = Figure(figsize=(12, 4.4), dpi=100)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 3)
         for ax, (name, c, asp), (_, m, _) in zip(axes, ct_pl, mr_pl):
             if ct_window is not None:
                 cw = np.clip((c.astype(float) - ct_window[0]) / (ct_window[1] - ct_window[0]), 0, 1)
@@ -262,6 +266,5 @@ def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_di
         fig.tight_layout()
         path = os.path.join(out_dir, f"{prefix}_{kind}.png")
         fig.savefig(path)
-        plt.close(fig)
         paths[kind] = path
     return paths

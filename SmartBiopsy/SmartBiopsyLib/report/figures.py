@@ -1,5 +1,12 @@
 """Report figures: colours and units, oblique reslicing, windowing, the figure store (PNG + base64) and
-the checks that a figure is a real picture. matplotlib is used through its object-oriented API only."""
+the checks that a figure is a real picture. matplotlib is used through its object-oriented API only
+(``Figure`` + ``FigureCanvasAgg``: no pyplot, no global backend switch).
+
+matplotlib is optional (3D Slicer does not bundle it): without it :meth:`FigureStore.new` hands the section a
+stand-in figure that draws nothing, and :meth:`FigureStore.save` writes a sentence saying the figure was not
+drawn and why, so every table and number of the report is still written; :attr:`FigureStore.missing` lists
+the figures that were not drawn.
+"""
 
 from __future__ import annotations
 
@@ -128,13 +135,53 @@ def window_image(a, lo_pct=1.0, hi_pct=99.0):
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
+class NotDrawn:
+    """Stands in for a matplotlib figure, and for everything reached from it, when matplotlib is missing.
+
+    Every attribute, call, index and arithmetic gives the stand-in again and unpacking gives two of them, so a
+    section's drawing code runs through without drawing anything; :meth:`FigureStore.save` recognises it.
+    """
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+    def __getitem__(self, key):
+        return self
+
+    def __iter__(self):
+        return iter((self, self))
+
+    def __add__(self, other):
+        return self
+
+    __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __neg__ = __add__
+
+
 class FigureStore:
     def __init__(self, fig_dir: Path):
         self.dir = fig_dir
         self.paths: list[str] = []
+        self.missing: list[str] = []  # names of the figures not drawn
+        self._why_not: str | None = None
 
-    @staticmethod
-    def new(w, h, dpi=100):
+    @property
+    def why_not(self) -> str:
+        """Empty when figures can be drawn, else the sentence saying why not (matplotlib is not installed)."""
+        if self._why_not is None:
+            from SmartBiopsyCoreLib.optional import available, missing_sentence
+
+            self._why_not = "" if available("matplotlib") else missing_sentence("matplotlib", "Report figures")
+        return self._why_not
+
+    def new(self, w, h, dpi=100):
+        """A new figure (``w`` x ``h`` inches) on its own Agg canvas, or a :class:`NotDrawn` without matplotlib."""
+        if self.why_not:
+            return NotDrawn()
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
@@ -142,7 +189,14 @@ class FigureStore:
         FigureCanvasAgg(fig)
         return fig
 
+    def not_drawn(self, name: str, caption: str) -> str:
+        """The note that stands where figure ``name`` would be, saying why it was not drawn."""
+        self.missing.append(name)
+        return f'<p class="na">Figure not drawn: {esc(caption)} {esc(self.why_not)}.</p>'
+
     def save(self, fig, name: str, caption: str) -> str:
+        if isinstance(fig, NotDrawn):
+            return self.not_drawn(name, caption)
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{name}.png"
         buf = io.BytesIO()

@@ -19,6 +19,9 @@ Folder layout read (RAS mm everywhere; CT world = planning CT, MRI world = the a
 
 Robustness: the report never fails because an artefact is missing or unreadable; the section then says
 ``not available (step <stage> did not finish: <message from summary.json>)`` (see :func:`write_report`).
+Optional packages: without matplotlib every figure is replaced by a sentence saying it was not drawn and why,
+and without pyradiomics the radiomics table carries the "not available: install SlicerRadiomics" sentence;
+a note under the title lists what is missing (:func:`optional_parts_note`).
 Sections are matched to workflow stages by the keywords in :data:`SECTION_STAGE_KEYWORDS`.
 """
 
@@ -67,6 +70,7 @@ def write_report(out_dir, title: str | None = None) -> str:
                  "in percent.</p>")
     if cinfo.get("synthetic"):
         parts.append('<p class="na">Synthetic case (digital phantom): not patient data.</p>')
+    notes_at = len(parts)
     parts.append("<ul>" + "".join(f'<li><a href="#s{i + 1}">{esc(t)}</a></li>' for i, t in enumerate(SECTION_TITLES))
                  + "</ul>")
     for i, (heading, fn) in enumerate(zip(SECTION_TITLES, _SECTIONS)):
@@ -76,8 +80,26 @@ def write_report(out_dir, title: str | None = None) -> str:
             logger.exception("report section '%s' failed", heading)
             body = na_note(f"not available (this section could not be drawn: {type(exc).__name__}: {exc})")
         parts.append(f'<section><h2 id="s{i + 1}">{esc(heading)}</h2>\n{body}</section>')
+    note = optional_parts_note(case, figs)
+    if note:
+        parts.insert(notes_at, note)
     parts.append("</body></html>")
     path = root / "report.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     logger.info("report written to %s (%d figures)", path, len(figs.paths))
     return str(path)
+
+
+def optional_parts_note(case: CaseFolder, figs: FigureStore) -> str:
+    """The note under the report title naming what optional packages left out (figures, radiomic features);
+    empty when nothing is missing. Call after the sections have run (they record the figures not drawn)."""
+    from SmartBiopsyLib.characterise.radiomics import NOT_AVAILABLE
+
+    lines = []
+    if figs.missing:
+        lines.append(f"{len(figs.missing)} figures not drawn ({', '.join(figs.missing)}): {figs.why_not}.")
+    rows = case.csv("characterisation/radiomics.csv") or []
+    if rows and all((r.get("error") or "") == NOT_AVAILABLE for r in rows):
+        lines.append(f"{NOT_AVAILABLE}; the radiomics table (characterisation/radiomics.csv) lists the regions "
+                     "without features.")
+    return "".join(na_note(line) for line in lines)

@@ -820,6 +820,19 @@ def write_dwi_series(volumes: dict[float, RasVolume], out_dir, *, series_descrip
                          acquisition_datetime=acquisition_datetime, uid_seed=uid_seed, file_prefix=file_prefix)
 
 
+def _save_dataset(ds, path) -> None:
+    """Write ``ds`` as a DICOM Part 10 file (preamble + file meta, explicit VR little endian) with pydicom 2.4
+    (Slicer 5.10 bundles 2.4.4) or 3.x: ``enforce_file_format`` exists only in 3.x, 2.4 reads the encoding
+    from ``is_little_endian``/``is_implicit_VR``, which 3.x deprecates."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(path, write_like_original=False)
+
+
 def _write_series(items, out_dir, *, modality, series_description, series_number, patient_id, patient_name,
                   study_uid, series_uid, frame_of_reference_uid, study_description, acquisition_datetime,
                   uid_seed, file_prefix, flip_angle=None) -> list[str]:
@@ -924,7 +937,7 @@ def _write_series(items, out_dir, *, modality, series_description, series_number
             ds.SliceLocation = _ds_str(float(ipp @ np.cross(row, col)))
             ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
             path = os.path.join(out_dir, f"{file_prefix}{instance:05d}.dcm")
-            ds.save_as(path, enforce_file_format=True)
+            _save_dataset(ds, path)
             paths.append(path)
     logger.info("wrote %d %s DICOM files of '%s' to %s", len(paths), modality, series_description, out_dir)
     return paths

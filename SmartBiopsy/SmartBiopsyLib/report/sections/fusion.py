@@ -43,6 +43,9 @@ def section_fusion(case: CaseFolder, figs: FigureStore) -> str:
         out.append(na_note("Fused pictures " + case.why("fusion", "registration/t2_on_ct.nrrd")))
     elif not mr_on_ct.same_grid(ct):
         out.append(na_note("Fused pictures not available (registration/t2_on_ct.nrrd is not on the CT grid)"))
+    elif figs.why_not:  # no matplotlib: say so where the pictures would be
+        out.append(figs.not_drawn("fusion_checkerboard", "Checkerboard of the MRI resampled on the CT and the CT."))
+        out.append(figs.not_drawn("fusion_overlay", "MRI over the CT."))
     else:
         from RegistrationFusionLib.registration.qa import write_fusion_pictures
 

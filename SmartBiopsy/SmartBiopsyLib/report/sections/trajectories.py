@@ -140,9 +140,7 @@ def section_trajectories(case: CaseFolder, figs: FigureStore) -> str:
     # 3-D view
     tpts, codes = _tumour_points_ct(case)
     fig = figs.new(7.5, 6.5)
-    import mpl_toolkits.mplot3d  # noqa: F401 - registers the 3d projection
-
-    ax = fig.add_subplot(111, projection="3d")
+    ax = fig.add_subplot(111, projection="3d")  # matplotlib registers the 3d projection itself
     focus = [np.array([np.asarray(t["entry_ras"], float), np.asarray(t.get("tip_ras") or t["target_ras"], float)])
              for t in trajs]
     if tpts is not None:
