@@ -71,6 +71,8 @@ def test_report_without_matplotlib_says_which_figures_are_missing_and_why(monkey
     from test_report import EXPECTED_FIGURES
 
     build_case(tmp_path)
+    # the calibration picture is drawn by the calibration itself; without matplotlib it would not exist either
+    (tmp_path / "robot" / "calibration" / "calibration.png").unlink()
     block_imports(monkeypatch, *NOT_IN_SLICER)
     from SmartBiopsyLib.report.case import SECTION_TITLES
     from SmartBiopsyLib.report.writer import write_report
@@ -100,7 +102,8 @@ def test_demo_completes_without_pyradiomics_and_the_report_says_so(monkeypatch, 
     assert main(["--quiet", "demo", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["name"], s["status"]) for s in summary["stages"]] == [
-        (n, "done") for n in ("load", "fuse", "characterise", "plan", "robot", "sample", "record", "scene", "report")]
+        (n, "done") for n in ("load", "fuse", "characterise", "plan", "calibrate", "robot", "sample", "record", "scene",
+                                "report")]
     assert NOT_AVAILABLE in summary["lines"]
     rows = list(csv.DictReader((out / "characterisation" / "radiomics.csv").open()))
     assert {r["region"] for r in rows} == {"A", "B", "C"} and all(r["error"] == NOT_AVAILABLE for r in rows)
