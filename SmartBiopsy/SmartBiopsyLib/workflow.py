@@ -100,6 +100,7 @@ class RunOptions:
     synthetic_pathology: bool = False            # demo: a clearly labelled synthetic pathology file
     seed: int = 0
     write_confirm_ct: bool = True
+    local_engine: str = "simpleitk"              # local refinement around the tumour: "simpleitk" or "elastix"
 
 
 @dataclass
@@ -260,6 +261,7 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
         raise InputDataError("no anatomical MRI (e.g. T2) was given for the capsule fusion; pass --t2 or a transform")
     fusion = fuse_ct_mri(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
                          should_cancel=should_cancel)
+    _refine_around_tumour(run, fusion, d)
     m = np.asarray(fusion.matrix, float)
     run.results["fusion"] = fusion
     run.results["mri_to_ct"] = m
@@ -287,10 +289,50 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     return msg
 
 
+def _refine_around_tumour(run: CaseRun, fusion, d: Path) -> None:
+    """Local refinement in a box around the tumour (when a tumour mask is given and refinement is on); an
+    accepted result replaces ``fusion.matrix``. The candidate feeds the error model (characterise stage)."""
+    from RegistrationFusionLib.registration.local_refine import refine_local
+    from RegistrationFusionLib.registration.pipeline import capsule_tolerance_mm
+
+    i = run.inputs
+    run.results["fusion_base_matrix"] = np.asarray(fusion.matrix, float)
+    run.results["local_refinement"] = None
+    if not run.options.refine or i.tumour is None or not np.any(i.tumour.array):
+        return
+    lm = fusion.landmark
+    local = refine_local(i.ct, i.mri_anatomical, fusion.matrix, i.tumour, engine=run.options.local_engine,
+                         capsules_mri=lm.moving_points[lm.used], capsules_ct=lm.fixed_points[lm.used],
+                         capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])
+    run.results["local_refinement"] = local
+    write_json(d / "local_refinement.json", local.to_dict())
+    if local.accepted:
+        fusion.matrix = np.asarray(local.matrix, float)
+
+
+def _predicted_errors(run: CaseRun, fusion, targets_ct: dict):
+    """The error model at CT-RAS target points under the transform in use (see registration/error_model.py)."""
+    from RegistrationFusionLib.registration.error_model import predict_target_errors
+
+    local = run.results.get("local_refinement")
+    return predict_target_errors(fusion.landmark, targets_ct,
+                                 refined_matrix=None if local is None else local.candidate_matrix,
+                                 refined_used=bool(local is not None and local.accepted),
+                                 base_matrix=run.results.get("fusion_base_matrix"))
+
+
+def _targetable_depth_mm(t) -> float:
+    """The registration error a target can absorb: depth - needle placement error - half notch (mm)."""
+    return float(t.depth_mm - (t.required_depth_mm - t.predicted_tre_mm))
+
+
 def _truth_tre(truth, m: np.ndarray) -> float:
+    """Mean true registration error (mm) at tumour points; with a deformed phantom the truth includes the
+    displacement field (``truth.map_mri_to_ct``), not only the rigid pose."""
     mask = truth.tumour_mask_mri
     pts = mask.voxel_centres_ras(mask.array > 0)[::97]
-    return float(np.linalg.norm(apply_transform(m, pts) - apply_transform(truth.mri_to_ct, pts), axis=1).mean())
+    true_ct = truth.map_mri_to_ct(pts) if hasattr(truth, "map_mri_to_ct") else apply_transform(truth.mri_to_ct, pts)
+    return float(np.linalg.norm(apply_transform(m, pts) - true_ct, axis=1).mean())
 
 
 def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
@@ -353,7 +395,7 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     def tre_at(point_mri):
         if fusion is None:
             return 2.0
-        return float(fusion.landmark.predicted_tre(np.atleast_2d(apply_transform(m, point_mri)))[0])
+        return _predicted_errors(run, fusion, {"t": apply_transform(m, point_mri)}).targets[0].p95_mm
 
     progress(0.6, "targets")
     targets = plan_targets(hab.labels, maps, predicted_tre_mm=tre_at)
@@ -378,9 +420,11 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     run.results.update({"maps": maps, "habitats": hab, "targets": targets, "targets_ct": targets_ct,
                         "tumour": tumour, "tumour_size": size})
     if fusion is not None:
-        from RegistrationFusionLib.registration.qa import build_report
+        from RegistrationFusionLib.registration.qa import build_report, check_targetable_depth
         rep = build_report(fusion.landmark, {t.region: targets_ct[t.region] for t in targets},
                            correspondence=fusion.correspondence, refinement=fusion.refinement)
+        check_targetable_depth(rep, _predicted_errors(run, fusion, {t.region: targets_ct[t.region] for t in targets}),
+                               {t.region: _targetable_depth_mm(t) for t in targets})
         fusion.report = rep
         write_json(run.out / "registration" / "qa.json", rep.to_dict())
         write_json(run.out / "registration" / "fusion.json", fusion.to_dict())

@@ -60,9 +60,12 @@ class QAReport:
     refinement: dict | None = None
     notes: list[str] = field(default_factory=list)
     pictures: dict = field(default_factory=dict)
+    error_model: dict | None = None
+    target_depths: dict | None = None
 
     def to_dict(self) -> dict:
         return {
+            "error_model": self.error_model, "targetable_depth_mm": self.target_depths,
             "passed": bool(self.passed), "failures": list(self.failures),
             "thresholds": self.thresholds.to_dict(), "fre_mm": float(self.fre_mm),
             "markers": self.markers, "excluded": self.excluded,
@@ -158,6 +161,32 @@ def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, c
                       [e.to_dict() for e in registration.excluded], targets, np.asarray(matrix).tolist(),
                       None if correspondence is None else correspondence.to_dict(), ref_d, notes)
     logger.info("registration QA %s%s", "passed" if report.passed else "FAILED: ", "; ".join(failures))
+    return report
+
+
+def check_targetable_depth(report: QAReport, errors, targetable_depth_mm: dict) -> QAReport:
+    """Fail QA for every target whose predicted 95th-percentile error exceeds its targetable depth.
+
+    ``errors``: an :class:`~RegistrationFusionLib.registration.error_model.ErrorModelResult`;
+    ``targetable_depth_mm``: {target name: mm} - the registration error the target can absorb (its depth in
+    the habitat minus the needle placement error and half the notch). Rule: p95 > targetable depth is a QA
+    failure (not a warning): the notch could then sample another habitat. A target without a prediction or
+    depth also fails (nothing passes by default). Returns ``report`` updated in place.
+    """
+    pred = {t.name: t for t in errors.targets}
+    depths = {str(k): float(v) for k, v in dict(targetable_depth_mm).items()}
+    for name in sorted(set(pred) | set(depths)):
+        if name not in pred or name not in depths or not np.isfinite(depths[name]):
+            report.failures.append(f"target {name} has no predicted error or no targetable depth")
+            continue
+        if not pred[name].p95_mm <= depths[name]:
+            report.failures.append(
+                f"predicted 95th-percentile registration error {pred[name].p95_mm:.1f} mm at target {name} exceeds "
+                f"its targetable depth {depths[name]:.1f} mm")
+    report.passed = not report.failures
+    report.error_model = errors.to_dict()
+    report.target_depths = depths
+    logger.info("registration QA with target depths %s", "passed" if report.passed else "FAILED")
     return report
 
 

@@ -1,0 +1,105 @@
+"""Predicted registration error (rigid capsule TRE + unmodelled deformation) and the targetable-depth QA rule."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from RegistrationFusionLib.registration import landmarks as L
+from RegistrationFusionLib.registration.error_model import (CHI3_95, ErrorModelParameters, capsule_excess_mm,
+                                                            predict_target_errors)
+from RegistrationFusionLib.registration.qa import build_report, check_targetable_depth
+
+
+def _capsules(rng, jitter_mm=0.0):
+    """Eight skin capsules around a 300 x 200 mm body and a rigid-fit PointRegistration of them."""
+    ang = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    ct = np.stack([150 * np.cos(ang), 100 * np.sin(ang), np.tile([-40.0, 40.0], 4)], 1)
+    mri = ct + rng.normal(0, 0.2, ct.shape) + rng.normal(0, jitter_mm, ct.shape)
+    return L.register_points(ct, mri, fle_ct=0.3, fle_mri=0.5, exclude_outliers=False)
+
+
+def _shift(matrix, mm):
+    m = np.array(matrix, float)
+    m[:3, 3] += mm
+    return m
+
+
+def test_without_refinement_prediction_is_the_rigid_95th_percentile():
+    reg = _capsules(np.random.default_rng(0))
+    res = predict_target_errors(reg, {"A": [0, 0, 0], "B": [20, -10, 5]})
+    rigid = reg.predicted_tre(np.array([[0, 0, 0], [20, -10, 5.0]]))
+    got = np.array([t.p95_mm for t in res.targets])
+    # no deformation evidence from the capsules (they fit within their localisation error)
+    assert capsule_excess_mm(reg) < 0.3
+    d = np.array([t.deformation_mm for t in res.targets])
+    assert np.allclose(got, np.sqrt((CHI3_95 * rigid) ** 2 + (1.6 * d) ** 2))
+    assert res.transform == "landmark" and res.to_dict()["targets"][0]["name"] == "A"
+
+
+def test_local_disagreement_raises_the_predicted_error_to_cover_the_deformation():
+    reg = _capsules(np.random.default_rng(1))
+    # the local refinement moved the target 3 mm away from the capsule transform: the tissue deformed
+    cand = _shift(reg.matrix, [3.0, 0.0, 0.0])
+    res = predict_target_errors(reg, {"A": [0, 0, 0]}, refined_matrix=cand)
+    t = res.targets[0]
+    assert t.local_disagreement_mm == pytest.approx(3.0, abs=1e-6)
+    # the landmark transform is in use, so the whole 3 mm displacement is a possible error
+    assert t.p95_mm >= 3.0
+    assert t.p95_mm > 5 * CHI3_95 * t.rigid_tre_rms_mm
+
+
+def test_refinement_noise_alone_does_not_inflate_the_prediction():
+    reg = _capsules(np.random.default_rng(2))
+    prm = ErrorModelParameters()
+    cand = _shift(reg.matrix, [0.8 * prm.refinement_precision_mm, 0.0, 0.0])
+    res = predict_target_errors(reg, {"A": [0, 0, 0]}, refined_matrix=cand)
+    rigid = reg.predicted_tre(np.zeros((1, 3)))[0]
+    assert res.targets[0].p95_mm == pytest.approx(
+        np.sqrt((CHI3_95 * rigid) ** 2 + (prm.deformation_factor * capsule_excess_mm(reg)) ** 2))
+
+
+def test_refined_transform_in_use_keeps_a_floor_for_what_it_missed():
+    reg = _capsules(np.random.default_rng(3))
+    cand = _shift(reg.matrix, [0.0, 2.0, 0.0])
+    res = predict_target_errors(reg, {"A": [0, 0, 0]}, refined_matrix=cand, refined_used=True)
+    t = res.targets[0]
+    assert res.transform == "refined"
+    assert t.local_disagreement_mm == pytest.approx(2.0, abs=1e-6)
+    assert t.deformation_mm >= ErrorModelParameters().refinement_precision_mm
+    assert t.p95_mm >= ErrorModelParameters().residual_fraction * 2.0
+
+
+def test_capsules_that_disagree_with_a_rigid_body_add_deformation():
+    rng = np.random.default_rng(4)
+    tight, loose = _capsules(rng), _capsules(rng, jitter_mm=2.0)
+    assert capsule_excess_mm(loose) > 1.0 > capsule_excess_mm(tight)
+    p_t = predict_target_errors(tight, {"A": [0, 0, 0]}).targets[0].p95_mm
+    p_l = predict_target_errors(loose, {"A": [0, 0, 0]}).targets[0].p95_mm
+    assert p_l > p_t + 1.0
+
+
+def test_qa_fails_a_target_whose_predicted_error_exceeds_its_targetable_depth():
+    reg = _capsules(np.random.default_rng(5))
+    pts = {"A": np.zeros(3), "B": np.array([10.0, 0, 0])}
+    errs = predict_target_errors(reg, pts, refined_matrix=_shift(reg.matrix, [3.0, 0, 0]))
+    pa = errs.p95("A")
+    rep = build_report(reg, pts)
+    assert rep.passed
+    check_targetable_depth(rep, errs, {"A": pa - 0.05, "B": errs.p95("B") + 0.05})
+    assert not rep.passed
+    assert len(rep.failures) == 1 and "target A exceeds its targetable depth" in rep.failures[0]
+    d = rep.to_dict()
+    assert d["error_model"]["targets"][0]["p95_mm"] == pytest.approx(pa)
+    assert d["targetable_depth_mm"]["B"] == pytest.approx(errs.p95("B") + 0.05)
+
+
+def test_qa_passes_only_targets_with_room_and_fails_missing_depths():
+    reg = _capsules(np.random.default_rng(6))
+    pts = {"A": np.zeros(3), "B": np.array([0.0, 10, 0])}
+    errs = predict_target_errors(reg, pts)
+    rep = check_targetable_depth(build_report(reg, pts), errs, {"A": 10.0, "B": 10.0})
+    assert rep.passed
+    rep = check_targetable_depth(build_report(reg, pts), errs, {"A": 10.0})
+    assert not rep.passed and "target B has no predicted error or no targetable depth" in rep.failures[0]
+    rep = check_targetable_depth(build_report(reg, pts), errs, {"A": 10.0, "B": float("nan")})
+    assert not rep.passed
