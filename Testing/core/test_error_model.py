@@ -103,3 +103,41 @@ def test_qa_passes_only_targets_with_room_and_fails_missing_depths():
     assert not rep.passed and "target B has no predicted error or no targetable depth" in rep.failures[0]
     rep = check_targetable_depth(build_report(reg, pts), errs, {"A": 10.0, "B": float("nan")})
     assert not rep.passed
+
+
+# ---------------------------------------------------------------------------------------------- local refinement
+def test_local_refinement_is_refused_when_it_breaks_a_capsule_or_moves_too_far():
+    from RegistrationFusionLib.registration.local_refine import acceptance_reasons
+
+    ok = acceptance_reasons(0.50, 0.51, [0.4, 1.2], [0.5, 0.9], [2.5, 2.5])
+    assert ok == []
+    no_gain = acceptance_reasons(0.50, 0.50, [0.4], [0.5], [2.5])
+    assert len(no_gain) == 1 and "did not improve" in no_gain[0]
+    far = acceptance_reasons(0.50, 0.60, [0.4, 5.5], [0.5], [2.5])
+    assert len(far) == 1 and "5.5 mm" in far[0]
+    capsule = acceptance_reasons(0.50, 0.60, [0.4], [0.5, 2.6], [2.5, 2.5])
+    assert len(capsule) == 1 and "capsule 1 2.6 mm" in capsule[0]
+    # NaN never passes
+    assert acceptance_reasons(0.50, float("nan"), [0.4], [0.5], [2.5])
+    assert acceptance_reasons(0.50, 0.60, [0.4], [float("nan")], [2.5])
+
+
+def test_elastix_engine_fails_soft_with_one_sentence_when_not_installed(monkeypatch):
+    import sys
+
+    from RegistrationFusionLib.registration.local_refine import LocalRefinementUnavailable, _elastix_rigid
+    from SmartBiopsyCoreLib.errors import SmartBiopsyError
+
+    monkeypatch.setitem(sys.modules, "itk", None)  # import itk -> ImportError
+    with pytest.raises(LocalRefinementUnavailable) as exc:
+        _elastix_rigid(None, None, np.eye(4), None, None)
+    assert isinstance(exc.value, SmartBiopsyError)
+    assert "itk-elastix" in str(exc.value) and str(exc.value).count(". ") == 0
+
+
+def test_unknown_local_engine_is_refused():
+    from RegistrationFusionLib.registration.local_refine import refine_local
+    from SmartBiopsyCoreLib.errors import SmartBiopsyError
+
+    with pytest.raises(SmartBiopsyError, match="unknown local refinement engine"):
+        refine_local(None, None, np.eye(4), None, engine="ants")

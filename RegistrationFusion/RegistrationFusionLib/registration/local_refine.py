@@ -152,6 +152,28 @@ def _elastix_rigid(ct_box: RasVolume, mri: RasVolume, m0: np.ndarray, progress, 
     return ras_from_itk(e) @ m0
 
 
+def acceptance_reasons(mi_landmark: float, mi_candidate: float, correction_mm, capsule_residual_mm,
+                       capsule_allowed_mm, max_correction_mm: float = 5.0) -> list[str]:
+    """Why a local candidate must not be used (empty list: accept). Distances in mm, MI in nats; see the
+    module docstring for the three rules."""
+    corr = np.asarray(correction_mm, float).reshape(-1)
+    resid = np.asarray(capsule_residual_mm, float).reshape(-1)
+    allowed = np.asarray(capsule_allowed_mm, float).reshape(-1)
+    reasons = []
+    if not mi_candidate > mi_landmark:
+        reasons.append(f"mutual information in the tumour box did not improve ({mi_landmark:.4f} -> "
+                       f"{mi_candidate:.4f} nats)")
+    if not corr.size or not corr.max() <= max_correction_mm:
+        reasons.append(f"it would move tumour points by up to {corr.max() if corr.size else float('nan'):.1f} mm, "
+                       f"more than the plausible {max_correction_mm:.1f} mm")
+    if resid.size != allowed.size:
+        reasons.append("the capsule residuals and tolerances do not pair up")
+    elif resid.size and np.any(~(resid <= allowed)):
+        k = int(np.argmax(resid - allowed))
+        reasons.append(f"it leaves capsule {k} {resid[k]:.1f} mm from its CT position (allowed {allowed[k]:.1f} mm)")
+    return reasons
+
+
 def refine_local(ct: RasVolume, mri: RasVolume, landmark_matrix: np.ndarray, tumour_mri: RasVolume, *,
                  engine: str = "simpleitk", margin_mm: float = 15.0, capsules_mri: np.ndarray | None = None,
                  capsules_ct: np.ndarray | None = None, capsule_allowed_mm=None, max_correction_mm: float = 5.0,
@@ -177,22 +199,13 @@ def refine_local(ct: RasVolume, mri: RasVolume, landmark_matrix: np.ndarray, tum
     mi0 = mutual_information(ct_box, mri, m0, bins=bins, max_samples=200_000)
     mi1 = mutual_information(ct_box, mri, cand, bins=bins, max_samples=200_000)
     corr = np.linalg.norm(apply_transform(cand @ np.linalg.inv(m0), pts) - pts, axis=1)
-    reasons = []
-    if not mi1 > mi0:
-        reasons.append(f"mutual information in the tumour box did not improve ({mi0:.4f} -> {mi1:.4f} nats)")
-    if corr.max() > max_correction_mm:
-        reasons.append(f"it would move tumour points by up to {corr.max():.1f} mm, more than the plausible "
-                       f"{max_correction_mm:.1f} mm")
     resid, allowed = np.zeros(0), np.zeros(0)
     if capsules_mri is not None and capsules_ct is not None and len(capsules_mri):
         cm = np.asarray(capsules_mri, float).reshape(-1, 3)
-        cc = np.asarray(capsules_ct, float).reshape(-1, 3)
-        resid = np.linalg.norm(apply_transform(cand, cm) - cc, axis=1)
+        resid = np.linalg.norm(apply_transform(cand, cm) - np.asarray(capsules_ct, float).reshape(-1, 3), axis=1)
         tol = 1.0 if capsule_allowed_mm is None else capsule_allowed_mm
         allowed = np.broadcast_to(np.asarray(tol, float), (len(cm),)) + max_skin_deformation_mm
-        if np.any(resid > allowed):
-            k = int(np.argmax(resid - allowed))
-            reasons.append(f"it leaves capsule {k} {resid[k]:.1f} mm from its CT position (allowed {allowed[k]:.1f} mm)")
+    reasons = acceptance_reasons(mi0, mi1, corr, resid, allowed, max_correction_mm)
     ok = not reasons
     reason = (f"local {engine} refinement accepted: MI {mi0:.4f} -> {mi1:.4f} nats, tumour points moved up to "
               f"{corr.max():.2f} mm" if ok else f"local {engine} refinement not used: " + "; ".join(reasons))
