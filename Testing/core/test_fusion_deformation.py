@@ -91,14 +91,16 @@ def test_predicted_error_covers_the_true_error_under_deformation(deformed2):
     assert any(rigid95[n] < e for n, e in true.items())
 
 
-def test_predicted_error_stays_close_on_a_rigid_case(phantom0):
+def test_rigid_case_keeps_the_capsule_transform_and_a_covering_prediction(phantom0):
     fus, loc, em, true = _fuse_and_predict(phantom0)
-    # measured on seed 0: predicted/true about 1-2; a prediction far above the true error would fail
-    # reachable targets for nothing
-    assert np.mean([em.p95(n) for n in true]) <= 3.0 * max(np.mean(list(true.values())), 0.2)
-    # never worse than the capsule registration by more than its own precision on a rigid case
+    for name, e in true.items():
+        assert em.p95(name) >= e
+    # the floor of undetectable deformation dominates on a rigid case (measured about 2.5 mm); a much
+    # larger prediction would fail reachable targets for nothing
+    assert max(em.p95(n) for n in true) <= 4.0
+    # the local refinement may not make a rigid case worse than the capsules (measured: it is not adopted)
     pts = phantom0.truth.tumour_mask_mri.voxel_centres_ras(phantom0.truth.tumour_mask_mri.array > 0)[::97]
     truth = L.apply_transform(phantom0.truth.mri_to_ct, pts)
     e_used = np.linalg.norm(L.apply_transform(loc.matrix, pts) - truth, axis=1).mean()
     e_lm = np.linalg.norm(L.apply_transform(fus.matrix, pts) - truth, axis=1).mean()
-    assert e_used <= e_lm + 0.5
+    assert e_used <= e_lm + 0.1, loc.reason

@@ -14,8 +14,9 @@ Acceptance (the landmark transform is kept otherwise, with the reason):
 
 1. mutual information in the box improves;
 2. the correction at the tumour points (how far the refined transform moves them compared with the
-   landmark transform) stays within ``max_correction_mm`` (default 5 mm; larger soft-tissue shifts are
-   implausible and more likely a wrong optimum);
+   landmark transform) exceeds ``min_correction_mm`` (default 1 mm, about twice the engine's error on rigid
+   phantom cases: a smaller change is noise, and the landmark transform is kept) and stays within
+   ``max_correction_mm`` (default 5 mm; larger soft-tissue shifts are implausible, more likely a wrong optimum);
 3. the capsules constrain it: every capsule pair still fits within its localisation tolerance plus
    ``max_skin_deformation_mm`` (default 2 mm) - a local rigid transform cannot rotate the whole body away
    from the capsules.
@@ -153,7 +154,7 @@ def _elastix_rigid(ct_box: RasVolume, mri: RasVolume, m0: np.ndarray, progress, 
 
 
 def acceptance_reasons(mi_landmark: float, mi_candidate: float, correction_mm, capsule_residual_mm,
-                       capsule_allowed_mm, max_correction_mm: float = 5.0) -> list[str]:
+                       capsule_allowed_mm, max_correction_mm: float = 5.0, min_correction_mm: float = 1.0) -> list[str]:
     """Why a local candidate must not be used (empty list: accept). Distances in mm, MI in nats; see the
     module docstring for the three rules."""
     corr = np.asarray(correction_mm, float).reshape(-1)
@@ -166,6 +167,9 @@ def acceptance_reasons(mi_landmark: float, mi_candidate: float, correction_mm, c
     if not corr.size or not corr.max() <= max_correction_mm:
         reasons.append(f"it would move tumour points by up to {corr.max() if corr.size else float('nan'):.1f} mm, "
                        f"more than the plausible {max_correction_mm:.1f} mm")
+    elif not corr.max() > min_correction_mm:
+        reasons.append(f"its correction (at most {corr.max():.2f} mm) is within the refinement's own precision "
+                       f"({min_correction_mm:.1f} mm)")
     if resid.size != allowed.size:
         reasons.append("the capsule residuals and tolerances do not pair up")
     elif resid.size and np.any(~(resid <= allowed)):
@@ -177,7 +181,7 @@ def acceptance_reasons(mi_landmark: float, mi_candidate: float, correction_mm, c
 def refine_local(ct: RasVolume, mri: RasVolume, landmark_matrix: np.ndarray, tumour_mri: RasVolume, *,
                  engine: str = "simpleitk", margin_mm: float = 15.0, capsules_mri: np.ndarray | None = None,
                  capsules_ct: np.ndarray | None = None, capsule_allowed_mm=None, max_correction_mm: float = 5.0,
-                 max_skin_deformation_mm: float = 2.0, bins: int = 32,
+                 max_skin_deformation_mm: float = 2.0, min_correction_mm: float = 1.0, bins: int = 32,
                  progress: Callable[[float, str], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> LocalRefinement:
     """Refine ``landmark_matrix`` (MRI->CT, 4x4 RAS) by mutual information in a box around the tumour.
@@ -205,7 +209,7 @@ def refine_local(ct: RasVolume, mri: RasVolume, landmark_matrix: np.ndarray, tum
         resid = np.linalg.norm(apply_transform(cand, cm) - np.asarray(capsules_ct, float).reshape(-1, 3), axis=1)
         tol = 1.0 if capsule_allowed_mm is None else capsule_allowed_mm
         allowed = np.broadcast_to(np.asarray(tol, float), (len(cm),)) + max_skin_deformation_mm
-    reasons = acceptance_reasons(mi0, mi1, corr, resid, allowed, max_correction_mm)
+    reasons = acceptance_reasons(mi0, mi1, corr, resid, allowed, max_correction_mm, min_correction_mm)
     ok = not reasons
     reason = (f"local {engine} refinement accepted: MI {mi0:.4f} -> {mi1:.4f} nats, tumour points moved up to "
               f"{corr.max():.2f} mm" if ok else f"local {engine} refinement not used: " + "; ".join(reasons))
