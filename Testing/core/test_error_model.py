@@ -149,3 +149,16 @@ def test_unknown_local_engine_is_refused():
 
     with pytest.raises(SmartBiopsyError, match="unknown local refinement engine"):
         refine_local(None, None, np.eye(4), None, engine="ants")
+
+
+def test_report_shows_the_predicted_error_against_the_targetable_depth():
+    from SmartBiopsyLib.report.sections.fusion import _error_model_block
+
+    reg = _capsules(np.random.default_rng(7))
+    pts = {"A": np.zeros(3), "B": np.array([10.0, 0, 0])}
+    errs = predict_target_errors(reg, pts)
+    rep = check_targetable_depth(build_report(reg, pts), errs, {"A": 10.0, "B": 1.0})
+    html = "\n".join(_error_model_block(rep.to_dict()))
+    assert "predicted 95th pct" in html and "targetable depth" in html
+    assert html.count("FAIL") == 1 and html.count(">ok<") == 1
+    assert _error_model_block({"passed": True}) == []
