@@ -298,9 +298,9 @@ def _refine_around_tumour(run: CaseRun, fusion, d: Path) -> None:
     i = run.inputs
     run.results["fusion_base_matrix"] = np.asarray(fusion.matrix, float)
     run.results["local_refinement"] = None
-    if not run.options.refine or i.tumour is None or not np.any(i.tumour.array):
+    lm = getattr(fusion, "landmark", None)
+    if not run.options.refine or lm is None or i.tumour is None or not np.any(i.tumour.array):
         return
-    lm = fusion.landmark
     local = refine_local(i.ct, i.mri_anatomical, fusion.matrix, i.tumour, engine=run.options.local_engine,
                          capsules_mri=lm.moving_points[lm.used], capsules_ct=lm.fixed_points[lm.used],
                          capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])
@@ -423,8 +423,12 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         from RegistrationFusionLib.registration.qa import build_report, check_targetable_depth
         rep = build_report(fusion.landmark, {t.region: targets_ct[t.region] for t in targets},
                            correspondence=fusion.correspondence, refinement=fusion.refinement)
-        check_targetable_depth(rep, _predicted_errors(run, fusion, {t.region: targets_ct[t.region] for t in targets}),
-                               {t.region: _targetable_depth_mm(t) for t in targets})
+        errs = _predicted_errors(run, fusion, {t.region: targets_ct[t.region] for t in targets})
+        check_targetable_depth(rep, errs, {t.region: _targetable_depth_mm(t) for t in targets})
+        if i.truth is not None and hasattr(i.truth, "map_mri_to_ct"):
+            run.lines.append("registration error at the targets, true vs predicted 95th percentile: " + ", ".join(
+                f"{t.region} {np.linalg.norm(targets_ct[t.region] - i.truth.map_mri_to_ct(t.point_ras)[0]):.2f}/"
+                f"{errs.p95(t.region):.2f} mm" for t in targets))
         fusion.report = rep
         write_json(run.out / "registration" / "qa.json", rep.to_dict())
         write_json(run.out / "registration" / "fusion.json", fusion.to_dict())
