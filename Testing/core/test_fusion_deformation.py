@@ -89,6 +89,12 @@ def test_predicted_error_covers_the_true_error_under_deformation(deformed2):
     # and the capsule TRE alone would not have covered it (what the deformation term is for)
     rigid95 = {t.name: 1.614 * t.rigid_tre_rms_mm for t in em.targets}
     assert any(rigid95[n] < e for n, e in true.items())
+    # QA never passes a target whose true error exceeds its targetable depth: make each target just too shallow
+    from RegistrationFusionLib.registration.qa import build_report, check_targetable_depth
+
+    pts = {t.name: t.point_ct_ras for t in em.targets}
+    rep = check_targetable_depth(build_report(fus.landmark, pts), em, {n: e - 0.05 for n, e in true.items()})
+    assert not rep.passed and all(any(f"target {n} exceeds" in f for f in rep.failures) for n in true)
 
 
 def test_rigid_case_keeps_the_capsule_transform_and_a_covering_prediction(phantom0):
