@@ -107,6 +107,7 @@ class RunOptions:
     dce_baseline_frames: int | None = None       # DCE: baseline frames (None: before bolus arrival)
     dce_post_time_s: float | None = None         # DCE: post-contrast time from the first frame (None: peak)
     robot_frame_model: str = ""                  # fiducial-frame model of the robot in the planning CT ("" = none)
+    local_engine: str = "simpleitk"              # local refinement around the tumour: "simpleitk" or "elastix"
 
 
 @dataclass
@@ -277,6 +278,7 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
                                 should_cancel=should_cancel)
     if getattr(fusion, "method", "capsules") == "intensity":
         return _stage_fuse_intensity(run, fusion, d, progress)
+    _refine_around_tumour(run, fusion, d)
     m = np.asarray(fusion.matrix, float)
     run.results["fusion"] = fusion
     run.results["mri_to_ct"] = m
@@ -357,10 +359,50 @@ def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
     return msg
 
 
+def _refine_around_tumour(run: CaseRun, fusion, d: Path) -> None:
+    """Local refinement in a box around the tumour (when a tumour mask is given and refinement is on); an
+    accepted result replaces ``fusion.matrix``. The candidate feeds the error model (characterise stage)."""
+    from RegistrationFusionLib.registration.local_refine import refine_local
+    from RegistrationFusionLib.registration.pipeline import capsule_tolerance_mm
+
+    i = run.inputs
+    run.results["fusion_base_matrix"] = np.asarray(fusion.matrix, float)
+    run.results["local_refinement"] = None
+    lm = getattr(fusion, "landmark", None)
+    if not run.options.refine or lm is None or i.tumour is None or not np.any(i.tumour.array):
+        return
+    local = refine_local(i.ct, i.mri_anatomical, fusion.matrix, i.tumour, engine=run.options.local_engine,
+                         capsules_mri=lm.moving_points[lm.used], capsules_ct=lm.fixed_points[lm.used],
+                         capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])
+    run.results["local_refinement"] = local
+    write_json(d / "local_refinement.json", local.to_dict())
+    if local.accepted:
+        fusion.matrix = np.asarray(local.matrix, float)
+
+
+def _predicted_errors(run: CaseRun, fusion, targets_ct: dict):
+    """The error model at CT-RAS target points under the transform in use (see registration/error_model.py)."""
+    from RegistrationFusionLib.registration.error_model import predict_target_errors
+
+    local = run.results.get("local_refinement")
+    return predict_target_errors(fusion.landmark, targets_ct,
+                                 refined_matrix=None if local is None else local.candidate_matrix,
+                                 refined_used=bool(local is not None and local.accepted),
+                                 base_matrix=run.results.get("fusion_base_matrix"))
+
+
+def _targetable_depth_mm(t) -> float:
+    """The registration error a target can absorb: depth - needle placement error - half notch (mm)."""
+    return float(t.depth_mm - (t.required_depth_mm - t.predicted_tre_mm))
+
+
 def _truth_tre(truth, m: np.ndarray) -> float:
+    """Mean true registration error (mm) at tumour points; with a deformed phantom the truth includes the
+    displacement field (``truth.map_mri_to_ct``), not only the rigid pose."""
     mask = truth.tumour_mask_mri
     pts = mask.voxel_centres_ras(mask.array > 0)[::97]
-    return float(np.linalg.norm(apply_transform(m, pts) - apply_transform(truth.mri_to_ct, pts), axis=1).mean())
+    true_ct = truth.map_mri_to_ct(pts) if hasattr(truth, "map_mri_to_ct") else apply_transform(truth.mri_to_ct, pts)
+    return float(np.linalg.norm(apply_transform(m, pts) - true_ct, axis=1).mean())
 
 
 def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
@@ -438,7 +480,7 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     def tre_at(point_mri):
         if fusion is None:
             return 2.0
-        return float(fusion.landmark.predicted_tre(np.atleast_2d(apply_transform(m, point_mri)))[0])
+        return _predicted_errors(run, fusion, {"t": apply_transform(m, point_mri)}).targets[0].p95_mm
 
     progress(0.6, "targets")
     targets = plan_targets(hab.labels, maps, predicted_tre_mm=tre_at,
@@ -469,9 +511,15 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     run.results.update({"maps": maps, "habitats": hab, "targets": targets, "targets_ct": targets_ct,
                         "tumour": tumour, "tumour_size": size})
     if fusion is not None:
-        from RegistrationFusionLib.registration.qa import build_report
+        from RegistrationFusionLib.registration.qa import build_report, check_targetable_depth
         rep = build_report(fusion.landmark, {t.region: targets_ct[t.region] for t in targets},
                            correspondence=fusion.correspondence, refinement=fusion.refinement)
+        errs = _predicted_errors(run, fusion, {t.region: targets_ct[t.region] for t in targets})
+        check_targetable_depth(rep, errs, {t.region: _targetable_depth_mm(t) for t in targets})
+        if i.truth is not None and hasattr(i.truth, "map_mri_to_ct"):
+            run.lines.append("registration error at the targets, true vs predicted 95th percentile: " + ", ".join(
+                f"{t.region} {np.linalg.norm(targets_ct[t.region] - i.truth.map_mri_to_ct(t.point_ras)[0]):.2f}/"
+                f"{errs.p95(t.region):.2f} mm" for t in targets))
         fusion.report = rep
         write_json(run.out / "registration" / "qa.json", rep.to_dict())
         write_json(run.out / "registration" / "fusion.json", fusion.to_dict())
@@ -485,15 +533,20 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
 
 # --- hit probability (registration error at a target; re-evaluation with the planned directions) ----------
 def _registration_error_ct(run: CaseRun, point_ct):
-    """Registration error at a CT-world point: the landmark fit's 3x3 target covariance (mm^2), or an isotropic
-    2 mm RMS when no fusion ran (supplied transform)."""
+    """Registration error at a CT-world point: the error model's 95th percentile (capsule fusion), the
+    capsule-free fusion's error estimate, or an isotropic 2 mm RMS when no fusion ran (supplied transform)."""
     from SmartBiopsyLib.characterise.hitprob import RegistrationError
 
     fusion = run.results.get("fusion")
-    if fusion is None:
-        return RegistrationError.from_rms(2.0, "isotropic, RMS 2.0 mm (no landmark registration in this run)")
-    cov = fusion.landmark.target_covariance(np.atleast_2d(np.asarray(point_ct, float)))[0]
-    return RegistrationError.from_covariance(cov, "landmark registration target covariance (rigid fit only)")
+    if fusion is not None:
+        # the honest error model: rigid landmark TRE combined with the unmodelled-deformation term, as a p95
+        p95 = _predicted_errors(run, fusion, {"t": np.asarray(point_ct, float)}).targets[0].p95_mm
+        return RegistrationError.from_p95(p95, "error model p95 (landmark TRE + unmodelled deformation)")
+    intensity = run.results.get("fusion_intensity")
+    if intensity is not None:
+        est = float(intensity.intensity.error_estimate_mm)
+        return RegistrationError.from_p95(est, "capsule-free fusion error estimate (taken as a 95th percentile)")
+    return RegistrationError.from_rms(2.0, "isotropic, RMS 2.0 mm (no registration QA in this run)")
 
 
 def _registration_error_mri(run: CaseRun, point_mri):

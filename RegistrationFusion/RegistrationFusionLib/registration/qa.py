@@ -66,10 +66,13 @@ class QAReport:
     #: ``error_estimate_mm`` is the spread of agreeing starts plus a floor, see registration.intensity)
     method: str = "capsules"
     error_estimate_mm: float | None = None
+    error_model: dict | None = None
+    target_depths: dict | None = None
 
     def to_dict(self) -> dict:
         return {
             "method": self.method, "error_estimate_mm": self.error_estimate_mm,
+            "error_model": self.error_model, "targetable_depth_mm": self.target_depths,
             "passed": bool(self.passed), "failures": list(self.failures),
             "thresholds": self.thresholds.to_dict(),
             "fre_mm": float(self.fre_mm) if np.isfinite(self.fre_mm) else None,
@@ -199,6 +202,32 @@ def build_intensity_report(result, targets_ct: dict | np.ndarray | None = None,
                    None, _clean(result.to_dict()), notes, method="intensity-only", error_estimate_mm=est)
     logger.info("intensity-only fusion QA %s%s", "passed" if rep.passed else "FAILED: ", "; ".join(failures))
     return rep
+
+
+def check_targetable_depth(report: QAReport, errors, targetable_depth_mm: dict) -> QAReport:
+    """Fail QA for every target whose predicted 95th-percentile error exceeds its targetable depth.
+
+    ``errors``: an :class:`~RegistrationFusionLib.registration.error_model.ErrorModelResult`;
+    ``targetable_depth_mm``: {target name: mm} - the registration error the target can absorb (its depth in
+    the habitat minus the needle placement error and half the notch). Rule: p95 > targetable depth is a QA
+    failure (not a warning): the notch could then sample another habitat. A target without a prediction or
+    depth also fails (nothing passes by default). Returns ``report`` updated in place.
+    """
+    pred = {t.name: t for t in errors.targets}
+    depths = {str(k): float(v) for k, v in dict(targetable_depth_mm).items()}
+    for name in sorted(set(pred) | set(depths)):
+        if name not in pred or name not in depths or not np.isfinite(depths[name]):
+            report.failures.append(f"target {name} has no predicted error or no targetable depth")
+            continue
+        if not pred[name].p95_mm <= depths[name]:
+            report.failures.append(
+                f"predicted 95th-percentile registration error {pred[name].p95_mm:.1f} mm at target {name} exceeds "
+                f"its targetable depth {depths[name]:.1f} mm")
+    report.passed = not report.failures
+    report.error_model = errors.to_dict()
+    report.target_depths = depths
+    logger.info("registration QA with target depths %s", "passed" if report.passed else "FAILED")
+    return report
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
     p.add_argument("--dicom", action="store_true", help="write the phantom as DICOM and load it from DICOM")
     p.add_argument("--no-refine", action="store_true", help="landmark registration only")
+    p.add_argument("--deformation", action="store_true",
+                   help="simulate a smooth soft-tissue deformation (up to ~3 mm) around the tumour between MRI and "
+                        "CT; the true displacement is written to phantom/truth/displacement_ct.nrrd")
     p.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch")
     p.set_defaults(func=run_demo)
 
@@ -86,7 +89,9 @@ def run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bar = ProgressBar("phantom")
-    case = generate_phantom(args.seed, progress=lambda f, m: bar(0.7 * f, m), robot_frame=DEMO_ROBOT_FRAME)
+    deformation = bool(getattr(args, "deformation", False))
+    case = generate_phantom(args.seed, deformation=deformation, progress=lambda f, m: bar(0.7 * f, m),
+                            robot_frame=DEMO_ROBOT_FRAME)
     src = out / "phantom"
     case.write(src, dicom=args.dicom, progress=lambda f, m: bar(0.7 + 0.3 * f, m))
     bar(1.0, f"seed {args.seed}")
@@ -113,7 +118,8 @@ def run_demo(args) -> int:
     inputs = CaseInputs(name=f"PHANTOM{args.seed:04d}", ct=ct, mri_anatomical=mri["t2"], dwi=dwi,
                         dixon_water=mri["dixon_water"], dixon_fat=mri["dixon_fat"], t1_pre=mri["t1_pre"],
                         t1_post=mri["t1_post"], tumour=tumour, risk_labelmaps=[(labels, PHANTOM_RISK_LABELS)],
-                        synthetic=True, source=f"digital phantom seed {args.seed}", truth=case.truth)
+                        synthetic=True, truth=case.truth,
+                        source=f"digital phantom seed {args.seed}" + (" with deformation" if deformation else ""))
     options = RunOptions(refine=not args.no_refine, notch_mode=args.notch_mode, operator="demo operator",
                          auto_confirm=True, robot="simulator", synthetic_pathology=True, seed=args.seed,
                          robot_frame_model=DEMO_ROBOT_FRAME)

@@ -454,12 +454,32 @@ class PhantomTruth:
     robot_to_ct: np.ndarray | None = None        # the robot's fiducial frame pose (robot frame -> CT RAS)
     robot_frame_model: str | None = None
     ct_pose: str = "HFS"
+    #: the deformation: CT-RAS displacement d(p) (mm) added after the rigid pose, or None (rigid case)
+    displacement: object = field(default=None, repr=False)
+
+    def map_mri_to_ct(self, points_mri) -> np.ndarray:
+        """True CT-RAS position (mm) of MRI-world points (N, 3): p = mri_to_ct * x, then p + d(p)."""
+        x = np.asarray(points_mri, float).reshape(-1, 3)
+        p = x @ self.mri_to_ct[:3, :3].T + self.mri_to_ct[:3, 3]
+        return p + self.displacement(p) if self.displacement is not None else p
+
+    def displacement_field(self, grid: RasVolume) -> np.ndarray:
+        """The deformation at the voxel centres of ``grid`` (CT RAS): array (k, j, i, 3) of d(p) in mm along
+        R, A, S, where p is the rigidly mapped MRI point (zeros for a rigid case)."""
+        k, j, i = grid.shape_kji
+        kk, jj, ii = np.meshgrid(np.arange(k), np.arange(j), np.arange(i), indexing="ij")
+        p = grid.ijk_to_ras_points(np.stack([ii.ravel(), jj.ravel(), kk.ravel()], 1).astype(float))
+        d = self.displacement(p) if self.displacement is not None else np.zeros_like(p)
+        return d.reshape(k, j, i, 3).astype(np.float32)
 
     def to_dict(self) -> dict:
         robot = {} if self.robot_to_ct is None else {
             "robot_to_ct_ras": np.asarray(self.robot_to_ct).tolist(), "robot_frame_model": self.robot_frame_model}
         return {**robot,
             "ct_pose": self.ct_pose,
+            "deformation_field": None if self.displacement is None else dict(
+                getattr(self.displacement, "params", {}),
+                file="displacement_ct.nrrd", meaning="MRI point x lies at CT point p + d(p), p = mri_to_ct_ras x"),
             "mri_to_ct_ras": self.mri_to_ct.tolist(),
             "capsules_ct_ras": self.capsules_ct.tolist(),
             "capsules_mri_ras": self.capsules_mri.tolist(),
@@ -506,6 +526,19 @@ class PhantomCase:
                           ("mri_labels", self.truth.mri_labels), ("mri_habitats", self.truth.mri_habitats),
                           ("tumour_mask_mri", self.truth.tumour_mask_mri)):
             save_image(vol, out / "truth" / f"{name}.nrrd"); paths[f"truth_{name}"] = str(out / "truth" / f"{name}.nrrd")
+        if self.truth.displacement is not None:
+            # the true displacement on a 4 mm grid over the CT field of view (vector NRRD, mm along R, A, S)
+            import SimpleITK as sitk
+            from SmartBiopsyCoreLib.geometry import lps_geometry_from_ijk_to_ras
+
+            grid = _coarse_grid(self.ct, 4.0)
+            img = sitk.GetImageFromArray(self.truth.displacement_field(grid), isVector=True)
+            o, sp, dr = lps_geometry_from_ijk_to_ras(grid.ijk_to_ras)
+            img.SetOrigin(tuple(map(float, o))); img.SetSpacing(tuple(map(float, sp)))
+            img.SetDirection(tuple(map(float, dr.ravel())))
+            img.SetMetaData("smartbiopsy_displacement", "components are R, A, S in mm (CT RAS), at the rigidly mapped point")
+            sitk.WriteImage(img, str(out / "truth" / "displacement_ct.nrrd"), True)
+            paths["truth_displacement"] = str(out / "truth" / "displacement_ct.nrrd")
         truth = self.truth.to_dict()
         truth.update({"seed": self.seed, "phantom_version": PHANTOM_VERSION})
         (out / "truth" / "truth.json").write_text(json.dumps(truth, indent=1))
@@ -534,6 +567,14 @@ class PhantomCase:
                              uid_seed=f"phantom-{self.seed}-dwi")
             paths["dicom"] = str(d)
         return paths
+
+
+def _coarse_grid(vol: RasVolume, spacing_mm: float) -> RasVolume:
+    """An empty grid covering ``vol``'s field of view with isotropic ``spacing_mm`` voxels (same axes)."""
+
+    lo, hi = vol.bounds_ras()
+    shape_kji = tuple(int(np.ceil((h - l) / spacing_mm)) + 1 for l, h in zip(lo[::-1], hi[::-1]))
+    return RasVolume(np.zeros(shape_kji, np.uint8), make_grid(tuple(lo), (spacing_mm,) * 3, shape_kji), "grid")
 
 
 def _uid(seed: int, k: int) -> str:
@@ -589,13 +630,22 @@ def _deformation(anat: Anatomy, rng: np.random.Generator):
     amp = rng.uniform(2.0, 3.0)
     k = rng.normal(size=(3, 3)) / 40.0
     ph = rng.uniform(0, 2 * math.pi, 3)
-    c = anat.tumour_centre.copy()
-    sigma = 45.0
+    return displacement_from_params({"amplitude_mm": float(amp), "k_per_mm": k.tolist(), "phase_rad": ph.tolist(),
+                                     "centre_ras": anat.tumour_centre.tolist(), "sigma_mm": 45.0})
+
+
+def displacement_from_params(params: dict):
+    """The phantom deformation d(p) (CT RAS mm -> mm) from its truth.json parameters; ``d.params`` keeps them."""
+    amp, sigma = float(params["amplitude_mm"]), float(params["sigma_mm"])
+    k, ph, c = (np.asarray(params[key], float) for key in ("k_per_mm", "phase_rad", "centre_ras"))
 
     def disp(p):
+        p = np.asarray(p, float).reshape(-1, 3)
         w = np.exp(-((p - c) ** 2).sum(axis=1) / (2 * sigma ** 2))
         return amp * w[:, None] * np.sin(p @ k.T + ph)
 
+    disp.params = {"form": "d(p) = amplitude * exp(-|p - centre|^2 / (2 sigma^2)) * sin(p @ k.T + phase)",
+                   **{key: params[key] for key in ("amplitude_mm", "k_per_mm", "phase_rad", "centre_ras", "sigma_mm")}}
     return disp
 
 
@@ -771,7 +821,7 @@ def _generate(seed, deformation, progress, should_cancel, ct_noise_hu, mri_noise
         mri_habitats=mri_hab, tumour_mask_mri=mri_grid.with_array((_LABEL_OF[centre_cls] == LABELS["tumour"]).astype(np.uint8), name="tumour"),
         tumour_volume_ml=float((ct_labels.array == LABELS["tumour"]).sum() * ct.voxel_volume_mm3 / 1000.0),
         deformation=deformation, anatomy=anat.to_dict(), robot_to_ct=robot_to_ct,
-        robot_frame_model=robot_frame or None,
+        robot_frame_model=robot_frame or None, displacement=disp,
         habitat_values={name: {"habitat": int(t[2]), "adc": t[5], "ff": t[6], "ef": t[8]}
                         for name, t in ((t[0], t) for t in _TISSUES) if t[0].startswith("tumour")},
     )

@@ -115,7 +115,31 @@ def section_fusion(case: CaseFolder, figs: FigureStore) -> str:
                            "CT RAS (mm)"), rows, num_cols=(1, 2, 3)))
     else:
         out.append(na_note("predicted TRE at the targets not available (the QA was computed without targets)"))
+    out.extend(_error_model_block(qa_d))
     notes = qa_d.get("notes") or []
     if notes:
         out.append('<p class="note">' + "<br>".join(esc(n) for n in notes if n) + "</p>")
     return "\n".join(out)
+
+
+def _error_model_block(qa_d: dict) -> list:
+    """The predicted 95th-percentile error at each target against its targetable depth (qa.json ``error_model``)."""
+    em = qa_d.get("error_model")
+    if not isinstance(em, dict):
+        return []
+    depths = qa_d.get("targetable_depth_mm") or {}
+    rows = []
+    for t in em.get("targets") or []:
+        if not isinstance(t, dict):
+            continue
+        depth = depths.get(t.get("name"))
+        ok = depth is not None and t.get("p95_mm") is not None and float(t["p95_mm"]) <= float(depth)
+        rows.append((t.get("name"), fmt_num(t.get("rigid_tre_rms_mm"), 2), fmt_num(t.get("deformation_mm"), 2),
+                     fmt_num(t.get("p95_mm"), 2), fmt_num(depth, 1), "ok" if ok else "FAIL"))
+    if not rows:
+        return []
+    return ["<p>Predicted registration error including unmodelled soft-tissue deformation (95th percentile; "
+            f"{esc(str(em.get('formula', '')))}). A target fails when it exceeds the targetable depth "
+            "(depth in the habitat - needle error - half notch):</p>",
+            html_table(("target", "capsule TRE RMS (mm)", "deformation (mm)", "predicted 95th pct (mm)",
+                        "targetable depth (mm)", "QA"), rows, num_cols=(1, 2, 3, 4))]
