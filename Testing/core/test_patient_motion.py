@@ -116,3 +116,16 @@ def test_missing_capsules_are_reported_as_not_checked(setup):
     motion = check_patient_motion(np.zeros((0, 3)), shifted.ct, target_ras=target)
     assert not motion.checked and not motion.corrected
     assert "not checked" in motion.warnings[0]
+
+
+def test_breathing_of_the_tumour_is_followed_by_the_local_refinement(setup):
+    """5 mm shift plus ~5 mm breathing displacement at the target that the skin capsules do not show."""
+    case, entry, target, caps, _, make = setup
+    conf = make(shift_mm=SHIFT_5MM, breathing_mm=(0.0, 2.0, 5.0))
+    tip_caps, _, m_caps = _measure(case, entry, target, caps, conf)
+    assert m_caps.method == "capsules" and tip_caps > 4.0, tip_caps     # the skin does not show the breathing
+    tip_err, dev, motion = _measure(case, entry, target, caps, conf, planning_ct=case.ct)
+    assert motion.corrected and motion.method == "capsules + local intensity"
+    assert motion.local_refinement_mm > 2.0
+    assert tip_err < 2.0, tip_err            # measured 1.2 mm (the translation follows most of the breathing)
+    assert max(dev.values()) < 0.03, dev

@@ -102,7 +102,9 @@ def confirmed_run(user_case, planning_run):
     d, case = user_case
     _, plan_out = planning_run
     plan = json.loads((plan_out / "plan" / "plan.json").read_text())
-    paths = {t["name"]: t for t in plan["robot_trajectories"]}
+    paths = {}
+    for t in sorted(plan["trajectories"], key=lambda t: -t["rank"]):
+        paths[t["target"]] = t        # the best-ranked trajectory per target; its planned needle tip
     assert sorted(paths) == ["A", "B", "C"]
     od = resolve_needle_geometry(plan["needle"]["name"] if isinstance(plan.get("needle"), dict)
                                  else plan.get("needle"))["outer_diameter_mm"]
@@ -112,7 +114,7 @@ def confirmed_run(user_case, planning_run):
     for n, name in enumerate("ABC"):
         t = paths[name]
         motion = PatientMotion(shift_mm=SHIFT_MM if name == "B" else (0, 0, 0), centre_ras=case.anatomy.tumour_centre)
-        conf = confirmation_ct(case, t["entry_ras"], t["target_ras"], target_name=name, outer_diameter_mm=od,
+        conf = confirmation_ct(case, t["entry_ras"], t["tip_ras"], target_name=name, outer_diameter_mm=od,
                                lateral_error_mm=LATERAL_MM, depth_error_mm=DEPTH_MM, motion=motion, seed=n)
         where = case2 / "confirm_c" if name == "C" else d / f"confirm_{name}"
         write_confirmation(conf, where, dicom=(name == "C"), seed=0, series_number=20 + n,
@@ -142,6 +144,7 @@ def test_run_measures_needles_and_notch_values_on_real_confirmation_cts(confirme
         tip = np.asarray(needle["detection"]["tip_ras"])
         assert np.linalg.norm(tip - tr.tip_planning_ras) < 1.0, (name, tip, tr.tip_planning_ras)
         assert abs(needle["detection"]["lateral_error_mm"] - LATERAL_MM) < 0.6
+        assert abs(needle["detection"]["tip_error_mm"] - np.hypot(LATERAL_MM, DEPTH_MM)) < 0.6
         # measured on the characterised maps inside the detected notch; compared with the truth maps in the
         # notch of the true needle (characterised maps are noisy MRI fits: 15 %)
         assert set(notch["values"]["maps"]) >= {"adc", "ef"}

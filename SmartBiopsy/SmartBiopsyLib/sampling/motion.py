@@ -24,8 +24,11 @@ from SmartBiopsyCoreLib.geometry import RasVolume
 
 logger = logging.getLogger(__name__)
 
-#: Default motion tolerance (mm): capsules that moved more than this trigger the correction.
+#: Default motion tolerance (mm): capsules (or the tissue around the target) that moved more than this
+#: trigger the correction.
 DEFAULT_TOLERANCE_MM = 2.0
+#: A local intensity refinement that moves the target farther than this (mm) is not trusted.
+MAX_LOCAL_REFINEMENT_MM = 10.0
 
 
 @dataclass
@@ -53,9 +56,12 @@ class MotionCheck:
     def summary(self) -> str:
         if not self.checked:
             return "not checked"
+        text = f"capsules {self.motion_mm:.1f} mm"
+        if self.local_refinement_mm is not None:
+            text += f", tissue at the target {self.local_refinement_mm:.1f} mm more"
         if not self.moved:
-            return f"{self.motion_mm:.1f} mm (within {self.tolerance_mm:g} mm)"
-        return f"{self.motion_mm:.1f} mm, " + (f"corrected ({self.method})" if self.corrected else "NOT corrected")
+            return f"{text} (within {self.tolerance_mm:g} mm)"
+        return f"{text}, " + (f"corrected ({self.method})" if self.corrected else "NOT corrected")
 
     def to_dict(self) -> dict:
         r = lambda v: None if v is None else round(float(v), 3)  # noqa: E731
@@ -80,12 +86,13 @@ def check_patient_motion(planning_capsules, confirmation_ct: RasVolume, *, toler
                          local_box_mm: float = 60.0, confirmation_capsules=None) -> MotionCheck:
     """Compare the skin capsules of ``confirmation_ct`` with ``planning_capsules`` (a capsule detection or an
     (N, 3) RAS array of the planning CT) and, when they moved more than ``tolerance_mm`` and ``correct`` is
-    true, return the confirmation -> planning correction.
+    true, return the confirmation -> planning correction (rigid capsule registration).
 
-    With ``planning_ct`` and ``target_ras`` (planning frame) the capsule correction is refined by a rigid
-    intensity registration in a ``local_box_mm`` cube around the target (needle metal masked); the
-    refinement is kept when it stays within 10 mm of the capsule result. Never raises for missing or
-    unmatched capsules: the result then says ``checked=False`` with a warning.
+    With ``planning_ct`` and ``target_ras`` (planning frame) a translation-only intensity registration in a
+    ``local_box_mm`` cube around the target (needle metal masked) follows the capsule result (or identity when
+    the skin did not move); its extra displacement of the target is kept when at most
+    :data:`MAX_LOCAL_REFINEMENT_MM`, and counts as motion too (breathing moves the tumour, not the skin).
+    Never raises for missing or unmatched capsules: the result then says ``checked=False`` with a warning.
     """
     from RegistrationFusionLib.capsules.detection import detect_capsules
     from RegistrationFusionLib.registration.landmarks import apply_transform, register_capsules
@@ -129,28 +136,48 @@ def check_patient_motion(planning_capsules, confirmation_ct: RasVolume, *, toler
     if target_ras is not None:
         t = np.asarray(target_ras, float).reshape(3)
         res.motion_at_target_mm = float(np.linalg.norm(apply_transform(np.linalg.inv(m), t) - t))
-    res.moved = res.motion_mm > tol
+    capsules_moved = res.motion_mm > tol
+    start = m if capsules_moved else np.eye(4)
+    refined, extra = None, None
+    if planning_ct is not None and target_ras is not None:
+        try:
+            refined, extra = _refine_near_target(planning_ct, confirmation_ct, start, np.asarray(target_ras, float),
+                                                 local_box_mm)
+        except Exception as exc:  # noqa: BLE001 - the capsule check stands on its own
+            logger.warning("local intensity refinement failed (%s); using the skin capsules only", exc)
+        if extra is not None and extra > MAX_LOCAL_REFINEMENT_MM:
+            res.notes.append(f"local intensity refinement rejected: it moved the target {extra:.1f} mm "
+                             f"(more than {MAX_LOCAL_REFINEMENT_MM:g} mm)")
+            refined, extra = None, None
+        res.local_refinement_mm = extra
+    internal_moved = extra is not None and extra > tol
+    res.moved = capsules_moved or internal_moved
     if not res.moved:
-        res.notes.append(f"skin capsules moved at most {res.motion_mm:.1f} mm (tolerance {tol:g} mm); no correction")
+        res.notes.append(f"skin capsules moved at most {res.motion_mm:.1f} mm"
+                         + ("" if extra is None else f", the tissue around the target {extra:.1f} mm")
+                         + f" (tolerance {tol:g} mm); no correction")
         return res
-    what = (f"the patient moved {res.motion_mm:.1f} mm between the planning CT and this confirmation CT "
-            f"(largest skin-capsule displacement, {res.pairs} capsules)")
+    parts = []
+    if capsules_moved:
+        parts.append(f"the patient moved {res.motion_mm:.1f} mm between the planning CT and this confirmation CT "
+                     f"(largest skin-capsule displacement, {res.pairs} capsules)")
+    if internal_moved:
+        parts.append(f"the tissue around the target moved {extra:.1f} mm "
+                     + ("beyond the skin motion" if capsules_moved else "while the skin did not")
+                     + " (breathing or organ motion)")
+    what = "; ".join(parts)
+    final = refined if refined is not None else m
+    res.motion_at_target_mm = float(np.linalg.norm(apply_transform(np.linalg.inv(final), target_ras) - target_ras)) \
+        if target_ras is not None else res.motion_at_target_mm
     if not correct:
         res.warnings.append(f"{what}; NOT corrected: needle position and notch values may be off by about that much")
         return res
-    res.confirmation_to_planning = m
-    res.corrected, res.method = True, "capsules"
-    if planning_ct is not None and target_ras is not None:
-        try:
-            refined, extra = _refine_near_target(planning_ct, confirmation_ct, m, np.asarray(target_ras, float),
-                                                 local_box_mm)
-        except Exception as exc:  # noqa: BLE001 - the capsule correction stands on its own
-            logger.warning("local intensity refinement failed (%s); keeping the capsule correction", exc)
-            refined, extra = None, None
-        if refined is not None and extra is not None and extra <= 10.0:
-            res.confirmation_to_planning = refined
-            res.local_refinement_mm = extra
-            res.method = "capsules + local intensity"
+    res.confirmation_to_planning = final
+    res.corrected = True
+    if capsules_moved:
+        res.method = "capsules + local intensity" if refined is not None else "capsules"
+    else:
+        res.method = "local intensity"
     res.notes.append(f"{what}; corrected by {res.method} (capsule FRE {res.fre_mm:.2f} mm)")
     logger.warning("%s; corrected by %s", what, res.method)
     return res

@@ -76,8 +76,17 @@ class PatientMotion:
         x = y @ inv[:3, :3].T + inv[:3, 3]
         if not np.any(self.breathing_mm):
             return x
+        # only points near the tumour feel the breathing (weight < 1e-4 beyond 4.3 sigma)
+        reach = 4.3 * self.breathing_sigma_mm + float(np.linalg.norm(self.breathing_mm))
+        near = np.flatnonzero(((x - self.centre_ras) ** 2).sum(axis=1) < reach * reach)
+        xn, yn = x[near], y[near]
         for _ in range(iterations):
-            x = (y - self.breathing(x)) @ inv[:3, :3].T + inv[:3, 3]
+            x_new = (yn - self.breathing(xn)) @ inv[:3, :3].T + inv[:3, 3]
+            done = float(np.abs(x_new - xn).max(initial=0.0)) < 1e-4
+            xn = x_new
+            if done:
+                break
+        x[near] = xn
         return x
 
     def to_dict(self) -> dict:
