@@ -615,8 +615,8 @@ def _planning_capsules(run: CaseRun):
 
 
 def _assign_confirmation_cts(run: CaseRun, best: list, progress) -> dict:
-    """{target: (confirmation entry, MotionCheck, how it was matched)}; unlabelled CTs go to the planned path
-    nearest to their metal (in the planning frame, after the motion check)."""
+    """{target: (confirmation-CT item, MotionCheck of the skin capsules, source, how it was matched)}; unlabelled
+    CTs go to the planned path nearest to their metal (in the planning frame, after the capsule motion check)."""
     from SmartBiopsyLib.sampling.motion import check_patient_motion
 
     names = [t.target for t in best]
@@ -688,10 +688,9 @@ def _sample_confirmation_cts(run: CaseRun, progress, should_cancel) -> str:
         item, motion, src, how = assigned[t.target]
         tip_plan = np.asarray(t.tip_ras if t.tip_ras is not None else t.target_ras, float)
         entry = np.asarray(t.entry_ras, float)
-        if motion.corrected or motion.motion_at_target_mm is None:
-            # again with this target: motion at the target and the local refinement around it
-            caps = _planning_capsules(run)
-            motion = check_patient_motion(caps if caps is not None else np.zeros((0, 3)), item["ct"],
+        if motion.checked:
+            # again with this target and the planning CT: motion at the target, tissue motion around it
+            motion = check_patient_motion(_planning_capsules(run), item["ct"],
                                           tolerance_mm=run.options.motion_tolerance_mm,
                                           correct=run.options.correct_motion, target_ras=tip_plan, planning_ct=i.ct)
         if motion.corrected:
