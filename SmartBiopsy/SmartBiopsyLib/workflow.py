@@ -12,9 +12,17 @@ plus the report describe what happened. Folder layout (all coordinates RAS mm)::
                                  targets.json (point_ras: MRI world, point_ct_ras: CT world), radiomics.csv
     plan/                        plan.json, skin_model.vtp
     robot/                       session.json, session.jsonl
-    sampling/<target>/           confirm_ct.nrrd, needle.json, notch.json; sampling/notch_values.json
+    sampling/<target>/           confirm_ct.nrrd, needle.json, notch.json (with the patient-motion check);
+                                 sampling/notch_values.json
     specimens/                   journal.jsonl, specimens.csv, procedure.json, pathology.csv (if any)
     scene.mrb, report.html
+
+Confirmation CTs: ``run`` uses only the user's (``CaseInputs.confirm_cts``); without one per target it stops
+after the plan (or robot) step with "no confirmation CT for target A; sampling needs one per target". It
+never records specimen pots, a procedure log or pathology: the operator records pots
+(``smartbiopsy specimens add --from-sampling``). Only the phantom demo (``RunOptions.demo_confirmation``
+on a synthetic case) draws needles into copies of the planning CT, into ``sampling/<target>_simulated/``, and
+records pots, dose and pathology, every one labelled simulated.
 """
 from __future__ import annotations
 
@@ -88,6 +96,9 @@ class CaseInputs:
     dce: object = None                           # imageio.TimeSeries (kind "DCE"): EF when no T1 pre/post
     map_transforms: dict = field(default_factory=dict)   # {"ef"|"ff": 4x4 RAS map world -> ADC world}
     intake: dict | None = None                   # which series were used for what, and what was skipped
+    # confirmation CTs with the needle in place: [{"target": "A" or None (match by nearest planned path),
+    # "ct": RasVolume, "source": where it came from}]
+    confirm_cts: list = field(default_factory=list)
 
 
 @dataclass
@@ -108,6 +119,13 @@ class RunOptions:
     dce_post_time_s: float | None = None         # DCE: post-contrast time from the first frame (None: peak)
     robot_frame_model: str = ""                  # fiducial-frame model of the robot in the planning CT ("" = none)
     local_engine: str = "simpleitk"              # local refinement around the tumour: "simpleitk" or "elastix"
+    demo_confirmation: bool = False              # demo only: draw the needle into a copy of the planning CT
+    motion_tolerance_mm: float = 2.0             # patient motion (skin capsules) that triggers the correction
+    correct_motion: bool = True
+
+
+#: Options that only the demo uses; a user case's summary does not list them.
+DEMO_ONLY_OPTIONS = ("placement_error_mm", "synthetic_pathology", "demo_confirmation", "seed")
 
 
 @dataclass
@@ -129,6 +147,11 @@ class StageFailed(SmartBiopsyError):
         self.stage = stage
 
 
+class StageStopped(SmartBiopsyError):
+    """Raised by a stage that cannot start for an expected reason (e.g. no confirmation CT yet): the run ends
+    there without an error, later stages are skipped, the summary and the report are still written."""
+
+
 @dataclass
 class CaseRun:
     """State of one run; ``results`` holds each stage's in-memory outputs."""
@@ -139,6 +162,7 @@ class CaseRun:
     stages: list = field(default_factory=list)
     results: dict = field(default_factory=dict)
     lines: list = field(default_factory=list)     # summary lines printed at the end
+    stopped: tuple | None = None                  # (stage, message) when a stage stopped the run (StageStopped)
 
     def summary(self) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -147,7 +171,8 @@ class CaseRun:
             "stages": [s.to_dict() for s in self.stages],
             "total_seconds": round(sum(s.seconds for s in self.stages), 2),
             "peak_memory_mb": round(peak, 1),
-            "options": self.options.__dict__,
+            "options": (self.options.__dict__ if self.inputs.synthetic else
+                        {k: v for k, v in self.options.__dict__.items() if k not in DEMO_ONLY_OPTIONS}),
             "lines": self.lines,
         } | ({"intake": self.inputs.intake} if self.inputs.intake else {})
 
@@ -176,6 +201,10 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
             rec.status, rec.message = "skipped", f"not run: stage '{failure.stage}' failed"
             if name != "report":
                 continue
+        elif run.stopped is not None:
+            rec.status, rec.message = "skipped", f"not run: the run stopped at step '{run.stopped[0]}'"
+            if name != "report":
+                continue
         progress = progress_factory(name)
         rec.status = "running"
         t0 = time.perf_counter()
@@ -185,6 +214,10 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
             msg = stage_funcs[name](run, progress, should_cancel) or ""
             rec.status, rec.message = "done", msg
             progress(1.0, msg[:60])
+        except StageStopped as exc:
+            rec.status, rec.message = "stopped", _sentence(exc)
+            run.stopped = (name, rec.message)
+            progress(1.0, "stopped")
         except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence in the summary
             rec.status = "failed"
             rec.message = _sentence(exc)
@@ -724,6 +757,19 @@ def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
 
 
 def _stage_sample(run: CaseRun, progress, should_cancel) -> str:
+    """Needle and notch values from one confirmation CT per target. Only the demo (a synthetic case with
+    ``demo_confirmation``) draws its needles; every other run needs real confirmation CTs or stops here."""
+    if run.options.demo_confirmation:
+        if not run.inputs.synthetic:
+            raise SmartBiopsyError("needles are drawn only in the phantom demo; give real confirmation CTs "
+                                   "with --confirm-ct")
+        return _sample_demo(run, progress, should_cancel)
+    return _sample_confirmation_cts(run, progress, should_cancel)
+
+
+def _sample_demo(run: CaseRun, progress, should_cancel) -> str:
+    """Demo only: a confirmation CT per target simulated from the planning CT; everything it writes says so
+    (``sampling/<target>_simulated/``, ``"simulated": true``, ``confirm_ct_simulated.nrrd``)."""
     from SmartBiopsyCoreLib.dataio.imageio import save_image
     from SmartBiopsyLib.sampling.needle import detect_needle
     from SmartBiopsyLib.sampling.needle_sim import simulate_confirmation_ct
@@ -748,14 +794,17 @@ def _stage_sample(run: CaseRun, progress, should_cancel) -> str:
         det = detect_needle(sim.ct, t.entry_ras, tip_plan, target_name=t.target, needle=needle)
         roi = notch_roi_from_detection(det, mode=run.options.notch_mode, needle=needle)
         vals = sample_maps(roi, maps, mri_to_ct=m)
-        td = d / t.target
+        td = d / f"{t.target}_simulated"
         td.mkdir(parents=True, exist_ok=True)
         if run.options.write_confirm_ct:
-            save_image(_crop_around(sim.ct, [t.entry_ras, tip_plan], 40.0), td / "confirm_ct.nrrd")
-        write_json(td / "needle.json", {"detection": det.to_dict(), "simulated_truth": sim.truth.to_dict()})
-        write_json(td / "notch.json", {"roi": roi.to_dict(), "values": vals.to_dict()})
+            save_image(_crop_around(sim.ct, [t.entry_ras, tip_plan], 40.0), td / "confirm_ct_simulated.nrrd")
+        write_json(td / "needle.json", {"simulated": True, "detection": det.to_dict(),
+                                        "simulated_truth": sim.truth.to_dict(),
+                                        "confirmation_ct": {"source": "simulated from the planning CT (demo)"}})
+        write_json(td / "notch.json", {"simulated": True, "roi": roi.to_dict(), "values": vals.to_dict()})
         all_values[t.target] = vals.to_dict()
         samples.append((t, det, roi, vals))
+    all_values["simulated"] = True
     write_json(d / "notch_values.json", all_values)
     run.results["samples"] = samples
     errs = [f"{t.target} tip {det.tip_error_mm:.1f} mm" for t, det, _, _ in samples]
@@ -767,7 +816,150 @@ def _stage_sample(run: CaseRun, progress, should_cancel) -> str:
             for k in truth_maps:
                 devs.append(abs(vals.maps[k].mean / tv.maps[k].mean - 1.0))
         run.lines.append(f"notch ADC/EF vs truth in the same ROI: max deviation {100 * max(devs):.1f} %")
-    return "; ".join(errs)
+    return "simulated confirmation CTs: " + "; ".join(errs)
+
+
+def _path_distance_mm(points, entry, target, beyond_mm: float = 40.0) -> float:
+    """Median distance (mm) of ``points`` from the planned segment entry -> target extended ``beyond_mm``."""
+    e, t = np.asarray(entry, float), np.asarray(target, float)
+    d = t - e
+    length = float(np.linalg.norm(d))
+    d /= length
+    s = np.clip((points - e) @ d, 0.0, length + beyond_mm)
+    return float(np.median(np.linalg.norm(points - (e + s[:, None] * d), axis=1)))
+
+
+def _metal_points(ct: RasVolume, threshold_hu: float = 1500.0, max_points: int = 20000) -> np.ndarray:
+    idx = np.argwhere(np.asarray(ct.array) > threshold_hu)
+    if len(idx) > max_points:
+        idx = idx[:: int(np.ceil(len(idx) / max_points))]
+    return ct.kji_to_ras_points(idx) if len(idx) else np.zeros((0, 3))
+
+
+def _planning_capsules(run: CaseRun):
+    """Skin capsules of the planning CT: from the fusion when it ran, else detected once (None if none)."""
+    if "planning_capsules" in run.results:
+        return run.results["planning_capsules"]
+    fusion = run.results.get("fusion")
+    caps = getattr(fusion, "detection_ct", None) if fusion is not None else None
+    if caps is None:
+        from RegistrationFusionLib.capsules.detection import detect_capsules
+
+        try:
+            caps = detect_capsules(run.inputs.ct, "ct")
+        except SmartBiopsyError as exc:
+            logger.warning("no skin capsules in the planning CT (%s); patient motion cannot be checked", exc)
+            caps = None
+    run.results["planning_capsules"] = caps
+    return caps
+
+
+def _assign_confirmation_cts(run: CaseRun, best: list, progress) -> dict:
+    """{target: (confirmation-CT item, MotionCheck of the skin capsules, source, how it was matched)}; unlabelled
+    CTs go to the planned path nearest to their metal (in the planning frame, after the capsule motion check)."""
+    from SmartBiopsyLib.sampling.motion import check_patient_motion
+
+    names = [t.target for t in best]
+    paths = {t.target: (np.asarray(t.entry_ras, float), np.asarray(t.tip_ras if t.tip_ras is not None
+                                                                      else t.target_ras, float)) for t in best}
+    caps = _planning_capsules(run)
+    assigned: dict = {}
+    items = list(run.inputs.confirm_cts or [])
+    for n, item in enumerate(items):
+        progress(0.3 * n / max(len(items), 1), f"confirmation CT {n + 1}: patient motion")
+        label = item.get("target")
+        src = item.get("source") or f"confirmation CT {n + 1}"
+        if label is not None and str(label) not in names:
+            raise InputDataError(f"confirmation CT {src} is given for target '{label}', which is not in the plan "
+                                 f"(targets: {', '.join(names)}); check --confirm-ct")
+        ct = item["ct"]
+        target_hint = paths[str(label)][1] if label is not None else None
+        motion = check_patient_motion(caps if caps is not None else np.zeros((0, 3)), ct,
+                                      tolerance_mm=run.options.motion_tolerance_mm,
+                                      correct=run.options.correct_motion, target_ras=target_hint)
+        if label is not None:
+            how = "named by the user"
+        else:
+            from RegistrationFusionLib.registration.landmarks import apply_transform
+
+            metal = _metal_points(ct)
+            if len(metal) < 10:
+                raise InputDataError(f"confirmation CT {src} shows no needle (no metal above 1500 HU); "
+                                     "check that it is the scan with the needle in place")
+            metal = apply_transform(motion.confirmation_to_planning, metal)
+            dist = {k: _path_distance_mm(metal, *paths[k]) for k in names}
+            label = min(dist, key=dist.get)
+            if dist[label] > 15.0:
+                raise InputDataError(f"the needle in confirmation CT {src} lies {dist[label]:.0f} mm from the nearest "
+                                     f"planned path ({label}); name its target with --confirm-ct {label}=PATH")
+            how = f"nearest planned path: {label} at {dist[label]:.1f} mm (median distance of the metal)"
+        if label in assigned:
+            raise InputDataError(f"two confirmation CTs were matched to target {label} ({assigned[label][2]} and "
+                                 f"{src}); name each one's target with --confirm-ct {label}=PATH")
+        assigned[label] = (item, motion, src, how)
+    return assigned
+
+
+def _sample_confirmation_cts(run: CaseRun, progress, should_cancel) -> str:
+    """Needle detection, patient-motion check and notch values on the user's confirmation CTs, one per target.
+    Without one for every target the run stops here (:class:`StageStopped`)."""
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
+    from SmartBiopsyLib.sampling.motion import check_patient_motion, to_planning_frame
+    from SmartBiopsyLib.sampling.needle import detect_needle
+    from SmartBiopsyLib.sampling.notch import notch_roi_from_detection, sample_maps
+
+    i = run.inputs
+    best = run.results["best_trajectories"]
+    if not i.confirm_cts:
+        raise StageStopped(f"no confirmation CT for target {best[0].target}; sampling needs one per target")
+    maps = run.results.get("maps")
+    if not maps:
+        raise InputDataError("no parameter maps to sample; the characterisation step did not produce them")
+    assigned = _assign_confirmation_cts(run, best, progress)
+    missing = [t.target for t in best if t.target not in assigned]
+    if missing:
+        raise StageStopped(f"no confirmation CT for target {missing[0]}; sampling needs one per target")
+    d = run.out / "sampling"
+    m = run.results["mri_to_ct"]
+    needle = run.results["plan"].needle
+    all_values, samples, lines = {}, [], []
+    for n, t in enumerate(best):
+        progress(0.3 + 0.7 * n / len(best), f"confirmation CT {t.target}")
+        item, motion, src, how = assigned[t.target]
+        tip_plan = np.asarray(t.tip_ras if t.tip_ras is not None else t.target_ras, float)
+        entry = np.asarray(t.entry_ras, float)
+        if motion.checked:
+            # again with this target and the planning CT: motion at the target, tissue motion around it
+            motion = check_patient_motion(_planning_capsules(run), item["ct"],
+                                          tolerance_mm=run.options.motion_tolerance_mm,
+                                          correct=run.options.correct_motion, target_ras=tip_plan, planning_ct=i.ct)
+        if motion.corrected:
+            ct = to_planning_frame(item["ct"], motion, i.ct, [entry, tip_plan])
+        else:
+            ct = _crop_around(item["ct"], [entry, tip_plan], 45.0)
+        det = detect_needle(ct, entry, tip_plan, target_name=t.target, needle=needle)
+        det.warnings = list(det.warnings) + list(motion.warnings)
+        roi = notch_roi_from_detection(det, mode=run.options.notch_mode, needle=needle)
+        vals = sample_maps(roi, maps, mri_to_ct=m)
+        td = d / t.target
+        td.mkdir(parents=True, exist_ok=True)
+        if run.options.write_confirm_ct:
+            save_image(ct, td / "confirm_ct.nrrd")
+        conf = {"source": src, "matched": how, "frame": "planning CT" if motion.corrected else "as scanned"}
+        write_json(td / "needle.json", {"detection": det.to_dict(), "confirmation_ct": conf,
+                                        "patient_motion": motion.to_dict()})
+        write_json(td / "notch.json", {"roi": roi.to_dict(), "values": vals.to_dict(),
+                                       "patient_motion": motion.to_dict(), "confirmation_ct": conf})
+        all_values[t.target] = vals.to_dict()
+        samples.append((t, det, roi, vals))
+        lines.append(f"{t.target} tip {det.tip_error_mm:.1f} mm (motion {motion.summary()})")
+        for w in motion.warnings:
+            logger.warning("target %s: %s", t.target, w)
+            run.lines.append(f"WARNING target {t.target}: {w}")
+        run.lines.append(f"confirmation CT for {t.target}: {src} ({how})")
+    write_json(d / "notch_values.json", all_values)
+    run.results["samples"] = samples
+    return "; ".join(lines)
 
 
 def _crop_around(vol: RasVolume, pts, margin_mm: float) -> RasVolume:
@@ -787,6 +979,8 @@ def _stage_record(run: CaseRun, progress, should_cancel) -> str:
     from SmartBiopsyLib.records.procedure_log import ProcedureLog
     from SmartBiopsyLib.records.specimen_journal import SpecimenJournal, SpecimenRecord, values_from_notch
 
+    if not (run.options.demo_confirmation and run.inputs.synthetic):
+        return _record_user_case(run)
     d = run.out / "specimens"
     d.mkdir(parents=True, exist_ok=True)
     journal_path = d / "journal.jsonl"
@@ -823,7 +1017,18 @@ def _stage_record(run: CaseRun, progress, should_cancel) -> str:
         _write_synthetic_pathology(run, d / "pathology.csv")
         journal.import_pathology_csv(d / "pathology.csv")
         journal.export_csv(d / "specimens.csv")
-    return f"{len(run.results['samples'])} specimen pots recorded"
+    return f"{len(run.results['samples'])} simulated specimen pots recorded (phantom demo)"
+
+
+def _record_user_case(run: CaseRun) -> str:
+    """A user's case: the workflow records no pot, no procedure log and no pathology; the operator records
+    each pot (``smartbiopsy specimens add --from-sampling <out>/sampling/<target>``, pre-filled from the
+    measured needle and notch values)."""
+    samples = run.results.get("samples") or []
+    targets = ", ".join(t.target for t, *_ in samples) or "none"
+    return (f"no specimen pots recorded by the workflow (measured targets: {targets}); the operator records each "
+            f"pot with 'smartbiopsy specimens add --journal J --from-sampling {run.out / 'sampling'}/<target> "
+            "--pot-id ID --operator NAME'")
 
 
 def _write_synthetic_pathology(run: CaseRun, path: Path) -> None:

@@ -112,7 +112,7 @@ def test_tables_carry_the_numbers_of_the_artefacts(full_report, case_dir):
     for t in facts["trajectories"]:
         assert f"POT-{t['region']}" in s6
     s8 = _section(text, 8)
-    assert "synthetic pathology (phantom demo)" in s8
+    assert "simulated pathology (phantom demo)" in s8
     s1 = _section(text, 1)
     proc = json.loads((root / "specimens" / "procedure.json").read_text())
     assert f"{proc['total_dlp_mgy_cm']:.1f} mGy*cm" in s1

@@ -50,7 +50,7 @@ def test_demo_results_are_accurate_against_the_phantom_truth(demo_dir):
         assert {1: "A", 2: "B", 3: "C"}[int(hab.array[ijk[2], ijk[1], ijk[0]])] == t["region"]
         assert t["depth_mm"] >= 5.0
     for name in ("A", "B", "C"):
-        det = json.loads((demo_dir / "sampling" / name / "needle.json").read_text())
+        det = json.loads((demo_dir / "sampling" / f"{name}_simulated" / "needle.json").read_text())
         sim_tip = np.asarray(det["simulated_truth"]["tip_ras"])
         assert np.linalg.norm(np.asarray(det["detection"]["tip_ras"]) - sim_tip) < 1.0
 
@@ -98,7 +98,27 @@ def test_report_holds_every_section_and_real_figures(demo_dir):
     assert html.count("data:image/png;base64,") >= len(figs)
     for f in figs:
         assert figure_checks(f)["ok"], f.name
-    assert "synthetic pathology" in html
+    assert "simulated pathology" in html
+
+
+def test_demo_outputs_are_labelled_simulated_wherever_they_appear(demo_dir):
+    assert sorted(p.name for p in (demo_dir / "sampling").iterdir() if p.is_dir()) == \
+        ["A_simulated", "B_simulated", "C_simulated"]
+    assert json.loads((demo_dir / "sampling" / "notch_values.json").read_text())["simulated"] is True
+    for name in "ABC":
+        d = demo_dir / "sampling" / f"{name}_simulated"
+        assert (d / "confirm_ct_simulated.nrrd").exists()
+        for doc in ("needle.json", "notch.json"):
+            assert json.loads((d / doc).read_text())["simulated"] is True, (name, doc)
+    import csv
+    with open(demo_dir / "specimens" / "specimens.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and all("simulated" in r["notes"] for r in rows)
+    assert "(simulated)" in (demo_dir / "specimens" / "procedure.json").read_text()
+    html = (demo_dir / "report.html").read_text()
+    for title in ("Notch ROIs and values", "Specimens", "Heterogeneity"):
+        body = next(p for p in html.split("<section>") if p.startswith("<h2") and title in p.split("</h2>")[0])
+        assert "simulated" in body.lower(), title
 
 
 # ----------------------------------------------------------------------------------------------- run: bad input

@@ -74,6 +74,14 @@ def register(subparsers) -> None:
                    help="the robot's fiducial frame in the planning CT (built-in model name or model JSON): the run "
                         "computes the robot-to-CT calibration from it before the robot step")
     r.add_argument("--operator", default="operator")
+    r.add_argument("--confirm-ct", action="append", default=[], metavar="[TARGET=]PATH",
+                   help="confirmation CT with the needle in place (DICOM folder or volume file), repeatable; "
+                        "TARGET=PATH names its target, a bare PATH goes to the nearest planned path. CT series of "
+                        "--case described as confirmation/needle/biopsy or acquired after the planning CT count too")
+    r.add_argument("--motion-tolerance", type=float, default=2.0,
+                   help="skin-capsule motion (mm) between planning and confirmation CT that is corrected (default 2)")
+    r.add_argument("--no-motion-correction", action="store_true",
+                   help="report patient motion but do not correct the needle position for it")
     r.add_argument("--out", required=True)
     r.set_defaults(func=run_user)
 
@@ -122,7 +130,8 @@ def run_demo(args) -> int:
                         source=f"digital phantom seed {args.seed}" + (" with deformation" if deformation else ""))
     options = RunOptions(refine=not args.no_refine, notch_mode=args.notch_mode, operator="demo operator",
                          auto_confirm=True, robot="simulator", synthetic_pathology=True, seed=args.seed,
-                         robot_frame_model=DEMO_ROBOT_FRAME)
+                         robot_frame_model=DEMO_ROBOT_FRAME,
+                         demo_confirmation=True)
     run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
     _print_summary(run, extra=[("phantom", t_phantom, f"seed {args.seed}, written to {src}"),
                                ("read back", t_load, "volumes read back from " + ("DICOM" if args.dicom else "NRRD"))])
@@ -160,6 +169,8 @@ def _run_user_loaded(args, out, vols, intake) -> int:
     from SmartBiopsyCoreLib.errors import InputDataError
     from SmartBiopsyCoreLib.dataio.imageio import load_image
     from SmartBiopsyLib.workflow import CaseInputs, RunOptions, StageFailed, run_case
+    confirm_cts = [{"target": None, "ct": v, "source": f"--case series '{v.name}'"} for v in vols.pop("confirm_cts", [])]
+    confirm_cts += _load_confirm_cts(args.confirm_ct)
 
     def opt(path, key):
         if path:
@@ -198,18 +209,46 @@ def _run_user_loaded(args, out, vols, intake) -> int:
                         t1_pre=vols.get("t1_pre"), t1_post=vols.get("t1_post"), tumour=vols.get("tumour"),
                         risk_labelmaps=risk, mri_to_ct=mri_to_ct, adc=vols.get("adc"), ff=vols.get("ff"),
                         ef=vols.get("ef"), targets_ct=targets_ct, source=str(args.case or args.ct),
-                        dce=vols.get("dce"), map_transforms=map_transforms, intake=intake)
+                        dce=vols.get("dce"), map_transforms=map_transforms, intake=intake, confirm_cts=confirm_cts)
+    if not np.isfinite(args.motion_tolerance) or args.motion_tolerance <= 0:
+        raise InputDataError("--motion-tolerance must be a positive number of mm")
     options = RunOptions(needle=args.needle, planning_mode=args.mode, notch_mode=args.notch_mode,
                          operator=args.operator, auto_confirm=bool(args.confirm), robot=args.robot,
                          dce_baseline_frames=args.dce_baseline_frames, dce_post_time_s=args.dce_post_time,
-                         robot_frame_model=args.robot_frame_model)
+                         robot_frame_model=args.robot_frame_model, motion_tolerance_mm=float(args.motion_tolerance),
+                         correct_motion=not args.no_motion_correction)
     try:
         run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
     except StageFailed as exc:
         print(f"stopped at step '{exc.stage}'; outputs of the finished steps are in {out}", file=sys.stderr)
         raise
     _print_summary(run)
+    if run.stopped is not None:
+        print(f"stopped at step '{run.stopped[0]}': {run.stopped[1]}; summary.json and report.html are in {out}",
+              file=sys.stderr)
     return 0
+
+
+def _load_confirm_cts(items) -> list:
+    """``--confirm-ct [TARGET=]PATH`` values -> [{"target", "ct", "source"}] (target None: match by path)."""
+    import os
+
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+    from SmartBiopsyCoreLib.errors import InputDataError
+
+    out = []
+    for item in items or []:
+        target, path = None, item
+        if "=" in item and not os.path.exists(item):
+            target, path = (x.strip() for x in item.split("=", 1))
+            if not target or not path:
+                raise InputDataError(f"--confirm-ct '{item}' is not TARGET=PATH; e.g. --confirm-ct A=confirm_a/")
+        try:
+            ct = load_image(path)
+        except InputDataError as exc:
+            raise InputDataError(f"--confirm-ct {item}: {exc}") from None
+        out.append({"target": target, "ct": ct, "source": str(path)})
+    return out
 
 
 def _fail_load(out: Path, message: str, intake: dict | None = None):
@@ -256,7 +295,12 @@ def _recognise_case_folder(path) -> tuple[dict, dict]:
     roles: dict = {}
     dwi: dict = {}
     not_used = []
+    confirm = _split_confirmation_cts(study.volumes)
+    if confirm:
+        roles["confirm_cts"] = confirm
     for name, v in study.volumes.items():
+        if any(v is c for c in confirm):
+            continue
         low = name.lower()
         mod = str(v.meta.get("modality", "")).upper()
         b = v.meta.get("b_value")
@@ -304,6 +348,8 @@ def _recognise_case_folder(path) -> tuple[dict, dict]:
             used[role] = f"{_series_text(first)} b = {'/'.join(f'{b:g}' for b in sorted(v))} s/mm^2"
         elif role == "dce":
             used[role] = v.label
+        elif role == "confirm_cts":
+            used["confirmation CTs"] = ", ".join(_series_text(c) for c in v)
         else:
             used[role] = _series_text(v)
     intake = {"path": str(path), "used": used, "not_used": not_used,
@@ -312,6 +358,40 @@ def _recognise_case_folder(path) -> tuple[dict, dict]:
         raise InputDataError(f"no series of {path} could be recognised (CT, T2, DWI, Dixon, T1 pre/post, DCE); "
                              "pass the inputs explicitly with --ct, --t2, --dwi, ...")
     return roles, intake
+
+
+#: Series-description words that mark a CT as a confirmation CT (needle in place).
+CONFIRM_CT_WORDS = ("confirm", "needle", "biopsy", "check", "kontroll")
+
+
+def _is_ct(name: str, v) -> bool:
+    low = name.lower()
+    return v.meta.get("b_value") is None and (str(v.meta.get("modality", "")).upper() == "CT" or low.startswith("ct")
+                                              or "_ct" in low)
+
+
+def _acquired(v) -> str:
+    return f"{v.meta.get('acquisition_date') or ''}{v.meta.get('acquisition_time') or ''}"
+
+
+def _split_confirmation_cts(vols: dict) -> list:
+    """The CT series of a study that are confirmation CTs: described as such (:data:`CONFIRM_CT_WORDS`) or,
+    when several CTs remain, every one acquired after the earliest (the planning CT)."""
+    cts = [(n, v) for n, v in vols.items() if _is_ct(n, v)]
+    if len(cts) < 2:
+        return []
+    desc = lambda n, v: f"{n} {v.meta.get('series_description') or ''}".lower()  # noqa: E731
+    confirm = [v for n, v in cts if any(w in desc(n, v) for w in CONFIRM_CT_WORDS)]
+    rest = [(n, v) for n, v in cts if not any(v is c for c in confirm)]
+    if len(rest) > 1:
+        if not all(_acquired(v) for _, v in rest):
+            from SmartBiopsyCoreLib.errors import InputDataError
+
+            raise InputDataError("the case folder holds several CT series without acquisition times; pass the "
+                                 "planning CT with --ct and the confirmation CTs with --confirm-ct")
+        rest.sort(key=lambda nv: _acquired(nv[1]))
+        confirm += [v for _, v in rest[1:]]
+    return confirm
 
 
 def _load_targets(path) -> dict:

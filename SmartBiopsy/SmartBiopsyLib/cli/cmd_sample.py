@@ -1,7 +1,8 @@
 """``smartbiopsy sample``: find the needle in the confirmation CT and measure the maps inside its notch.
 
     smartbiopsy sample --confirm-ct CT --plan plan.json --target A [--maps adc.nrrd ff.nrrd ef.nrrd]
-                       [--transform mri_to_ct.json] [--mode side-notch|tip-distal] [--needle NAME] --out DIR
+                       [--transform mri_to_ct.json] [--mode side-notch|tip-distal] [--needle NAME]
+                       [--planning-ct CT [--motion-tolerance MM] [--no-motion-correction]] --out DIR
 
 Writes ``needle.json`` (tip, axis, lateral/depth/angle error against the plan) and ``notch_values.json``
 (the notch ROI in CT world and mean/median/min/SD/voxels/volume of every map inside it).
@@ -11,6 +12,12 @@ Plan file: the planner's JSON (``trajectories`` with ``target``/``region``/``nam
 "target_ras"}]}``. Transform: the ``smartbiopsy.transform/1`` JSON that ``register`` writes (see
 ``SmartBiopsyCoreLib.dataio.transforms``), or an ITK transform file (.tfm/.txt/.h5) as Slicer writes it.
 Map names come from the file names (``adc.nrrd`` -> ``adc``) or ``NAME=PATH``.
+
+Patient motion: with ``--planning-ct`` the skin capsules of both CTs are compared; when they moved more than
+``--motion-tolerance`` (default 2 mm) the confirmation CT is registered to the planning CT (capsules, then
+intensity around the target) and the needle and notch are measured in the planning frame. ``needle.json``
+and ``notch_values.json`` carry the check under ``patient_motion``; a warning names any motion left
+uncorrected, and without ``--planning-ct`` says that motion was not checked.
 """
 from __future__ import annotations
 
@@ -38,6 +45,11 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=1500.0, help="metal threshold (HU, default 1500)")
     p.add_argument("--tip-distal-length", type=float, default=20.0, help="tip-distal region length (mm, default 20)")
     p.add_argument("--tip-distal-diameter", type=float, default=2.0, help="tip-distal region diameter (mm, default 2)")
+    p.add_argument("--planning-ct", help="planning CT (with the skin capsules): check and correct patient motion")
+    p.add_argument("--motion-tolerance", type=float, default=2.0,
+                   help="capsule motion (mm) above which the confirmation CT is registered to the planning CT (default 2)")
+    p.add_argument("--no-motion-correction", action="store_true",
+                   help="only report patient motion, do not correct for it")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.set_defaults(func=run)
 
@@ -156,9 +168,31 @@ def run(args) -> int:
     bar = ProgressBar("sample")
     bar(0.02, "loading the confirmation CT")
     ct = _load_volume(args.confirm_ct, "confirmation CT")
+    motion = None
+    if args.planning_ct:
+        from RegistrationFusionLib.capsules.detection import detect_capsules
+        from SmartBiopsyLib.sampling.motion import check_patient_motion, to_planning_frame
+
+        bar(0.03, "patient motion (skin capsules)")
+        planning = _load_volume(args.planning_ct, "planning CT")
+        from SmartBiopsyCoreLib.errors import SmartBiopsyError
+
+        try:
+            caps = detect_capsules(planning, "ct")
+        except SmartBiopsyError:  # reported by the check as "not checked"
+            caps = None
+        motion = check_patient_motion(caps if caps is not None else [], ct, tolerance_mm=args.motion_tolerance,
+                                      correct=not args.no_motion_correction, target_ras=target, planning_ct=planning)
+        if motion.corrected:
+            ct = to_planning_frame(ct, motion, planning, [entry, target])
+    warnings = list(motion.warnings) if motion is not None else [
+        "patient motion between the planning CT and this confirmation CT was not checked (no --planning-ct)"]
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     det = detect_needle(ct, entry, target, target_name=args.target, needle=needle,
                         search_radius_mm=args.search_radius, threshold_hu=args.threshold,
                         progress=lambda f, m: bar(0.05 + 0.5 * f, m))
+    det.warnings = list(det.warnings) + warnings
     roi = notch_roi_from_detection(det, args.mode, needle, tip_distal_length_mm=args.tip_distal_length,
                                    tip_distal_diameter_mm=args.tip_distal_diameter)
     maps = {}
@@ -172,18 +206,22 @@ def run(args) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     needle_doc = det.to_dict()
-    needle_doc.update({"needle_model": needle, "confirmation_ct": str(args.confirm_ct), "plan": str(args.plan)})
+    needle_doc.update({"needle_model": needle, "confirmation_ct": str(args.confirm_ct), "plan": str(args.plan),
+                       "patient_motion": None if motion is None else motion.to_dict()})
     (out / "needle.json").write_text(json.dumps(needle_doc, indent=2), encoding="utf-8")
     if values is not None:
         doc = values.to_dict()
         doc["maps_files"] = map_paths
         doc["transform_file"] = args.transform
+        doc["patient_motion"] = needle_doc["patient_motion"]
+        doc["warnings"] = list(doc.get("warnings") or []) + warnings
     else:
         doc = {"target_name": args.target, "roi": roi.to_dict(), "maps": {}, "warnings": ["no maps were given"]}
     (out / "notch_values.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
     summary = {"target": args.target, "tip_ras": needle_doc["tip_ras"], "lateral_error_mm": needle_doc["lateral_error_mm"],
                "depth_error_mm": needle_doc["depth_error_mm"], "angle_deg": needle_doc["angle_deg"], "mode": args.mode,
                "means": {} if values is None else {k: round(v.mean, 3) for k, v in values.maps.items()},
+               "patient_motion": "not checked" if motion is None else motion.summary(), "warnings": warnings,
                "out": str(out)}
     print(json.dumps(summary), file=sys.stdout)
     return 0

@@ -9,6 +9,10 @@ Subcommands (all take ``--journal FILE.jsonl``; the snapshot ``FILE.snapshot.jso
   operator, optional time_utc (ISO 8601 with zone; default now), participant_id, notes). Records are
   validated one by one and each is acknowledged (printed) only once it is on disk; the first invalid record
   stops the run and those before it stay recorded.
+- ``specimens add --journal J --from-sampling DIR --pot-id ID --operator NAME [--region A] [--participant P]``
+  The operator records one pot pre-filled from a measured sampling folder (``run``'s ``sampling/<target>/`` or
+  ``sample``'s ``--out``: needle.json + notch.json / notch_values.json): needle tip and direction, notch ROI
+  and map values come from the measurement. The demo's simulated needles are refused.
 - ``specimens export --journal J --csv OUT.csv [--maps adc,ff,ef]``
   One row per pot for pathology: identity, region, target, time, needle pose, notch ROI, map values and the
   pathology results recorded so far.
@@ -35,7 +39,15 @@ def register(subparsers) -> None:
     sub.required = True
     a = sub.add_parser("add", help="append specimen record(s) from a JSON file")
     a.add_argument("--journal", required=True, help="journal file (.jsonl); created if absent")
-    a.add_argument("--record", required=True, help="JSON file: one record or a list of records")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--record", help="JSON file: one record or a list of records")
+    src.add_argument("--from-sampling", metavar="DIR",
+                     help="sampling folder of one target (needle.json + notch.json): pre-fills the record")
+    a.add_argument("--pot-id", help="pot label (with --from-sampling)")
+    a.add_argument("--operator", help="who took and labelled the core (with --from-sampling)")
+    a.add_argument("--region", help="habitat region A/B/C (default: the sampled target's name)")
+    a.add_argument("--participant", default="", help="participant ID (with --from-sampling)")
+    a.add_argument("--notes", default="", help="free text (with --from-sampling)")
     e = sub.add_parser("export", help="write the CSV for pathology")
     e.add_argument("--journal", required=True, help="existing journal file (.jsonl)")
     e.add_argument("--csv", required=True, help="output CSV")
@@ -66,13 +78,56 @@ def _load_records(path: Path) -> list:
     return records
 
 
+def record_from_sampling(folder: Path, pot_id, operator, region=None, participant="", notes="") -> dict:
+    """A specimen record (dict) pre-filled from a measured sampling folder; the operator supplies pot and name."""
+    from SmartBiopsyCoreLib.errors import InputDataError
+
+    def read(name):
+        p = folder / name
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise InputDataError(f"{p} is not valid JSON ({exc}); measure the needle again.") from None
+
+    if not folder.is_dir():
+        raise InputDataError(f"--from-sampling {folder} is not a folder; give run's sampling/<target> or sample's --out.")
+    if not pot_id or not operator:
+        raise InputDataError("--from-sampling needs --pot-id and --operator: the operator names the pot they filled.")
+    needle, notch = read("needle.json"), read("notch.json") or read("notch_values.json")
+    if not isinstance(needle, dict) or not isinstance(notch, dict):
+        raise InputDataError(f"{folder} holds no needle.json and notch values; run the sampling step first.")
+    if needle.get("simulated") or notch.get("simulated") or "simulated_truth" in needle:
+        raise InputDataError(f"{folder} holds the demo's simulated needle; pots are recorded only from measured "
+                             "confirmation CTs.")
+    det = needle.get("detection") if isinstance(needle.get("detection"), dict) else needle
+    values = notch.get("values") if isinstance(notch.get("values"), dict) else notch
+    roi = notch.get("roi") or values.get("roi")
+    maps = values.get("maps") or {}
+    if not maps:
+        raise InputDataError(f"{folder} has no map values in the notch; sample the maps (--maps) first.")
+    target = str(det.get("target_name") or values.get("target_name") or folder.name)
+    return {"pot_id": pot_id, "region": region or target, "target_name": target,
+            "needle_tip_ras": det.get("tip_ras"), "needle_direction_ras": det.get("axis"), "notch_roi": roi,
+            "values": {k: {"mean": st.get("mean"), "median": st.get("median"), "min": st.get("min"),
+                           "sd": st.get("sd"), "n_voxels": st.get("voxels_touched"), "volume_mm3": st.get("volume_mm3")}
+                       for k, st in maps.items()},
+            "operator": operator, "participant_id": participant,
+            "notes": (notes + "; " if notes else "") + f"pre-filled from the measured sampling folder {folder}"}
+
+
 def run(args) -> int:
     from SmartBiopsyLib.records.specimen_journal import SpecimenJournal
 
     action = args.specimens_action
     journal_path = Path(args.journal)
     if action == "add":
-        records = _load_records(Path(args.record))
+        if getattr(args, "from_sampling", None):
+            records = [record_from_sampling(Path(args.from_sampling), args.pot_id, args.operator, args.region,
+                                            args.participant, args.notes)]
+        else:
+            records = _load_records(Path(args.record))
         with SpecimenJournal(journal_path, create=True) as j:
             for rec in records:
                 saved = j.append_specimen(rec)

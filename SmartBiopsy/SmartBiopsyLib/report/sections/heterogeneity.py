@@ -11,6 +11,11 @@ from SmartBiopsyLib.report.sections.specimens import _pathology
 
 
 def section_heterogeneity(case: CaseFolder, figs: FigureStore) -> str:
+    from SmartBiopsyLib.report.sections.notch import sampling_not_done
+
+    stopped = sampling_not_done(case)
+    if stopped:
+        return na_note(f"Heterogeneity {stopped}")
     path = _pathology(case)
     if not path:
         why = case.problems.get("specimens/pathology.csv")
@@ -33,7 +38,7 @@ def section_heterogeneity(case: CaseFolder, figs: FigureStore) -> str:
     if not sites:
         return na_note("not available (no specimen has both an ADC value and a Ki-67 result)")
     synthetic = bool((case.summary.get("case") or {}).get("synthetic"))
-    label = "synthetic pathology (phantom demo)" if synthetic else "pathology"
+    label = "simulated pathology (phantom demo)" if synthetic else "pathology"
     adc_vol = case.volume("characterisation/adc.nrrd")
     tum = case.volume("characterisation/tumour.nrrd") or case.volume("characterisation/habitats.nrrd")
     tumour_adc = None
@@ -77,6 +82,6 @@ def section_heterogeneity(case: CaseFolder, figs: FigureStore) -> str:
     out.append(html_table(("quantity", "min over sites", "max over sites", "range", "whole tumour 5-95 %"), trows,
                       num_cols=(1, 2, 3)))
     if synthetic:
-        out.append('<p class="note">The pathology values of this case are synthetic (phantom demo); they show the '
+        out.append('<p class="note">The pathology values of this case are simulated (phantom demo); they show the '
                    "layout of the analysis, not a biological result.</p>")
     return "\n".join(out)

@@ -9,6 +9,36 @@ from SmartBiopsyLib.report.figures import MAP_CMAPS, MAP_UNITS, FigureStore, app
 from SmartBiopsyLib.report.html import fmt_num, na_note, html_table
 
 
+def sampling_not_done(case: CaseFolder) -> str | None:
+    """"not done: ..." when the sampling step stopped (e.g. no confirmation CT for a target), else None."""
+    st = case.stage_for("sampling")
+    if st is not None and st.get("status") == "stopped":
+        return f"not done: {(st.get('message') or 'no confirmation CT').strip()}"
+    return None
+
+
+def demo_simulated(case: CaseFolder) -> bool:
+    """True when the sampling artefacts are the phantom demo's simulated confirmation CTs."""
+    allv = case.json("sampling/notch_values.json")
+    return bool(isinstance(allv, dict) and allv.get("simulated") is True) or any(
+        d.name.endswith("_simulated") for d in case.sampling_dirs())
+
+
+def _motion_rows(case: CaseFolder) -> list:
+    rows = []
+    for d in case.sampling_dirs():
+        nd = case.json(f"sampling/{d.name}/needle.json")
+        if not isinstance(nd, dict) or not isinstance(nd.get("patient_motion"), dict):
+            continue
+        mo, conf = nd["patient_motion"], nd.get("confirmation_ct") or {}
+        corrected = ("yes (" + str(mo.get("method")) + ")") if mo.get("corrected") else (
+            "no" if mo.get("checked") else "not checked")
+        rows.append((d.name, str(conf.get("source", "")), str(conf.get("matched", "")),
+                     fmt_num(mo.get("motion_mm")), fmt_num(mo.get("motion_at_target_mm")), fmt_num(mo.get("tolerance_mm")),
+                     corrected, "; ".join(mo.get("warnings") or [])))
+    return rows
+
+
 def _notch_docs(case: CaseFolder) -> list[tuple[str, dict, dict | None]]:
     """[(target name, notch doc {"roi", "values"}, needle doc)] from sampling/<name>/ (or notch_values.json)."""
     docs = []
@@ -41,9 +71,21 @@ def _notch_docs(case: CaseFolder) -> list[tuple[str, dict, dict | None]]:
 
 def section_notch(case: CaseFolder, figs: FigureStore) -> str:
     out = []
+    stopped = sampling_not_done(case)
+    if stopped:
+        return na_note(f"Needle and notch values {stopped}")
     docs = _notch_docs(case)
     if not docs:
         return na_note("Notch ROIs " + case.why("sampling", "sampling/<target>/notch.json"))
+    if demo_simulated(case):
+        out.append('<p class="na">Simulated confirmation CTs (phantom demo): the needles were drawn into copies of '
+                   "the planning CT; the positions and values below are simulated, not measured on a patient.</p>")
+    motion = _motion_rows(case)
+    if motion:
+        out.append("<p>Patient motion between the planning CT and each confirmation CT (skin capsules):</p>")
+        out.append(html_table(("target", "confirmation CT", "matched to target", "capsule motion (mm)",
+                               "motion at target (mm)", "tolerance (mm)", "corrected", "warnings"), motion,
+                              num_cols=(3, 4, 5)))
     needles = [(n, nd) for n, _, nd in docs if isinstance(nd, dict)]
     if needles:
         rows = [(n, fmt_num(nd.get("tip_error_mm")), fmt_num(nd.get("lateral_error_mm")), fmt_num(nd.get("depth_error_mm")),

@@ -26,7 +26,16 @@ def _pathology(case: CaseFolder) -> dict:
 
 
 def section_specimens(case: CaseFolder, figs: FigureStore) -> str:
+    from SmartBiopsyLib.report.sections.notch import demo_simulated, sampling_not_done
+
     rows = case.csv("specimens/specimens.csv")
+    stopped = sampling_not_done(case)
+    if stopped and not rows:
+        return na_note(f"Specimen pots {stopped}")
+    synthetic = bool((case.summary.get("case") or {}).get("synthetic"))
+    if not rows and not synthetic and case.sampling_dirs():
+        return na_note("No specimen pots recorded yet: the operator records each pot with 'smartbiopsy specimens "
+                       "add --from-sampling sampling/<target>' (pre-filled from the measured notch values).")
     if not rows:
         return na_note("Specimen table " + case.why("specimens", "specimens/specimens.csv"))
     path = _pathology(case)
@@ -44,6 +53,9 @@ def section_specimens(case: CaseFolder, figs: FigureStore) -> str:
             row += [fmt_num(pr.get("ki67_percent")), pr.get("fnclcc_grade") or "-"]
         body.append(row)
     out = [html_table(header, body)]
+    if synthetic and demo_simulated(case):
+        out.insert(0, '<p class="na">Simulated specimen pots (phantom demo): recorded from the simulated '
+                      "confirmation CTs, not from a procedure.</p>")
     if not has_path:
         out.append('<p class="note">No pathology results yet (specimens/pathology.csv absent).</p>')
     return "\n".join(out)
