@@ -370,9 +370,11 @@ SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "pydicom", "vtk", "vtkmodules",
 OPTIONAL_WITHOUT_INSTALL = {
     "crcmod": "C speed-up of the codec's CRC-64; the codec computes it in Python without crcmod",
     "radiomics": "pyradiomics comes with the SlicerRadiomics extension (EXTENSION_DEPENDS)",
+    "itk": "itk-elastix is an optional engine of the local refinement (SimpleITK is the default); absent, it says so",
 }
 #: Import name -> distribution name on the package index (where they differ).
 DISTRIBUTION = {"mpl_toolkits": "matplotlib", "radiomics": "pyradiomics", "yaml": "PyYAML", "slicer": "slicer-core",
+                "itk": "itk-elastix",
                 "vtk": "slicer-core", "vtkmodules": "slicer-core"}
 LIB_PACKAGES = {f"{m}Lib": m for m in ALL_MODULES}
 MINIMUM_SLICER = "5.10"  # Python 3.12
@@ -455,8 +457,11 @@ def test_runtime_dependencies_are_exactly_what_the_library_code_imports():
     extras = project.get("optional-dependencies", {})
     radiomics = [_canonical(re.split(r"[<>=!~ ;\[]", d)[0]) for d in extras.get("radiomics", [])]
     assert radiomics == ["pyradiomics"] and ">=" in extras["radiomics"][0], "pyradiomics is the radiomics extra"
-    assert set(deps) == imported - {"pyradiomics"}, \
-        f"runtime dependencies {sorted(deps)} but the libraries import {sorted(imported - {'pyradiomics'})}"
+    optional_extras = {"pyradiomics", "itk-elastix"}  # the radiomics and elastix extras
+    assert set(deps) == imported - optional_extras, \
+        f"runtime dependencies {sorted(deps)} but the libraries import {sorted(imported - optional_extras)}"
+    elastix = [_canonical(re.split(r"[<>=!~ ;\[]", d)[0]) for d in extras.get("elastix", [])]
+    assert elastix == ["itk-elastix"], "itk-elastix is the elastix extra"
     assert "vtk" not in deps, "vtk comes with slicer-core's exact pin"
     assert all(">=" in d for d in deps.values()), "every runtime dependency needs a lower bound"
     dev = {_canonical(re.split(r"[<>=!~ ;\[]", d)[0]) for d in extras.get("dev", [])}
