@@ -183,7 +183,10 @@ def read_segmentation(path) -> ImportedSegmentation:
     frame_pos, frame_seg = [], []
     for f in ds.PerFrameFunctionalGroupsSequence:
         frame_pos.append(np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float))
-        frame_seg.append(int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
+        ident = f if "SegmentIdentificationSequence" in f else shared  # one segment: may be shared by all frames
+        if ident is None or "SegmentIdentificationSequence" not in ident:
+            raise InputDataError(f"{Path(path).name} has a frame without segment identification; the file is damaged")
+        frame_seg.append(int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
     frame_pos = np.asarray(frame_pos)
     dist = np.round(frame_pos @ normal, 3)
     planes = np.unique(dist)

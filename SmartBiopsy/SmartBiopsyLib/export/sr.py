@@ -192,7 +192,7 @@ def read_report(path) -> dict:
                 g["measurements"][name] = (float(mv.NumericValue), str(mv.MeasurementUnitsCodeSequence[0].CodeValue))
             elif c.ValueType == "SCOORD3D":
                 p = lps_to_ras_points(np.asarray(c.GraphicData, float).reshape(-1, 3))[0]
-                if name == "Volume surface":
+                if name.lower() == "volume surface":
                     g["point_ras"] = p
                 else:
                     g["points"][name] = p
