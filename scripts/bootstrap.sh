@@ -17,6 +17,6 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   .venv/bin/python -m pip install -q numpy setuptools wheel versioneer
   # (the 3.1.0 source archive reports its version as 3.0.1a1 when built, so no version bound here)
   .venv/bin/python -m pip install -q --no-build-isolation pyradiomics
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  .venv/bin/python -m pip install -q -e ".[dev,export]"
   echo "$WANT" > "$STAMP"
 fi

@@ -54,6 +54,34 @@ def need_fhir():
     return Specimen
 
 
+def export_requirements() -> list[str]:
+    """Pip requirements of the export for THIS interpreter: highdicom 0.22 works with pydicom 2.x (Slicer 5.10 bundles
+    2.4.4; never upgrade Slicer's pydicom), later highdicom needs pydicom >= 3. fhir.resources 8 is FHIR R5."""
+    try:
+        import pydicom
+
+        major = int(str(pydicom.__version__).split(".")[0])
+    except Exception:  # noqa: BLE001
+        major = 3
+    hd = "highdicom>=0.22,<0.23" if major < 3 else "highdicom>=0.23,<0.29"
+    return [hd, "fhir.resources>=8.0,<9"]
+
+
+def missing_export_requirements() -> list[str]:
+    """The :func:`export_requirements` whose package cannot be imported here."""
+    import importlib.util
+
+    out = []
+    for req, mod in zip(export_requirements(), ("highdicom", "fhir.resources")):
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            out.append(req)
+    return out
+
+
 def code(value: str, scheme: str, meaning: str):
     from pydicom.sr.coding import Code
 
