@@ -887,8 +887,8 @@ def read_pathology_csv(path) -> list[dict]:
         key = re.sub(r"[\s\-]+", "_", h.strip().lower())
         fields.append(_HEADER_ALIASES.get(key))
     if "pot_id" not in fields and "accession" not in fields:
-        raise InputDataError(f"pathology file {p} has no pot ID or accession number column (header {header}); "
-                             f"name it 'pot_id' or 'accession_number'.")
+        raise InputDataError(f"pathology file {p} has no pot ID column and no accession number column (header "
+                             f"{header}); name it 'pot_id' or 'accession_number'.")
     if not any(f in PATHOLOGY_FIELDS for f in fields):
         raise InputDataError(
             f"pathology file {p} has no result column (header {header}); use ki67_percent, nsr and/or fnclcc_grade."
