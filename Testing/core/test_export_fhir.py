@@ -43,7 +43,8 @@ def test_one_valid_r5_specimen_per_core_with_its_parent_container_and_collection
         assert f"R {round(rec.needle_tip_ras[0], 2)}" in tip
         note = c["note"][0]["text"]
         assert f"region {rec.region}" in note and "SHA-256" in note and rec.operator in note
-        assert c["accessionIdentifier"]["value"].startswith("ACC-2024-0042-")
+        # part number = recording order of the pot in the journal
+        assert c["accessionIdentifier"]["value"] == f"ACC-2024-0042-{list(recs).index(rec.pot_id) + 1}"
     assert parent["accessionIdentifier"]["value"] == "ACC-2024-0042"
     for p in (out / "fhir").glob("Specimen-*.json"):
         from SmartBiopsyLib.export.fhir import validate_specimen_json
