@@ -113,7 +113,9 @@ def export_case(case_dir, out_dir, *, source_folders=None, risk_labelmaps=None, 
     if (cdir / "habitats.nrrd").is_file() and (cdir / "tumour.nrrd").is_file():
         hab = load_image(cdir / "habitats.nrrd")
         tum = load_image(cdir / "tumour.nrrd")
-        mri_src = source(hab, "mri", "MR")
+        pix = load_image(cdir / "adc.nrrd") if (cdir / "adc.nrrd").is_file() else None
+        # a derived MRI source carries the ADC values (an image) rather than the label map, when on the same grid
+        mri_src = source(hab if pix is None or not pix.same_grid(hab) else pix, "mri", "MR")
         from SmartBiopsyLib.characterise.habitats import REGION_CODES
 
         present = {r: v for r, v in REGION_CODES.items() if (hab.array == v).any()}

@@ -31,7 +31,12 @@ def software_version() -> str:
 
 
 def need_highdicom():
-    """Import highdicom (and check it matches pydicom) or raise ExportUnavailable with one sentence."""
+    """Import highdicom (and check it matches pydicom) or raise ExportUnavailable with one sentence.
+
+    Slicer 5.10 (pydicom 2.4.4, numpy 2.0.2) can only use highdicom 0.22, which still names ``numpy.float_`` (removed
+    in numpy 2.0): for that version only, the alias ``numpy.float_ = numpy.float64`` is restored before the import
+    (tested: SEG, Parametric Map and SR written with 0 dciodvfy errors and read back)."""
+    _numpy2_alias_for_old_highdicom()
     try:
         import highdicom  # noqa: F401
         import pydicom  # noqa: F401
@@ -41,6 +46,21 @@ def need_highdicom():
             f"'pip install \"smartbiopsy[export]\"' or accept the installation offered by the SmartBiopsy panel"
         ) from None
     return highdicom
+
+
+def _numpy2_alias_for_old_highdicom() -> None:
+    try:
+        from importlib.metadata import version
+
+        hd_version = tuple(int(x) for x in version("highdicom").split(".")[:2])
+    except Exception:  # noqa: BLE001 - not installed: need_highdicom says so
+        return
+    import numpy
+
+    if hd_version < (0, 23) and not hasattr(numpy, "float_"):
+        numpy.float_ = numpy.float64
+        logger.info("highdicom %s on numpy %s: numpy.float_ alias restored for it", ".".join(map(str, hd_version)),
+                    numpy.__version__)
 
 
 def need_fhir():

@@ -127,7 +127,14 @@ def write_derived(volume: RasVolume, folder: Path, kind: str, modality: str, pat
         for p in folder.glob("*"):
             if p.is_file():
                 p.unlink()
-    write_dicom_series(volume, folder, modality=modality,
+    pixels = volume
+    if volume.array.dtype.itemsize < 2 or volume.array.dtype == bool:
+        # small integer types (label maps) are widened: the series writer's rescale expects at least 16 bits
+        pixels = volume.with_array(volume.array.astype(np.int16))
+    elif np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
+        # a map undefined outside the body (NaN): the derived source image shows 0 there
+        pixels = volume.with_array(np.nan_to_num(volume.array, nan=0.0, posinf=0.0, neginf=0.0))
+    write_dicom_series(pixels, folder, modality=modality,
                        series_description=f"SmartBiopsy derived source ({kind}; not an original series)",
                        series_number=series_number, patient_id=patient_id, patient_name=patient_id,
                        study_uid=study_uid, frame_of_reference_uid=frame_of_reference_uid,
