@@ -169,3 +169,20 @@ def test_original_series_on_the_same_grid_is_referenced_instead_of_a_derived_one
     orig = pydicom.dcmread(str(next((tmp_path / "orig").iterdir())), stop_before_pixels=True)
     assert seg.referenced_series_uid == orig.SeriesInstanceUID
     assert seg.segments[0].frames == 2 and seg.segments[0].voxels == int(lab.sum())
+
+
+def test_the_diffusion_series_is_referenced_with_one_image_per_slice_at_the_lowest_b(tmp_path):
+    """Maps computed from a multi-b DWI reference that DWI (b = lowest image of each slice), not another MR series
+    that happens to share the grid."""
+    from SmartBiopsyCoreLib.dataio.dicomio import write_dicom_series, write_dwi_series
+    from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+    from SmartBiopsyLib.export.sources import find_original
+
+    grid = make_grid([0.0, 0.0, 0.0], (2.0, 2.0, 4.0), (5, 8, 9))
+    img = lambda v: RasVolume(np.full((5, 8, 9), v, np.float32), grid, "x")  # noqa: E731
+    write_dicom_series(img(100.0), tmp_path / "a_t2", modality="MR", series_description="T2", uid_seed="t2")
+    write_dwi_series({800.0: img(50.0), 0.0: img(400.0)}, tmp_path / "b_dwi", series_description="DWI", uid_seed="d")
+    src = find_original(img(0.0), [tmp_path], "mri")
+    assert src is not None and src.first.SeriesDescription == "DWI"
+    assert len(src.datasets) == 5 and all(float(d[0x0018, 0x9087].value) == 0.0 for d in src.datasets)
+    assert "lowest b-value" in src.note

@@ -42,7 +42,8 @@ class SourceSeries:
         return {"kind": self.kind, "origin": self.origin, "folder": self.folder, "note": self.note,
                 "study_instance_uid": str(ds.StudyInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID),
                 "frame_of_reference_uid": str(getattr(ds, "FrameOfReferenceUID", "")),
-                "modality": str(getattr(ds, "Modality", "")), "images": len(self.datasets)}
+                "modality": str(getattr(ds, "Modality", "")),
+                "series_description": str(getattr(ds, "SeriesDescription", "")), "images": len(self.datasets)}
 
 
 def _read_headers(folder: Path) -> list:
@@ -96,7 +97,9 @@ def _match(volume: RasVolume, headers: list, tol_vox: float = 0.02):
 
 
 def find_original(volume: RasVolume, folders, kind: str) -> SourceSeries | None:
-    """The first series in ``folders`` (DICOM folders, searched recursively) lying exactly on ``volume``'s grid."""
+    """A series in ``folders`` (DICOM folders, searched recursively) lying exactly on ``volume``'s grid; among several,
+    a diffusion series (the ADC's own acquisition: images with a b-value) is preferred, then the first found."""
+    found = []
     for folder in folders or []:
         folder = Path(folder)
         if not folder.is_dir():
@@ -108,12 +111,16 @@ def find_original(volume: RasVolume, folders, kind: str) -> SourceSeries | None:
         for uid, items in series.items():
             chosen = _match(volume, items)
             if chosen is not None:
-                note = "original series on the same grid"
-                if len(chosen) < len(items):
-                    note += f" ({len(chosen)} of its {len(items)} images: one per slice, lowest b-value)"
-                logger.info("export: %s references series %s in %s", kind, uid, folder)
-                return SourceSeries(kind, chosen, list(range(len(chosen))), "original", str(folder), note)
-    return None
+                dwi = any(d.get((0x0018, 0x9087)) is not None for d in items)
+                found.append((0 if dwi else 1, len(found), uid, folder, items, chosen))
+    if not found:
+        return None
+    _rank, _n, uid, folder, items, chosen = min(found, key=lambda f: (f[0], f[1]))
+    note = "original series on the same grid"
+    if len(chosen) < len(items):
+        note += f" ({len(chosen)} of its {len(items)} images: one per slice, lowest b-value)"
+    logger.info("export: %s references series %s in %s", kind, uid, folder)
+    return SourceSeries(kind, chosen, list(range(len(chosen))), "original", str(folder), note)
 
 
 def write_derived(volume: RasVolume, folder: Path, kind: str, modality: str, patient_id: str,
