@@ -186,3 +186,41 @@ def test_the_diffusion_series_is_referenced_with_one_image_per_slice_at_the_lowe
     assert src is not None and src.first.SeriesDescription == "DWI"
     assert len(src.datasets) == 5 and all(float(d[0x0018, 0x9087].value) == 0.0 for d in src.datasets)
     assert "lowest b-value" in src.note
+
+
+def test_a_series_shifted_off_the_grid_is_not_referenced_and_a_derived_source_is_written(tmp_path):
+    """Half a voxel in-plane or a fraction of a slice off: the SEG would misplace every voxel, so it is not used."""
+    from SmartBiopsyCoreLib.dataio.dicomio import write_dicom_series
+    from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+    from SmartBiopsyLib.export.sources import source_for
+
+    grid = make_grid([0.0, 0.0, 0.0], (2.0, 2.0, 4.0), (5, 8, 9))
+    vol = RasVolume(np.ones((5, 8, 9), np.float32), grid, "x")
+    for n, shift in enumerate(([1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.3, 0.0])):
+        g = grid.copy()
+        g[:3, 3] += shift
+        write_dicom_series(RasVolume(np.ones((5, 8, 9), np.float32), g, "s"), tmp_path / f"s{n}", modality="MR",
+                           uid_seed=f"s{n}")
+        src = source_for(vol, [tmp_path / f"s{n}"], "mri", "MR", tmp_path / f"d{n}", "P")
+        assert src.origin == "derived", shift
+
+
+def test_without_the_export_libraries_the_export_stops_with_one_sentence_and_writes_nothing(tmp_path, monkeypatch):
+    import builtins
+
+    from SmartBiopsyLib.export.case import export_case
+    from SmartBiopsyLib.export.common import ExportUnavailable
+
+    real_import = builtins.__import__
+
+    def no_highdicom(name, *a, **k):
+        if name == "highdicom" or name.startswith("highdicom."):
+            raise ImportError("No module named 'highdicom'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_highdicom)
+    (tmp_path / "case" / "characterisation").mkdir(parents=True)
+    with pytest.raises(ExportUnavailable, match=r"needs the highdicom package .*pip install") as exc:
+        export_case(tmp_path / "case", tmp_path / "out")
+    assert len(str(exc.value).splitlines()) == 1
+    assert not (tmp_path / "out").exists()
