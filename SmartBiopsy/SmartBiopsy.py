@@ -108,6 +108,7 @@ class SmartBiopsyParameterNode:
     scanLabel: str = ""
     scanDlpMgyCm: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
     reportFolder: Path
+    exportAccession: str = ""
 
 
 #
@@ -503,7 +504,7 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
 
     def exportForHospital(self, pn, progress=None):
         """The case folder, its DICOM/FHIR export in <report folder>/export, and the report listing it."""
-        return self.lib.export_for_hospital(pn.reportFolder, pn, progress)
+        return self.lib.export_for_hospital(pn.reportFolder, pn, progress, accession=pn.exportAccession)
 
 
 #

@@ -377,10 +377,11 @@ class BiopsyLogic:
         write_case_folder(case, folder, progress)
         return write_report(folder)
 
-    def export_for_hospital(self, folder, pn, progress=None):
+    def export_for_hospital(self, folder, pn, progress=None, accession: str = ""):
         """Write the case folder (as :meth:`generate_report`), export it into ``<folder>/export`` (DICOM SEG, Parametric
         Maps, TID 1500 SR, FHIR Specimens; see :func:`SmartBiopsyLib.export.case.export_case`), then the report that
-        lists the export. Returns the ExportResult. Raises ExportUnavailable when highdicom/fhir.resources are absent."""
+        lists the export; ``accession`` is the procedure's accession number (FHIR accession identifiers). Returns the
+        ExportResult. Raises ExportUnavailable when highdicom/fhir.resources are absent."""
         from pathlib import Path
 
         from SmartBiopsyLib.export.case import export_case
@@ -390,6 +391,7 @@ class BiopsyLogic:
         progress = progress or (lambda f, m: None)
         case = case_from_parameter_node(self.scene, pn, self.state)
         write_case_folder(case, folder, lambda f, m: progress(0.3 * f, m))
-        result = export_case(Path(folder), Path(folder) / "export", progress=lambda f, m: progress(0.3 + 0.6 * f, m))
+        result = export_case(Path(folder), Path(folder) / "export", accession=str(accession or "").strip(),
+                             progress=lambda f, m: progress(0.3 + 0.6 * f, m))
         write_report(folder)
         return result
