@@ -65,10 +65,7 @@ def read_parametric_map(path) -> dict:
     import pydicom
 
     ds = pydicom.dcmread(str(path))
-    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-        raw = ds.pixel_array.astype(np.float64)
-    else:
-        raw = ds.pixel_array.astype(np.float64)
+    raw = ds.pixel_array.astype(np.float64)  # FloatPixelData, DoubleFloatPixelData or integer PixelData
     raw = raw.reshape(int(getattr(ds, "NumberOfFrames", 1)), int(ds.Rows), int(ds.Columns))
     rwv = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     values = raw * float(rwv.RealWorldValueSlope) + float(rwv.RealWorldValueIntercept)

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from SmartBiopsyCoreLib.geometry import RasVolume, lps_to_ras_points, ras_to_lps_points  # noqa: F401
+from SmartBiopsyCoreLib.geometry import RasVolume, lps_to_ras_points
 
 logger = logging.getLogger(__name__)
 
