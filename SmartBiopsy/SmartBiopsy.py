@@ -109,6 +109,7 @@ class SmartBiopsyParameterNode:
     scanLabel: str = ""
     scanDlpMgyCm: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
     reportFolder: Path
+    exportAccession: str = ""
 
 
 #
@@ -154,6 +155,7 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addScanButton.connect("clicked(bool)", self.onAddScan)
         self.ui.addManipulationButton.connect("clicked(bool)", self.onAddManipulation)
         self.ui.generateReportButton.connect("clicked(bool)", self.onGenerateReport)
+        self.ui.exportHospitalButton.connect("clicked(bool)", self.onExportHospital)
         self.ui.tumourSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTumourSegmentChanged)
         self.ui.tumourSegmentSelector.connect("currentSegmentChanged(QString)", self.onTumourSegmentChanged)
 
@@ -383,6 +385,29 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._parameterNode, p))
             self.ui.statusLabel.text = _("Report written: {path}").format(path=path)
 
+    def _ensureExportRequirements(self) -> None:
+        """Install the export libraries (Resources/requirements.txt for Slicer's pydicom 2.4; the pins follow the
+        interpreter's pydicom, see export_requirements) on first use, after asking."""
+        from SmartBiopsyLib.export.common import export_requirements, missing_export_requirements
+
+        if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
+            from packaging.requirements import Requirement
+
+            slicer.packaging.pip_ensure([Requirement(r) for r in export_requirements()], requester=_("SmartBiopsy export"))
+            return
+        missing = missing_export_requirements()
+        if missing and slicer.util.confirmOkCancelDisplay(
+                _("The hospital export needs {pkgs}. Install now?").format(pkgs=", ".join(missing))):
+            slicer.util.pip_install(" ".join(f'"{m}"' for m in missing))
+
+    def onExportHospital(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The export failed."), waitCursor=True):
+            self._ensureExportRequirements()
+            result = self._runWithProgress(_("Exporting DICOM and FHIR"), lambda p, c: self.logic.exportForHospital(
+                self._parameterNode, p))
+            self.ui.statusLabel.text = _("Exported {what} to {path}").format(
+                what=result.sentence(), path=result.out_dir)
+
 
 #
 # SmartBiopsyLogic
@@ -481,6 +506,10 @@ class SmartBiopsyLogic(ScriptedLoadableModuleLogic):
     def generateReport(self, pn, progress=None):
         """The case folder (the command line's layout) from the scene and this session, then report.html in it."""
         return self.lib.generate_report(pn.reportFolder, pn, progress)
+
+    def exportForHospital(self, pn, progress=None):
+        """The case folder, its DICOM/FHIR export in <report folder>/export, and the report listing it."""
+        return self.lib.export_for_hospital(pn.reportFolder, pn, progress, accession=pn.exportAccession)
 
 
 #

@@ -16,6 +16,6 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   # pyradiomics (the radiomics extra, version bound in pyproject.toml) builds a C extension against the
   # installed numpy and needs its build tools first, without build isolation
   .venv/bin/python -m pip install -q numpy setuptools wheel versioneer
-  .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev,radiomics]"
+  .venv/bin/python -m pip install -q --no-build-isolation -e ".[dev,radiomics,export]"
   echo "$WANT" > "$STAMP"
 fi

@@ -11,6 +11,11 @@ if [ ! -d /usr/include/openigtlink ] && command -v apt-get >/dev/null 2>&1 && [ 
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenigtlink-dev openigtlink-examples g++ >/dev/null) \
     || echo "note: could not install libopenigtlink-dev/openigtlink-examples; interoperability tests will skip" >&2
 fi
+# dciodvfy (Debian package dicom3tools) checks every exported DICOM object; the check skips if it is absent.
+if ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null) \
+    || echo "note: could not install dicom3tools; the dciodvfy checks of the DICOM export will skip" >&2
+fi
 export MPLBACKEND=Agg
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@" || status=$?

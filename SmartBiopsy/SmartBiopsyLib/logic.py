@@ -131,7 +131,8 @@ def button_states(pn, state: "PanelState | None" = None) -> dict:
             "updateNotch": state.detection is not None,
             "addPot": journal and state.notch_values is not None and bool(pn.potId),
             "exportCsv": journal, "importPathology": journal,
-            "generateReport": str(pn.reportFolder) not in ("", ".")}
+            "generateReport": str(pn.reportFolder) not in ("", "."),
+            "exportHospital": str(pn.reportFolder) not in ("", ".")}
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -375,3 +376,22 @@ class BiopsyLogic:
         case = case_from_parameter_node(self.scene, pn, self.state)
         write_case_folder(case, folder, progress)
         return write_report(folder)
+
+    def export_for_hospital(self, folder, pn, progress=None, accession: str = ""):
+        """Write the case folder (as :meth:`generate_report`), export it into ``<folder>/export`` (DICOM SEG, Parametric
+        Maps, TID 1500 SR, FHIR Specimens; see :func:`SmartBiopsyLib.export.case.export_case`), then the report that
+        lists the export; ``accession`` is the procedure's accession number (FHIR accession identifiers). Returns the
+        ExportResult. Raises ExportUnavailable when highdicom/fhir.resources are absent."""
+        from pathlib import Path
+
+        from SmartBiopsyLib.export.case import export_case
+        from SmartBiopsyLib.report.scene_case import case_from_parameter_node, write_case_folder
+        from SmartBiopsyLib.report.writer import write_report
+
+        progress = progress or (lambda f, m: None)
+        case = case_from_parameter_node(self.scene, pn, self.state)
+        write_case_folder(case, folder, lambda f, m: progress(0.3 * f, m))
+        result = export_case(Path(folder), Path(folder) / "export", accession=str(accession or "").strip(),
+                             progress=lambda f, m: progress(0.3 + 0.6 * f, m))
+        write_report(folder)
+        return result

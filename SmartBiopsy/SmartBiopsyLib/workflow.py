@@ -122,6 +122,8 @@ class RunOptions:
     demo_confirmation: bool = False              # demo only: draw the needle into a copy of the planning CT
     motion_tolerance_mm: float = 2.0             # patient motion (skin capsules) that triggers the correction
     correct_motion: bool = True
+    export: bool = False                         # hospital export (DICOM SEG/PM/SR, FHIR) into <out>/export
+    export_accession: str = ""                   # the procedure's accession number for the FHIR Specimens
 
 
 #: Options that only the demo uses; a user case's summary does not list them.
@@ -1063,5 +1065,25 @@ def _stage_report(run: CaseRun, progress, should_cancel) -> str:
     from SmartBiopsyLib.report.writer import write_report
 
     run.write_summary()
+    if run.options.export:
+        _export_for_hospital(run)
     path = write_report(run.out)
     return f"report {Path(path).name}"
+
+
+# ====================================================================== hospital export (called by the report stage)
+def _export_for_hospital(run: CaseRun) -> None:
+    """DICOM SEG / Parametric Maps / TID 1500 SR and FHIR Specimens into ``<out>/export`` before the report lists
+    them. Never fails the run: a missing library or a problem becomes one line in the summary."""
+    from SmartBiopsyLib.export.case import export_case
+
+    try:
+        res = export_case(run.out, run.out / "export", risk_labelmaps=run.inputs.risk_labelmaps or None,
+                          accession=run.options.export_accession)
+        bad = sum(1 for o in res.objects if o.validation.get("errors"))
+        run.lines.append(f"hospital export: {res.sentence()} in export/"
+                         + (f"; {bad} object(s) FAIL dciodvfy" if bad else ""))
+    except Exception as exc:  # noqa: BLE001 - the export is an extra; the report says why it is missing
+        logger.warning("hospital export skipped: %s", exc)
+        run.lines.append(f"hospital export not written: {_sentence(exc)}")
+    run.write_summary()

@@ -374,7 +374,7 @@ OPTIONAL_WITHOUT_INSTALL = {
 }
 #: Import name -> distribution name on the package index (where they differ).
 DISTRIBUTION = {"mpl_toolkits": "matplotlib", "radiomics": "pyradiomics", "yaml": "PyYAML", "slicer": "slicer-core",
-                "itk": "itk-elastix",
+                "itk": "itk-elastix", "fhir": "fhir.resources",
                 "vtk": "slicer-core", "vtkmodules": "slicer-core"}
 LIB_PACKAGES = {f"{m}Lib": m for m in ALL_MODULES}
 MINIMUM_SLICER = "5.10"  # Python 3.12
@@ -457,7 +457,7 @@ def test_runtime_dependencies_are_exactly_what_the_library_code_imports():
     extras = project.get("optional-dependencies", {})
     radiomics = [_canonical(re.split(r"[<>=!~ ;\[]", d)[0]) for d in extras.get("radiomics", [])]
     assert radiomics == ["pyradiomics"] and ">=" in extras["radiomics"][0], "pyradiomics is the radiomics extra"
-    optional_extras = {"pyradiomics", "itk-elastix"}  # the radiomics and elastix extras
+    optional_extras = {"pyradiomics", "itk-elastix", "highdicom", "fhir-resources"}  # radiomics, elastix, export extras
     assert set(deps) == imported - optional_extras, \
         f"runtime dependencies {sorted(deps)} but the libraries import {sorted(imported - optional_extras)}"
     elastix = [_canonical(re.split(r"[<>=!~ ;\[]", d)[0]) for d in extras.get("elastix", [])]

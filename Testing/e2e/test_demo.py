@@ -176,3 +176,18 @@ def test_run_stops_when_the_tumour_lies_outside_the_images(demo_dir, tmp_path):
     status = {s["name"]: s["status"] for s in json.loads((out / "summary.json").read_text())["stages"]}
     assert status["fuse"] == "done" and status["characterise"] == "failed"
     assert (out / "registration" / "mri_to_ct.json").exists()
+
+
+def test_demo_writes_the_hospital_export_and_every_dicom_object_passes_dciodvfy(demo_dir):
+    """The demo's export step (report stage): SEG, Parametric Maps, TID 1500 SR and FHIR Specimens, 0 dciodvfy errors."""
+    pytest.importorskip("highdicom")
+    pytest.importorskip("fhir.resources")
+    m = json.loads((demo_dir / "export" / "manifest.json").read_text())
+    kinds = [o["kind"] for o in m["objects"]]
+    assert kinds.count("seg") == 2 and kinds.count("pm") == 3 and kinds.count("sr") == 1 and kinds.count("fhir") == 4
+    for o in m["objects"]:
+        if o["kind"] in ("seg", "pm", "sr"):
+            v = o["validation"]
+            assert "skipped" in v or v["errors"] == 0, o
+    assert any("simulated" in n for n in m["notes"])
+    assert "Hospital export (export/)" in (demo_dir / "report.html").read_text(encoding="utf-8")

@@ -131,7 +131,7 @@ def run_demo(args) -> int:
     options = RunOptions(refine=not args.no_refine, notch_mode=args.notch_mode, operator="demo operator",
                          auto_confirm=True, robot="simulator", synthetic_pathology=True, seed=args.seed,
                          robot_frame_model=DEMO_ROBOT_FRAME,
-                         demo_confirmation=True)
+                         demo_confirmation=True, export=True, export_accession=f"SIMULATED-{args.seed:04d}")
     run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
     _print_summary(run, extra=[("phantom", t_phantom, f"seed {args.seed}, written to {src}"),
                                ("read back", t_load, "volumes read back from " + ("DICOM" if args.dicom else "NRRD"))])

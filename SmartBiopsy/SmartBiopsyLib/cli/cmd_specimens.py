@@ -55,6 +55,7 @@ def register(subparsers) -> None:
     i = sub.add_parser("import-pathology", help="import Ki-67 / NSR / FNCLCC grade by pot ID")
     i.add_argument("--journal", required=True, help="existing journal file (.jsonl)")
     i.add_argument("--csv", required=True, help="pathology results CSV")
+    i.add_argument("--accessions", help="accessions.csv written by 'smartbiopsy export' (rows keyed by accession number)")
     s = sub.add_parser("show", help="print the journal's current state as JSON")
     s.add_argument("--journal", required=True, help="existing journal file (.jsonl)")
     for q in (a, e, i, s):
@@ -139,7 +140,12 @@ def run(args) -> int:
             out = j.export_csv(Path(args.csv), maps=maps)
             print(json.dumps({"exported": len(j.specimens), "csv": str(out)}))
         elif action == "import-pathology":
-            rep = j.import_pathology_csv(Path(args.csv))
+            amap = None
+            if getattr(args, "accessions", None):
+                from SmartBiopsyLib.export.fhir import read_accession_map
+
+                amap = read_accession_map(Path(args.accessions))
+            rep = j.import_pathology_csv(Path(args.csv), accession_map=amap)
             print(json.dumps(rep.to_dict()))
         elif action == "show":
             json.dump(j.state.to_dict(), sys.stdout, indent=1, sort_keys=True)

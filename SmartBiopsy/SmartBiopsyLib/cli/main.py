@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "cmd_sample",
     "cmd_specimens",
     "cmd_cohort",
+    "cmd_export",
     "cmd_demo",
 )
 

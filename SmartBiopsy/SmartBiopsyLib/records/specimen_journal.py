@@ -714,11 +714,12 @@ class SpecimenJournal:
                     len(report.added), len(report.corrected), len(report.unchanged))
         return report
 
-    def import_pathology_csv(self, csv_path) -> ImportReport:
-        """Import pathology results from a CSV file with header ``pot_id`` and any of ``ki67_percent``,
+    def import_pathology_csv(self, csv_path, accession_map: Mapping | None = None) -> ImportReport:
+        """Import pathology results from a CSV file with header ``pot_id`` (or ``accession_number`` together with
+        ``accession_map`` {accession number: pot ID}, as written by the export) and any of ``ki67_percent``,
         ``nsr``, ``fnclcc_grade`` (blank cell = not reported). See :meth:`import_pathology_rows`."""
         p = Path(csv_path)
-        rows = read_pathology_csv(p)
+        rows = resolve_accessions(read_pathology_csv(p), accession_map)
         return self.import_pathology_rows(rows, source=p.name)
 
     # -- outputs
@@ -815,8 +816,39 @@ def _validate_pathology_rows(rows) -> list[tuple[int, PathologyResult]]:
     return out
 
 
+def resolve_accessions(rows: list, accession_map: Mapping | None) -> list:
+    """Rows keyed by accession number get their pot ID from ``accession_map`` {accession: pot ID}. A row with both
+    must agree; an accession number the map does not know is refused (nothing is imported)."""
+    if not any(isinstance(r, Mapping) and str(r.get("accession") or "").strip() for r in rows):
+        return rows
+    amap = {str(k).strip(): str(v).strip() for k, v in (accession_map or {}).items()}
+    out, problems = [], []
+    for i, row in enumerate(rows):
+        acc = str(row.get("accession") or "").strip() if isinstance(row, Mapping) else ""
+        if not acc:
+            out.append(row)
+            continue
+        line = row.get("_line", i + 2)
+        pot = amap.get(acc)
+        if pot is None:
+            problems.append(f"row {line}: accession number {acc} is not one of this procedure's specimens")
+            continue
+        given = str(row.get("pot_id") or "").strip()
+        if given and given != pot:
+            problems.append(f"row {line}: accession number {acc} belongs to pot {pot}, not {given}")
+            continue
+        out.append({k: v for k, v in row.items() if k != "accession"} | {"pot_id": pot})
+    if problems:
+        raise InputDataError(f"the pathology file has {len(problems)} problem(s), nothing was imported: "
+                             + "; ".join(problems[:10]) + "; check the accession numbers against the exported "
+                             "accessions.csv.")
+    return out
+
+
 #: Accepted header spellings (lower-cased, spaces/dashes to underscores) -> field.
 _HEADER_ALIASES = {
+    "accession": "accession", "accession_number": "accession", "accession_no": "accession",
+    "accession_id": "accession", "accessionnumber": "accession",
     "pot_id": "pot_id", "pot": "pot_id", "specimen_pot": "pot_id", "pot_label": "pot_id",
     "ki67_percent": "ki67_percent", "ki67": "ki67_percent", "ki_67": "ki67_percent", "ki67_%": "ki67_percent",
     "ki_67_%": "ki67_percent", "ki67_pct": "ki67_percent",
@@ -854,8 +886,9 @@ def read_pathology_csv(path) -> list[dict]:
     for h in header:
         key = re.sub(r"[\s\-]+", "_", h.strip().lower())
         fields.append(_HEADER_ALIASES.get(key))
-    if "pot_id" not in fields:
-        raise InputDataError(f"pathology file {p} has no pot ID column (header {header}); name it 'pot_id'.")
+    if "pot_id" not in fields and "accession" not in fields:
+        raise InputDataError(f"pathology file {p} has no pot ID column and no accession number column (header "
+                             f"{header}); name it 'pot_id' or 'accession_number'.")
     if not any(f in PATHOLOGY_FIELDS for f in fields):
         raise InputDataError(
             f"pathology file {p} has no result column (header {header}); use ki67_percent, nsr and/or fnclcc_grade."

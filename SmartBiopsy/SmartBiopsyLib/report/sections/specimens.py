@@ -58,4 +58,26 @@ def section_specimens(case: CaseFolder, figs: FigureStore) -> str:
                       "confirmation CTs, not from a procedure.</p>")
     if not has_path:
         out.append('<p class="note">No pathology results yet (specimens/pathology.csv absent).</p>')
+    out.append(_export_paragraph(case))
     return "\n".join(out)
+
+
+def _export_paragraph(case: CaseFolder) -> str:
+    """What the hospital export (export/manifest.json) wrote, with each DICOM object's dciodvfy result."""
+    import html as _html
+
+    m = case.json("export/manifest.json")
+    if not isinstance(m, dict) or not isinstance(m.get("objects"), list):
+        return '<p class="note">Hospital export: not written (run <code>smartbiopsy export</code> or the panel\'s Export button).</p>'
+    items = []
+    for o in m["objects"]:
+        if not isinstance(o, dict):
+            continue
+        v = o.get("validation") or {}
+        check = ("" if not v else f" (dciodvfy {v['skipped']})" if "skipped" in v
+                 else f" (dciodvfy: {v.get('errors')} errors)")
+        items.append(f"<li>{_html.escape(str(o.get('path')))}: {_html.escape(str(o.get('description')))}{check}</li>")
+    notes = "".join(f"<li>note: {_html.escape(str(n))}</li>" for n in m.get("notes") or [])
+    notes += "".join(f"<li>not exported: {_html.escape(str(n))}</li>" for n in m.get("skipped") or [])
+    return (f"<p>Hospital export (export/): {len(items)} object(s) for PACS and pathology "
+            f"(DICOM SEG, Parametric Maps, TID 1500 SR, FHIR R5 Specimens).</p><ul>{''.join(items)}{notes}</ul>")
