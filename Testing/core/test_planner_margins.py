@@ -11,6 +11,8 @@ from planner_oracle import Oracle
 from SmartBiopsyCoreLib.phantom import abdomen as synthetic
 from TrajectoryPlannerLib.planning import engine
 
+# the planner's default margins (mm) for the phantom's structures, stated independently of the planner
+MARGINS = {"bone": 3.0, "gas": 5.0, "aorta": 10.0, "ivc": 10.0, "kidney": 5.0, "bowel": 5.0, "bowel_gas": 5.0}
 ORACLE_LABELS = {"bone": (3,), "gas": (8,), "aorta": (4,), "ivc": (5,), "kidney": (6,), "bowel": (7,),
                  "bowel_gas": (8,)}
 
@@ -40,10 +42,11 @@ def test_clearance_blind_ranking_keeps_every_margin_to_voxel_surfaces(blind_plan
     slack = []
     for tr in r.trajectories:
         d = oracle.axis_surface_distances(tr.entry_ras, tr.tip_ras)
+        assert tr.margin_mm == MARGINS
         for name, dist in d.items():
-            assert dist - radius >= tr.margin_mm[name] - 1e-6, (tr.name, name, dist - radius, tr.margin_mm[name])
+            assert dist - radius >= MARGINS[name] - 1e-6, (tr.name, name, dist - radius, MARGINS[name])
             assert tr.clearance_mm[name] <= dist - radius + 1e-6, (tr.name, name)
-            slack.append(dist - radius - tr.margin_mm[name])
+            slack.append(dist - radius - MARGINS[name])
     # the case binds: some returned path runs within a few bounds of a margin, so a weaker margin would show
     assert min(slack) < 2 * (r.error_bound_mm + r.surface_offset_mm), min(slack)
 

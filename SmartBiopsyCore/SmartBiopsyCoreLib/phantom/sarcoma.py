@@ -599,7 +599,7 @@ _CACHE_MAX = 4
 
 def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, should_cancel=None,
                      ct_noise_hu: float = 10.0, mri_noise: float = 0.012, cache: bool = True,
-                     robot_frame: str | None = None) -> PhantomCase:
+                     robot_frame: str | None = None, disk_cache: bool = False) -> PhantomCase:
     """Generate the phantom case for ``seed`` (deterministic). See the module docstring.
 
     Noise levels: CT Gaussian ``ct_noise_hu``; MRI Rician with sigma = ``mri_noise`` x the 95th
@@ -607,20 +607,114 @@ def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, sh
     in memory and returned again for the same arguments; their arrays are read-only (copy before
     modifying). ``robot_frame``: a fiducial-frame model name (e.g. "zframe-7tube") to place the robot's
     frame at a seeded pose anterior to the abdomen; the CT's field of view then extends anteriorly to hold it
-    and the truth records the pose (``robot_to_ct``).
+    and the truth records the pose (``robot_to_ct``). ``disk_cache``: also keep the case in the user's cache
+    folder (:func:`phantom_disk_cache_dir`) keyed by every argument and the generator's version, so a later
+    process gets it without generating (the demo only; off unless asked, and ``SMARTBIOPSY_PHANTOM_CACHE=0``
+    turns it off).
     """
     key = (int(seed), bool(deformation), float(ct_noise_hu), float(mri_noise), robot_frame)
     if cache and key in _CACHE:
         if progress:
             progress(1.0, "phantom ready (cached)")
         return _CACHE[key]
-    case = _generate(int(seed), deformation, progress, should_cancel, ct_noise_hu, mri_noise, robot_frame)
+    disk = _disk_cache_path(key) if disk_cache else None
+    case = _disk_cache_read(disk) if disk is not None else None
+    if case is not None:
+        if progress:
+            progress(1.0, "phantom ready (disk cache)")
+    else:
+        case = _generate(int(seed), deformation, progress, should_cancel, ct_noise_hu, mri_noise, robot_frame)
+        if disk is not None:
+            _disk_cache_write(disk, case)
     if cache:
         _freeze(case)
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = case
     return case
+
+
+# ---------------------------------------------------------------------- on-disk phantom cache (demo only)
+#: Bump when the generated case changes for reasons the source hash cannot see (e.g. a data file).
+PHANTOM_GENERATOR_VERSION = 1
+_DISK_CACHE_FORMAT = "smartbiopsy.phantom-cache/1"
+
+
+def phantom_disk_cache_dir() -> Path | None:
+    """Folder of the on-disk phantom cache, or None when ``SMARTBIOPSY_PHANTOM_CACHE`` is 0/off/no.
+
+    ``$SMARTBIOPSY_PHANTOM_CACHE_DIR``, else ``$XDG_CACHE_HOME/smartbiopsy/phantom``, else
+    ``~/.cache/smartbiopsy/phantom``.
+    """
+    import os
+
+    if os.environ.get("SMARTBIOPSY_PHANTOM_CACHE", "1").strip().lower() in ("0", "off", "no", "false"):
+        return None
+    if os.environ.get("SMARTBIOPSY_PHANTOM_CACHE_DIR"):
+        return Path(os.environ["SMARTBIOPSY_PHANTOM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "smartbiopsy" / "phantom"
+
+
+def phantom_generator_fingerprint() -> str:
+    """Hash of the generator: its version constant, the source of this module and of the robot-frame
+    renderer, and the numpy version (random streams); any change gives new cache keys."""
+    import hashlib
+
+    h = hashlib.sha256(f"{PHANTOM_GENERATOR_VERSION}|{np.__version__}".encode())
+    here = Path(__file__).resolve().parent
+    for name in ("sarcoma.py", "robot_frame.py"):
+        f = here / name
+        if f.exists():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _disk_cache_path(key) -> Path | None:
+    import hashlib
+
+    folder = phantom_disk_cache_dir()
+    if folder is None:
+        return None
+    fp = phantom_generator_fingerprint()
+    spec = json.dumps({"format": _DISK_CACHE_FORMAT, "key": list(key), "generator": fp}, sort_keys=True)
+    return folder / f"phantom-{fp[:12]}-seed{int(key[0])}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.pickle"
+
+
+def _disk_cache_read(path: Path):
+    """The cached case, or None (absent, unreadable or from another format: the caller regenerates)."""
+    import pickle
+
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            fmt, case = pickle.load(f)
+        if fmt != _DISK_CACHE_FORMAT or not isinstance(case, PhantomCase):
+            return None
+    except Exception as exc:  # noqa: BLE001 - a broken cache file is regenerated, never fatal
+        logger.info("phantom disk cache %s unreadable (%s); generating", path, exc)
+        return None
+    logger.info("phantom seed %d from the disk cache %s (simulated data)", case.seed, path)
+    return case
+
+
+def _disk_cache_write(path: Path, case: PhantomCase) -> None:
+    import os
+    import pickle
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump((_DISK_CACHE_FORMAT, case), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+        current = path.name.split("-")[1]
+        for old in path.parent.glob("phantom-*.pickle"):  # cases of other generator versions are stale
+            if old.name.split("-")[1] != current:
+                old.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.info("phantom disk cache not written (%s)", exc)
 
 
 def _freeze(case: PhantomCase) -> None:
