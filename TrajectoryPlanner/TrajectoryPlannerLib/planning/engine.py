@@ -76,6 +76,8 @@ CLEARANCE_DEFINITION = (
     "exact at path samples <= sample_step_mm apart, reported minus half the step, so a lower bound at most "
     "half a step below the true value. A path is accepted only if the distance-map reading minus "
     "clearance_error_bound_mm minus clearance_surface_offset_mm clears every margin.")
+#: Clearance to voxel surfaces (True, the definition above) or, for comparisons only, to voxel centres.
+CLEARANCE_TO_SURFACE = True
 COARSE_EVERY = 8  # coarse pass reads every 8th fine sample (4 mm at 0.5 mm steps)
 
 
@@ -752,8 +754,16 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
         grid, risk, pool_offset = _pooled_risk_model(grid, factors, lms, margins, exclusion, auto_structures,
                                                      body_hu, settings.threads)
     else:
+        # body and skin first: the candidate entries give the box the paths can run in, and the structures
+        # are only built there, grown by the distance cap (farther structure voxels cannot change a reading)
+        from TrajectoryPlannerLib.planning import risk as risk_mod
+
+        risk_mod.check_hounsfield(grid)
+        body = risk_mod.body_mask(grid, body_hu, threads=settings.threads)
+        pre = RiskModel(grid, body, risk_mod.skin_mask(body), [], exclusion)
+        region = _structure_region(grid, tg, pre, needle, settings, exclusion, margins)
         risk = build_risk_model(grid, lms, margins, exclusion, auto=auto_structures, body_hu=body_hu,
-                                threads=settings.threads)
+                                threads=settings.threads, region=region, body=body)
     timings["risk_structures"] = time.perf_counter() - t0
     check_cancel()
 
@@ -777,7 +787,8 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     entry_sets = {t.name: common if common is not None else
                   in_plane_entries(risk, t.point_ras, settings.entry_spacing_mm / 2.0) for t in tg}
     domain = _path_domain(grid, tg, entry_sets, needle, settings, exclusion)
-    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain)
+    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain,
+                        to_surface=CLEARANCE_TO_SURFACE)
     timings["distance_maps"] = time.perf_counter() - t0
     check_cancel()
 
@@ -888,6 +899,23 @@ def _path_domain(grid, targets, entry_sets, needle, settings, exclusion):
     lo = np.maximum(np.floor(kji.min(axis=0)).astype(int) - 1, 0)
     hi = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 2, grid.array.shape)
     return lo, hi
+
+
+def _structure_region(grid, targets, pre: RiskModel, needle, settings, exclusion, margins):
+    """(lo, hi) k, j, i box where risk structures can affect a path: the path domain grown by the largest
+    distance cap :class:`DistanceMaps` can use (+ 2 voxels); None (everywhere) when no path passes."""
+    from TrajectoryPlannerLib.planning.risk import DEFAULT_MARGINS_MM, GENERIC_MARGIN_MM
+
+    common = oblique_entries(pre, settings.entry_spacing_mm) if settings.mode == "oblique" else None
+    entry_sets = {t.name: common if common is not None else
+                  in_plane_entries(pre, t.point_ras, settings.entry_spacing_mm / 2.0) for t in targets}
+    domain = _path_domain(grid, targets, entry_sets, needle, settings, exclusion)
+    if domain is None:
+        return None
+    max_margin = max([GENERIC_MARGIN_MM, *DEFAULT_MARGINS_MM.values(), *[float(v) for v in (margins or {}).values()]])
+    cap = max(settings.distance_cap_mm, max_margin + 10.0)
+    pad = np.ceil(cap / grid.spacing[::-1]).astype(int) + 3
+    return np.maximum(domain[0] - pad, 0), np.minimum(domain[1] + pad, grid.array.shape)
 
 
 def _pool_factors(spacing_ijk, planning_spacing_mm):
