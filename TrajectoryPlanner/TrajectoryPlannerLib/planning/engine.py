@@ -3,28 +3,38 @@
 How a plan is made (:func:`plan`):
 
 1. The CT is cropped to the box the needle can reach around the targets (reach +
-   ``distance_cap_mm``); body, skin and risk structures are built there (:mod:`.risk`).
-2. Distance maps: one SimpleITK ``SignedMaurerDistanceMap`` per distinct margin (structures with the same
-   margin share a map: the distance to a union is the minimum distance), multi-threaded, in mm with the
-   voxel spacing, each on its structures' bounding box grown by ``distance_cap_mm`` and capped there. The
-   combined field ``V = min_s(d_s - margin_s)`` and the margin group attaining it are kept.
+   ``distance_cap_mm``); body and skin are built there, then the candidate entries give the box every path
+   passing the cheap constraints runs in, and the risk structures are built only in that box grown by the
+   distance cap (farther voxels cannot change a capped reading) (:mod:`.risk`).
+2. Distance maps: one exact Euclidean distance transform per distinct margin (structures with the same
+   margin share a map: the distance to a union is the minimum distance), from the ``edt`` package
+   (multi-threaded) or, when it is not installed (desktop Slicer), SimpleITK's Maurer transform with the same
+   distances; in mm with the voxel spacing, each on its structures' bounding box grown by
+   ``distance_cap_mm`` and capped there. The combined field ``V = min_s(d_s - margin_s)`` and the margin
+   group attaining it are kept on the path domain only.
 3. Candidate entries: skin voxel centres, subsampled on a ``entry_spacing_mm`` grid (oblique mode), or the
    skin voxels within half a voxel of each target's axial plane, projected onto it (in-plane mode).
 4. Every candidate path, entry -> fired needle tip (target + the needle's tip overshoot), is sampled every
    <= ``sample_step_mm`` and V is read by trilinear interpolation (vectorised; a coarse pass on every 8th
    sample first rejects paths the fine pass would reject anyway).
 
+Clearance is measured to the structure voxels' surfaces: each voxel is a box of the voxel size, and the
+clearance is the distance from the needle's outer surface to the nearest point of those boxes
+(:data:`CLEARANCE_DEFINITION`, written into plan.json).
+
 Acceptance bound. The maps hold exact Euclidean distances (mm) from voxel centres to the nearest structure
 voxel centre; distances (and V) are 1-Lipschitz, so trilinear interpolation differs from the true value by
 at most h = half the voxel diagonal (sum of trilinear weights x corner distance <= h), and between two
-samples the value can dip by at most half the step. A path is accepted only if
-``min(interpolated V) - h - step/2 >= needle outer radius``, so every accepted path truly keeps every
-margin from the needle's outer surface (structures taken as their voxel centres). The price is that paths
-whose true excess is below ``2h + step/2`` may be rejected.
+samples the value can dip by at most half the step. A voxel's box is at least (distance to its centre - h)
+away. A path is accepted only if ``min(interpolated V) - h - step/2 - h >= needle outer radius``
+(``clearance_error_bound_mm`` = h + step/2, ``clearance_surface_offset_mm`` = h), so every accepted path
+truly keeps every margin from the needle's outer surface to the structures' voxel surfaces. The price is
+that paths whose true excess is below ``3h + step/2`` may be rejected.
 
-Reported clearances (per structure, for the returned trajectories) use exact nearest-voxel distances
-(KD-tree of boundary voxel centres) at the same samples, minus step/2 and the needle's outer radius: a
-lower bound on the surface-to-structure distance, at most step/2 below it.
+Reported clearances (per structure, for the returned trajectories) are exact distances from the path samples
+to the nearest voxel box (KD-tree of boundary voxel centres, then the box distance of every candidate within
+h of the nearest centre), minus step/2 and the needle's outer radius: a lower bound on the
+surface-to-structure distance, at most step/2 below it.
 
 Angle to the axial plane: angle between the path and the CT's slice plane (normal = i x j axis of the CT),
 so gantry-tilted CTs are handled. Rejections are counted as a funnel in this order: needle_length,
@@ -42,7 +52,8 @@ excess vs the target's individual best path) and the fan angle are reported.
 
 Pooled planning grid (``planning_spacing_mm``): for very fine CTs the masks can be max-pooled to a coarser
 grid (bone/body from the block maximum of HU, gas from the block minimum, user labels "any voxel"), which
-is conservative; the largest offset from a pooled voxel centre to a fine voxel centre is added to the bound.
+is conservative; a pooled voxel's box contains its fine voxels' boxes, so the surface offset of the pooled
+grid covers the pooling (the pooling offset is only added when measuring to centres).
 
 Needle too short: when every candidate within reach fails and some lie beyond it, the plan is repeated with
 a needle ``extra_reach_mm`` longer and the error states the shortest safe length.
