@@ -877,7 +877,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     return PlanResult(tg, trajectories, shared, {k: v.funnel() for k, v in evals.items()},
                       {k: int(len(v.entries)) for k, v in evals.items()}, failures, needle, settings, bound,
                       risk.to_dict(), timings, skin_pts, np.clip(best_excess, 0, None), reachable, note, shortest,
-                      grid.with_array(risk.body.astype(np.uint8), name="body"), maps.surface_offset_mm)
+                      grid.with_array(np.asarray(risk.body, bool).view(np.uint8), name="body"), maps.surface_offset_mm)
 
 
 def _path_domain(grid, targets, entry_sets, needle, settings, exclusion):
