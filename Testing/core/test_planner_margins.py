@@ -51,6 +51,8 @@ def _slack(plan, oracle, margins):
         for name, dist in oracle.axis_surface_distances(tr.entry_ras, tr.tip_ras).items():
             if name in tr.margin_mm:
                 assert tr.clearance_mm[name] <= dist - radius + 1e-6, (tr.name, name)
+                # the planner's own guarantee: accepted paths report at least the margin (float32 maps: 1e-3)
+                assert tr.clearance_mm[name] >= margins[name] - 1e-3, (tr.name, name, tr.clearance_mm[name])
                 worst[name] = min(worst.get(name, np.inf), dist - radius - margins[name])
     return worst
 
