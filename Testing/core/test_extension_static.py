@@ -370,6 +370,7 @@ SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "pydicom", "vtk", "vtkmodules",
 OPTIONAL_WITHOUT_INSTALL = {
     "crcmod": "C speed-up of the codec's CRC-64; the codec computes it in Python without crcmod",
     "radiomics": "pyradiomics comes with the SlicerRadiomics extension (EXTENSION_DEPENDS)",
+    "edt": "multi-threaded exact distance maps; without it the planner uses SimpleITK's exact Maurer map (noted)",
     "itk": "itk-elastix is an optional engine of the local refinement (SimpleITK is the default); absent, it says so",
 }
 #: Import name -> distribution name on the package index (where they differ).

@@ -35,7 +35,7 @@ def oblique_plan(abdomen):
 
 
 def _assert_safe(tr, oracle, needle, bound):
-    d = oracle.axis_distances(tr.entry_ras, tr.tip_ras)
+    d = oracle.axis_surface_distances(tr.entry_ras, tr.tip_ras)  # to voxel surfaces, the planner's definition
     for name, dist in d.items():
         surface = dist - needle.outer_radius_mm
         assert surface >= tr.margin_mm[name] - 1e-6, (tr.name, name, surface)
@@ -59,6 +59,9 @@ def test_every_returned_path_clears_every_structure_by_its_margin(oblique_plan, 
 def test_error_bound_is_half_voxel_diagonal_plus_half_step(oblique_plan, abdomen):
     sp = abdomen[0].spacing
     assert oblique_plan.error_bound_mm == pytest.approx(0.5 * np.linalg.norm(sp) + 0.25)
+    d = oblique_plan.to_dict()
+    assert d["clearance_surface_offset_mm"] == pytest.approx(0.5 * np.linalg.norm(sp), abs=1e-3)
+    assert "voxel surfaces, not centres" in d["clearance_definition"]
 
 
 def test_ranks_are_ordered_by_score_and_entries_are_separated(oblique_plan):
@@ -210,10 +213,12 @@ def test_pooled_planning_grid_stays_safe_with_the_larger_bound(abdomen, oracle):
     r = engine.plan(ct, targets, labelmaps=[(labels, synthetic.RISK_LABELS)], settings=s)
     # blocks of 2 x 2 x 1 fine voxels (1.5, 1.5, 2 mm): offset 0.5 * |(1.5, 1.5, 0)|
     coarse_h = 0.5 * np.linalg.norm([3.0, 3.0, 2.0])
-    assert r.error_bound_mm == pytest.approx(coarse_h + 0.25 + 0.5 * np.linalg.norm([1.5, 1.5, 0]))
+    # to voxel surfaces: a pooled voxel's box holds its fine voxels' boxes, so no separate pooling offset
+    assert r.error_bound_mm == pytest.approx(coarse_h + 0.25)
+    assert r.surface_offset_mm == pytest.approx(coarse_h)
     assert len(r.trajectories) == 9
     for tr in r.trajectories + r.shared_entry.trajectories:
-        d = oracle.axis_distances(tr.entry_ras, tr.tip_ras)
+        d = oracle.axis_surface_distances(tr.entry_ras, tr.tip_ras)
         for name, dist in d.items():
             assert dist - r.needle.outer_radius_mm >= tr.margin_mm[name] - 1e-6, (tr.name, name)
             assert tr.clearance_mm[name] <= dist - r.needle.outer_radius_mm + 1e-6

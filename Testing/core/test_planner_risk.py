@@ -101,3 +101,33 @@ def test_rejects_a_ct_that_is_not_in_hounsfield_units(abdomen):
         risk.build_risk_model(shifted)
     with pytest.raises(TrajectoryPlannerError, match="no body"):
         risk.build_risk_model(ct.with_array(np.full(ct.array.shape, -1000, np.int16)))
+
+
+def test_structures_built_in_a_region_equal_the_whole_grid_ones_there(abdomen):
+    ct, labels, _ = abdomen
+    body = risk.body_mask(ct)
+    lo, hi = np.array([5, 20, 30]), np.array([35, 120, 150])
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    whole = {s.name: s.mask for s in risk.auto_structures(ct, body)}
+    part = {s.name: s.mask for s in risk.auto_structures(ct, body, region=(lo, hi))}
+    assert set(part) == set(whole) == {"bone", "gas"}
+    for name in part:
+        assert not part[name][~np.pad(np.ones(hi - lo, bool), [(a, n - b) for a, b, n in zip(lo, hi, ct.array.shape)])].any()
+        assert np.array_equal(part[name][box], whole[name][box]), name
+    lw = {s.name: s.mask for s in risk.structures_from_labelmap(labels, ct, synthetic.RISK_LABELS)}
+    lp = {s.name: s.mask for s in risk.structures_from_labelmap(labels, ct, synthetic.RISK_LABELS, region=(lo, hi))}
+    for name in lp:
+        assert np.array_equal(lp[name][box], lw[name][box]) and lp[name].sum() == lp[name][box].sum()
+
+
+def test_a_small_component_cut_by_the_region_is_kept(abdomen):
+    ct, _, _ = abdomen
+    a = ct.array.copy()
+    body = risk.body_mask(ct)
+    k, j, i = np.argwhere(body & (a < 0) & (a > -200))[len(a) // 2]  # a fat voxel well inside the body
+    a[k, j, i:i + 4] = 900  # 4 bright voxels (32 mm³ < 50 mm³): noise on the whole grid
+    x = ct.with_array(a)
+    assert not any(s.name == "bone" and s.mask[k, j, i] for s in risk.auto_structures(x, body))
+    cut = (np.array([0, 0, 0]), np.array([a.shape[0], a.shape[1], i + 2]))  # the region cuts the blob
+    part = {s.name: s.mask for s in risk.auto_structures(x, body, region=cut)}
+    assert part["bone"][k, j, i] and part["bone"][k, j, i + 1]

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
                                           "bundle, report and all results.")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    p.add_argument("--no-phantom-cache", action="store_true",
+                   help="generate the phantom afresh instead of reusing it from the user cache folder "
+                        "(~/.cache/smartbiopsy/phantom; SMARTBIOPSY_PHANTOM_CACHE=0 also turns the cache off)")
     p.add_argument("--dicom", action="store_true", help="write the phantom as DICOM and load it from DICOM")
     p.add_argument("--no-refine", action="store_true", help="landmark registration only")
     p.add_argument("--deformation", action="store_true",
@@ -99,7 +102,7 @@ def run_demo(args) -> int:
     bar = ProgressBar("phantom")
     deformation = bool(getattr(args, "deformation", False))
     case = generate_phantom(args.seed, deformation=deformation, progress=lambda f, m: bar(0.7 * f, m),
-                            robot_frame=DEMO_ROBOT_FRAME)
+                            robot_frame=DEMO_ROBOT_FRAME, disk_cache=not getattr(args, "no_phantom_cache", False))
     src = out / "phantom"
     case.write(src, dicom=args.dicom, progress=lambda f, m: bar(0.7 + 0.3 * f, m))
     bar(1.0, f"seed {args.seed}")

@@ -634,19 +634,27 @@ def _deformation(anat: Anatomy, rng: np.random.Generator):
                                      "centre_ras": anat.tumour_centre.tolist(), "sigma_mm": 45.0})
 
 
-def displacement_from_params(params: dict):
-    """The phantom deformation d(p) (CT RAS mm -> mm) from its truth.json parameters; ``d.params`` keeps them."""
-    amp, sigma = float(params["amplitude_mm"]), float(params["sigma_mm"])
-    k, ph, c = (np.asarray(params[key], float) for key in ("k_per_mm", "phase_rad", "centre_ras"))
+class PhantomDisplacement:
+    """The phantom deformation d(p) (CT RAS mm -> mm); callable on (N, 3) points, ``params`` keeps its truth.json
+    parameters. A plain class (not a closure) so that a deformed case can be pickled into the disk cache."""
 
-    def disp(p):
+    FORM = "d(p) = amplitude * exp(-|p - centre|^2 / (2 sigma^2)) * sin(p @ k.T + phase)"
+
+    def __init__(self, params: dict):
+        self.amp, self.sigma = float(params["amplitude_mm"]), float(params["sigma_mm"])
+        self.k, self.ph, self.c = (np.asarray(params[key], float) for key in ("k_per_mm", "phase_rad", "centre_ras"))
+        self.params = {"form": self.FORM, **{key: params[key] for key in
+                                             ("amplitude_mm", "k_per_mm", "phase_rad", "centre_ras", "sigma_mm")}}
+
+    def __call__(self, p):
         p = np.asarray(p, float).reshape(-1, 3)
-        w = np.exp(-((p - c) ** 2).sum(axis=1) / (2 * sigma ** 2))
-        return amp * w[:, None] * np.sin(p @ k.T + ph)
+        w = np.exp(-((p - self.c) ** 2).sum(axis=1) / (2 * self.sigma ** 2))
+        return self.amp * w[:, None] * np.sin(p @ self.k.T + self.ph)
 
-    disp.params = {"form": "d(p) = amplitude * exp(-|p - centre|^2 / (2 sigma^2)) * sin(p @ k.T + phase)",
-                   **{key: params[key] for key in ("amplitude_mm", "k_per_mm", "phase_rad", "centre_ras", "sigma_mm")}}
-    return disp
+
+def displacement_from_params(params: dict) -> PhantomDisplacement:
+    """The phantom deformation d(p) (CT RAS mm -> mm) from its truth.json parameters; ``d.params`` keeps them."""
+    return PhantomDisplacement(params)
 
 
 _CACHE: dict = {}
@@ -655,7 +663,7 @@ _CACHE_MAX = 4
 
 def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, should_cancel=None,
                      ct_noise_hu: float = 10.0, mri_noise: float = 0.012, cache: bool = True,
-                     robot_frame: str | None = None, ct_pose: str = "HFS") -> PhantomCase:
+                     robot_frame: str | None = None, ct_pose: str = "HFS", disk_cache: bool = False) -> PhantomCase:
     """Generate the phantom case for ``seed`` (deterministic). See the module docstring.
 
     ``ct_pose``: "HFS" (default, head first supine like the MRI) or "FFS" (the CT scanned feet first:
@@ -666,7 +674,10 @@ def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, sh
     in memory and returned again for the same arguments; their arrays are read-only (copy before
     modifying). ``robot_frame``: a fiducial-frame model name (e.g. "zframe-7tube") to place the robot's
     frame at a seeded pose anterior to the abdomen; the CT's field of view then extends anteriorly to hold it
-    and the truth records the pose (``robot_to_ct``).
+    and the truth records the pose (``robot_to_ct``). ``disk_cache``: also keep the case in the user's cache
+    folder (:func:`phantom_disk_cache_dir`) keyed by every argument and the generator's version, so a later
+    process gets it without generating (the demo only; off unless asked, and ``SMARTBIOPSY_PHANTOM_CACHE=0``
+    turns it off).
     """
     pose = str(ct_pose).upper()
     if pose != "HFS":
@@ -681,7 +692,15 @@ def generate_phantom(seed: int = 0, deformation: bool = False, progress=None, sh
         if progress:
             progress(1.0, "phantom ready (cached)")
         return _CACHE[key]
-    case = _generate(int(seed), deformation, progress, should_cancel, ct_noise_hu, mri_noise, robot_frame)
+    disk = _disk_cache_path(key) if disk_cache else None
+    case = _disk_cache_read(disk) if disk is not None else None
+    if case is not None:
+        if progress:
+            progress(1.0, "phantom ready (disk cache)")
+    else:
+        case = _generate(int(seed), deformation, progress, should_cancel, ct_noise_hu, mri_noise, robot_frame)
+        if disk is not None:
+            _disk_cache_write(disk, case)
     if cache:
         _freeze(case)
         if len(_CACHE) >= _CACHE_MAX:
@@ -718,6 +737,89 @@ def _feet_first_ct(case: PhantomCase) -> PhantomCase:
                     capsule_axes_ct=tr.capsule_axes_ct @ f[:3, :3].T, ct_pose="FFS")
     return PhantomCase(case.seed, turn(case.ct, "FFS"), turn(case.ct_labels), turn(case.ct_habitats), mri, truth,
                        case.anatomy, dict(case.timings))
+
+
+# ---------------------------------------------------------------------- on-disk phantom cache (demo only)
+#: Bump when the generated case changes for reasons the source hash cannot see (e.g. a data file).
+PHANTOM_GENERATOR_VERSION = 1
+_DISK_CACHE_FORMAT = "smartbiopsy.phantom-cache/1"
+
+
+def phantom_disk_cache_dir() -> Path | None:
+    """Folder of the on-disk phantom cache, or None when ``SMARTBIOPSY_PHANTOM_CACHE`` is 0/off/no.
+
+    ``$SMARTBIOPSY_PHANTOM_CACHE_DIR``, else ``$XDG_CACHE_HOME/smartbiopsy/phantom``, else
+    ``~/.cache/smartbiopsy/phantom``.
+    """
+    import os
+
+    if os.environ.get("SMARTBIOPSY_PHANTOM_CACHE", "1").strip().lower() in ("0", "off", "no", "false"):
+        return None
+    if os.environ.get("SMARTBIOPSY_PHANTOM_CACHE_DIR"):
+        return Path(os.environ["SMARTBIOPSY_PHANTOM_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "smartbiopsy" / "phantom"
+
+
+def phantom_generator_fingerprint() -> str:
+    """Hash of the generator: its version constant, the source of this module and of the robot-frame
+    renderer, and the numpy version (random streams); any change gives new cache keys."""
+    import hashlib
+
+    h = hashlib.sha256(f"{PHANTOM_GENERATOR_VERSION}|{np.__version__}".encode())
+    here = Path(__file__).resolve().parent
+    for name in ("sarcoma.py", "robot_frame.py"):
+        f = here / name
+        if f.exists():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _disk_cache_path(key) -> Path | None:
+    import hashlib
+
+    folder = phantom_disk_cache_dir()
+    if folder is None:
+        return None
+    fp = phantom_generator_fingerprint()
+    spec = json.dumps({"format": _DISK_CACHE_FORMAT, "key": list(key), "generator": fp}, sort_keys=True)
+    return folder / f"phantom-{fp[:12]}-seed{int(key[0])}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.pickle"
+
+
+def _disk_cache_read(path: Path):
+    """The cached case, or None (absent, unreadable or from another format: the caller regenerates)."""
+    import pickle
+
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            fmt, case = pickle.load(f)
+        if fmt != _DISK_CACHE_FORMAT or not isinstance(case, PhantomCase):
+            return None
+    except Exception as exc:  # noqa: BLE001 - a broken cache file is regenerated, never fatal
+        logger.info("phantom disk cache %s unreadable (%s); generating", path, exc)
+        return None
+    logger.info("phantom seed %d from the disk cache %s (simulated data)", case.seed, path)
+    return case
+
+
+def _disk_cache_write(path: Path, case: PhantomCase) -> None:
+    import os
+    import pickle
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump((_DISK_CACHE_FORMAT, case), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+        current = path.name.split("-")[1]
+        for old in path.parent.glob("phantom-*.pickle"):  # cases of other generator versions are stale
+            if old.name.split("-")[1] != current:
+                old.unlink(missing_ok=True)
+    except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: never fatal (disk full, unpicklable)
+        logger.info("phantom disk cache not written (%s)", exc)
 
 
 def _freeze(case: PhantomCase) -> None:

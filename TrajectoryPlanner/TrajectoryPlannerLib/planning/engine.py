@@ -3,28 +3,38 @@
 How a plan is made (:func:`plan`):
 
 1. The CT is cropped to the box the needle can reach around the targets (reach +
-   ``distance_cap_mm``); body, skin and risk structures are built there (:mod:`.risk`).
-2. Distance maps: one SimpleITK ``SignedMaurerDistanceMap`` per distinct margin (structures with the same
-   margin share a map: the distance to a union is the minimum distance), multi-threaded, in mm with the
-   voxel spacing, each on its structures' bounding box grown by ``distance_cap_mm`` and capped there. The
-   combined field ``V = min_s(d_s - margin_s)`` and the margin group attaining it are kept.
+   ``distance_cap_mm``); body and skin are built there, then the candidate entries give the box every path
+   passing the cheap constraints runs in, and the risk structures are built only in that box grown by the
+   distance cap (farther voxels cannot change a capped reading) (:mod:`.risk`).
+2. Distance maps: one exact Euclidean distance transform per distinct margin (structures with the same
+   margin share a map: the distance to a union is the minimum distance), from the ``edt`` package
+   (multi-threaded) or, when it is not installed (desktop Slicer), SimpleITK's Maurer transform with the same
+   distances; in mm with the voxel spacing, each on its structures' bounding box grown by
+   ``distance_cap_mm`` and capped there. The combined field ``V = min_s(d_s - margin_s)`` and the margin
+   group attaining it are kept on the path domain only.
 3. Candidate entries: skin voxel centres, subsampled on a ``entry_spacing_mm`` grid (oblique mode), or the
    skin voxels within half a voxel of each target's axial plane, projected onto it (in-plane mode).
 4. Every candidate path, entry -> fired needle tip (target + the needle's tip overshoot), is sampled every
    <= ``sample_step_mm`` and V is read by trilinear interpolation (vectorised; a coarse pass on every 8th
    sample first rejects paths the fine pass would reject anyway).
 
+Clearance is measured to the structure voxels' surfaces: each voxel is a box of the voxel size, and the
+clearance is the distance from the needle's outer surface to the nearest point of those boxes
+(:data:`CLEARANCE_DEFINITION`, written into plan.json).
+
 Acceptance bound. The maps hold exact Euclidean distances (mm) from voxel centres to the nearest structure
 voxel centre; distances (and V) are 1-Lipschitz, so trilinear interpolation differs from the true value by
 at most h = half the voxel diagonal (sum of trilinear weights x corner distance <= h), and between two
-samples the value can dip by at most half the step. A path is accepted only if
-``min(interpolated V) - h - step/2 >= needle outer radius``, so every accepted path truly keeps every
-margin from the needle's outer surface (structures taken as their voxel centres). The price is that paths
-whose true excess is below ``2h + step/2`` may be rejected.
+samples the value can dip by at most half the step. A voxel's box is at least (distance to its centre - h)
+away. A path is accepted only if ``min(interpolated V) - h - step/2 - h >= needle outer radius``
+(``clearance_error_bound_mm`` = h + step/2, ``clearance_surface_offset_mm`` = h), so every accepted path
+truly keeps every margin from the needle's outer surface to the structures' voxel surfaces. The price is
+that paths whose true excess is below ``3h + step/2`` may be rejected.
 
-Reported clearances (per structure, for the returned trajectories) use exact nearest-voxel distances
-(KD-tree of boundary voxel centres) at the same samples, minus step/2 and the needle's outer radius: a
-lower bound on the surface-to-structure distance, at most step/2 below it.
+Reported clearances (per structure, for the returned trajectories) are exact distances from the path samples
+to the nearest voxel box (KD-tree of boundary voxel centres, then the box distance of every candidate within
+h of the nearest centre), minus step/2 and the needle's outer radius: a lower bound on the
+surface-to-structure distance, at most step/2 below it.
 
 Angle to the axial plane: angle between the path and the CT's slice plane (normal = i x j axis of the CT),
 so gantry-tilted CTs are handled. Rejections are counted as a funnel in this order: needle_length,
@@ -42,7 +52,8 @@ excess vs the target's individual best path) and the fan angle are reported.
 
 Pooled planning grid (``planning_spacing_mm``): for very fine CTs the masks can be max-pooled to a coarser
 grid (bone/body from the block maximum of HU, gas from the block minimum, user labels "any voxel"), which
-is conservative; the largest offset from a pooled voxel centre to a fine voxel centre is added to the bound.
+is conservative; a pooled voxel's box contains its fine voxels' boxes, so the surface offset of the pooled
+grid covers the pooling (the pooling offset is only added when measuring to centres).
 
 Needle too short: when every candidate within reach fails and some lie beyond it, the plan is repeated with
 a needle ``extra_reach_mm`` longer and the error states the shortest safe length.
@@ -69,6 +80,15 @@ from TrajectoryPlannerLib.planning.risk import EntryExclusion, RiskModel, build_
 
 logger = logging.getLogger(__name__)
 
+#: What ``clearance_mm`` means (written into plan.json).
+CLEARANCE_DEFINITION = (
+    "distance (mm) from the needle's outer surface (axis from the skin entry to the fired tip) to the nearest "
+    "point of the structure's voxels, each voxel taken as a box of the voxel size (voxel surfaces, not centres); "
+    "exact at path samples <= sample_step_mm apart, reported minus half the step, so a lower bound at most "
+    "half a step below the true value. A path is accepted only if the distance-map reading minus "
+    "clearance_error_bound_mm minus clearance_surface_offset_mm clears every margin.")
+#: Clearance to voxel surfaces (True, the definition above) or, for comparisons only, to voxel centres.
+CLEARANCE_TO_SURFACE = True
 COARSE_EVERY = 8  # coarse pass reads every 8th fine sample (4 mm at 0.5 mm steps)
 
 
@@ -229,6 +249,7 @@ class PlanResult:
     shared_entry_note: str = ""
     shortest_safe_length_mm: dict = field(default_factory=dict)
     body: RasVolume | None = field(default=None, repr=False)  # body mask (uint8) on the planning grid
+    surface_offset_mm: float = 0.0  # half the planning voxel diagonal: voxel centre -> voxel surface
 
     def to_dict(self) -> dict:
         return {
@@ -240,30 +261,96 @@ class PlanResult:
             "rejections": self.rejections, "candidates": self.candidates, "failures": self.failures,
             "needle": self.needle.to_dict(), "settings": self.settings.to_dict(),
             "clearance_error_bound_mm": round(float(self.error_bound_mm), 3),
-            "clearance_definition": ("lower bound on the distance from the needle's outer surface to the nearest "
-                                     "structure voxel centre, at most 2x the bound below the true value"),
+            "clearance_surface_offset_mm": round(float(self.surface_offset_mm), 3),
+            "clearance_definition": CLEARANCE_DEFINITION,
             "risk": self.risk, "timings_s": {k: round(float(v), 3) for k, v in self.timings_s.items()},
         }
 
 
 # ------------------------------------------------------------------------------------------------
+_EDT_NOTE_LOGGED = False
+
+
+def _edt_module():
+    """The ``edt`` package, or None (desktop Slicer does not bundle it; the SimpleITK path is then used)."""
+    global _EDT_NOTE_LOGGED
+    try:
+        import edt
+    except ImportError:
+        if not _EDT_NOTE_LOGGED:
+            logger.info("the 'edt' package is not installed; distance maps use SimpleITK (same distances, slower)")
+            _EDT_NOTE_LOGGED = True
+        return None
+    return edt
+
+
+def distance_map(mask: np.ndarray, spacing_kji, threads: int | None = None, backend: str = "auto") -> np.ndarray:
+    """Exact Euclidean distance (mm, float32) from every voxel centre to the nearest voxel centre of ``mask``
+    (bool, k, j, i), 0 inside; ``spacing_kji`` in mm. Voxels beyond the array are not structure.
+
+    ``backend``: "edt" (the ``edt`` package, multi-threaded), "sitk" (SimpleITK Maurer, the fallback used
+    when ``edt`` is absent) or "auto". Both give the same distances (to float32 precision).
+    """
+    sp = tuple(float(v) for v in spacing_kji)
+    workers = max(1, int(threads or os.cpu_count() or 1))
+    mod = _edt_module() if backend in ("auto", "edt") else None
+    if backend == "edt" and mod is None:
+        raise TrajectoryPlannerError("the 'edt' package is not installed; install it or use the SimpleITK distance maps")
+    if mod is not None:
+        return np.asarray(mod.edt(np.logical_not(mask).view(np.uint8), anisotropy=sp, black_border=False,
+                                  parallel=workers), np.float32)
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8))
+    img.SetSpacing(sp[::-1])
+    f = sitk.SignedMaurerDistanceMapImageFilter()
+    f.SetInsideIsPositive(False)
+    f.SetSquaredDistance(False)
+    f.SetUseImageSpacing(True)
+    f.SetNumberOfThreads(workers)
+    d = sitk.GetArrayFromImage(f.Execute(img))
+    np.maximum(d, np.float32(0.0), out=d)  # the signed map is negative inside; the unsigned one is 0 there
+    return d
+
+
+def _bbox(mask: np.ndarray):
+    """(lo, hi) k, j, i index box of the True voxels, or None."""
+    nz = [np.nonzero(mask.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
+    if any(len(a) == 0 for a in nz):
+        return None
+    return np.array([a[0] for a in nz]), np.array([a[-1] + 1 for a in nz])
+
+
+def box_distance(points_mm: np.ndarray, centres_mm: np.ndarray, half_size_mm) -> np.ndarray:
+    """Distance (mm) from points (N, 3) to axis-aligned boxes with the given centres (N, K, 3) and half sizes."""
+    g = np.abs(np.asarray(points_mm)[:, None, :] - centres_mm) - np.asarray(half_size_mm, float)
+    np.maximum(g, 0.0, out=g)
+    return np.sqrt((g * g).sum(axis=-1))
+
+
 class DistanceMaps:
     """Capped distance maps (mm) per margin group, the combined margin field, exact per-structure distances.
 
-    Structures sharing a margin share one Maurer map (the distance to a union is the minimum of the
-    distances), so the combined field ``V = min_s(d_s - margin_s)`` needs one map per distinct margin.
-    Per-structure clearances of the returned trajectories come from exact nearest-voxel distances
-    (KD-tree of each structure's boundary voxel centres), not from the maps.
+    Structures sharing a margin share one map (the distance to a union is the minimum of the distances), so
+    the combined field ``V = min_s(d_s - margin_s)`` needs one map per distinct margin. The maps are exact
+    Euclidean distance transforms in mm (voxel centre to nearest structure voxel centre, 0 inside): the
+    ``edt`` package (multi-threaded) when installed, else SimpleITK's Maurer transform (the same distances
+    to float precision; :func:`distance_map`). Clearance is measured to the structure voxels' *surfaces*
+    (each voxel a box of the voxel size): the distance to a voxel's box is at least the distance to its centre
+    minus half the voxel diagonal, so ``surface_offset_mm`` (= half the diagonal) is subtracted from V through
+    the acceptance threshold. Per-structure clearances of the returned trajectories are exact distances to
+    the voxel boxes (KD-tree of each structure's boundary voxel centres), not read from the maps.
     """
 
     def __init__(self, risk: RiskModel, cap_mm: float = 30.0, threads: int | None = None,
-                 pool_offset_mm: float = 0.0, domain: tuple | None = None):
+                 pool_offset_mm: float = 0.0, domain: tuple | None = None, to_surface: bool = True):
         """``pool_offset_mm``: when the masks were max-pooled from a finer grid, the largest distance from a
-        pooled voxel centre to a fine voxel centre inside it; it is added to every bound.
+        pooled voxel centre to a fine voxel centre inside it (reported; with ``to_surface`` it needs no
+        separate term, because a pooled voxel's box contains the boxes of its fine voxels).
         ``domain``: (lo, hi) k, j, i box where paths will be sampled; maps are computed on it grown by the cap
-        (values there are exact up to the cap); outside it the combined field is not valid."""
-        import SimpleITK as sitk
-
+        (values there are exact up to the cap) and the combined field is stored on the domain only (outside
+        it readings take the nearest domain value and are not valid). ``to_surface=False`` measures to voxel
+        centres (the definition before surfaces; kept for comparisons in the benchmark)."""
         self.grid = risk.grid
         self.shape = risk.grid.array.shape
         self.spacing_kji = risk.grid.spacing[::-1].astype(float)
@@ -272,46 +359,52 @@ class DistanceMaps:
         self.masks = {s.name: s.mask for s in risk.structures}
         self.cap = float(max(cap_mm, max(self.margins.values(), default=0.0) + 10.0))
         self.half_diagonal_mm = 0.5 * float(np.linalg.norm(self.spacing_kji))
+        self.to_surface = bool(to_surface)
+        self.surface_offset_mm = self.half_diagonal_mm if to_surface else 0.0
         self.pool_offset_mm = float(pool_offset_mm)
         margins = sorted(set(self.margins.values()))
         self.groups: list[tuple[float, list[str]]] = [(m, [n for n in self.names if self.margins[n] == m])
                                                       for m in margins]
         self.maps: list[tuple[np.ndarray, np.ndarray]] = []  # per group: (offset kji, capped map)
         max_m = margins[-1] if margins else 0.0
-        self.combined = np.full(self.shape, self.cap - max_m, np.float32)
-        self.argmin = np.full(self.shape, len(margins) - 1 if margins else 0, np.uint8)  # group index
+        if domain is None:
+            dlo, dhi = np.zeros(3, int), np.array(self.shape)
+        else:
+            dlo = np.maximum(np.asarray(domain[0], int), 0)
+            dhi = np.maximum(np.minimum(np.asarray(domain[1], int), self.shape), dlo + 1)
+        self.domain_lo = dlo
+        dshape = tuple(int(v) for v in dhi - dlo)
+        self.combined = np.full(dshape, self.cap - max_m, np.float32)  # on the domain box
+        self.argmin = np.full(dshape, len(margins) - 1 if margins else 0, np.uint8)  # group index
         pad = np.ceil(self.cap / self.spacing_kji).astype(int) + 1
+        boxes = {n: _bbox(self.masks[n]) for n in self.names}
         for gi, (margin, names) in enumerate(self.groups):
-            mask = self.masks[names[0]].copy()
-            for n in names[1:]:
-                mask |= self.masks[n]
-            nz = [np.nonzero(mask.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
-            lo = np.maximum([a[0] for a in nz] - pad, 0)
-            hi = np.minimum([a[-1] + 1 for a in nz] + pad, self.shape)
-            if domain is not None:
-                lo = np.maximum(lo, np.asarray(domain[0]) - pad)
-                hi = np.minimum(hi, np.asarray(domain[1]) + pad)
-                if np.any(hi <= lo):  # the structure is farther than the cap from every path
-                    self.maps.append((np.zeros(3, int), np.full((1, 1, 1), self.cap, np.float32)))
-                    continue
-            sub = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-            img = sitk.GetImageFromArray(sub.astype(np.uint8))
-            img.SetSpacing(tuple(float(v) for v in self.spacing_kji[::-1]))
-            f = sitk.SignedMaurerDistanceMapImageFilter()
-            f.SetInsideIsPositive(False)
-            f.SetSquaredDistance(False)
-            f.SetUseImageSpacing(True)
-            if threads:
-                f.SetNumberOfThreads(int(threads))
-            d = sitk.GetArrayFromImage(f.Execute(img))
+            present = [n for n in names if boxes[n] is not None]
+            lo = np.maximum(np.min([boxes[n][0] for n in present], axis=0) - pad, dlo - pad) if present else dlo
+            hi = np.minimum(np.max([boxes[n][1] for n in present], axis=0) + pad, dhi + pad) if present else dlo
+            lo, hi = np.maximum(lo, 0), np.minimum(hi, self.shape)
+            if not present or np.any(hi <= lo):  # the structure is farther than the cap from every path
+                self.maps.append((np.zeros(3, int), np.full((1, 1, 1), self.cap, np.float32)))
+                continue
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            mask = self.masks[present[0]][box].copy()
+            for n in present[1:]:
+                mask |= self.masks[n][box]
+            d = distance_map(mask, self.spacing_kji, threads)
+            del mask
             np.minimum(d, np.float32(self.cap), out=d)
             self.maps.append((lo, d))
-            v = d - np.float32(margin)
-            view = self.combined[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            # merge into the combined field where the map and the domain overlap
+            olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)
+            if np.any(ohi <= olo):
+                continue
+            v = d[tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, lo))] - np.float32(margin)
+            dsl = tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, dlo))
+            view = self.combined[dsl]
             better = v < view
-            view[better] = v[better]
-            self.argmin[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]][better] = gi
-        self.body = risk.body.astype(np.uint8)
+            np.copyto(view, v, where=better)
+            self.argmin[dsl][better] = gi
+        self.body = risk.body.view(np.uint8) if risk.body.dtype == bool else risk.body.astype(np.uint8)
         self._trees: dict = {}
         self._lock = threading.Lock()
 
@@ -324,7 +417,8 @@ class DistanceMaps:
 
     def sample_combined(self, kji: np.ndarray) -> np.ndarray:
         """Trilinear reading of V (mm) at continuous (k, j, i) points."""
-        return ndimage.map_coordinates(self.combined, kji.reshape(-1, 3).T, order=1, mode="nearest",
+        c = (kji.reshape(-1, 3) - self.domain_lo).T
+        return ndimage.map_coordinates(self.combined, c, order=1, mode="nearest",
                                        prefilter=False).reshape(kji.shape[:-1])
 
     def sample_group(self, gi: int, kji: np.ndarray) -> np.ndarray:
@@ -346,7 +440,10 @@ class DistanceMaps:
                                        prefilter=False).reshape(kji.shape[:-1]).astype(bool)
 
     def group_at(self, kji: np.ndarray) -> np.ndarray:
-        return self.argmin.ravel()[self._nearest_flat(kji)]
+        r = np.rint(kji.reshape(-1, 3) - self.domain_lo).astype(np.intp)
+        for ax in range(3):
+            np.clip(r[:, ax], 0, self.argmin.shape[ax] - 1, out=r[:, ax])
+        return self.argmin[r[:, 0], r[:, 1], r[:, 2]].reshape(kji.shape[:-1])
 
     def exact_distance(self, name: str, kji: np.ndarray) -> np.ndarray:
         """Exact distance (mm) from points to the nearest voxel centre of structure ``name``; 0 inside it."""
@@ -367,6 +464,29 @@ class DistanceMaps:
         d[self.masks[name].ravel()[self._nearest_flat(pts)]] = 0.0
         return d.reshape(kji.shape[:-1])
 
+    def surface_distance_min(self, name: str, kji: np.ndarray) -> float:
+        """Exact smallest distance (mm) from the points (continuous k, j, i) to the voxel boxes of ``name``
+        (to the voxel centres when ``to_surface`` is False); 0 when a point lies in a structure voxel."""
+        pts = kji.reshape(-1, 3)
+        dc = self.exact_distance(name, pts)
+        m = float(dc.min())
+        if not self.to_surface or m <= 0.0:
+            return m
+        h = self.half_diagonal_mm
+        # a voxel box is at least (distance to its centre - h) away, so only these points can attain the minimum
+        cand = pts[dc - h <= m] * self.spacing_kji
+        tree = self._trees[name]
+        n = tree.n
+        k = min(16, n)
+        while True:
+            d, idx = tree.query(cand, k=k)
+            d, idx = d.reshape(len(cand), -1), idx.reshape(len(cand), -1)
+            bd = box_distance(cand, tree.data[idx], self.spacing_kji / 2.0).min(axis=1)
+            # every box not among the k nearest centres is at least (k-th centre distance - h) away
+            if k >= n or np.all(d[:, -1] - h >= bd):
+                return float(bd.min())
+            k = min(4 * k, n)
+
     def worst_structure(self, kji: np.ndarray) -> np.ndarray:
         """Index into ``names`` of the structure with the smallest distance - margin at points (N, 3).
 
@@ -386,8 +506,9 @@ class DistanceMaps:
         return out
 
     def bound_mm(self, step_mm: float) -> float:
-        """Conservative error bound (mm) subtracted from interpolated clearances."""
-        return self.half_diagonal_mm + step_mm / 2.0 + self.pool_offset_mm
+        """Conservative interpolation and sampling error bound (mm) subtracted from interpolated clearances
+        (the surface offset comes on top, see :attr:`surface_offset_mm`)."""
+        return self.half_diagonal_mm + step_mm / 2.0 + (0.0 if self.to_surface else self.pool_offset_mm)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,7 +571,7 @@ def evaluate_paths(maps: DistanceMaps, target_ras, entries: np.ndarray, needle: 
     todo = np.nonzero(reason < 0)[0]
     step = settings.sample_step_mm
     bound = maps.bound_mm(step)
-    threshold = bound + needle.outer_radius_mm  # combined field must exceed this everywhere
+    threshold = bound + maps.surface_offset_mm + needle.outer_radius_mm  # V must exceed this everywhere
     overshoot = needle.tip_overshoot_mm
     if len(todo):
         total = length[todo] + overshoot
@@ -561,9 +682,9 @@ def _make_trajectory(maps: DistanceMaps, target: Target, entry, ev: CandidateEva
     tip = t + d * needle.tip_overshoot_mm
     ns = max(1, int(math.ceil((L + needle.tip_overshoot_mm) / settings.sample_step_mm)))
     pts = maps.ras_to_kji(e[None, :] + np.linspace(0, 1, ns + 1)[:, None] * (tip - e)[None, :])
-    # exact nearest-voxel distances at the samples; between samples the distance dips by <= step / 2
-    sub = settings.sample_step_mm / 2.0 + needle.outer_radius_mm + maps.pool_offset_mm
-    clearance = {s: float(maps.exact_distance(s, pts).min()) - sub for s in maps.names}
+    # exact distances to the voxel surfaces at the samples; between samples the distance dips by <= step / 2
+    sub = settings.sample_step_mm / 2.0 + needle.outer_radius_mm + (0.0 if maps.to_surface else maps.pool_offset_mm)
+    clearance = {s: maps.surface_distance_min(s, pts) - sub for s in maps.names}
     return Trajectory(name, target.name, target.region, e, t, needle.name, L, clearance, dict(maps.margins),
                       float(ev.angle_deg[i]), float(ev.score[i]), rank, tip)
 
@@ -644,8 +765,16 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
         grid, risk, pool_offset = _pooled_risk_model(grid, factors, lms, margins, exclusion, auto_structures,
                                                      body_hu, settings.threads)
     else:
+        # body and skin first: the candidate entries give the box the paths can run in, and the structures
+        # are only built there, grown by the distance cap (farther structure voxels cannot change a reading)
+        from TrajectoryPlannerLib.planning import risk as risk_mod
+
+        risk_mod.check_hounsfield(grid)
+        body = risk_mod.body_mask(grid, body_hu, threads=settings.threads)
+        pre = RiskModel(grid, body, risk_mod.skin_mask(body), [], exclusion)
+        region = _structure_region(grid, tg, pre, needle, settings, exclusion, margins)
         risk = build_risk_model(grid, lms, margins, exclusion, auto=auto_structures, body_hu=body_hu,
-                                threads=settings.threads)
+                                threads=settings.threads, region=region, body=body)
     timings["risk_structures"] = time.perf_counter() - t0
     check_cancel()
 
@@ -669,7 +798,8 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     entry_sets = {t.name: common if common is not None else
                   in_plane_entries(risk, t.point_ras, settings.entry_spacing_mm / 2.0) for t in tg}
     domain = _path_domain(grid, tg, entry_sets, needle, settings, exclusion)
-    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain)
+    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain,
+                        to_surface=CLEARANCE_TO_SURFACE)
     timings["distance_maps"] = time.perf_counter() - t0
     check_cancel()
 
@@ -747,7 +877,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     return PlanResult(tg, trajectories, shared, {k: v.funnel() for k, v in evals.items()},
                       {k: int(len(v.entries)) for k, v in evals.items()}, failures, needle, settings, bound,
                       risk.to_dict(), timings, skin_pts, np.clip(best_excess, 0, None), reachable, note, shortest,
-                      grid.with_array(risk.body.astype(np.uint8), name="body"))
+                      grid.with_array(np.asarray(risk.body, bool).view(np.uint8), name="body"), maps.surface_offset_mm)
 
 
 def _path_domain(grid, targets, entry_sets, needle, settings, exclusion):
@@ -780,6 +910,23 @@ def _path_domain(grid, targets, entry_sets, needle, settings, exclusion):
     lo = np.maximum(np.floor(kji.min(axis=0)).astype(int) - 1, 0)
     hi = np.minimum(np.ceil(kji.max(axis=0)).astype(int) + 2, grid.array.shape)
     return lo, hi
+
+
+def _structure_region(grid, targets, pre: RiskModel, needle, settings, exclusion, margins):
+    """(lo, hi) k, j, i box where risk structures can affect a path: the path domain grown by the largest
+    distance cap :class:`DistanceMaps` can use (+ 2 voxels); None (everywhere) when no path passes."""
+    from TrajectoryPlannerLib.planning.risk import DEFAULT_MARGINS_MM, GENERIC_MARGIN_MM
+
+    common = oblique_entries(pre, settings.entry_spacing_mm) if settings.mode == "oblique" else None
+    entry_sets = {t.name: common if common is not None else
+                  in_plane_entries(pre, t.point_ras, settings.entry_spacing_mm / 2.0) for t in targets}
+    domain = _path_domain(grid, targets, entry_sets, needle, settings, exclusion)
+    if domain is None:
+        return None
+    max_margin = max([GENERIC_MARGIN_MM, *DEFAULT_MARGINS_MM.values(), *[float(v) for v in (margins or {}).values()]])
+    cap = max(settings.distance_cap_mm, max_margin + 10.0)
+    pad = np.ceil(cap / grid.spacing[::-1]).astype(int) + 3
+    return np.maximum(domain[0] - pad, 0), np.minimum(domain[1] + pad, grid.array.shape)
 
 
 def _pool_factors(spacing_ijk, planning_spacing_mm):

@@ -137,7 +137,12 @@ def _sitk_mask(mask: np.ndarray, spacing):
 
 
 def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_only: bool = False,
-                     threads: int | None = None) -> np.ndarray:
+                     threads: int | None = None, keep_touching: tuple | None = None) -> np.ndarray:
+    """Connected components (SimpleITK's face connectivity) of at least ``min_mm3`` (mm³) kept, as a mask.
+
+    ``keep_touching``: (lo, hi) flags per (k, j, i) axis; components touching a flagged face of the array are
+    kept whatever their size (the array is a window of a larger volume: the component may continue outside).
+    """
     import SimpleITK as sitk
 
     if not mask.any():
@@ -145,13 +150,25 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
     cc = sitk.ConnectedComponentImageFilter()
     if threads:
         cc.SetNumberOfThreads(int(threads))
-    lab = cc.Execute(_sitk_mask(mask, spacing))
-    voxel = float(np.prod(spacing))
-    rel = sitk.RelabelComponentImageFilter()
-    rel.SetSortByObjectSize(True)
-    rel.SetMinimumObjectSize(int(math.ceil(min_mm3 / voxel)) if min_mm3 > 0 else 0)
-    out = sitk.GetArrayFromImage(rel.Execute(lab))
-    return (out == 1) if largest_only else (out > 0)
+    img = cc.Execute(_sitk_mask(mask, spacing))
+    lab = sitk.GetArrayViewFromImage(img)
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    if largest_only:
+        keep = np.zeros(len(counts), bool)
+        keep[int(np.argmax(counts))] = True
+    else:
+        keep = counts >= (int(math.ceil(min_mm3 / float(np.prod(spacing)))) if min_mm3 > 0 else 1)
+        keep[0] = False
+    if keep_touching is not None:
+        for ax, (lo_face, hi_face) in enumerate(keep_touching):
+            for flag, idx in ((lo_face, 0), (hi_face, -1)):
+                if flag:
+                    keep[np.unique(np.take(lab, idx, axis=ax))] = True
+        keep[0] = False
+    out = keep[lab]
+    del lab, img
+    return out
 
 
 def body_mask(ct: RasVolume, body_hu: float = BODY_HU_THRESHOLD, table_opening_mm: float = 0.0,
@@ -193,39 +210,75 @@ def skin_mask(body: np.ndarray) -> np.ndarray:
 
 def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas_hu: float = -400.0,
                     min_bone_mm3: float = 50.0, min_gas_mm3: float = 50.0, margins: dict | None = None,
-                    threads: int | None = None) -> list[RiskStructure]:
-    """Bone and internal gas from CT HU, cleaned; margins from ``margins`` or the defaults."""
+                    threads: int | None = None, region: tuple | None = None) -> list[RiskStructure]:
+    """Bone and internal gas from CT HU, cleaned; margins from ``margins`` or the defaults.
+
+    ``region``: (lo, hi) k, j, i box; the structures are then built only there (zero elsewhere). They equal
+    the whole-grid ones inside the box, except that components cut by the box face are kept whatever their
+    size (conservative: the part outside may make them large enough).
+    """
     margins = {k.lower(): float(v) for k, v in (margins or {}).items()}
     spacing = ct.spacing
     a = np.asarray(ct.array)
-    bone = (a > bone_hu) & body
-    bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads)
-    gas = (a < gas_hu) & body
+    shape = a.shape
+    box, inner, touching = _work_box(shape, region)
+    a, body_b = a[box], body[box]
+    bone = (a > bone_hu) & body_b
+    bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads, keep_touching=touching)
+    gas = (a < gas_hu) & body_b
     if gas.any():
         gas = _dilate6(_erode6(gas, edge=True)) & gas  # opening with the 6-neighbour cross
-        gas = _keep_components(gas, spacing, min_gas_mm3, threads=threads)
+        gas = _keep_components(gas, spacing, min_gas_mm3, threads=threads, keep_touching=touching)
     out = []
     for name, mask in (("bone", bone), ("gas", gas)):
+        if region is not None:
+            mask = _embed(mask, shape, box, inner)
         if mask.any():
             out.append(RiskStructure(name, mask, margins.get(name, default_margin(name)), "ct"))
     logger.info("automatic risk structures: %s", ", ".join(f"{s.name} {int(s.mask.sum())} vox" for s in out) or "none")
     return out
 
 
+def _work_box(shape, region, grow: int = 2):
+    """(slices of the region grown by ``grow`` voxels, slices of the region inside them, touching flags)."""
+    if region is None:
+        return (slice(None),) * 3, (slice(None),) * 3, None
+    lo = np.clip(np.asarray(region[0], int), 0, shape)
+    hi = np.clip(np.asarray(region[1], int), lo, shape)
+    glo, ghi = np.maximum(lo - grow, 0), np.minimum(hi + grow, shape)
+    box = tuple(slice(int(a), int(b)) for a, b in zip(glo, ghi))
+    inner = tuple(slice(int(a - g), int(b - g)) for a, b, g in zip(lo, hi, glo))
+    touching = tuple((bool(g > 0), bool(h < n)) for g, h, n in zip(glo, ghi, shape))
+    return box, inner, touching
+
+
+def _embed(sub: np.ndarray, shape, box, inner) -> np.ndarray:
+    """Full-grid mask holding ``sub`` (computed on ``box``) inside the region ``inner`` of it, False elsewhere."""
+    full = np.zeros(shape, bool)
+    region = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
+    full[region] = sub[inner]
+    return full
+
+
 def structures_from_labelmap(labels: RasVolume, grid: RasVolume, names: dict[int, str] | None = None,
-                             margins: dict | None = None) -> list[RiskStructure]:
+                             margins: dict | None = None, region: tuple | None = None) -> list[RiskStructure]:
     """User structures from a label map (any grid; resampled nearest-neighbour onto ``grid``).
 
     ``names`` maps label value -> structure name; without it every non-zero value becomes 'label_<v>'.
+    ``region``: (lo, hi) k, j, i box of ``grid``; the masks are then filled only there (False elsewhere).
     """
     margins = {k.lower(): float(v) for k, v in (margins or {}).items()}
     lab = labels if labels.same_grid(grid) else resample(labels, grid, None, order=0)
     arr = np.asarray(lab.array)
-    values = sorted(names) if names else [int(v) for v in np.unique(arr) if v != 0]
+    box, inner, _ = _work_box(arr.shape, region, grow=0)
+    sub = arr[box]
+    values = sorted(names) if names else [int(v) for v in np.unique(sub) if v != 0]
     out = []
     for v in values:
         name = names[v] if names else f"label_{v}"
-        mask = arr == v
+        mask = sub == v
+        if region is not None:
+            mask = _embed(mask, arr.shape, box, inner)
         if not mask.any():
             logger.info("risk label %s (%d) not present in the planning region", name, v)
             continue
@@ -243,25 +296,35 @@ def crop_volume(vol: RasVolume, lo_kji, hi_kji) -> RasVolume:
     return RasVolume(arr, m, vol.name, dict(vol.meta))
 
 
-def build_risk_model(ct: RasVolume, labelmaps: list[tuple[RasVolume, dict | None]] | None = None,
-                     margins: dict | None = None, exclusion: EntryExclusion | None = None,
-                     auto: bool = True, body_hu: float = BODY_HU_THRESHOLD, bone_hu: float = 200.0, gas_hu: float = -400.0,
-                     table_opening_mm: float = 0.0, threads: int | None = None) -> RiskModel:
-    """Body, skin, automatic and user structures on ``ct``'s grid (pass a cropped CT to save time).
-
-    A user structure whose name equals an automatic one ('bone', 'gas') replaces it.
-    """
+def check_hounsfield(ct: RasVolume) -> None:
+    """Refuse an empty CT or one whose values are not Hounsfield units."""
     a = np.asarray(ct.array)
     if a.size == 0:
         raise TrajectoryPlannerError("the CT is empty; load a planning CT with at least one slice")
     if float(np.nanmax(a)) < 100 and float(np.nanmin(a)) >= 0:
         raise TrajectoryPlannerError("the CT values do not look like Hounsfield units (no air below 0); load the CT in HU")
-    body = body_mask(ct, body_hu, table_opening_mm, threads)
+
+
+def build_risk_model(ct: RasVolume, labelmaps: list[tuple[RasVolume, dict | None]] | None = None,
+                     margins: dict | None = None, exclusion: EntryExclusion | None = None,
+                     auto: bool = True, body_hu: float = BODY_HU_THRESHOLD, bone_hu: float = 200.0, gas_hu: float = -400.0,
+                     table_opening_mm: float = 0.0, threads: int | None = None, region: tuple | None = None,
+                     body: np.ndarray | None = None) -> RiskModel:
+    """Body, skin, automatic and user structures on ``ct``'s grid (pass a cropped CT to save time).
+
+    A user structure whose name equals an automatic one ('bone', 'gas') replaces it. ``region``: (lo, hi)
+    k, j, i box where structures are needed (the planner passes the box its paths can run in, grown by the
+    distance cap); structures are built only there. ``body``: the body mask when already computed.
+    """
+    check_hounsfield(ct)
+    if body is None:
+        body = body_mask(ct, body_hu, table_opening_mm, threads)
     skin = skin_mask(body)
     user: list[RiskStructure] = []
     for lm, names in labelmaps or []:
-        user += structures_from_labelmap(lm, ct, names, margins)
-    structures = auto_structures(ct, body, bone_hu, gas_hu, margins=margins, threads=threads) if auto else []
+        user += structures_from_labelmap(lm, ct, names, margins, region)
+    structures = auto_structures(ct, body, bone_hu, gas_hu, margins=margins, threads=threads,
+                                 region=region) if auto else []
     user_names = {s.name for s in user}
     structures = [s for s in structures if s.name not in user_names] + user
     return RiskModel(ct, body, skin, structures, exclusion)
