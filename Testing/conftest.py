@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,9 @@ def smartbiopsy(*args, cwd=None, timeout=600, input=None):
     """Run ``smartbiopsy ARGS`` as a user does (a separate process); returns the CompletedProcess."""
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=cli_env(),
                           timeout=timeout, input=input)
+
+# the demo's on-disk phantom cache goes to a temporary folder during tests (never the user's ~/.cache)
+os.environ.setdefault("SMARTBIOPSY_PHANTOM_CACHE_DIR", os.path.join(tempfile.gettempdir(), "smartbiopsy-test-phantom-cache"))
 
 SHARED_DATA = Path(os.environ.get("SMARTBIOPSY_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
