@@ -72,7 +72,7 @@ def test_report_without_matplotlib_says_which_figures_are_missing_and_why(monkey
 
     build_case(tmp_path)
     # the calibration picture is drawn by the calibration itself; without matplotlib it would not exist either
-    (tmp_path / "robot" / "calibration" / "calibration.png").unlink()
+    (tmp_path / "robot" / "calibration" / "calibration.png").unlink(missing_ok=True)
     block_imports(monkeypatch, *NOT_IN_SLICER)
     from SmartBiopsyLib.report.case import SECTION_TITLES
     from SmartBiopsyLib.report.writer import write_report

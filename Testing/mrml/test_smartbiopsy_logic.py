@@ -142,6 +142,8 @@ def test_widget_connects_the_tumour_segment_selector_and_decides_buttons_by_the_
 
 # ---------------------------------------------------------------------------------------------- (e) report
 def test_generate_report_writes_the_case_folder_with_every_done_step_and_its_figures(scene):
+    from SmartBiopsyCoreLib.optional import available
+
     out = scenarios.scenario_logic_report(scene)
-    assert out["figures"] >= 5
+    assert out["figures"] >= (5 if available("matplotlib") else 0)
     assert all(out["not_available"][t] == 0 for t in list(out["not_available"])[1:6])
