@@ -154,7 +154,13 @@ def test_run_stops_when_the_ct_has_no_capsules(demo_dir, tmp_path):
     out = tmp_path / "run"
     proc = smartbiopsy("run", "--ct", tmp_path / "ct_nocaps.nrrd", "--t2", _case_file(demo_dir, "mri_t2.nrrd"),
                        "--out", out)
-    assert_clean_error(proc, "fuse", "capsule")
+    # without capsules the fusion falls back to the capsule-free intensity registration and says so; the run then
+    # stops at the next missing input (no DWI here), keeping everything written so far
+    assert_clean_error(proc, "characterise", "DWI")
+    stages = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert stages["fuse"]["status"] == "done" and "capsule-free" in stages["fuse"]["message"]
+    qa = json.loads((out / "registration" / "qa.json").read_text())
+    assert qa["method"] == "intensity-only" and qa["fre_mm"] is None
     assert (out / "inputs" / "mri_t2.nrrd").exists()
 
 
