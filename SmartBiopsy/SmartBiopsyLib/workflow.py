@@ -291,10 +291,7 @@ def _check_mri(mri: RasVolume, what: str) -> None:
 
 
 def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
-    from RegistrationFusionLib.registration.qa import write_fusion_pictures
-    from RegistrationFusionLib.registration.refine import resample_mri_on_ct
-    from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
-    from SmartBiopsyCoreLib.dataio.imageio import save_image
+    from SmartBiopsyCoreLib.dataio.transforms import write_transform_json
 
     i = run.inputs
     d = run.out / "registration"
@@ -314,37 +311,49 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     if getattr(fusion, "method", "capsules") == "intensity":
         return _stage_fuse_intensity(run, fusion, d, progress)
     _refine_around_tumour(run, fusion, d)
-    m = np.asarray(fusion.matrix, float)
     run.results["fusion"] = fusion
+    truth = _write_fusion_outputs(run, fusion, d, progress, "capsule fusion",
+                                  np.asarray(fusion.landmark.fixed_points).mean(axis=0))
+    lm = fusion.landmark
+    return f"{len(lm.used)} capsule pairs, FRE {lm.fre_mm:.2f} mm" + truth
+
+
+def _write_fusion_outputs(run: CaseRun, fusion, d: Path, progress, source: str, fallback_centre) -> str:
+    """What every accepted fusion writes into ``registration/``: fusion.json, qa.json, the transform (schema JSON
+    and ITK), the T2 resampled on the CT and the fused pictures (centred on the tumour, else on
+    ``fallback_centre``; skipped with a sentence without matplotlib). Returns the truth-check text ("" for a
+    patient's case)."""
+    from RegistrationFusionLib.registration.qa import write_fusion_pictures
+    from RegistrationFusionLib.registration.refine import resample_mri_on_ct
+    from SmartBiopsyCoreLib.dataio.imageio import save_image
+    from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
+    from SmartBiopsyCoreLib.optional import MissingPackageError
+
+    i = run.inputs
+    m = np.asarray(fusion.matrix, float)
     run.results["mri_to_ct"] = m
     write_json(d / "fusion.json", fusion.to_dict())
     write_json(d / "qa.json", fusion.report.to_dict())
-    write_transform_json(d / "mri_to_ct.json", m, "capsule fusion")
+    write_transform_json(d / "mri_to_ct.json", m, source)
     write_itk_transform(m, str(d / "mri_to_ct.tfm"))
     progress(0.96, "resampling MRI on CT")
     t2_on_ct = resample_mri_on_ct(i.mri_anatomical, i.ct, m)
     save_image(t2_on_ct, d / "t2_on_ct.nrrd")
     run.results["t2_on_ct"] = t2_on_ct
-    # tumour centre for the pictures, when known; else the capsule centroid
-    centre = None
     if i.tumour is not None and np.any(i.tumour.array):
         centre = apply_transform(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))
-    if centre is None:
-        centre = np.asarray(fusion.landmark.fixed_points).mean(axis=0)
-    from SmartBiopsyCoreLib.optional import MissingPackageError
-
+    else:
+        centre = np.asarray(fallback_centre, float)
     try:
         write_fusion_pictures(i.ct, t2_on_ct, centre, d)
     except MissingPackageError as exc:  # matplotlib absent: the pictures are optional, the fusion is not
         logger.warning("%s", exc)
         run.lines.append(str(exc))
-    lm = fusion.landmark
-    msg = f"{len(lm.used)} capsule pairs, FRE {lm.fre_mm:.2f} mm"
-    if i.truth is not None:
-        err = _truth_tre(i.truth, m)
-        run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
-        msg += f", true TRE {err:.2f} mm"
-    return msg
+    if i.truth is None:
+        return ""
+    err = _truth_tre(i.truth, m)
+    run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
+    return f", true TRE {err:.2f} mm"
 
 
 def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
@@ -354,44 +363,13 @@ def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
     the intensity-only result and its QA (error estimate, not a capsule TRE) are in
     ``run.results["fusion_intensity"]`` and ``registration/qa.json``.
     """
-    from RegistrationFusionLib.registration.qa import write_fusion_pictures
-    from RegistrationFusionLib.registration.refine import resample_mri_on_ct
-    from SmartBiopsyCoreLib.dataio.imageio import save_image
-    from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
-
-    i = run.inputs
-    m = np.asarray(fusion.matrix, float)
     run.results["fusion"] = None
     run.results["fusion_intensity"] = fusion
-    run.results["mri_to_ct"] = m
-    write_json(d / "fusion.json", fusion.to_dict())
-    write_json(d / "qa.json", fusion.report.to_dict())
-    write_transform_json(d / "mri_to_ct.json", m, "capsule-free intensity fusion")
-    write_itk_transform(m, str(d / "mri_to_ct.tfm"))
-    progress(0.96, "resampling MRI on CT")
-    t2_on_ct = resample_mri_on_ct(i.mri_anatomical, i.ct, m)
-    save_image(t2_on_ct, d / "t2_on_ct.nrrd")
-    run.results["t2_on_ct"] = t2_on_ct
-    if i.tumour is not None and np.any(i.tumour.array):
-        centre = apply_transform(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))
-    else:
-        lo, hi = i.ct.bounds_ras()
-        centre = (lo + hi) / 2
-    from SmartBiopsyCoreLib.optional import MissingPackageError
-
-    try:
-        write_fusion_pictures(i.ct, t2_on_ct, centre, d)
-    except MissingPackageError as exc:  # matplotlib absent: the pictures are optional, the fusion is not
-        logger.warning("%s", exc)
-        run.lines.append(str(exc))
+    lo, hi = run.inputs.ct.bounds_ras()
+    truth = _write_fusion_outputs(run, fusion, d, progress, "capsule-free intensity fusion", (lo + hi) / 2)
     res = fusion.intensity
-    msg = (f"capsule-free intensity-only fusion ({fusion.fallback_reason.split(' (')[0].split(';')[0]}), error estimate "
-           f"{res.error_estimate_mm:.1f} mm")
-    if i.truth is not None:
-        err = _truth_tre(i.truth, m)
-        run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
-        msg += f", true TRE {err:.2f} mm"
-    return msg
+    return (f"capsule-free intensity-only fusion ({fusion.fallback_reason.split(' (')[0].split(';')[0]}), error "
+            f"estimate {res.error_estimate_mm:.1f} mm" + truth)
 
 
 def _refine_around_tumour(run: CaseRun, fusion, d: Path) -> None:

@@ -55,12 +55,11 @@ def _load(path: str, what: str):
 def run(args) -> int:
     import numpy as np
 
-    from RegistrationFusionLib.registration import qa, refine
+    from RegistrationFusionLib.registration import qa
     from RegistrationFusionLib.registration.intensity import IntensityFusionRefused
     from RegistrationFusionLib.registration.pipeline import IntensityFusion, fuse_with_fallback
     from SmartBiopsyLib.cli.main import ProgressBar
     from SmartBiopsyCoreLib.errors import InputDataError
-    from SmartBiopsyCoreLib.dataio.imageio import save_image
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -95,28 +94,8 @@ def run(args) -> int:
         raise
     if isinstance(result, IntensityFusion):
         return _write_intensity(result, ct, mri, targets, out, bar)
-
-    bar(0.87, "writing transform and resampled MRI")
-    m = result.matrix
-    from SmartBiopsyCoreLib.dataio.transforms import write_transform_json
-
-    refine.write_itk_transform(m, str(out / "mri_to_ct.tfm"))
-    refine.write_itk_transform(m, str(out / "mri_to_ct.h5"))
-    write_transform_json(out / "transform.json", m, "smartbiopsy register (capsule fusion)")
-    on_ct = refine.resample_mri_on_ct(mri, ct, result.refinement if result.refinement is not None else m)
-    save_image(on_ct, out / "mri_on_ct.nrrd")
-
-    bar(0.93, "QA pictures")
-    if targets:
-        point = np.asarray(next(iter(targets.values())), float)
-    else:
-        lo, hi = ct.bounds_ras()
-        point = (lo + hi) / 2
-    pics = qa.write_fusion_pictures(ct, on_ct, point, out)
-    result.report.pictures = {k: Path(v).name for k, v in pics.items()}
-    result.report.write_json(out / "qa.json")
-    (out / "registration.json").write_text(json.dumps(result.to_dict(), indent=1, default=qa._json_default))
-    bar(1.0, "done")
+    _write_outputs(result, ct, mri, targets, out, bar, "smartbiopsy register (capsule fusion)",
+                   result.refinement if result.refinement is not None else result.matrix)
     rep = result.report
     summary = {
         "out": str(out), "passed": rep.passed, "failures": rep.failures, "fre_mm": round(rep.fre_mm, 3),
@@ -129,8 +108,9 @@ def run(args) -> int:
     return 0
 
 
-def _write_intensity(result, ct, mri, targets, out: Path, bar) -> int:
-    """Outputs of an accepted capsule-free fusion (same files as the capsule path; QA says intensity-only)."""
+def _write_outputs(result, ct, mri, targets, out: Path, bar, source: str, resample_with) -> None:
+    """The files of an accepted fusion: ITK transforms, transform.json, the MRI on the CT, the QA pictures, qa.json
+    and registration.json. ``resample_with``: the matrix or refinement result that maps the MRI onto the CT."""
     import numpy as np
 
     from RegistrationFusionLib.registration import qa, refine
@@ -141,8 +121,8 @@ def _write_intensity(result, ct, mri, targets, out: Path, bar) -> int:
     m = result.matrix
     refine.write_itk_transform(m, str(out / "mri_to_ct.tfm"))
     refine.write_itk_transform(m, str(out / "mri_to_ct.h5"))
-    write_transform_json(out / "transform.json", m, "smartbiopsy register (capsule-free intensity fusion)")
-    on_ct = refine.resample_mri_on_ct(mri, ct, m)
+    write_transform_json(out / "transform.json", m, source)
+    on_ct = refine.resample_mri_on_ct(mri, ct, resample_with)
     save_image(on_ct, out / "mri_on_ct.nrrd")
     bar(0.93, "QA pictures")
     if targets:
@@ -155,6 +135,12 @@ def _write_intensity(result, ct, mri, targets, out: Path, bar) -> int:
     result.report.write_json(out / "qa.json")
     (out / "registration.json").write_text(json.dumps(result.to_dict(), indent=1, default=qa._json_default))
     bar(1.0, "done")
+
+
+def _write_intensity(result, ct, mri, targets, out: Path, bar) -> int:
+    """Outputs of an accepted capsule-free fusion (same files as the capsule path; QA says intensity-only)."""
+    _write_outputs(result, ct, mri, targets, out, bar, "smartbiopsy register (capsule-free intensity fusion)",
+                   result.matrix)
     rep, res = result.report, result.intensity
     summary = {
         "out": str(out), "method": "intensity-only", "passed": rep.passed, "failures": rep.failures,
