@@ -227,3 +227,17 @@ def vtk_matrix(matrix: np.ndarray):
 def array_from_vtk_matrix(vm) -> np.ndarray:
     """The 4x4 numpy array of a ``vtkMatrix4x4``."""
     return np.array([[vm.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
+
+
+def perpendicular(axis) -> np.ndarray:
+    """A unit vector perpendicular to ``axis`` (deterministic: built from the world axis least aligned with it).
+    Raises InputDataError for a zero-length or non-finite axis."""
+    from SmartBiopsyCoreLib.errors import InputDataError
+
+    a = np.asarray(axis, float)
+    n = float(np.linalg.norm(a))
+    if not np.isfinite(n) or n == 0:
+        raise InputDataError("a direction of zero length was given; entry and target must be different points")
+    a = a / n
+    u = np.cross(a, np.eye(3)[int(np.argmin(np.abs(a)))])
+    return u / np.linalg.norm(u)

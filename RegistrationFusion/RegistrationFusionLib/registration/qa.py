@@ -111,6 +111,15 @@ def _clean(x):
     return x
 
 
+def _named_targets(targets_ct) -> dict:
+    """{name: RAS point} from {name: point}, (M, 3) points (named T1..TM) or None (no targets)."""
+    if targets_ct is None:
+        return {}
+    if isinstance(targets_ct, dict):
+        return {str(k): np.asarray(v, float).reshape(3) for k, v in targets_ct.items()}
+    return {f"T{i + 1}": p for i, p in enumerate(np.asarray(targets_ct, float).reshape(-1, 3))}
+
+
 def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, correspondence=None,
                  refinement=None, thresholds: QAThresholds | None = None) -> QAReport:
     """QA report from a :class:`landmarks.PointRegistration` (+ optional Correspondence and RefinementResult).
@@ -120,13 +129,7 @@ def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, c
     refinement moved each target relative to the landmark transform.
     """
     th = thresholds or QAThresholds()
-    if targets_ct is None:
-        named = {}
-    elif isinstance(targets_ct, dict):
-        named = {str(k): np.asarray(v, float).reshape(3) for k, v in targets_ct.items()}
-    else:
-        arr = np.asarray(targets_ct, float).reshape(-1, 3)
-        named = {f"T{i + 1}": p for i, p in enumerate(arr)}
+    named = _named_targets(targets_ct)
     failures, notes = [], []
     reg_d = registration.to_dict()
     markers = _clean(reg_d["markers"])
@@ -182,12 +185,7 @@ def build_intensity_report(result, targets_ct: dict | np.ndarray | None = None,
     Targets get that estimate as their predicted error.
     """
     th = thresholds or QAThresholds()
-    if targets_ct is None:
-        named = {}
-    elif isinstance(targets_ct, dict):
-        named = {str(k): np.asarray(v, float).reshape(3) for k, v in targets_ct.items()}
-    else:
-        named = {f"T{i + 1}": p for i, p in enumerate(np.asarray(targets_ct, float).reshape(-1, 3))}
+    named = _named_targets(targets_ct)
     est = float(result.error_estimate_mm)
     failures = []
     if not result.accepted:

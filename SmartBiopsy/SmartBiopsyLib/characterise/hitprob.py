@@ -70,7 +70,7 @@ def _unit_rows(v: np.ndarray) -> np.ndarray:
 
 
 def perpendicular_rows(axes: np.ndarray) -> np.ndarray:
-    """Row-wise :func:`SmartBiopsyLib.sampling.needle_sim.perpendicular`: unit vectors (N, 3) perpendicular to
+    """Row-wise :func:`SmartBiopsyCoreLib.geometry.perpendicular`: unit vectors (N, 3) perpendicular to
     ``axes`` (N, 3), each built from the world axis least aligned with it (the notch ROI's ``u_axis``)."""
     helper = np.eye(3)[np.argmin(np.abs(axes), axis=1)]
     return _unit_rows(np.cross(axes, helper))

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from SmartBiopsyCoreLib.geometry import RasVolume
+from SmartBiopsyCoreLib.geometry import RasVolume, perpendicular  # noqa: F401  (re-exported)
+from SmartBiopsyCoreLib.phantom.confirmation import placed_tip
 
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyLib.sampling.needle import resolve_needle_geometry
@@ -70,14 +71,6 @@ def _unit(v) -> np.ndarray:
     if not np.isfinite(n) or n == 0:
         raise InputDataError("a direction of zero length was given; entry and target must be different points")
     return v / n
-
-
-def perpendicular(axis: np.ndarray) -> np.ndarray:
-    """A unit vector perpendicular to ``axis`` (deterministic: built from the world axis least aligned with it)."""
-    a = _unit(axis)
-    helper = np.eye(3)[int(np.argmin(np.abs(a)))]
-    u = np.cross(a, helper)
-    return u / np.linalg.norm(u)
 
 
 def _ijk_box(volume: RasVolume, points_ras: np.ndarray, margin_mm: float):
@@ -166,19 +159,14 @@ def simulate_confirmation_ct(ct: RasVolume, planned_entry_ras, planned_target_ra
     target = np.asarray(planned_target_ras, float).reshape(3)
     if not (np.all(np.isfinite(entry)) and np.all(np.isfinite(target))):
         raise InputDataError("the planned entry or target is not a finite RAS point; check the plan")
-    d = _unit(target - entry)
+    d = _unit(target - entry)  # entry and target must differ
+    if lateral_direction is not None:
+        lat = np.asarray(lateral_direction, float)
+        _unit(lat - (lat @ d) * d)  # a lateral direction along the path is refused
     geo = resolve_needle_geometry(needle, outer_diameter_mm=outer_diameter_mm)
     radius = 0.5 * geo["outer_diameter_mm"]
     rng = np.random.default_rng(seed)
-    if lateral_direction is None:
-        u = perpendicular(d)
-        w = np.cross(d, u)
-        phi = rng.uniform(0, 2 * np.pi)
-        lat = np.cos(phi) * u + np.sin(phi) * w
-    else:
-        lat = np.asarray(lateral_direction, float)
-        lat = _unit(lat - (lat @ d) * d)
-    tip = target + depth_error_mm * d + lateral_error_mm * lat
+    tip, lat = placed_tip(entry, target, lateral_error_mm, depth_error_mm, lateral_direction, rng)
     axis = _unit(tip - entry)
     start = entry - outside_length_mm * axis
 

@@ -24,11 +24,10 @@ from typing import Callable, Mapping
 import numpy as np
 
 from SmartBiopsyCoreLib.dataio.transforms import validate_transform  # noqa: F401  (re-exported)
-from SmartBiopsyCoreLib.geometry import RasVolume
+from SmartBiopsyCoreLib.geometry import RasVolume, perpendicular
 
 from SmartBiopsyCoreLib.errors import InputDataError, SmartBiopsyError
 from SmartBiopsyLib.sampling.needle import resolve_needle_geometry
-from SmartBiopsyLib.sampling.needle_sim import perpendicular
 
 logger = logging.getLogger(__name__)
 

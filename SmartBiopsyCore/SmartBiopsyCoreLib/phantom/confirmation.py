@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from SmartBiopsyCoreLib.geometry import RasVolume
+from SmartBiopsyCoreLib.geometry import RasVolume, perpendicular
 from SmartBiopsyCoreLib.phantom import sarcoma as _s
 
 logger = logging.getLogger(__name__)
@@ -138,10 +138,23 @@ class PhantomConfirmation:
     truth: ConfirmationTruth
 
 
-def _perpendicular(d: np.ndarray) -> np.ndarray:
-    helper = np.eye(3)[int(np.argmin(np.abs(d)))]
-    u = np.cross(d, helper)
-    return u / np.linalg.norm(u)
+def placed_tip(entry, target, lateral_error_mm: float, depth_error_mm: float, lateral_direction, rng):
+    """(tip, unit lateral direction): where a simulated needle's tip lands (RAS mm), ``depth_error_mm`` along the
+    planned direction and ``lateral_error_mm`` perpendicular to it, towards ``lateral_direction`` (made
+    perpendicular) or, when it is None, a direction drawn from ``rng`` (one uniform angle about the path)."""
+    entry, target = np.asarray(entry, float), np.asarray(target, float)
+    d = target - entry
+    d = d / np.linalg.norm(d)
+    if lateral_direction is None:
+        u = perpendicular(d)
+        w = np.cross(d, u)
+        phi = rng.uniform(0, 2 * np.pi)
+        lat = np.cos(phi) * u + np.sin(phi) * w
+    else:
+        lat = np.asarray(lateral_direction, float)
+        lat = lat - (lat @ d) * d
+        lat = lat / np.linalg.norm(lat)
+    return target + depth_error_mm * d + lateral_error_mm * lat, lat
 
 
 def _needle_occupancy(grid: RasVolume, start, end, radius_mm: float, supersample: int = 4):
@@ -199,17 +212,7 @@ def confirmation_ct(case, planned_entry_ras, planned_target_ras, *, target_name:
     rng = np.random.default_rng(seed + 4242)
     entry = np.asarray(planned_entry_ras, float).reshape(3)
     target = np.asarray(planned_target_ras, float).reshape(3)
-    d = (target - entry) / np.linalg.norm(target - entry)
-    if lateral_direction is None:
-        u = _perpendicular(d)
-        w = np.cross(d, u)
-        phi = rng.uniform(0, 2 * np.pi)
-        lat = np.cos(phi) * u + np.sin(phi) * w
-    else:
-        lat = np.asarray(lateral_direction, float)
-        lat = lat - (lat @ d) * d
-        lat /= np.linalg.norm(lat)
-    tip_p = target + depth_error_mm * d + lateral_error_mm * lat
+    tip_p, _lat = placed_tip(entry, target, lateral_error_mm, depth_error_mm, lateral_direction, rng)
     entry_c = motion.planning_to_confirmation(entry)[0]
     tip_c = motion.planning_to_confirmation(tip_p)[0]
 
