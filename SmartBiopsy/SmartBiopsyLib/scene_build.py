@@ -3,6 +3,12 @@
 Every node is named, coloured and placed in a subject-hierarchy folder: Images, Registration, Habitats,
 Plan, Robot (the fitted calibration frame), Sampling. MRI-derived volumes sit under the MRI->CT transform, so they overlay the CT when the
 scene is opened in Slicer. Takes the scene explicitly; returns the number of nodes per class.
+
+What a reader sees: one visible "Chosen path A/B/C" per target (habitat colour), the planned notch tips as
+their own labelled points ("planned notch tip A", not "target"), every other candidate path and the
+shared-entry alternatives hidden in the Plan folder's "Candidate paths (hidden)" sub-folder, the tumour and
+the organs at risk as one segmentation ("Tumour and organs at risk"). Colours come from
+``SmartBiopsyCoreLib.palette`` only: habitat B has one colour in the segmentation, the targets and the paths.
 """
 from __future__ import annotations
 
@@ -10,13 +16,16 @@ import logging
 
 import numpy as np
 
+from SmartBiopsyCoreLib.palette import REGION_COLOURS  # noqa: F401 - the one set of habitat colours
+
 logger = logging.getLogger(__name__)
 
-REGION_COLOURS = {"A": (0.90, 0.20, 0.20), "B": (0.95, 0.80, 0.15), "C": (0.20, 0.45, 0.95)}
+#: Name of the Plan sub-folder that holds the candidate (not chosen) and shared-entry paths, hidden.
+CANDIDATE_FOLDER = "Candidate paths (hidden)"
 
 
-def _folder(sh, name: str) -> int:
-    return sh.CreateFolderItem(sh.GetSceneItemID(), name)
+def _folder(sh, name: str, parent: int | None = None) -> int:
+    return sh.CreateFolderItem(sh.GetSceneItemID() if parent is None else parent, name)
 
 
 def _put(sh, node, folder: int) -> None:
@@ -36,6 +45,23 @@ def _flatten(obj):
     if isinstance(obj, (list, tuple)):
         return [n for v in obj for n in _flatten(v)]
     return [obj] if hasattr(obj, "GetID") else []
+
+
+def _tumour_and_risk(scene, run):
+    """The tumour (placed in the CT world through the MRI->CT transform) and the risk labelmaps as one
+    segmentation node, or None when the run has neither."""
+    from SmartBiopsyLib.characterise.mrml import tumour_and_risk_segmentation
+
+    res, inputs = run.results, run.inputs
+    tumour = res.get("tumour")
+    if tumour is None:
+        tumour = getattr(inputs, "tumour", None)
+    if tumour is not None and not hasattr(tumour, "ijk_to_ras"):
+        tumour = None
+    m = res.get("mri_to_ct")
+    if tumour is not None and m is None:
+        tumour = None  # without the fusion the MRI-world tumour has no place in the CT world
+    return tumour_and_risk_segmentation(scene, tumour, getattr(inputs, "risk_labelmaps", None) or (), m)
 
 
 def build_case_scene(scene, run) -> dict:
@@ -82,21 +108,34 @@ def build_case_scene(scene, run) -> dict:
         from SmartBiopsyLib.characterise.mrml import characterisation_nodes
 
         f_hab = _folder(sh, "Habitats")
-        nodes = characterisation_nodes(scene, hab, res.get("targets") or [], res.get("radiomics") or None)
+        nodes = characterisation_nodes(scene, hab, res.get("targets") or [], res.get("radiomics") or None,
+                                       target_per_node=True)
         tnode = scene.GetFirstNodeByClass("vtkMRMLLinearTransformNode")
-        for node in nodes.values():
+        for node in _flatten(nodes):
             if node is None:
                 continue
             if tnode is not None and hasattr(node, "SetAndObserveTransformNodeID") and node.IsA("vtkMRMLTransformableNode"):
                 node.SetAndObserveTransformNodeID(tnode.GetID())  # habitats and targets live in MRI world
             _put(sh, node, f_hab)
+    seg = _tumour_and_risk(scene, run)
+    if seg is not None:
+        _put(sh, seg, _folder(sh, "Segmentation"))
     plan = res.get("plan")
     if plan is not None:
-        from TrajectoryPlannerLib.planning.mrml import show_plan
+        from TrajectoryPlannerLib.planning.mrml import add_chosen_plan_nodes, add_skin_model_node
 
         f_plan = _folder(sh, "Plan")
-        for node in _flatten(show_plan(scene, plan, skin_poly=res.get("skin_poly"))):
+        shown = add_chosen_plan_nodes(scene, plan, res.get("best_trajectories"))
+        for node in shown["chosen"] + [shown["notch_tips"]]:
             _put(sh, node, f_plan)
+        if shown["candidates"]:
+            f_cand = _folder(sh, CANDIDATE_FOLDER, f_plan)
+            for node in shown["candidates"]:
+                _put(sh, node, f_cand)
+            sh.SetItemAttribute(f_cand, "SmartBiopsy.Hidden", "1")
+            sh.SetItemExpanded(f_cand, False)
+        if res.get("skin_poly") is not None:
+            _put(sh, add_skin_model_node(scene, res["skin_poly"]), f_plan)
     calibration = res.get("calibration")
     if calibration is not None:
         # the robot's fitted fiducial frame under the robot-to-CT transform, in a Robot folder
@@ -111,7 +150,8 @@ def build_case_scene(scene, run) -> dict:
 
         f_s = _folder(sh, "Sampling")
         for t, det, roi, vals in samples:
-            for node in add_sampling_nodes(scene, det, roi).values():
+            for node in _flatten(add_sampling_nodes(scene, det, roi, target_ras=getattr(t, "target_ras", None),
+                                                    region=getattr(t, "region", None))):
                 _put(sh, node, f_s)
     counts: dict = {}
     for cls in ("vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLLinearTransformNode",

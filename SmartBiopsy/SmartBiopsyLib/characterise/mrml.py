@@ -9,12 +9,13 @@ import logging
 
 import numpy as np
 
+from SmartBiopsyCoreLib import palette
 from SmartBiopsyCoreLib.geometry import RasVolume, vtk_matrix
 
 logger = logging.getLogger(__name__)
 
-#: segment name -> (label code, RGB 0-1)
-SEGMENT_STYLE = {"A": (1, (0.90, 0.20, 0.20)), "B": (2, (0.95, 0.85, 0.20)), "C": (3, (0.20, 0.40, 0.95))}
+#: segment name -> (label code, RGB 0-1): the project palette (SmartBiopsyCoreLib.palette)
+SEGMENT_STYLE = {r: (code, palette.HABITAT_COLOURS[code]) for r, code in (("A", 1), ("B", 2), ("C", 3))}
 
 
 def labelmap_node_from_volume(scene, volume: RasVolume, name: str | None = None):
@@ -33,7 +34,7 @@ def labelmap_node_from_volume(scene, volume: RasVolume, name: str | None = None)
 
 
 def habitat_segmentation_node(scene, habitats: RasVolume, name: str = "Habitats"):
-    """Segmentation node with segments A (red), B (yellow), C (blue) from a habitat label map (1/2/3).
+    """Segmentation node with segments A, B, C (palette colours) from a habitat label map (1/2/3).
 
     Regions absent from the map get no segment. Returns the ``vtkMRMLSegmentationNode``.
     """
@@ -106,11 +107,94 @@ def targets_fiducial_node(scene, targets: list, name: str = "Habitat targets"):
     return node
 
 
-def characterisation_nodes(scene, habitat_result, targets: list, radiomics_rows: list | None = None) -> dict:
-    """All characterisation nodes for one result: segmentation, region table, targets, radiomics table."""
+def target_point_nodes(scene, targets: list) -> list:
+    """One markups fiducial node per target, "Target A", holding one point labelled "target A" (RAS mm, the
+    targets' own world), in the habitat's palette colour (a markups node has one colour for all its points).
+    Returns the nodes in target order; the caller owns them."""
+    nodes = []
+    for t in targets:
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"Target {t.region}")
+        idx = node.AddControlPoint(*[float(v) for v in t.point_ras], f"target {t.region}")
+        desc = f"habitat {t.region} target; depth {t.depth_mm:.1f} mm" + ("" if t.targetable else
+                                                                          "; NOT safely targetable")
+        node.SetNthControlPointDescription(idx, desc)
+        node.SetAttribute("SmartBiopsy.Region", str(t.region))
+        node.CreateDefaultDisplayNodes()
+        rgb = palette.region_colour(t.region)
+        node.GetDisplayNode().SetSelectedColor(*rgb)
+        node.GetDisplayNode().SetColor(*rgb)
+        node.SetLocked(True)
+        nodes.append(node)
+    return nodes
+
+
+def tumour_and_risk_segmentation(scene, tumour: RasVolume | None = None, risk_labelmaps=(), mri_to_ct=None,
+                                 name: str = "Tumour and organs at risk"):
+    """One ``vtkMRMLSegmentationNode`` in the CT world with a "Tumour" segment and one segment per risk
+    structure (organ at risk). Returns the node (None when there is nothing to show); the caller owns it.
+
+    ``tumour``: a mask (non-zero inside) on an MRI grid, placed in the CT world through ``mri_to_ct`` (4x4 RAS,
+    MRI world -> CT world; identity when None) without resampling. ``risk_labelmaps``: ``[(label volume on a
+    CT grid, {value: structure name})]``, each cropped to its labelled voxels. Colours from the palette
+    (``TUMOUR_COLOUR``, ``RISK_COLOURS`` by structure name; unknown structures get the neutral colour).
+    """
+    parts = []  # the first part sets the segmentation's reference geometry: a CT grid when there is one
+    for lab, names in risk_labelmaps or ():
+        arr = np.asarray(lab.array)
+        for value, struct in sorted((names or {}).items()):
+            mask = arr == int(value)
+            if not np.any(mask):
+                continue
+            colour = palette.RISK_COLOURS.get(str(struct).lower(), palette.NEUTRAL_COLOUR)
+            parts.append((str(struct), _cropped(lab.with_array(mask.astype(np.uint8))), colour))
+    if tumour is not None and np.any(np.asarray(tumour.array)):
+        m = np.eye(4) if mri_to_ct is None else np.asarray(mri_to_ct, float)
+        vol = RasVolume((np.asarray(tumour.array) > 0).astype(np.uint8), m @ np.asarray(tumour.ijk_to_ras, float),
+                        "tumour")
+        parts.append(("Tumour", _cropped(vol), palette.TUMOUR_COLOUR))
+    if not parts:
+        return None
+    import slicer
+
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    seg.CreateDefaultDisplayNodes()
+    for seg_name, vol, rgb in parts:
+        tmp = labelmap_node_from_volume(scene, vol, f"tmp_{seg_name}")
+        before = seg.GetSegmentation().GetNumberOfSegments()
+        if before == 0:
+            seg.SetReferenceImageGeometryParameterFromVolumeNode(tmp)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(tmp, seg)
+        scene.RemoveNode(tmp)
+        if not ok or seg.GetSegmentation().GetNumberOfSegments() != before + 1:
+            raise RuntimeError(f"could not import {seg_name} into the segmentation")
+        segment = seg.GetSegmentation().GetNthSegment(before)
+        segment.SetName(seg_name)
+        segment.SetColor(*rgb)
+    return seg
+
+
+def _cropped(vol: RasVolume, pad: int = 1) -> RasVolume:
+    """``vol`` cropped to its non-zero voxels (plus ``pad`` voxels), geometry kept exact."""
+    arr = np.asarray(vol.array)
+    idx = np.argwhere(arr != 0)
+    lo = np.maximum(idx.min(axis=0) - pad, 0)                      # k, j, i
+    hi = np.minimum(idx.max(axis=0) + pad + 1, np.array(arr.shape))
+    shift = np.eye(4)
+    shift[:3, 3] = lo[::-1]                                        # i, j, k
+    sub = np.ascontiguousarray(arr[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    return RasVolume(sub, np.asarray(vol.ijk_to_ras, float) @ shift, vol.name)
+
+
+def characterisation_nodes(scene, habitat_result, targets: list, radiomics_rows: list | None = None,
+                           target_per_node: bool = False) -> dict:
+    """All characterisation nodes for one result: segmentation, region table, targets, radiomics table.
+
+    ``target_per_node``: the targets as one coloured node per target (:func:`target_point_nodes`, a list under
+    ``"targets"``) instead of one "Habitat targets" node."""
     out = {"segmentation": habitat_segmentation_node(scene, habitat_result.labels),
            "regions": region_table_node(scene, habitat_result.regions),
-           "targets": targets_fiducial_node(scene, targets)}
+           "targets": (target_point_nodes(scene, targets) if target_per_node
+                       else targets_fiducial_node(scene, targets))}
     if radiomics_rows:
         out["radiomics"] = radiomics_table_node(scene, radiomics_rows)
     return out

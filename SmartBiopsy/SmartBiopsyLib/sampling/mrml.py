@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 
+from SmartBiopsyCoreLib import palette
 from SmartBiopsyCoreLib.geometry import vtk_matrix
 
 from SmartBiopsyLib.sampling.needle import NeedleDetection
@@ -17,9 +18,9 @@ from SmartBiopsyLib.sampling.notch import NotchROI
 
 logger = logging.getLogger(__name__)
 
-#: Display colours (RGB 0-1): needle yellow, notch cyan.
-NEEDLE_COLOR = (1.0, 0.85, 0.1)
-NOTCH_COLOR = (0.1, 0.85, 1.0)
+#: Display colours (RGB 0-1) from the project palette: needle bluish green, notch (and planned notch tip) sky blue.
+NEEDLE_COLOR = palette.NEEDLE_COLOUR
+NOTCH_COLOR = palette.NOTCH_TIP_COLOUR
 
 
 def _set_color(node, rgb) -> None:
@@ -51,15 +52,40 @@ def add_needle_line_node(scene, detection: NeedleDetection, name: str | None = N
     return node
 
 
-def add_planned_line_node(scene, detection: NeedleDetection, name: str | None = None):
-    """A ``vtkMRMLMarkupsLineNode`` from the planned entry to the planned target, for comparison. Returns it."""
+def add_planned_line_node(scene, detection: NeedleDetection, name: str | None = None, region: str | None = None):
+    """A ``vtkMRMLMarkupsLineNode`` from the planned entry to the planned needle tip, for comparison. Returns it.
+
+    The detection's planned end point is where the plan puts the needle tip (the planned notch tip, beyond the
+    target when the notch must cover it), so control point 1 is labelled "planned notch tip A", never "target".
+    Coloured like the habitat ``region`` (palette) when given.
+    """
     import vtk
 
     label = detection.target_name or "needle"
     node = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", name or f"Planned path {label}")
     node.AddControlPointWorld(vtk.vtkVector3d(*[float(v) for v in detection.planned_entry_ras]), "entry")
-    node.AddControlPointWorld(vtk.vtkVector3d(*[float(v) for v in detection.planned_target_ras]), "target")
+    node.AddControlPointWorld(vtk.vtkVector3d(*[float(v) for v in detection.planned_target_ras]),
+                              f"planned notch tip {label}")
     node.SetLocked(True)
+    if region:
+        _set_color(node, palette.region_colour(region))
+    return node
+
+
+def add_target_and_tip_node(scene, detection: NeedleDetection, target_ras, region: str | None = None,
+                            name: str | None = None):
+    """A fiducial node with two separate labelled points (RAS mm, CT world): "target A" (the habitat target)
+    and "planned notch tip A" (the detection's planned tip). Coloured like the habitat ``region``. Returns it."""
+    label = detection.target_name or "needle"
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name or f"Target and planned notch tip {label}")
+    i = node.AddControlPoint(*[float(v) for v in target_ras], f"target {label}")
+    node.SetNthControlPointDescription(i, "the habitat target")
+    tip = np.asarray(detection.planned_target_ras, float)
+    j = node.AddControlPoint(*[float(v) for v in tip], f"planned notch tip {label}")
+    node.SetNthControlPointDescription(j, f"where the plan puts the needle tip, "
+                                          f"{np.linalg.norm(tip - np.asarray(target_ras, float)):.1f} mm from the target")
+    node.SetLocked(True)
+    _set_color(node, palette.region_colour(region) if region else NOTCH_COLOR)
     return node
 
 
@@ -129,14 +155,19 @@ def add_notch_segmentation(scene, roi: NotchROI, name: str | None = None, segmen
     return seg, seg_id
 
 
-def add_sampling_nodes(scene, detection: NeedleDetection, roi: NotchROI, segmentation: bool = False) -> dict:
+def add_sampling_nodes(scene, detection: NeedleDetection, roi: NotchROI, segmentation: bool = False,
+                       target_ras=None, region: str | None = None) -> dict:
     """All display nodes for one sampled target: needle line, planned line, notch ROI (and segment).
 
-    Returns a dict of the created nodes: ``needle``, ``planned``, ``notch_roi`` and optionally
-    ``segmentation`` / ``segment_id``.
+    Returns a dict of the created nodes: ``needle``, ``planned``, ``notch_roi``, with ``target_ras`` (CT RAS mm)
+    also ``points`` (target and planned notch tip as separate points), and optionally ``segmentation`` /
+    ``segment_id``.
     """
-    out = {"needle": add_needle_line_node(scene, detection), "planned": add_planned_line_node(scene, detection),
+    out = {"needle": add_needle_line_node(scene, detection),
+           "planned": add_planned_line_node(scene, detection, region=region),
            "notch_roi": add_notch_roi_node(scene, roi)}
+    if target_ras is not None:
+        out["points"] = add_target_and_tip_node(scene, detection, target_ras, region)
     if segmentation:
         out["segmentation"], out["segment_id"] = add_notch_segmentation(scene, roi)
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from SmartBiopsyCoreLib import palette
 from TrajectoryPlannerLib.errors import TrajectoryPlannerError
 
 logger = logging.getLogger(__name__)
@@ -15,7 +16,8 @@ ATTR = "TrajectoryPlanner."
 #: Colour tables tried in order for the skin map (the headless runtime and desktop Slicer both have these).
 SKIN_COLOR_IDS = ("vtkMRMLColorTableNodeFileViridis.txt", "vtkMRMLColorTableNodeRainbow",
                   "vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
-TARGET_COLOURS = {"A": (0.85, 0.2, 0.2), "B": (0.2, 0.7, 0.2), "C": (0.2, 0.4, 0.9)}
+#: Path colour per habitat region: the project palette (the same colours as the habitat segmentation).
+TARGET_COLOURS = dict(palette.REGION_COLOURS)
 
 
 def add_trajectory_node(scene, trajectory, colour=None):
@@ -42,7 +44,7 @@ def add_trajectory_node(scene, trajectory, colour=None):
     node.CreateDefaultDisplayNodes()
     d = node.GetDisplayNode()
     if d is not None:
-        d.SetSelectedColor(*(colour or TARGET_COLOURS.get(trajectory.region or trajectory.target, (0.9, 0.7, 0.1))))
+        d.SetSelectedColor(*(colour or palette.region_colour(trajectory.region or trajectory.target)))
         d.SetPropertiesLabelVisibility(True)
     node.SetLocked(True)
     return node
@@ -61,6 +63,69 @@ def add_trajectory_nodes(scene, result, include_shared: bool = True, best_only: 
             n.SetAttribute(ATTR + "SharedEntry", "1")
             nodes.append(n)
     return nodes
+
+
+def chosen_trajectories(result) -> list:
+    """The best-ranked trajectory per target (what the workflow sends to the robot), in target order."""
+    best: dict = {}
+    for tr in result.trajectories:
+        if tr.target not in best or tr.rank < best[tr.target].rank:
+            best[tr.target] = tr
+    return [best[k] for k in sorted(best)]
+
+
+def _hide(node) -> None:
+    for i in range(node.GetNumberOfDisplayNodes()):
+        d = node.GetNthDisplayNode(i)
+        if d is not None:
+            d.SetVisibility(False)
+
+
+def add_chosen_plan_nodes(scene, result, chosen: list | None = None) -> dict:
+    """The plan as a reader of the scene should see it (RAS mm, CT world); returns the created nodes.
+
+    ``chosen``: one line node per target, named "Chosen path A", visible, in the habitat colour; control
+    points "entry" and "target A" (the target itself). ``notch_tips``: a fiducial node "Planned notch tips"
+    with one point "planned notch tip A" per target where the plan places the needle tip beyond the target
+    (``tip_ras``), in the notch-tip colour. ``candidates``: every other trajectory and the shared-entry
+    alternatives, their display nodes hidden (attribute ``TrajectoryPlanner.Candidate`` = "1"). ``chosen``
+    defaults to :func:`chosen_trajectories`.
+    """
+    if scene is None:
+        raise TrajectoryPlannerError("no MRML scene given; pass the scene that should hold the trajectories")
+    chosen = chosen_trajectories(result) if chosen is None else list(chosen)
+    out = {"chosen": [], "candidates": [], "notch_tips": None}
+    for tr in chosen:
+        node = add_trajectory_node(scene, tr)
+        node.SetName(f"Chosen path {tr.target}")
+        node.SetNthControlPointLabel(1, f"target {tr.target}")
+        node.SetAttribute(ATTR + "Chosen", "1")
+        node.GetDisplayNode().SetVisibility(True)
+        out["chosen"].append(node)
+    tips = [tr for tr in chosen if getattr(tr, "tip_ras", None) is not None]
+    if tips:
+        fid = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Planned notch tips")
+        for tr in tips:
+            idx = fid.AddControlPoint(*[float(v) for v in tr.tip_ras], f"planned notch tip {tr.target}")
+            fid.SetNthControlPointDescription(idx, f"where the plan puts the needle tip for target {tr.target} "
+                                                   "(beyond the target so that the notch covers it)")
+        fid.CreateDefaultDisplayNodes()
+        fid.GetDisplayNode().SetSelectedColor(*palette.NOTCH_TIP_COLOUR)
+        fid.GetDisplayNode().SetColor(*palette.NOTCH_TIP_COLOUR)
+        fid.SetLocked(True)
+        out["notch_tips"] = fid
+    chosen_ids = {id(tr) for tr in chosen}
+    others = [tr for tr in result.trajectories if id(tr) not in chosen_ids]
+    shared = list(result.shared_entry.trajectories) if result.shared_entry is not None else []
+    for tr in others + shared:
+        node = add_trajectory_node(scene, tr, colour=palette.NEUTRAL_COLOUR)
+        node.SetName(f"Candidate path {tr.name}")
+        node.SetAttribute(ATTR + "Candidate", "1")
+        if any(tr is s for s in shared):
+            node.SetAttribute(ATTR + "SharedEntry", "1")
+        _hide(node)
+        out["candidates"].append(node)
+    return out
 
 
 def add_skin_model_node(scene, poly, name: str = "Skin accessibility", scalar: str = "ClearanceMM"):
