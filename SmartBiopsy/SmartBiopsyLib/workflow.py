@@ -5,7 +5,8 @@ Every stage writes its outputs into the case folder as soon as it finishes; a st
 stops the run with one clear message, the outputs of the finished stages are kept, and ``summary.json``
 plus the report describe what happened. Folder layout (all coordinates RAS mm)::
 
-    summary.json                 stages (status, seconds, message), case description, peak memory
+    summary.json                 stages (status, seconds, message), case description, total_seconds and
+                                 peak_memory_mb (measured once before the report; see TOTAL_COVERS), truth_check
     inputs/                      ct.nrrd, mri_t2.nrrd (the anatomical MRI used for fusion), series_used.json (--case)
     registration/                fusion.json, qa.json, mri_to_ct.json, mri_to_ct.tfm, t2_on_ct.nrrd, *.png
     characterisation/            adc/ff/ef.nrrd, adc_qc.json, ef_qc.json, tumour.nrrd, habitats.nrrd (MRI grid), regions.csv,
@@ -154,6 +155,16 @@ class StageStopped(SmartBiopsyError):
     there without an error, later stages are skipped, the summary and the report are still written."""
 
 
+#: What the run's one total time covers (stated in summary.json and the report).
+TOTAL_COVERS = ("wall time from the start of the run to the writing of the report; the report step's own "
+                "writing (the last thing the run does) is not included")
+
+
+def _peak_memory_mb() -> int:
+    """Peak resident memory of this process so far (MB, whole number; ru_maxrss is in kB on Linux)."""
+    return int(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0))
+
+
 @dataclass
 class CaseRun:
     """State of one run; ``results`` holds each stage's in-memory outputs."""
@@ -165,18 +176,37 @@ class CaseRun:
     results: dict = field(default_factory=dict)
     lines: list = field(default_factory=list)     # summary lines printed at the end
     stopped: tuple | None = None                  # (stage, message) when a stage stopped the run (StageStopped)
+    started: float = field(default_factory=time.perf_counter)   # when the run started (perf_counter s)
+    facts: dict = field(default_factory=dict)     # total time and peak memory, measured once (finish_facts)
+    truth_lines: list = field(default_factory=list)  # phantom truth check (synthetic cases only)
+
+    def truth(self, line: str) -> None:
+        """One line of the phantom truth check: printed at the end and listed in summary.json and the report."""
+        self.lines.append(line)
+        self.truth_lines.append(line)
+
+    def finish_facts(self) -> dict:
+        """Measure the run's total time and peak memory ONCE, just before the report is written; summary.json,
+        the report and the console all show these numbers (see :data:`TOTAL_COVERS`)."""
+        if not self.facts:
+            self.facts = {"total_seconds": round(time.perf_counter() - self.started, 1),
+                          "peak_memory_mb": _peak_memory_mb(), "total_covers": TOTAL_COVERS}
+        return self.facts
 
     def summary(self) -> dict:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        facts = self.facts or {"total_seconds": round(time.perf_counter() - self.started, 1),
+                               "peak_memory_mb": _peak_memory_mb(),
+                               "total_covers": "time so far: the run has not written its report yet"}
         return {
             "case": {"name": self.inputs.name, "source": self.inputs.source, "synthetic": self.inputs.synthetic},
             "stages": [s.to_dict() for s in self.stages],
-            "total_seconds": round(sum(s.seconds for s in self.stages), 2),
-            "peak_memory_mb": round(peak, 1),
+            **facts,
             "options": (self.options.__dict__ if self.inputs.synthetic else
                         {k: v for k, v in self.options.__dict__.items() if k not in DEMO_ONLY_OPTIONS}),
             "lines": self.lines,
-        } | ({"intake": self.inputs.intake} if self.inputs.intake else {})
+        } | ({"intake": self.inputs.intake} if self.inputs.intake else {}) | (
+            {"truth_check": {"simulated": True, "lines": self.truth_lines}}
+            if self.inputs.synthetic and self.truth_lines else {})
 
     def write_summary(self) -> None:
         write_json(self.out / "summary.json", self.summary())
@@ -352,7 +382,7 @@ def _write_fusion_outputs(run: CaseRun, fusion, d: Path, progress, source: str, 
     if i.truth is None:
         return ""
     err = _truth_tre(i.truth, m)
-    run.lines.append(f"registration error vs truth at tumour points: mean {err:.2f} mm")
+    run.truth(f"registration error vs truth at tumour points: mean {err:.2f} mm")
     return f", true TRE {err:.2f} mm"
 
 
@@ -530,14 +560,14 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         errs = _predicted_errors(run, fusion, {t.region: targets_ct[t.region] for t in targets})
         check_targetable_depth(rep, errs, {t.region: _targetable_depth_mm(t) for t in targets})
         if i.truth is not None and hasattr(i.truth, "map_mri_to_ct"):
-            run.lines.append("registration error at the targets, true vs predicted 95th percentile: " + ", ".join(
+            run.truth("registration error at the targets, true vs predicted 95th percentile: " + ", ".join(
                 f"{t.region} {np.linalg.norm(targets_ct[t.region] - i.truth.map_mri_to_ct(t.point_ras)[0]):.2f}/"
                 f"{errs.p95(t.region):.2f} mm" for t in targets))
         fusion.report = rep
         write_json(run.out / "registration" / "qa.json", rep.to_dict())
         write_json(run.out / "registration" / "fusion.json", fusion.to_dict())
     if i.truth is not None:
-        run.lines.append("targets inside the true habitat: " + ", ".join(
+        run.truth("targets inside the true habitat: " + ", ".join(
             f"{t.region}={'yes' if _true_habitat(i.truth, t.point_ras) == t.region else 'NO'}" for t in targets))
     regions = ", ".join(f"{t.region} depth {t.depth_mm:.0f} mm" + (
         "" if t.hit_probability is None else f" hit {100 * t.hit_probability:.0f}%") for t in targets)
@@ -678,6 +708,7 @@ def _stage_calibrate(run: CaseRun, progress, should_cancel) -> str:
         err = float(np.linalg.norm(m[:3, :3] @ c + m[:3, 3] - (truth[:3, :3] @ c + truth[:3, 3])))
         write_json(d / "truth_check.json", {"frame_centre_error_mm": err, "simulated": True})
         msg += f"; {err:.2f} mm from the simulated truth"
+        run.truth(f"robot calibration vs truth: fitted frame centre {err:.2f} mm from the simulated frame")
     if not result.passed:
         failed = ", ".join(k for k, c in result.checks.items() if not c["passed"])
         raise SmartBiopsyError(f"the robot calibration failed its QA ({failed}); see robot/calibration/calibration_qa.json")
@@ -795,7 +826,7 @@ def _sample_demo(run: CaseRun, progress, should_cancel) -> str:
             tv = sample_maps(roi, truth_maps, mri_to_ct=i.truth.mri_to_ct)
             for k in truth_maps:
                 devs.append(abs(vals.maps[k].mean / tv.maps[k].mean - 1.0))
-        run.lines.append(f"notch ADC/EF vs truth in the same ROI: max deviation {100 * max(devs):.1f} %")
+        run.truth(f"notch ADC/EF vs truth in the same ROI: max deviation {100 * max(devs):.1f} %")
     return "simulated confirmation CTs: " + "; ".join(errs)
 
 
@@ -969,7 +1000,9 @@ def _stage_record(run: CaseRun, progress, should_cancel) -> str:
         for extra in d.glob("journal*"):
             extra.unlink()
     journal = SpecimenJournal(journal_path)
-    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    # the simulated procedure ends before the run writes its report: it starts 15 + 8 min per pot ago
+    now = (_dt.datetime.now(_dt.timezone.utc)
+           - _dt.timedelta(minutes=15 + 8 * len(run.results["samples"]))).replace(microsecond=0)
     participant = run.inputs.name
     for n, (t, det, roi, vals) in enumerate(run.results["samples"]):
         values = values_from_notch(vals)
@@ -1045,8 +1078,21 @@ def _stage_report(run: CaseRun, progress, should_cancel) -> str:
     run.write_summary()
     if run.options.export:
         _export_for_hospital(run)
+    _finish_report_facts(run)
     path = write_report(run.out)
     return f"report {Path(path).name}"
+
+
+def _finish_report_facts(run: CaseRun) -> None:
+    """Measure the total time and peak memory once (:meth:`CaseRun.finish_facts`) and write them with the report
+    step shown as done (the report exists when anyone reads it), taking the time since the previous steps, so
+    that the report's step table adds up to the total."""
+    facts = run.finish_facts()
+    rec = run.stages[-1] if run.stages and run.stages[-1].name == "report" else None
+    if rec is not None:
+        rec.status, rec.message = "done", "report.html written (its own writing time is not in the total)"
+        rec.seconds = max(0.0, facts["total_seconds"] - sum(s.seconds for s in run.stages[:-1]))
+    run.write_summary()
 
 
 # ====================================================================== hospital export (called by the report stage)

@@ -334,6 +334,7 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
     tgt_disp = np.linalg.norm(apply_transform(cand @ np.linalg.inv(m0), tgt) - tgt, axis=1) if len(tgt) else np.zeros(0)
 
     reasons = []
+    kept_resid = None  # the landmark registration's own capsule residuals (mm), when the CT capsules are given
     if not mi1 > mi0 + min_mi_gain:
         reasons.append(f"mutual information did not improve ({mi0:.4f} -> {mi1:.4f} nats)")
     if caps is not None and capsules_ct is not None:
@@ -341,18 +342,20 @@ def refine_registration(ct: RasVolume, mri: RasVolume, initial_mri_to_ct: np.nda
         if pc.shape != caps.shape:
             raise RegistrationFusionError("capsules_ct and capsules_mri must be the same paired capsules")
         resid = np.linalg.norm(apply_transform(cand, caps) - pc, axis=1)
+        kept_resid = np.linalg.norm(apply_transform(m0, caps) - pc, axis=1)
         if np.any(resid > allowed):
             k = int(np.argmax(resid - allowed))
-            reasons.append(f"it leaves capsule {k} {resid[k]:.2f} mm from its CT position, more than the "
-                           f"{allowed[k]:.2f} mm its localisation error allows")
+            reasons.append(f"it would leave capsule {k} {resid[k]:.2f} mm from its CT position, more than the "
+                           f"{allowed[k]:.2f} mm its localisation error allows (the landmark registration leaves "
+                           f"it {kept_resid[k]:.2f} mm)")
     elif len(cap_disp) and np.any(cap_disp > allowed):
         k = int(np.argmax(cap_disp - allowed))
-        reasons.append(f"it moved capsule {k} by {cap_disp[k]:.2f} mm, more than the {allowed[k]:.2f} mm its "
+        reasons.append(f"it would move capsule {k} by {cap_disp[k]:.2f} mm, more than the {allowed[k]:.2f} mm its "
                        "localisation error allows")
     accepted = not reasons
     reason = ("refinement accepted: MI {:.4f} -> {:.4f} nats, capsules moved at most {:.2f} mm".format(
         mi0, mi1, float(cap_disp.max()) if len(cap_disp) else 0.0) if accepted
-        else "landmark registration kept: " + "; ".join(reasons))
+        else kept_landmark_reason(reasons, kept_resid))
     logger.info(reason)
     result = RefinementResult(cand if accepted else m0, m0, cand, accepted, reason, mi0, mi1, cap_disp, allowed,
                               tgt_disp, stages)
@@ -461,3 +464,16 @@ def resample_mri_on_ct(mri: RasVolume, ct: RasVolume, result_or_matrix, order: i
         return RasVolume(sitk.GetArrayFromImage(res), ct.ijk_to_ras.copy(), mri.name, dict(mri.meta))
     m = result_or_matrix.matrix if isinstance(result_or_matrix, RefinementResult) else result_or_matrix
     return resample(mri, ct, m, order=order)
+
+
+def kept_landmark_reason(reasons: list, landmark_residuals_mm=None) -> str:
+    """Why the intensity refinement was rejected, worded so that no number can be read as the kept
+    registration's: the kept landmark registration's own capsule residual (RMS and worst, mm) comes first,
+    then the rejected refinement's faults (``reasons``, clauses about the refined transform)."""
+    kept = ""
+    r = np.asarray([] if landmark_residuals_mm is None else landmark_residuals_mm, float).ravel()
+    if r.size:
+        kept = (f"; its capsule residual is {float(np.sqrt(np.mean(r ** 2))):.2f} mm RMS "
+                f"(worst {float(r.max()):.2f} mm)")
+    return (f"intensity refinement rejected, landmark registration kept{kept}. The rejected refinement: "
+            + "; ".join(reasons))

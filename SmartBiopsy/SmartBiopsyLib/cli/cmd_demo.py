@@ -412,16 +412,20 @@ def _load_targets(path) -> dict:
 
 
 def _print_summary(run, extra=()) -> None:
+    """The end-of-run table. The total and the peak memory are the run's own (summary.json, the report): the
+    demo's preparation rows (``extra``: phantom, read back) come before the run and are not in the total."""
     rows = [(n, s, m) for n, s, m in extra] + [(s.name, s.seconds, s.message) for s in run.stages]
-    total = sum(r[1] for r in rows)
+    summ = run.summary()
+    total = float(summ["total_seconds"])
     w = sys.stdout
     w.write("\nSmartBiopsy — " + run.inputs.source + "\n")
     w.write(f"{'stage':<13} {'time s':>7}  result\n" + "-" * 78 + "\n")
-    for n, s, m in rows:
+    for k, (n, s, m) in enumerate(rows):
+        if extra and k == len(extra):
+            w.write(f"{'':<13} {'':>7}  (above: demo preparation, before the run; below: the run)\n")
         w.write(f"{n:<13} {s:7.1f}  {m[:120]}\n")
-    w.write("-" * 78 + "\n" + f"{'total':<13} {total:7.1f}\n")
+    w.write("-" * 78 + "\n" + f"{'total':<13} {total:7.1f}  {summ.get('total_covers', '')}\n")
     for line in run.lines:
         w.write(f"  {line}\n")
-    summ = run.summary()
     w.write(f"  peak memory {summ['peak_memory_mb']:.0f} MB; outputs in {run.out} (report.html, scene.mrb)\n")
     w.flush()

@@ -9,6 +9,7 @@ import numpy as np
 from SmartBiopsyLib.report.case import CaseFolder
 from SmartBiopsyLib.report.figures import FigureStore
 from SmartBiopsyLib.report.html import esc, fmt_num, na_note, html_table
+from SmartBiopsyLib.report.words import plain
 
 
 def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
@@ -16,6 +17,9 @@ def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
     proc = case.json("specimens/procedure.json")
     if isinstance(proc, dict):
         scans = [s for s in proc.get("scans") or [] if isinstance(s, dict)]
+        if (case.summary.get("case") or {}).get("synthetic") and "(simulated)" in str(proc):
+            out.append('<p class="na">Simulated procedure record (phantom demo): the times, doses and needle '
+                       "manipulations below are simulated.</p>")
         out.append(html_table(("item", "value"), [
             ("participant", proc.get("participant_id") or "-"), ("operator", proc.get("operator") or "-"),
             ("planning topogram", proc.get("planning_topogram_utc") or "-"),
@@ -69,12 +73,15 @@ def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
                    f"{' (cancelled)' if sess.get('cancelled') else ''}.</p>")
         if sess.get("auto_confirmed") or (case.summary.get("case") or {}).get("auto_confirmed"):
             out.append('<p class="note">Demo: the plan was confirmed automatically and the robot was a simulator.</p>')
-        rows = [(t.get("name"), t.get("region"), t.get("state"), t.get("transmissions"),
+        # the robot's STATUS text is its reply when the target was sent ("target 1 reachable"); the state is
+        # where the target ended ("reached"): the columns say which is which
+        rows = [(t.get("name"), t.get("region"), plain(t.get("state")), t.get("transmissions"),
                  fmt_num(t.get("echo_error_mm"), 3),
                  fmt_num(t.get("echo_error_deg"), 3), fmt_num(t.get("reached_error_mm"), 2), t.get("robot_status") or "-")
                 for t in sess.get("targets") or [] if isinstance(t, dict)]
-        out.append(html_table(("target", "region", "state", "sent", "echo error (mm)", "echo error (deg)",
-                           "reached error (mm)", "robot status"), rows, num_cols=(3, 4, 5, 6)))
+        out.append(html_table(("target", "region", "final state", "sent", "echo error (mm)", "echo error (deg)",
+                           "reached error (mm)", "robot's reply when the target was sent"), rows,
+                              num_cols=(3, 4, 5, 6)))
     else:
         out.append(na_note("Robot session " + case.why("robot", "robot/session.json")))
     return "\n".join(out)
@@ -86,7 +93,10 @@ def _calibration(case: CaseFolder, figs: FigureStore) -> str:
     if not isinstance(qa, dict):
         return na_note("Robot calibration " + case.why("robot", "robot/calibration/calibration_qa.json"))
     truth = case.json("robot/calibration/truth_check.json")
-    rows = [("fiducial frame", qa.get("model", "-")), ("fiducials found", qa.get("fiducials_found", "-")),
+    model = qa.get("model", "-")
+    if isinstance(model, dict):  # the frame model itself: its name, not its JSON
+        model = model.get("name") or "-"
+    rows = [("fiducial frame", model), ("fiducials found", qa.get("fiducials_found", "-")),
             ("residual RMS (mm)", fmt_num(qa.get("residual_rms_mm"), 3)),
             ("worst fiducial residual (mm)", fmt_num(max((qa.get("residual_mm_per_fiducial") or {}).values(), default=None), 3)),
             ("predicted error at targets, 95 % (mm)",

@@ -40,10 +40,13 @@ def section_specimens(case: CaseFolder, figs: FigureStore) -> str:
         return na_note("Specimen table " + case.why("specimens", "specimens/specimens.csv"))
     path = _pathology(case)
     maps = [m for m in ("adc", "ff", "ef") if any(f"{m}_mean" in r for r in rows)]
-    header = ["pot", "region", "target", "time (UTC)", "operator"] + [f"{m.upper()} mean ± SD" for m in maps]
+    simulated = synthetic and demo_simulated(case)
+    header = (["pot", "region", "target", "time (UTC, simulated)" if simulated else "time (UTC)", "operator"]
+              + [f"{m.upper()} mean ± SD" for m in maps])
     has_path = bool(path)
     if has_path:
-        header += ["Ki-67 (%)", "grade"]
+        # a phantom has no tissue: its pathology values are synthetic wherever they appear
+        header += ["Ki-67 (%), synthetic", "grade, synthetic"] if synthetic else ["Ki-67 (%)", "grade"]
     body = []
     for r in rows:
         row = [r.get("pot_id"), r.get("region"), r.get("target_name"), r.get("time_utc"), r.get("operator")]
@@ -53,9 +56,13 @@ def section_specimens(case: CaseFolder, figs: FigureStore) -> str:
             row += [fmt_num(pr.get("ki67_percent")), pr.get("fnclcc_grade") or "-"]
         body.append(row)
     out = [html_table(header, body)]
-    if synthetic and demo_simulated(case):
+    if simulated:
         out.insert(0, '<p class="na">Simulated specimen pots (phantom demo): recorded from the simulated '
-                      "confirmation CTs, not from a procedure.</p>")
+                      "confirmation CTs, not from a procedure; their times are simulated"
+                      + ("; Ki-67 and grade are synthetic values from a toy model of the phantom" if has_path
+                         else "") + ".</p>")
+    elif synthetic and has_path:
+        out.insert(0, '<p class="na">Synthetic case: Ki-67 and grade are synthetic values, not pathology.</p>')
     if not has_path:
         out.append('<p class="note">No pathology results yet (specimens/pathology.csv absent).</p>')
     out.append(_export_paragraph(case))

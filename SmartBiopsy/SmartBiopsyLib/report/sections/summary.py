@@ -19,8 +19,13 @@ def section_summary(case: CaseFolder, figs: FigureStore) -> str:
             ("synthetic data", "yes (phantom)" if c.get("synthetic") else "no")]
     if s.get("peak_memory_mb") is not None:
         rows.append(("peak memory", f"{fmt_num(s.get('peak_memory_mb'), 0)} MB"))
-    total = sum(float(x.get("seconds") or 0.0) for x in case.stages)
-    rows.append(("total time of the steps", f"{total:.1f} s"))
+    # one total: the number the run measured once (summary.json), the same one the console prints
+    if s.get("total_seconds") is not None:
+        total = float(s["total_seconds"])
+        rows.append(("total time", f"{total:.1f} s" + (f" ({s['total_covers']})" if s.get("total_covers") else "")))
+    else:
+        total = sum(float(x.get("seconds") or 0.0) for x in case.stages)
+        rows.append(("total time of the steps", f"{total:.1f} s"))
     proc = case.json("specimens/procedure.json")
     if isinstance(proc, dict):
         rows.append(("total DLP", f"{fmt_num(proc.get('total_dlp_mgy_cm'))} mGy*cm"))
@@ -31,6 +36,7 @@ def section_summary(case: CaseFolder, figs: FigureStore) -> str:
     else:
         rows.append(("DLP and procedure window", case.why("specimens", "specimens/procedure.json")))
     out.append(html_table(("item", "value"), rows))
+    out.append(truth_check_table(case))
     if case.stages:
         srows = []
         for st in case.stages:
@@ -56,3 +62,18 @@ def section_summary(case: CaseFolder, figs: FigureStore) -> str:
         fig.tight_layout()
         out.append(figs.save(fig, "stage_times", "Wall time of each workflow step."))
     return "\n".join(out)
+
+
+def truth_check_table(case: CaseFolder) -> str:
+    """The phantom truth check (synthetic cases): each accuracy line the run measured against the phantom's
+    known truth (summary.json ``truth_check``), as "check | result" rows; empty for a patient's case."""
+    s = case.summary if isinstance(case.summary, dict) else {}
+    if not (s.get("case") or {}).get("synthetic"):
+        return ""
+    lines = [str(x) for x in ((s.get("truth_check") or {}).get("lines") or [])]
+    head = ('<p><b>Phantom truth check</b> (digital phantom: results compared with the phantom\'s known truth, '
+            "which a patient's case does not have):</p>")
+    if not lines:
+        return head + na_note("not available (summary.json holds no truth-check lines)")
+    rows = [tuple(x.split(": ", 1)) if ": " in x else (x, "") for x in lines]
+    return head + html_table(("phantom truth check", "result"), rows)

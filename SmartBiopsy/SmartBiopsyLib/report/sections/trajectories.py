@@ -9,6 +9,7 @@ import numpy as np
 from SmartBiopsyLib.report.case import CaseFolder
 from SmartBiopsyLib.report.figures import CT_WINDOW_HU, HABITAT_COLOURS, REGION_COLOURS, FigureStore, apply_matrix, perp_axial, unit_vector, reslice
 from SmartBiopsyLib.report.html import esc, fmt_num, na_note, html_table
+from SmartBiopsyLib.report.words import plain
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def section_trajectories(case: CaseFolder, figs: FigureStore) -> str:
         clear = t.get("clearance_mm") or {}
         rows.append((t.get("name"), t.get("target"), t.get("region"), t.get("rank"), fmt_num(t.get("length_mm")),
                      fmt_num(t.get("angle_to_axial_deg")), fmt_num(t.get("score"), 3),
-                     ", ".join(f"{k} {v:.1f}" for k, v in sorted(clear.items(), key=lambda kv: kv[1])[:4])))
+                     ", ".join(f"{plain(k)} {v:.1f}" for k, v in sorted(clear.items(), key=lambda kv: kv[1])[:4])))
     out.append(html_table(("path", "target", "region", "rank", "length (mm)", "angle to axial (deg)", "score",
                        "clearance to nearest structures (mm)"), rows, num_cols=(3, 4, 5, 6)))
     if plan.get("shared_entry_note"):
@@ -187,5 +188,5 @@ def section_trajectories(case: CaseFolder, figs: FigureStore) -> str:
         out.append("<p>Rejected candidate paths per target (first failed constraint):</p>")
         out.append(html_table(("target", "candidates", "rejections"),
                           [(k, (plan.get("candidates") or {}).get(k, "-"),
-                            ", ".join(f"{r} {c}" for r, c in v.items()) or "none") for k, v in rej.items()]))
+                            "; ".join(f"{plain(r)}: {c}" for r, c in v.items()) or "none") for k, v in rej.items()]))
     return "\n".join(out)
