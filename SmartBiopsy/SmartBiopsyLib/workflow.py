@@ -156,8 +156,7 @@ class StageStopped(SmartBiopsyError):
 
 
 #: What the run's one total time covers (stated in summary.json and the report).
-TOTAL_COVERS = ("wall time from the start of the run to the writing of the report; the report step's own "
-                "writing (the last thing the run does) is not included")
+TOTAL_COVERS = "wall time from the start of the run to the start of writing the report"
 
 
 def _peak_memory_mb() -> int:

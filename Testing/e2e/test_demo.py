@@ -197,3 +197,40 @@ def test_demo_writes_the_hospital_export_and_every_dicom_object_passes_dciodvfy(
             assert "skipped" in v or v["errors"] == 0, o
     assert any("simulated" in n for n in m["notes"])
     assert "Hospital export (export/)" in (demo_dir / "report.html").read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- one set of facts
+def test_demo_facts_agree_and_the_scene_shows_one_chosen_path_per_target(demo_dir):
+    """summary.json, the report and the scene say the same thing (issue 19: one total, one peak memory, the truth
+    check in the report, simulated times before the report, chosen paths visible, candidates hidden)."""
+    import html as _html
+
+    from SmartBiopsyCoreLib import palette
+    from SmartBiopsyCoreLib.dataio.scene_io import load_scene_bundle
+
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    text = (demo_dir / "report.html").read_text()
+    cells = [_html.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", text, re.S)]
+    total = next(cells[i + 1] for i, c in enumerate(cells) if c == "total time")
+    assert total.startswith(f"{summary['total_seconds']:.1f} s")
+    assert cells[cells.index("peak memory") + 1] == f"{summary['peak_memory_mb']:.0f} MB"
+    assert "running" not in cells
+    assert any(c.startswith("registration error vs truth") for c in cells)
+    assert "time (UTC, simulated)" in cells and "Ki-67 (%), synthetic" in cells
+    written = re.search(r"Written (\d{4}-\d\d-\d\d \d\d:\d\d) UTC", text).group(1).replace(" ", "T")
+    import csv
+    with open(demo_dir / "specimens" / "specimens.csv", newline="") as fh:
+        assert all(r["time_utc"][:16] <= written for r in csv.DictReader(fh))
+    scene = load_scene_bundle(demo_dir / "scene.mrb").scene
+    lines = [scene.GetNthNodeByClass(i, "vtkMRMLMarkupsLineNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsLineNode"))]
+    paths = [n for n in lines if n.GetAttribute("TrajectoryPlanner.Target")]
+    visible = sorted(n.GetName() for n in paths if n.GetDisplayNode().GetVisibility())
+    assert visible == ["Chosen path A", "Chosen path B", "Chosen path C"]
+    assert len(paths) > 3
+    for n in paths:
+        if n.GetName().startswith("Chosen path"):
+            assert np.allclose(n.GetDisplayNode().GetSelectedColor(), palette.REGION_COLOURS[n.GetName()[-1]], atol=1e-3)
+    seg = scene.GetFirstNodeByName("Tumour and organs at risk").GetSegmentation()
+    names = {seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())}
+    assert "Tumour" in names and len(names) >= 3

@@ -140,13 +140,16 @@ def tumour_and_risk_segmentation(scene, tumour: RasVolume | None = None, risk_la
     """
     parts = []  # the first part sets the segmentation's reference geometry: a CT grid when there is one
     for lab, names in risk_labelmaps or ():
+        from scipy import ndimage
+
         arr = np.asarray(lab.array)
+        boxes = ndimage.find_objects(np.clip(arr, 0, None).astype(np.int32))  # one pass: a box per label value
         for value, struct in sorted((names or {}).items()):
-            mask = arr == int(value)
-            if not np.any(mask):
+            box = boxes[int(value) - 1] if 0 < int(value) <= len(boxes) else None
+            if box is None:
                 continue
             colour = palette.RISK_COLOURS.get(str(struct).lower(), palette.NEUTRAL_COLOUR)
-            parts.append((str(struct), _cropped(lab.with_array(mask.astype(np.uint8))), colour))
+            parts.append((str(struct), _sub_volume(lab, box, arr[box] == int(value)), colour))
     if tumour is not None and np.any(np.asarray(tumour.array)):
         m = np.eye(4) if mri_to_ct is None else np.asarray(mri_to_ct, float)
         vol = RasVolume((np.asarray(tumour.array) > 0).astype(np.uint8), m @ np.asarray(tumour.ijk_to_ras, float),
@@ -171,6 +174,14 @@ def tumour_and_risk_segmentation(scene, tumour: RasVolume | None = None, risk_la
         segment.SetName(seg_name)
         segment.SetColor(*rgb)
     return seg
+
+
+def _sub_volume(vol: RasVolume, box: tuple, mask: np.ndarray) -> RasVolume:
+    """``mask`` (the voxels of ``vol`` inside the slices ``box``, k/j/i) as a uint8 volume placed exactly."""
+    shift = np.eye(4)
+    shift[:3, 3] = [box[2].start, box[1].start, box[0].start]     # i, j, k
+    return RasVolume(np.ascontiguousarray(mask.astype(np.uint8)), np.asarray(vol.ijk_to_ras, float) @ shift,
+                     vol.name)
 
 
 def _cropped(vol: RasVolume, pad: int = 1) -> RasVolume:
