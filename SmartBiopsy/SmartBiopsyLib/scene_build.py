@@ -28,6 +28,14 @@ def _folder(sh, name: str, parent: int | None = None) -> int:
     return sh.CreateFolderItem(sh.GetSceneItemID() if parent is None else parent, name)
 
 
+def _hide_folder(scene, sh, folder: int) -> None:
+    """Hide a folder item itself, as Slicer's Data module does: a folder display node, visibility off (the
+    headless subject hierarchy has no folder plugin to create it)."""
+    disp = scene.AddNewNodeByClass("vtkMRMLFolderDisplayNode", sh.GetItemName(folder))
+    disp.SetVisibility(False)
+    sh.SetItemDataNode(folder, disp)
+
+
 def _put(sh, node, folder: int) -> None:
     if node is None:
         return
@@ -134,6 +142,7 @@ def build_case_scene(scene, run) -> dict:
                 _put(sh, node, f_cand)
             sh.SetItemAttribute(f_cand, "SmartBiopsy.Hidden", "1")
             sh.SetItemExpanded(f_cand, False)
+            _hide_folder(scene, sh, f_cand)
         if res.get("skin_poly") is not None:
             _put(sh, add_skin_model_node(scene, res["skin_poly"]), f_plan)
     calibration = res.get("calibration")

@@ -129,6 +129,7 @@ def test_candidate_paths_are_hidden_in_their_own_folder(built, case_run):
     candidates = [n for n in lines if not n.GetName().startswith("Chosen path")]
     assert {n.GetID() for n in children} == {n.GetID() for n in candidates} and candidates
     assert not any(_visible(n) for n in candidates)
+    assert sh.GetItemDisplayVisibility(folder) == 0
     assert any(n.GetAttribute("TrajectoryPlanner.SharedEntry") == "1" for n in candidates) == (
         case_run.plan.shared_entry is not None)
 
@@ -217,3 +218,5 @@ def test_the_saved_bundle_keeps_segments_visibility_and_names(built, case_run, t
     lines = {n.GetName(): n for n in _nodes(back, "vtkMRMLMarkupsLineNode")}
     assert all(_visible(lines[f"Chosen path {t.target}"]) for t in case_run.best)
     assert not any(_visible(n) for k, n in lines.items() if k.startswith("Candidate path"))
+    sh = back.GetSubjectHierarchyNode()
+    assert sh.GetItemDisplayVisibility(sh.GetItemByName("Candidate paths (hidden)")) == 0
