@@ -33,7 +33,7 @@ def _sitk_mask(mask: np.ndarray, spacing):
 _FEW_COMPONENTS = 3
 
 
-def _label(mask: np.ndarray, threads: int | None = None):
+def label_components(mask: np.ndarray, threads: int | None = None):
     """Face-connected components of a boolean (k, j, i) mask: (SimpleITK label image, uint32 label array view of
     it, number of components). Keep the image alive as long as the view is used."""
     import SimpleITK as sitk
@@ -67,7 +67,7 @@ def _largest_component(mask: np.ndarray, threads: int | None = None) -> np.ndarr
     import SimpleITK as sitk
 
     mask = np.ascontiguousarray(mask, bool)
-    img, lab, n = _label(mask, threads)
+    img, lab, n = label_components(mask, threads)
     if n == 1:
         return mask.copy()
     if n <= _FEW_COMPONENTS:
@@ -97,7 +97,7 @@ def _fill_holes(m: np.ndarray, box: tuple, threads: int | None = None) -> np.nda
         p[0] = True
     if hi[0] == shape[0]:
         p[-1] = True
-    _img, bg, _ = _label(~p, threads)
+    _img, bg, _ = label_components(~p, threads)
     outside = bg[1, 0, 0]  # the j = lo - 1 ring is background that reaches a j/i face of the array
     out = np.zeros(shape, bool)
     np.not_equal(bg[1:-1, 1:-1, 1:-1], outside, out=out[box])

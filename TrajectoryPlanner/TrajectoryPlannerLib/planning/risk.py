@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD, body_mask_array
+from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD, body_mask_array, label_components
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyCoreLib.geometry import RasVolume, resample
 
@@ -143,16 +143,14 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
     ``keep_touching``: (lo, hi) flags per (k, j, i) axis; components touching a flagged face of the array are
     kept whatever their size (the array is a window of a larger volume: the component may continue outside).
     """
-    import SimpleITK as sitk
-
     if not mask.any():
         return mask.copy()
-    cc = sitk.ConnectedComponentImageFilter()
-    if threads:
-        cc.SetNumberOfThreads(int(threads))
-    img = cc.Execute(_sitk_mask(mask, spacing))
-    lab = sitk.GetArrayViewFromImage(img)
-    counts = np.bincount(lab.ravel())
+    mask = np.ascontiguousarray(mask, bool)
+    img, lab, n = label_components(mask, threads)
+    # sizes from the structure voxels only (structures are sparse): no pass over a whole label array
+    idx = np.flatnonzero(mask)
+    lv = lab.ravel()[idx]
+    counts = np.bincount(lv, minlength=n + 1)
     counts[0] = 0
     if largest_only:
         keep = np.zeros(len(counts), bool)
@@ -162,11 +160,12 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
         keep[0] = False
     if keep_touching is not None:
         for ax, (lo_face, hi_face) in enumerate(keep_touching):
-            for flag, idx in ((lo_face, 0), (hi_face, -1)):
+            for flag, i in ((lo_face, 0), (hi_face, -1)):
                 if flag:
-                    keep[np.unique(np.take(lab, idx, axis=ax))] = True
+                    keep[np.unique(np.take(lab, i, axis=ax))] = True
         keep[0] = False
-    out = keep[lab]
+    out = np.zeros(mask.shape, bool)
+    out.ravel()[idx[keep[lv]]] = True
     del lab, img
     return out
 
@@ -276,9 +275,11 @@ def structures_from_labelmap(labels: RasVolume, grid: RasVolume, names: dict[int
     out = []
     for v in values:
         name = names[v] if names else f"label_{v}"
-        mask = sub == v
-        if region is not None:
-            mask = _embed(mask, arr.shape, box, inner)
+        if region is None:
+            mask = sub == v
+        else:  # compared straight into the full-grid mask (one pass, no copy)
+            mask = np.zeros(arr.shape, bool)
+            np.equal(sub, v, out=mask[box])
         if not mask.any():
             logger.info("risk label %s (%d) not present in the planning region", name, v)
             continue
@@ -309,17 +310,19 @@ def build_risk_model(ct: RasVolume, labelmaps: list[tuple[RasVolume, dict | None
                      margins: dict | None = None, exclusion: EntryExclusion | None = None,
                      auto: bool = True, body_hu: float = BODY_HU_THRESHOLD, bone_hu: float = 200.0, gas_hu: float = -400.0,
                      table_opening_mm: float = 0.0, threads: int | None = None, region: tuple | None = None,
-                     body: np.ndarray | None = None) -> RiskModel:
+                     body: np.ndarray | None = None, skin: np.ndarray | None = None) -> RiskModel:
     """Body, skin, automatic and user structures on ``ct``'s grid (pass a cropped CT to save time).
 
     A user structure whose name equals an automatic one ('bone', 'gas') replaces it. ``region``: (lo, hi)
     k, j, i box where structures are needed (the planner passes the box its paths can run in, grown by the
-    distance cap); structures are built only there. ``body``: the body mask when already computed.
+    distance cap); structures are built only there. ``body``, ``skin``: the body mask and its skin
+    (:func:`skin_mask`) when already computed.
     """
     check_hounsfield(ct)
     if body is None:
         body = body_mask(ct, body_hu, table_opening_mm, threads)
-    skin = skin_mask(body)
+    if skin is None:
+        skin = skin_mask(body)
     user: list[RiskStructure] = []
     for lm, names in labelmaps or []:
         user += structures_from_labelmap(lm, ct, names, margins, region)
