@@ -179,26 +179,38 @@ def body_mask(ct: RasVolume, body_hu: float = BODY_HU_THRESHOLD, table_opening_m
         raise TrajectoryPlannerError(str(exc)) from None
 
 
+def _shifted(ax: int, n: int, sh: int) -> tuple:
+    """(destination, source) index tuples pairing each voxel with its neighbour ``sh`` (+-1) along ``ax``."""
+    dst = [slice(None)] * 3
+    src = [slice(None)] * 3
+    dst[ax] = slice(0, n - 1) if sh > 0 else slice(1, n)
+    src[ax] = slice(1, n) if sh > 0 else slice(0, n - 1)
+    return tuple(dst), tuple(src)
+
+
 def _erode6(mask: np.ndarray, edge: bool = True) -> np.ndarray:
-    """Erosion by the 6-neighbour cross; ``edge``: voxels beyond the array take the edge value."""
-    p = np.pad(mask, 1, mode="edge") if edge else np.pad(mask, 1, constant_values=False)
-    out = p[1:-1, 1:-1, 1:-1].copy()
+    """Erosion by the 6-neighbour cross; ``edge``: voxels beyond the array take the edge value (else False)."""
+    out = np.array(mask, bool, copy=True)
     for ax in range(3):
+        n = mask.shape[ax]
         for sh in (-1, 1):
-            sl = [slice(1, -1)] * 3
-            sl[ax] = slice(1 + sh, p.shape[ax] - 1 + sh)
-            out &= p[tuple(sl)]
+            dst, src = _shifted(ax, n, sh)
+            out[dst] &= mask[src]
+        if not edge:  # the neighbour beyond each face is outside
+            face = [slice(None)] * 3
+            for i in (0, n - 1):
+                face[ax] = i
+                out[tuple(face)] = False
     return out
 
 
 def _dilate6(mask: np.ndarray) -> np.ndarray:
-    p = np.pad(mask, 1, constant_values=False)
-    out = p[1:-1, 1:-1, 1:-1].copy()
+    """Dilation by the 6-neighbour cross (nothing beyond the array)."""
+    out = np.array(mask, bool, copy=True)
     for ax in range(3):
         for sh in (-1, 1):
-            sl = [slice(1, -1)] * 3
-            sl[ax] = slice(1 + sh, p.shape[ax] - 1 + sh)
-            out |= p[tuple(sl)]
+            dst, src = _shifted(ax, mask.shape[ax], sh)
+            out[dst] |= mask[src]
     return out
 
 
@@ -277,7 +289,7 @@ def structures_from_labelmap(labels: RasVolume, grid: RasVolume, names: dict[int
         name = names[v] if names else f"label_{v}"
         if region is None:
             mask = sub == v
-        else:  # compared straight into the full-grid mask (one pass, no copy)
+        else:  # compared straight into the full-grid mask
             mask = np.zeros(arr.shape, bool)
             np.equal(sub, v, out=mask[box])
         if not mask.any():
