@@ -63,9 +63,10 @@ import hashlib, json, sys, time
 import numpy as np
 from SmartBiopsyCoreLib.phantom import abdomen as synthetic
 from SmartBiopsyCoreLib.body import body_mask_array
+from SmartBiopsyCoreLib.geometry import RasVolume
 spacing, fov = json.loads(sys.argv[1])
 ct, labels, targets = synthetic.make_abdomen(tuple(spacing), tuple(fov))
-body_mask_array(ct.with_array(np.asarray(ct.array)[:4]))  # imports outside the timing
+body_mask_array(RasVolume(np.asarray(ct.array)[:4], ct.ijk_to_ras, 'warm-up'))  # imports outside the timing
 t0 = time.perf_counter()
 m = body_mask_array(ct, threads=2)
 total = time.perf_counter() - t0
