@@ -131,3 +131,22 @@ def test_a_small_component_cut_by_the_region_is_kept(abdomen):
     cut = (np.array([0, 0, 0]), np.array([a.shape[0], a.shape[1], i + 2]))  # the region cuts the blob
     part = {s.name: s.mask for s in risk.auto_structures(x, body, region=cut)}
     assert part["bone"][k, j, i] and part["bone"][k, j, i + 1]
+
+
+def test_six_neighbour_erosion_and_dilation_equal_the_padded_definition():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    cross = ndimage.generate_binary_structure(3, 1)
+    for shape in ((1, 5, 7), (9, 10, 11), (20, 1, 6)):
+        for frac in (0.3, 0.8):
+            m = rng.random(shape) < frac
+            p_edge = np.pad(m, 1, mode="edge")
+            p_zero = np.pad(m, 1, constant_values=False)
+            inner = (slice(1, -1),) * 3
+            assert np.array_equal(risk._erode6(m, edge=True), ndimage.binary_erosion(p_edge, cross)[inner])
+            assert np.array_equal(risk._erode6(m, edge=False), ndimage.binary_erosion(p_zero, cross)[inner])
+            assert np.array_equal(risk._dilate6(m), ndimage.binary_dilation(p_zero, cross)[inner])
+            view = m[:, ::-1, 1:]  # not contiguous
+            assert np.array_equal(risk._erode6(view, edge=False),
+                                  ndimage.binary_erosion(np.pad(view, 1, constant_values=False), cross)[inner])

@@ -136,6 +136,15 @@ def _sitk_mask(mask: np.ndarray, spacing):
     return img
 
 
+def _bbox_slices(mask: np.ndarray) -> tuple:
+    """Index slices (k, j, i) of the bounding box of the True voxels of a non-empty mask."""
+    out = []
+    for ax in ((1, 2), (0, 2), (0, 1)):
+        nz = np.flatnonzero(mask.any(axis=ax))
+        out.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return tuple(out)
+
+
 def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_only: bool = False,
                      threads: int | None = None, keep_touching: tuple | None = None) -> np.ndarray:
     """Connected components (SimpleITK's face connectivity) of at least ``min_mm3`` (mm³) kept, as a mask.
@@ -145,6 +154,16 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
     """
     if not mask.any():
         return mask.copy()
+    # components never leave the mask's bounding box: label there; a box face touches an array face only
+    # where they coincide
+    box = _bbox_slices(mask)
+    if any(b.stop - b.start < n for b, n in zip(box, mask.shape)):
+        if keep_touching is not None:
+            keep_touching = tuple((lo and b.start == 0, hi and b.stop == n)
+                                  for (lo, hi), b, n in zip(keep_touching, box, mask.shape))
+        out = np.zeros(mask.shape, bool)
+        out[box] = _keep_components(mask[box], spacing, min_mm3, largest_only, threads, keep_touching)
+        return out
     mask = np.ascontiguousarray(mask, bool)
     img, lab, n = label_components(mask, threads)
     # sizes from the structure voxels only (structures are sparse): no pass over a whole label array
@@ -238,7 +257,11 @@ def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas
     bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads, keep_touching=touching)
     gas = (a < gas_hu) & body_b
     if gas.any():
-        gas = _dilate6(_erode6(gas, edge=True)) & gas  # opening with the 6-neighbour cross
+        # opening with the 6-neighbour cross, on the gas's box grown by one voxel (the erosion sees the same
+        # neighbours there, the array's edge value at its faces; the dilation cannot leave that box)
+        gb = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(_bbox_slices(gas), gas.shape))
+        g = gas[gb]
+        gas[gb] = _dilate6(_erode6(g, edge=True)) & g
         gas = _keep_components(gas, spacing, min_gas_mm3, threads=threads, keep_touching=touching)
     out = []
     for name, mask in (("bone", bone), ("gas", gas)):
