@@ -29,19 +29,79 @@ def _sitk_mask(mask: np.ndarray, spacing):
     return img
 
 
-def largest_component(mask: np.ndarray, spacing=(1.0, 1.0, 1.0), threads: int | None = None) -> np.ndarray:
-    """The largest face-connected component of a boolean (k, j, i) mask (SimpleITK default connectivity)."""
+#: Up to this many components their sizes are counted one by one; above, SimpleITK sorts them by size.
+_FEW_COMPONENTS = 3
+
+
+def label_components(mask: np.ndarray, threads: int | None = None):
+    """Face-connected components of a boolean (k, j, i) mask: (SimpleITK label image, uint32 label array view of
+    it, number of components). Keep the image alive as long as the view is used."""
     import SimpleITK as sitk
 
-    if not mask.any():
-        return mask.copy()
     cc = sitk.ConnectedComponentImageFilter()
     if threads:
         cc.SetNumberOfThreads(int(threads))
+    img = cc.Execute(sitk.GetImageFromArray(mask.view(np.uint8)))
+    return img, sitk.GetArrayViewFromImage(img), int(cc.GetObjectCount())
+
+
+def _bbox_slices(mask: np.ndarray) -> tuple:
+    """Index slices (k, j, i) of the bounding box of the True voxels of a non-empty mask."""
+    out = []
+    for ax in ((1, 2), (0, 2), (0, 1)):
+        nz = np.flatnonzero(mask.any(axis=ax))
+        out.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return tuple(out)
+
+
+def largest_component(mask: np.ndarray, spacing=(1.0, 1.0, 1.0), threads: int | None = None) -> np.ndarray:
+    """The largest face-connected component of a boolean (k, j, i) mask (a new array; ``spacing`` is unused)."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return mask.copy()
+    return _largest_component(mask, threads)
+
+
+def _largest_component(mask: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """Largest component of a non-empty mask (equal sizes: the lower label)."""
+    import SimpleITK as sitk
+
+    mask = np.ascontiguousarray(mask, bool)
+    img, lab, n = label_components(mask, threads)
+    if n == 1:
+        return mask.copy()
+    if n <= _FEW_COMPONENTS:
+        counts = [int(np.count_nonzero(lab == v)) for v in range(1, n + 1)]
+        return lab == (int(np.argmax(counts)) + 1)
     rel = sitk.RelabelComponentImageFilter()
     rel.SetSortByObjectSize(True)
-    out = sitk.GetArrayFromImage(rel.Execute(cc.Execute(_sitk_mask(mask, spacing))))
-    return out == 1
+    if threads:
+        rel.SetNumberOfThreads(int(threads))
+    sorted_img = rel.Execute(img)  # keep the image alive while its array view is read
+    return sitk.GetArrayViewFromImage(sorted_img) == 1
+
+
+def _fill_holes(m: np.ndarray, box: tuple, threads: int | None = None) -> np.ndarray:
+    """``m`` with every face-connected background region that reaches no j/i face of the array filled; the
+    first and last k slices count as foreground (so holes they cut are filled). ``box``: slices around ``m``.
+
+    Equals SimpleITK's BinaryFillhole (fullyConnected off) of ``m`` padded with one foreground slice before
+    the first and after the last k slice, computed on ``box`` grown by one voxel: outside the box every
+    background voxel reaches a j/i face along a line of background (or a whole background slice)."""
+    shape = m.shape
+    lo = np.array([s.start for s in box])
+    hi = np.array([s.stop for s in box])
+    p = np.zeros(tuple(int(v) for v in hi - lo + 2), bool)
+    p[1:-1, 1:-1, 1:-1] = m[box]
+    if lo[0] == 0:
+        p[0] = True
+    if hi[0] == shape[0]:
+        p[-1] = True
+    _img, bg, _ = label_components(~p, threads)
+    outside = bg[1, 0, 0]  # the j = lo - 1 ring is background that reaches a j/i face of the array
+    out = np.zeros(shape, bool)
+    np.not_equal(bg[1:-1, 1:-1, 1:-1], outside, out=out[box])
+    return out
 
 
 def body_mask_array(ct: RasVolume, threshold_hu: float = BODY_HU_THRESHOLD, table_opening_mm: float = 0.0,
@@ -50,6 +110,8 @@ def body_mask_array(ct: RasVolume, threshold_hu: float = BODY_HU_THRESHOLD, tabl
 
     ``table_opening_mm`` > 0 first opens the thresholded mask with a ball of that radius (mm), which breaks
     thin body-table contacts. Raises :class:`InputDataError` when nothing is above the threshold.
+    Components and holes are face-connected; holes are filled in 3-D (the first and last slices count as
+    body) on the body's bounding box.
     """
     import SimpleITK as sitk
 
@@ -58,13 +120,10 @@ def body_mask_array(ct: RasVolume, threshold_hu: float = BODY_HU_THRESHOLD, tabl
     if table_opening_mm > 0:
         radius = [max(1, int(round(table_opening_mm / s))) for s in spacing]
         m = sitk.GetArrayFromImage(sitk.BinaryMorphologicalOpening(_sitk_mask(m, spacing), radius)) > 0
-    m = largest_component(m, spacing, threads)
     if not m.any():
         raise InputDataError(f"no body found in the CT (nothing above {threshold_hu:.0f} HU); check that the CT is in HU")
-    # Treat the first/last slices as body so holes cut by them (lung, bowel) are still filled.
-    padded = np.pad(m, ((1, 1), (0, 0), (0, 0)), constant_values=True)
-    filled = sitk.GetArrayFromImage(sitk.BinaryFillhole(_sitk_mask(padded, spacing), fullyConnected=False)) > 0
-    return filled[1:-1]
+    m = _largest_component(m, threads)
+    return _fill_holes(m, _bbox_slices(m), threads)
 
 
 def body_mask(ct: RasVolume, threshold_hu: float = BODY_HU_THRESHOLD, table_opening_mm: float = 0.0,

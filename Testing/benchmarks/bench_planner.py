@@ -6,8 +6,10 @@
   checkout in-process against the baseline checkout (``--baseline``, default: the main checkout next to the
   worktrees, or ``$SMARTBIOPSY_BASELINE``) in a subprocess on the identical synthetic CT, alternating, N times;
   the ratio of the medians is reported, with each stage's time;
-* the best path per target of both (entry, score) and of this checkout with clearance measured to voxel
-  centres (the baseline's definition), which must equal the baseline's exactly;
+* the best path per target of both (entry, score), which must be identical;
+* the CT body mask (SmartBiopsyCoreLib.body, used by fusion, planning and the report) on the whole CT: time
+  of both checkouts and whether the masks are voxel-identical;
+* CPU seconds (all threads) of the full plan beside the wall-clock seconds: less sensitive to other load;
 * distance maps: the ``edt`` package against the SimpleITK fallback, same risk model, same run;
 * ``--mesh``: path-evaluation rate of the distance-map engine against a mesh IntersectWithLine baseline.
 
@@ -45,20 +47,46 @@ spacing, fov, needle, surface = json.loads(sys.argv[1])
 if surface is not None:
     engine.CLEARANCE_TO_SURFACE = surface
 ct, labels, targets = synthetic.make_abdomen(tuple(spacing), tuple(fov))
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 r = engine.plan(ct, targets, needle, labelmaps=[(labels, synthetic.RISK_LABELS)], settings=engine.PlanSettings(threads=2))
-total = time.perf_counter() - t0
+total, cpu = time.perf_counter() - t0, time.process_time() - c0
 best = {t.target: {"entry": [round(float(v), 3) for v in t.entry_ras], "score": float(t.score),
                    "min_excess": float(t.min_margin_excess_mm)} for t in r.trajectories if t.rank == 1}
-print("RESULT" + json.dumps({"total": total, "timings": r.timings_s, "best": best, "n": len(r.trajectories),
-                             "bound": r.error_bound_mm}))
+ranked = [[t.target, t.rank, [round(float(v), 3) for v in t.entry_ras], round(float(t.score), 6)] for t in r.trajectories]
+print("RESULT" + json.dumps({"total": total, "cpu": cpu, "timings": r.timings_s, "best": best, "n": len(r.trajectories),
+                             "bound": r.error_bound_mm, "ranked": ranked}))
+"""
+
+# the CT body mask on the whole CT, in either checkout
+BODY_SCRIPT = r"""
+import hashlib, json, sys, time
+import numpy as np
+from SmartBiopsyCoreLib.phantom import abdomen as synthetic
+from SmartBiopsyCoreLib.body import body_mask_array
+from SmartBiopsyCoreLib.geometry import RasVolume
+spacing, fov = json.loads(sys.argv[1])
+ct, labels, targets = synthetic.make_abdomen(tuple(spacing), tuple(fov))
+body_mask_array(RasVolume(np.asarray(ct.array)[:4], ct.ijk_to_ras, 'warm-up'))  # imports outside the timing
+t0 = time.perf_counter()
+m = body_mask_array(ct, threads=2)
+total = time.perf_counter() - t0
+print("RESULT" + json.dumps({"total": total, "sha1": hashlib.sha1(np.packbits(m).tobytes()).hexdigest(),
+                             "voxels": int(m.sum())}))
 """
 
 
 def run_plan(checkout: Path, spacing, fov, needle, surface=None) -> dict:
+    return _run(checkout, PLAN_SCRIPT, [spacing, fov, needle, surface])
+
+
+def run_body(checkout: Path, spacing, fov) -> dict:
+    return _run(checkout, BODY_SCRIPT, [spacing, fov])
+
+
+def _run(checkout: Path, script: str, args) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(str(checkout / m) for m in MODULES)
-    p = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, json.dumps([spacing, fov, needle, surface])],
+    p = subprocess.run([sys.executable, "-c", script, json.dumps(args)],
                        env=env, capture_output=True, text=True, cwd=str(checkout))
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT")]
     if p.returncode != 0 or not line:
@@ -105,16 +133,21 @@ def main():
     print(f"CT {int(fov[0] / spacing[0])} x {int(fov[1] / spacing[1])} x {int(fov[2] / spacing[2])} voxels "
           f"{spacing} mm; needle {args.needle}; cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}; "
           f"baseline {base if have_base else '(none)'}")
-    new, old = [], []
+    new, old, body_new, body_old = [], [], [], []
     for _ in range(args.repeat):
         new.append(run_plan(ROOT, spacing, fov, args.needle))
         if have_base:
             old.append(run_plan(base, spacing, fov, args.needle))
-    centre = run_plan(ROOT, spacing, fov, args.needle, surface=False)
+        body_new.append(run_body(ROOT, spacing, fov))
+        if have_base:
+            body_old.append(run_body(base, spacing, fov))
     med = lambda runs, key=None: statistics.median(r["total"] if key is None else r["timings"].get(key, 0.0) for r in runs)  # noqa: E731
+    medc = lambda runs: statistics.median(r["cpu"] for r in runs if "cpu" in r) if any("cpu" in r for r in runs) else None  # noqa: E731
     rows = [("full 3-target plan (risk + maps + paths)", med(new), med(old) if old else None)]
     for k in ("risk_structures", "distance_maps", "path_evaluation", "shared_entry"):
         rows.append((f"  {k}", med(new, k), med(old, k) if old else None))
+    rows.append(("full 3-target plan, CPU seconds (all threads)", medc(new), medc(old) if old else None))
+    rows.append(("CT body mask, whole CT", med(body_new), med(body_old) if body_old else None))
     t_edt, t_itk, diff = maps_backends(spacing, fov, args.needle)
     rows.append(("distance maps: edt vs SimpleITK fallback (same model)", t_edt, t_itk))
 
@@ -123,19 +156,27 @@ def main():
     print("-" * (w + 40))
     for name, a, b in rows:
         ratio = f"{b / a:6.2f}x" if b else "   -"
+        if a is None:
+            continue
         print(f"{name:<{w}} | {a:9.2f} | {b if b is not None else float('nan'):12.2f} | {ratio:>7}")
     print(f"(ratio = baseline / this, medians of {args.repeat} alternating run(s); the last row's baseline is the "
           f"SimpleITK fallback; max |combined field difference| edt vs SimpleITK {diff:.1e} mm)")
 
+    if body_old:
+        same = body_new[0]["sha1"] == body_old[0]["sha1"]
+        print(f"body mask: {body_new[0]['voxels']} voxels; {'voxel-identical' if same else 'DIFFERENT'} to the baseline's")
+
     print("\nbest path per target (entry RAS mm, score):")
     for t in sorted(new[0]["best"]):
-        n, c = new[0]["best"][t], centre["best"][t]
+        n = new[0]["best"][t]
         o = old[0]["best"].get(t) if old else None
-        same = "same entry" if o and np.allclose(n["entry"], o["entry"]) else "DIFFERENT entry"
-        same_c = ("identical" if o and np.allclose(c["entry"], o["entry"]) and abs(c["score"] - o["score"]) < 1e-4
-                  else "differs")
-        print(f"  {t}: surfaces {n['entry']} {n['score']:.4f} | centres {c['score']:.4f} ({same_c} to baseline) | "
-              f"baseline {o['entry'] if o else '-'} {o['score'] if o else float('nan'):.4f} -> {same if o else '-'}")
+        same = ("identical" if o and np.allclose(n["entry"], o["entry"]) and abs(n["score"] - o["score"]) < 1e-6
+                else "DIFFERENT")
+        print(f"  {t}: this {n['entry']} {n['score']:.6f} | baseline {o['entry'] if o else '-'} "
+              f"{o['score'] if o else float('nan'):.6f} -> {same if o else '-'}")
+    if old and "ranked" in old[0]:
+        print(f"all {len(new[0]['ranked'])} ranked trajectories (target, rank, entry, score) identical to the baseline's: "
+              f"{new[0]['ranked'] == old[0]['ranked']}")
 
     if args.mesh:
         mesh_rows(spacing, fov, args.needle)

@@ -249,3 +249,34 @@ def test_paths_that_leave_the_body_are_rejected(abdomen):
     o = Oracle(lab2, {"bone": (3,)}, outside_values=(0, 11))
     for tr in r.trajectories:
         assert not o.leaves_body(tr.entry_ras, tr.target_ras), tr.name
+
+
+def test_combined_field_of_several_margin_groups_equals_whole_grid_transforms_capped_at_the_cap():
+    """Each group's map is limited (box and cap) to the distances that can lower V; V must still equal
+    min over groups of (whole-grid exact distance capped at the cap - margin) on the path domain."""
+    from SmartBiopsyCoreLib.geometry import RasVolume
+
+    rng = np.random.default_rng(7)
+    shape = (30, 70, 80)
+    sp_ijk = np.array([0.8, 0.8, 1.5])
+    grid = RasVolume(np.zeros(shape, np.int16), np.diag([*sp_ijk, 1.0]), "g")
+    structures = []
+    for name, margin, centre in (("bone", 3.0, (5, 10, 10)), ("gas", 5.0, (25, 60, 70)), ("kidney", 5.0, (15, 35, 5)),
+                                 ("aorta", 10.0, (12, 66, 40)), ("ivc", 10.0, (3, 30, 75))):
+        m = np.zeros(shape, bool)
+        c = np.array(centre)
+        m[tuple(slice(max(0, v - 2), v + 3) for v in c)] = True
+        m &= rng.random(shape) < 0.8
+        structures.append(risk.RiskStructure(name, m, margin))
+    body = np.ones(shape, bool)
+    rm = risk.RiskModel(grid, body, body, structures)
+    domain = (np.array([4, 20, 20]), np.array([26, 50, 60]))
+    maps = engine.DistanceMaps(rm, cap_mm=30.0, domain=domain)
+    sl = tuple(slice(a, b) for a, b in zip(*domain))
+    ref = np.full(maps.combined.shape, np.inf)
+    for margin in (3.0, 5.0, 10.0):
+        union = np.any([s.mask for s in structures if s.margin_mm == margin], axis=0)
+        d = ndimage.distance_transform_edt(~union, sampling=sp_ijk[::-1])[sl]
+        ref = np.minimum(ref, np.minimum(d, 30.0) - margin)
+    assert np.abs(maps.combined - ref).max() < 1e-4
+    assert (ref < 30.0 - 10.0).mean() > 0.5  # most of the domain is within reach of some structure

@@ -131,3 +131,87 @@ def test_a_small_component_cut_by_the_region_is_kept(abdomen):
     cut = (np.array([0, 0, 0]), np.array([a.shape[0], a.shape[1], i + 2]))  # the region cuts the blob
     part = {s.name: s.mask for s in risk.auto_structures(x, body, region=cut)}
     assert part["bone"][k, j, i] and part["bone"][k, j, i + 1]
+
+
+def test_six_neighbour_erosion_and_dilation_equal_the_padded_definition():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    cross = ndimage.generate_binary_structure(3, 1)
+    for shape in ((1, 5, 7), (9, 10, 11), (20, 1, 6)):
+        for frac in (0.3, 0.8):
+            m = rng.random(shape) < frac
+            p_edge = np.pad(m, 1, mode="edge")
+            p_zero = np.pad(m, 1, constant_values=False)
+            inner = (slice(1, -1),) * 3
+            assert np.array_equal(risk._erode6(m, edge=True), ndimage.binary_erosion(p_edge, cross)[inner])
+            assert np.array_equal(risk._erode6(m, edge=False), ndimage.binary_erosion(p_zero, cross)[inner])
+            assert np.array_equal(risk._dilate6(m), ndimage.binary_dilation(p_zero, cross)[inner])
+            view = m[:, ::-1, 1:]  # not contiguous
+            assert np.array_equal(risk._erode6(view, edge=False),
+                                  ndimage.binary_erosion(np.pad(view, 1, constant_values=False), cross)[inner])
+
+
+def _reference_auto(a, body, spacing, region, min_mm3=50.0):
+    """Bone and gas as defined in the module docstring, computed on the whole region with scipy (no boxes)."""
+    from scipy import ndimage
+
+    cross = ndimage.generate_binary_structure(3, 1)
+    lo, hi = (np.asarray(v) for v in region) if region is not None else (np.zeros(3, int), np.array(a.shape))
+    glo, ghi = np.maximum(lo - 2, 0), np.minimum(hi + 2, a.shape)
+    box = tuple(slice(x, y) for x, y in zip(glo, ghi))
+    touching = [(g > 0, h < n) for g, h, n in zip(glo, ghi, a.shape)] if region is not None else [(False, False)] * 3
+    min_vox = int(np.ceil(min_mm3 / np.prod(spacing)))
+
+    def keep(mask):
+        lab, _ = ndimage.label(mask, cross)
+        k = np.bincount(lab.ravel()) >= min_vox
+        for ax, (flo, fhi) in enumerate(touching):
+            for flag, idx in ((flo, 0), (fhi, -1)):
+                if flag:
+                    k[np.unique(np.take(lab, idx, axis=ax))] = True
+        k[0] = False
+        return k[lab]
+
+    sub, b = a[box], body[box]
+    bone = keep((sub > 200) & b)
+    gas = (sub < -400) & b
+    opened = ndimage.binary_dilation(ndimage.binary_erosion(np.pad(gas, 1, mode="edge"), cross)[1:-1, 1:-1, 1:-1], cross) & gas
+    gas = keep(opened)
+    out = {}
+    for name, m in (("bone", bone), ("gas", gas)):
+        full = np.zeros(a.shape, bool)
+        full[box] = m
+        inside = np.zeros(a.shape, bool)
+        inside[tuple(slice(x, y) for x, y in zip(lo, hi))] = True
+        out[name] = full & inside
+    return out
+
+
+@pytest.mark.parametrize("region, confined", [(None, False), (((3, 5, 7), (25, 40, 52)), False),
+                                              (((0, 10, 0), (30, 45, 33)), False), (((2, 3, 4), (28, 48, 58)), True)])
+def test_automatic_bone_and_gas_equal_the_whole_region_definition_on_a_random_ct(region, confined):
+    """``confined``: bone and gas only in a block inside the region, so that their boxes are smaller than it."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(11)
+    shape = (30, 50, 60)
+    a = np.full(shape, 40.0)
+    f = ndimage.gaussian_filter(rng.random(shape), 1.5)
+    a[f > np.quantile(f, 0.93)] = 500.0  # bone blobs of many sizes
+    g = ndimage.gaussian_filter(rng.random(shape), 1.2)
+    a[g < np.quantile(g, 0.05)] = -800.0  # gas pockets of many sizes
+    a[rng.random(shape) < 0.003] = -900.0  # one-voxel gas noise
+    a[rng.random(shape) < 0.003] = 700.0  # one-voxel bone noise
+    if confined:
+        block = np.zeros(shape, bool)
+        block[5:25, 10:45, 8:50] = True
+        a[~block] = 40.0
+    body = np.ones(shape, bool)
+    body[:, :3] = False
+    ct = RasVolume(a.astype(np.int16), np.diag([1.0, 1.0, 2.0, 1.0]), "ct")
+    got = {s.name: s.mask for s in risk.auto_structures(ct, body, region=region)}
+    ref = _reference_auto(a, body, ct.spacing, region)
+    for name in ("bone", "gas"):
+        assert ref[name].sum() > 100
+        assert np.array_equal(got[name], ref[name]), name

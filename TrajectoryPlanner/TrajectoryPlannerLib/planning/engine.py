@@ -9,9 +9,11 @@ How a plan is made (:func:`plan`):
 2. Distance maps: one exact Euclidean distance transform per distinct margin (structures with the same
    margin share a map: the distance to a union is the minimum distance), from the ``edt`` package
    (multi-threaded) or, when it is not installed (desktop Slicer), SimpleITK's Maurer transform with the same
-   distances; in mm with the voxel spacing, each on its structures' bounding box grown by
-   ``distance_cap_mm`` and capped there. The combined field ``V = min_s(d_s - margin_s)`` and the margin
-   group attaining it are kept on the path domain only.
+   distances; in mm with the voxel spacing, each on its structures' bounding box grown by its cap and capped
+   there. V starts at ``cap - largest margin`` (cap = ``distance_cap_mm``, at least the largest margin +
+   10 mm), so a group with margin m needs exact distances only up to ``cap - largest margin + m``: that is
+   its cap. The combined field ``V = min_s(d_s - margin_s)`` and the margin group attaining it are kept on
+   the path domain only.
 3. Candidate entries: skin voxel centres, subsampled on a ``entry_spacing_mm`` grid (oblique mode), or the
    skin voxels within half a voxel of each target's axial plane, projected onto it (in-plane mode).
 4. Every candidate path, entry -> fired needle tip (target + the needle's tip overshoot), is sampled every
@@ -367,6 +369,9 @@ class DistanceMaps:
                                                       for m in margins]
         self.maps: list[tuple[np.ndarray, np.ndarray]] = []  # per group: (offset kji, capped map)
         max_m = margins[-1] if margins else 0.0
+        # V starts at cap - max_m; a group with margin m lowers it only where its distance is below
+        # cap - max_m + m, so its map needs exact values (and its box the structures) only up to that
+        self.group_caps = [self.cap - max_m + m for m in margins]
         if domain is None:
             dlo, dhi = np.zeros(3, int), np.array(self.shape)
         else:
@@ -376,15 +381,17 @@ class DistanceMaps:
         dshape = tuple(int(v) for v in dhi - dlo)
         self.combined = np.full(dshape, self.cap - max_m, np.float32)  # on the domain box
         self.argmin = np.full(dshape, len(margins) - 1 if margins else 0, np.uint8)  # group index
-        pad = np.ceil(self.cap / self.spacing_kji).astype(int) + 1
         boxes = {n: _bbox(self.masks[n]) for n in self.names}
+        self.boxes = boxes  # (lo, hi) k, j, i box of each structure, or None
         for gi, (margin, names) in enumerate(self.groups):
+            gcap = self.group_caps[gi]
+            pad = np.ceil(gcap / self.spacing_kji).astype(int) + 1
             present = [n for n in names if boxes[n] is not None]
             lo = np.maximum(np.min([boxes[n][0] for n in present], axis=0) - pad, dlo - pad) if present else dlo
             hi = np.minimum(np.max([boxes[n][1] for n in present], axis=0) + pad, dhi + pad) if present else dlo
             lo, hi = np.maximum(lo, 0), np.minimum(hi, self.shape)
             if not present or np.any(hi <= lo):  # the structure is farther than the cap from every path
-                self.maps.append((np.zeros(3, int), np.full((1, 1, 1), self.cap, np.float32)))
+                self.maps.append((np.zeros(3, int), np.full((1, 1, 1), gcap, np.float32)))
                 continue
             box = tuple(slice(a, b) for a, b in zip(lo, hi))
             mask = self.masks[present[0]][box].copy()
@@ -392,7 +399,7 @@ class DistanceMaps:
                 mask |= self.masks[n][box]
             d = distance_map(mask, self.spacing_kji, threads)
             del mask
-            np.minimum(d, np.float32(self.cap), out=d)
+            np.minimum(d, np.float32(gcap), out=d)
             self.maps.append((lo, d))
             # merge into the combined field where the map and the domain overlap
             olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)
@@ -401,9 +408,10 @@ class DistanceMaps:
             v = d[tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, lo))] - np.float32(margin)
             dsl = tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, dlo))
             view = self.combined[dsl]
-            better = v < view
+            better = np.less(v, view)
             np.copyto(view, v, where=better)
-            self.argmin[dsl][better] = gi
+            np.copyto(self.argmin[dsl], np.uint8(gi), where=better)
+            del v, better
         self.body = risk.body.view(np.uint8) if risk.body.dtype == bool else risk.body.astype(np.uint8)
         self._trees: dict = {}
         self._lock = threading.Lock()
@@ -422,10 +430,10 @@ class DistanceMaps:
                                        prefilter=False).reshape(kji.shape[:-1])
 
     def sample_group(self, gi: int, kji: np.ndarray) -> np.ndarray:
-        """Trilinear reading of margin group ``gi``'s capped distance map (mm)."""
+        """Trilinear reading of margin group ``gi``'s distance map (mm), capped at ``group_caps[gi]``."""
         lo, d = self.maps[gi]
         c = (kji.reshape(-1, 3) - lo).T
-        return ndimage.map_coordinates(d, c, order=1, mode="constant", cval=self.cap,
+        return ndimage.map_coordinates(d, c, order=1, mode="constant", cval=self.group_caps[gi],
                                        prefilter=False).reshape(kji.shape[:-1])
 
     def _nearest_flat(self, kji: np.ndarray) -> np.ndarray:
@@ -454,9 +462,8 @@ class DistanceMaps:
         with self._lock:
             if name not in self._trees:
                 m = self.masks[name]
-                nz = [np.nonzero(m.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
-                lo = np.array([a[0] for a in nz])
-                sub = m[lo[0]:nz[0][-1] + 1, lo[1]:nz[1][-1] + 1, lo[2]:nz[2][-1] + 1]
+                lo, hi = self.boxes[name]
+                sub = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
                 boundary = sub & ~_erode6(sub, edge=False)  # nearest voxel seen from outside is a boundary voxel
                 self._trees[name] = cKDTree((np.argwhere(boundary) + lo) * self.spacing_kji)
         pts = kji.reshape(-1, 3)
@@ -761,6 +768,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
         lms.append((crop_volume(lm, lo, hi) if lm.same_grid(ct) else lm, names))
     factors = _pool_factors(grid.spacing, settings.planning_spacing_mm)
     pool_offset = 0.0
+    pre_entries = None
     if factors is not None:
         grid, risk, pool_offset = _pooled_risk_model(grid, factors, lms, margins, exclusion, auto_structures,
                                                      body_hu, settings.threads)
@@ -772,9 +780,10 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
         risk_mod.check_hounsfield(grid)
         body = risk_mod.body_mask(grid, body_hu, threads=settings.threads)
         pre = RiskModel(grid, body, risk_mod.skin_mask(body), [], exclusion)
-        region = _structure_region(grid, tg, pre, needle, settings, exclusion, margins)
+        pre_entries = _entry_sets(pre, tg, settings)  # the skin (so the entries) does not depend on structures
+        region = _structure_region(grid, tg, pre, needle, settings, exclusion, margins, pre_entries[1])
         risk = build_risk_model(grid, lms, margins, exclusion, auto=auto_structures, body_hu=body_hu,
-                                threads=settings.threads, region=region, body=body)
+                                threads=settings.threads, region=region, body=body, skin=pre.skin)
     timings["risk_structures"] = time.perf_counter() - t0
     check_cancel()
 
@@ -794,9 +803,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
 
     progress(0.2, "distance maps")
     t0 = time.perf_counter()
-    common = oblique_entries(risk, settings.entry_spacing_mm) if settings.mode == "oblique" else None
-    entry_sets = {t.name: common if common is not None else
-                  in_plane_entries(risk, t.point_ras, settings.entry_spacing_mm / 2.0) for t in tg}
+    common, entry_sets = pre_entries if pre_entries is not None else _entry_sets(risk, tg, settings)
     domain = _path_domain(grid, tg, entry_sets, needle, settings, exclusion)
     maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain,
                         to_surface=CLEARANCE_TO_SURFACE)
@@ -912,14 +919,21 @@ def _path_domain(grid, targets, entry_sets, needle, settings, exclusion):
     return lo, hi
 
 
-def _structure_region(grid, targets, pre: RiskModel, needle, settings, exclusion, margins):
+def _entry_sets(risk: RiskModel, targets, settings) -> tuple[np.ndarray | None, dict]:
+    """(common oblique entries or None, {target: candidate entries RAS mm}) from the model's skin."""
+    common = oblique_entries(risk, settings.entry_spacing_mm) if settings.mode == "oblique" else None
+    return common, {t.name: common if common is not None else
+                    in_plane_entries(risk, t.point_ras, settings.entry_spacing_mm / 2.0) for t in targets}
+
+
+def _structure_region(grid, targets, pre: RiskModel, needle, settings, exclusion, margins, entry_sets=None):
     """(lo, hi) k, j, i box where risk structures can affect a path: the path domain grown by the largest
-    distance cap :class:`DistanceMaps` can use (+ 2 voxels); None (everywhere) when no path passes."""
+    distance cap :class:`DistanceMaps` can use (+ 2 voxels); None (everywhere) when no path passes.
+    ``entry_sets``: the candidate entries per target when already computed from ``pre``'s skin."""
     from TrajectoryPlannerLib.planning.risk import DEFAULT_MARGINS_MM, GENERIC_MARGIN_MM
 
-    common = oblique_entries(pre, settings.entry_spacing_mm) if settings.mode == "oblique" else None
-    entry_sets = {t.name: common if common is not None else
-                  in_plane_entries(pre, t.point_ras, settings.entry_spacing_mm / 2.0) for t in targets}
+    if entry_sets is None:
+        entry_sets = _entry_sets(pre, targets, settings)[1]
     domain = _path_domain(grid, targets, entry_sets, needle, settings, exclusion)
     if domain is None:
         return None

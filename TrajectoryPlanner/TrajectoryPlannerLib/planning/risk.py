@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD, body_mask_array
+from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD, body_mask_array, label_components
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyCoreLib.geometry import RasVolume, resample
 
@@ -136,6 +136,15 @@ def _sitk_mask(mask: np.ndarray, spacing):
     return img
 
 
+def _bbox_slices(mask: np.ndarray) -> tuple:
+    """Index slices (k, j, i) of the bounding box of the True voxels of a non-empty mask."""
+    out = []
+    for ax in ((1, 2), (0, 2), (0, 1)):
+        nz = np.flatnonzero(mask.any(axis=ax))
+        out.append(slice(int(nz[0]), int(nz[-1]) + 1))
+    return tuple(out)
+
+
 def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_only: bool = False,
                      threads: int | None = None, keep_touching: tuple | None = None) -> np.ndarray:
     """Connected components (SimpleITK's face connectivity) of at least ``min_mm3`` (mm³) kept, as a mask.
@@ -143,16 +152,24 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
     ``keep_touching``: (lo, hi) flags per (k, j, i) axis; components touching a flagged face of the array are
     kept whatever their size (the array is a window of a larger volume: the component may continue outside).
     """
-    import SimpleITK as sitk
-
     if not mask.any():
         return mask.copy()
-    cc = sitk.ConnectedComponentImageFilter()
-    if threads:
-        cc.SetNumberOfThreads(int(threads))
-    img = cc.Execute(_sitk_mask(mask, spacing))
-    lab = sitk.GetArrayViewFromImage(img)
-    counts = np.bincount(lab.ravel())
+    # components never leave the mask's bounding box: label there; a box face touches an array face only
+    # where they coincide
+    box = _bbox_slices(mask)
+    if any(b.stop - b.start < n for b, n in zip(box, mask.shape)):
+        if keep_touching is not None:
+            keep_touching = tuple((lo and b.start == 0, hi and b.stop == n)
+                                  for (lo, hi), b, n in zip(keep_touching, box, mask.shape))
+        out = np.zeros(mask.shape, bool)
+        out[box] = _keep_components(mask[box], spacing, min_mm3, largest_only, threads, keep_touching)
+        return out
+    mask = np.ascontiguousarray(mask, bool)
+    img, lab, n = label_components(mask, threads)
+    # sizes from the structure voxels only (structures are sparse): no pass over a whole label array
+    idx = np.flatnonzero(mask)
+    lv = lab.ravel()[idx]
+    counts = np.bincount(lv, minlength=n + 1)
     counts[0] = 0
     if largest_only:
         keep = np.zeros(len(counts), bool)
@@ -162,11 +179,12 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
         keep[0] = False
     if keep_touching is not None:
         for ax, (lo_face, hi_face) in enumerate(keep_touching):
-            for flag, idx in ((lo_face, 0), (hi_face, -1)):
+            for flag, i in ((lo_face, 0), (hi_face, -1)):
                 if flag:
-                    keep[np.unique(np.take(lab, idx, axis=ax))] = True
+                    keep[np.unique(np.take(lab, i, axis=ax))] = True
         keep[0] = False
-    out = keep[lab]
+    out = np.zeros(mask.shape, bool)
+    out.ravel()[idx[keep[lv]]] = True
     del lab, img
     return out
 
@@ -180,26 +198,38 @@ def body_mask(ct: RasVolume, body_hu: float = BODY_HU_THRESHOLD, table_opening_m
         raise TrajectoryPlannerError(str(exc)) from None
 
 
+def _shifted(ax: int, n: int, sh: int) -> tuple:
+    """(destination, source) index tuples pairing each voxel with its neighbour ``sh`` (+-1) along ``ax``."""
+    dst = [slice(None)] * 3
+    src = [slice(None)] * 3
+    dst[ax] = slice(0, n - 1) if sh > 0 else slice(1, n)
+    src[ax] = slice(1, n) if sh > 0 else slice(0, n - 1)
+    return tuple(dst), tuple(src)
+
+
 def _erode6(mask: np.ndarray, edge: bool = True) -> np.ndarray:
-    """Erosion by the 6-neighbour cross; ``edge``: voxels beyond the array take the edge value."""
-    p = np.pad(mask, 1, mode="edge") if edge else np.pad(mask, 1, constant_values=False)
-    out = p[1:-1, 1:-1, 1:-1].copy()
+    """Erosion by the 6-neighbour cross; ``edge``: voxels beyond the array take the edge value (else False)."""
+    out = np.array(mask, bool, copy=True)
     for ax in range(3):
+        n = mask.shape[ax]
         for sh in (-1, 1):
-            sl = [slice(1, -1)] * 3
-            sl[ax] = slice(1 + sh, p.shape[ax] - 1 + sh)
-            out &= p[tuple(sl)]
+            dst, src = _shifted(ax, n, sh)
+            out[dst] &= mask[src]
+        if not edge:  # the neighbour beyond each face is outside
+            face = [slice(None)] * 3
+            for i in (0, n - 1):
+                face[ax] = i
+                out[tuple(face)] = False
     return out
 
 
 def _dilate6(mask: np.ndarray) -> np.ndarray:
-    p = np.pad(mask, 1, constant_values=False)
-    out = p[1:-1, 1:-1, 1:-1].copy()
+    """Dilation by the 6-neighbour cross (nothing beyond the array)."""
+    out = np.array(mask, bool, copy=True)
     for ax in range(3):
         for sh in (-1, 1):
-            sl = [slice(1, -1)] * 3
-            sl[ax] = slice(1 + sh, p.shape[ax] - 1 + sh)
-            out |= p[tuple(sl)]
+            dst, src = _shifted(ax, mask.shape[ax], sh)
+            out[dst] |= mask[src]
     return out
 
 
@@ -227,7 +257,11 @@ def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas
     bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads, keep_touching=touching)
     gas = (a < gas_hu) & body_b
     if gas.any():
-        gas = _dilate6(_erode6(gas, edge=True)) & gas  # opening with the 6-neighbour cross
+        # opening with the 6-neighbour cross, on the gas's box grown by one voxel (the erosion sees the same
+        # neighbours there, the array's edge value at its faces; the dilation cannot leave that box)
+        gb = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(_bbox_slices(gas), gas.shape))
+        g = gas[gb]
+        gas[gb] = _dilate6(_erode6(g, edge=True)) & g
         gas = _keep_components(gas, spacing, min_gas_mm3, threads=threads, keep_touching=touching)
     out = []
     for name, mask in (("bone", bone), ("gas", gas)):
@@ -276,9 +310,11 @@ def structures_from_labelmap(labels: RasVolume, grid: RasVolume, names: dict[int
     out = []
     for v in values:
         name = names[v] if names else f"label_{v}"
-        mask = sub == v
-        if region is not None:
-            mask = _embed(mask, arr.shape, box, inner)
+        if region is None:
+            mask = sub == v
+        else:  # compared straight into the full-grid mask
+            mask = np.zeros(arr.shape, bool)
+            np.equal(sub, v, out=mask[box])
         if not mask.any():
             logger.info("risk label %s (%d) not present in the planning region", name, v)
             continue
@@ -309,17 +345,19 @@ def build_risk_model(ct: RasVolume, labelmaps: list[tuple[RasVolume, dict | None
                      margins: dict | None = None, exclusion: EntryExclusion | None = None,
                      auto: bool = True, body_hu: float = BODY_HU_THRESHOLD, bone_hu: float = 200.0, gas_hu: float = -400.0,
                      table_opening_mm: float = 0.0, threads: int | None = None, region: tuple | None = None,
-                     body: np.ndarray | None = None) -> RiskModel:
+                     body: np.ndarray | None = None, skin: np.ndarray | None = None) -> RiskModel:
     """Body, skin, automatic and user structures on ``ct``'s grid (pass a cropped CT to save time).
 
     A user structure whose name equals an automatic one ('bone', 'gas') replaces it. ``region``: (lo, hi)
     k, j, i box where structures are needed (the planner passes the box its paths can run in, grown by the
-    distance cap); structures are built only there. ``body``: the body mask when already computed.
+    distance cap); structures are built only there. ``body``, ``skin``: the body mask and its skin
+    (:func:`skin_mask`) when already computed.
     """
     check_hounsfield(ct)
     if body is None:
         body = body_mask(ct, body_hu, table_opening_mm, threads)
-    skin = skin_mask(body)
+    if skin is None:
+        skin = skin_mask(body)
     user: list[RiskStructure] = []
     for lm, names in labelmaps or []:
         user += structures_from_labelmap(lm, ct, names, margins, region)
