@@ -163,3 +163,140 @@ def test_habitat_panel_is_radiological_and_each_habitat_has_exactly_its_palette_
     h = img.shape[0]
     block = img[int(h - cy) - 4:int(h - cy) + 4, int(cx) - 4:int(cx) + 4]
     assert np.all(np.abs(block - b) <= 1.5 / 255), block.reshape(-1, 3)[:3]
+
+
+def test_mip_of_a_block_puts_patient_right_on_the_image_left():
+    from SmartBiopsyCoreLib.display import oriented_mip
+
+    for grid, direction in GRIDS.items():
+        vol = _marked_volume(direction)
+        centre_ijk = vol.ras_to_ijk_points(np.zeros((1, 3)))[0]
+        for view in ("axial", "coronal"):
+            mip = oriented_mip(vol.array, vol.ijk_to_ras, centre_ijk, view)
+            cols = np.nonzero(mip.image.max(axis=0) > 500)[0]
+            assert cols.size and cols.max() < mip.image.shape[1] / 2, (grid, view)
+            x = mip.to_display([30.0, 0.0, 0.0], vol.ijk_to_ras_points(centre_ijk[None])[0])[0, 0]
+            col = (x - mip.extent[0]) / (mip.extent[1] - mip.extent[0]) * mip.image.shape[1]
+            assert cols.min() - 1 <= col <= cols.max() + 1
+
+
+def test_report_figures_use_the_palette_colours():
+    from SmartBiopsyLib.report import figures
+
+    assert figures.HABITAT_COLOURS == palette.HABITAT_COLOURS and figures.REGION_COLOURS == palette.REGION_COLOURS
+    rgba = figures.habitat_rgba(np.array([[0, 1], [2, 3]]))
+    assert np.allclose(rgba[1, 0, :3], palette.REGION_COLOURS["B"]) and rgba[1, 0, 3] == 1.0 and rgba[0, 0, 3] == 0
+
+
+def _figure(w=5.0, h=4.0, projection=None):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(111, projection=projection)
+
+
+def _path(region="B"):
+    e, g = np.array([-60.0, 20.0, 0.0]), np.array([0.0, 0.0, 0.0])
+    d = (g - e) / np.linalg.norm(g - e)
+    return {"name": f"Target {region}-1", "target": f"Target {region}", "region": region, "entry_ras": e.tolist(),
+            "target_ras": g.tolist(), "tip_ras": (g + 15.0 * d).tolist(), "length_mm": 63.2,
+            "angle_to_axial_deg": 0.0, "clearance_mm": {"bone": 12.0}}
+
+
+@needs_matplotlib
+def test_reslice_panel_stops_the_needle_at_the_planned_notch_tip_and_marks_the_target_apart(monkeypatch):
+    import SmartBiopsyCoreLib.display as display
+    from SmartBiopsyLib.report.sections import trajectories
+
+    letters = []
+    orig = display.draw_orientation_letters
+    monkeypatch.setattr(trajectories, "draw_orientation_letters",
+                        lambda ax, u, v, **k: letters.append(orig(ax, u, v, **k)))
+    ct = _marked_volume(GRIDS["lps-ordered"], n=(80, 60, 10), spacing=(2.0, 2.0, 3.0))
+    t = _path()
+    fig, ax = _figure()
+    pts = trajectories.draw_path_reslice(ax, ct, t)
+    tip_to_target = np.linalg.norm(pts["tip"] - pts["target"])
+    assert abs(tip_to_target - 15.0) < 1e-6
+    needle = [ln for ln in ax.get_lines() if np.allclose(ln.get_color()[:3] if not isinstance(ln.get_color(), str)
+                                                         else (-1, -1, -1), palette.NEEDLE_COLOUR)]
+    assert needle, "no needle drawn in the needle colour"
+    xs = needle[0].get_xdata()
+    assert np.allclose(sorted(xs), sorted([pts["entry"][0], pts["tip"][0]]))     # entry to planned tip only
+    markers = {ln.get_marker(): ln for ln in ax.get_lines() if ln.get_marker() not in (None, "None", "")}
+    assert {"X", "D", "o"} <= set(markers)                                       # target, planned tip, entry
+    assert np.allclose(markers["X"].get_xydata()[0], pts["target"])
+    assert np.allclose(markers["D"].get_xydata()[0], pts["tip"])
+    assert np.allclose(markers["X"].get_color()[:3], palette.REGION_COLOURS["B"])
+    assert not np.allclose(markers["D"].get_color()[:3], markers["X"].get_color()[:3])
+    names = {tx.get_text() for tx in ax.texts}
+    assert {"target", "planned notch tip"} <= names
+    # the needle goes towards the patient's left-posterior: nearest directions on the edges, right on the left
+    assert letters and letters[0]["left"].startswith("R") and letters[0]["right"].startswith("L")
+    assert any(tx.get_text().endswith(" mm") for tx in ax.texts)                # scale bar
+
+
+@needs_matplotlib
+def test_path_is_visible_over_its_own_habitat_in_the_3d_view():
+    from SmartBiopsyLib.report.sections import trajectories
+
+    rng = np.random.default_rng(0)
+    ball = rng.normal(size=(3000, 3))
+    ball = 25.0 * ball / np.linalg.norm(ball, axis=1, keepdims=True) * rng.uniform(0, 1, (3000, 1)) ** (1 / 3)
+    fig, ax = _figure(6, 6, projection="3d")
+    trajectories.draw_paths_3d(ax, [_path("B")], ball, np.full(len(ball), 2), None, np.zeros(3), 70.0)
+    img = _render(fig)
+
+    def count(colour):
+        return int(np.all(np.abs(img - np.asarray(colour)) <= 2.0 / 255, axis=-1).sum())
+
+    assert count(palette.NEEDLE_COLOUR) > 100                  # the path, not hidden by the habitat-B points
+    assert count(palette.REGION_COLOURS["B"]) > 500            # the tumour in exactly B's colour (no depth shading)
+    assert not np.allclose(palette.NEEDLE_COLOUR, palette.REGION_COLOURS["B"])
+
+
+@needs_matplotlib
+def test_dose_timeline_labels_clear_the_bars_and_the_legend_clears_the_cumulative_line():
+    from SmartBiopsyLib.report.sections.procedure import draw_dose_timeline
+
+    labels = ["planning", "confirmation A", "confirmation B", "confirmation C"]
+    fig, ax = _figure(8, 4.2)
+    ax2 = draw_dose_timeline(ax, [2.0, 19.0, 27.0, 35.0], [310.0, 45.0, 45.0, 45.0], labels, 60.0)
+    fig.tight_layout()
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(lambda a: hasattr(a, "get_text") and a.get_text() in labels)]
+    assert len({t.get_text() for t in texts if t.get_visible()}) == len(labels)
+    bars = [p.get_window_extent(r) for p in ax.patches]
+    assert len(bars) == 4
+    for t in texts:
+        if t.get_visible() and t.get_text():
+            box = t.get_window_extent(r)
+            assert not any(box.overlaps(b) for b in bars), t.get_text()
+    legend = ax.get_legend().get_window_extent(r)
+    line = ax2.get_lines()[0]
+    xy = line.get_transform().transform(line.get_path().interpolated(50).vertices)
+    inside = (xy[:, 0] >= legend.x0) & (xy[:, 0] <= legend.x1) & (xy[:, 1] >= legend.y0) & (xy[:, 1] <= legend.y1)
+    assert not inside.any()
+
+
+@needs_matplotlib
+def test_calibration_picture_panels_are_radiological_with_letters_and_scale(tmp_path, monkeypatch):
+    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
+    from SmartBiopsyCoreLib.phantom.robot_frame import calibration_ct
+    from TrajectoryPlannerLib.calibration import picture
+    from TrajectoryPlannerLib.calibration.frame_fit import calibrate_from_ct
+
+    frame = load_model("spheres-6")
+    ct, _ = calibration_ct(3, frame, pixel_mm=1.5, slice_mm=2.0)
+    cal = calibrate_from_ct(ct, frame, {})
+    seen = []
+    orig_letters, orig_bar = picture.draw_orientation_letters, picture.draw_scale_bar
+    monkeypatch.setattr(picture, "draw_orientation_letters", lambda ax, u, v, **k: seen.append(orig_letters(ax, u, v, **k)))
+    monkeypatch.setattr(picture, "draw_scale_bar", lambda ax, *a, **k: seen.append(orig_bar(ax, *a, **k)))
+    assert picture.write_calibration_picture(ct, cal, tmp_path / "cal.png")
+    letters = [s for s in seen if isinstance(s, dict)]
+    assert [lt["left"] for lt in letters] == ["R", "R", "A"] and [lt["top"] for lt in letters] == ["A", "S", "S"]
+    assert sum(isinstance(s, float) and s > 0 for s in seen) == 3
