@@ -150,11 +150,15 @@ def test_habitat_panel_is_radiological_and_each_habitat_has_exactly_its_palette_
     fig = Figure(figsize=(4, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
-    draw_habitat_panel(ax, hab, base, np.zeros(3), 40.0, [("Target B", "B", np.array([25.0, 0.0, 0.0]))])
+    draw_habitat_panel(ax, hab, base, np.zeros(3), 40.0, [])
     img = _render(fig)
     b = np.asarray(palette.REGION_COLOURS["B"])
     exact = np.all(np.abs(img - b) <= 1.5 / 255, axis=-1)
     assert exact.sum() > 200
+    # no second shade of B: blending with the anatomy (transparency) or smoothing at the region's border would
+    # give reddish-purple pixels that are not exactly B's colour
+    purplish = (img[..., 0] - img[..., 1] > 0.08) & (img[..., 2] - img[..., 1] > 0.03)
+    assert (purplish & ~exact).sum() <= 0.02 * exact.sum(), ((purplish & ~exact).sum(), exact.sum())
     ys, xs = np.nonzero(exact)
     x0, x1 = (ax.transData.transform([(-40.0, 0.0), (40.0, 0.0)])[:, 0])
     assert xs.mean() < 0.5 * (x0 + x1)                                  # patient right on the image's left
@@ -253,17 +257,22 @@ def test_path_is_visible_over_its_own_habitat_in_the_3d_view():
         return int(np.all(np.abs(img - np.asarray(colour)) <= 2.0 / 255, axis=-1).sum())
 
     assert count(palette.NEEDLE_COLOUR) > 100                  # the path, not hidden by the habitat-B points
+    tumour = [c for c in ax.collections if len(c.get_offsets()) == len(ball)]
+    assert len(tumour) == 1
+    faces = tumour[0].get_facecolor()                         # as drawn (after any depth shading)
+    assert np.allclose(faces, [*palette.REGION_COLOURS["B"], 1.0], atol=1e-6)   # one shade, opaque
     assert count(palette.REGION_COLOURS["B"]) > 500            # the tumour in exactly B's colour (no depth shading)
     assert not np.allclose(palette.NEEDLE_COLOUR, palette.REGION_COLOURS["B"])
 
 
 @needs_matplotlib
-def test_dose_timeline_labels_clear_the_bars_and_the_legend_clears_the_cumulative_line():
+@pytest.mark.parametrize("dlp", ([310.0, 45.0, 45.0, 45.0], [600.0, 20.0, 20.0, 20.0], [45.0, 45.0, 45.0, 500.0]))
+def test_dose_timeline_labels_clear_the_bars_and_the_legend_clears_the_cumulative_line(dlp):
     from SmartBiopsyLib.report.sections.procedure import draw_dose_timeline
 
     labels = ["planning", "confirmation A", "confirmation B", "confirmation C"]
     fig, ax = _figure(8, 4.2)
-    ax2 = draw_dose_timeline(ax, [2.0, 19.0, 27.0, 35.0], [310.0, 45.0, 45.0, 45.0], labels, 60.0)
+    ax2 = draw_dose_timeline(ax, [2.0, 19.0, 27.0, 35.0], dlp, labels, 60.0)
     fig.tight_layout()
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
@@ -300,3 +309,19 @@ def test_calibration_picture_panels_are_radiological_with_letters_and_scale(tmp_
     letters = [s for s in seen if isinstance(s, dict)]
     assert [lt["left"] for lt in letters] == ["R", "R", "A"] and [lt["top"] for lt in letters] == ["A", "S", "S"]
     assert sum(isinstance(s, float) and s > 0 for s in seen) == 3
+
+
+def test_report_html_is_responsive_without_a_browser():
+    import re
+
+    from SmartBiopsyLib.report.html import HEAD_META, REPORT_CSS, html_table
+
+    assert 'name="viewport"' in HEAD_META and "width=device-width" in HEAD_META
+    fixed = [int(w) for prop, w in re.findall(r"(?<![-\w])(width|min-width)\s*:\s*(\d+)px", REPORT_CSS)]
+    assert all(w <= 800 for w in fixed), fixed                        # no fixed width wider than 800 px
+    sizes = [int(x) for x in re.findall(r"font-size\s*:\s*(\d+)px", REPORT_CSS)]
+    assert sizes and min(sizes) >= 14, sizes
+    assert re.search(r"img\{[^}]*max-width:100%", REPORT_CSS)
+    assert re.search(r"\.table-scroll\{[^}]*overflow-x:auto", REPORT_CSS)
+    t = html_table(("a", "b"), [(1, 2)])
+    assert t.startswith('<div class="table-scroll"><table>') and t.endswith("</table></div>")

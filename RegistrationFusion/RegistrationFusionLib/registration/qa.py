@@ -266,6 +266,7 @@ def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_di
     require("matplotlib", "Fusion pictures")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar
 
@@ -296,8 +297,14 @@ def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_di
             ax.set_yticks([])
             draw_orientation_letters(ax, cs.u, cs.v)
             draw_scale_bar(ax)
+        if kind == "checkerboard":
+            key = [Patch(facecolor="#444444", edgecolor="black", label="squares alternate: CT | MRI resampled on the CT")]
+        else:
+            key = [Patch(facecolor="#808080", edgecolor="black", label="CT (grey)"),
+                   Patch(facecolor="#e03000", edgecolor="black", label="MRI (hot colours, dark to bright)")]
+        fig.legend(handles=key, loc="lower center", ncol=len(key), fontsize=9, frameon=False)
         fig.suptitle(f"MRI fused on CT through R {point_ras[0]:.1f}, A {point_ras[1]:.1f}, S {point_ras[2]:.1f} mm")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         path = os.path.join(out_dir, f"{prefix}_{kind}.png")
         fig.savefig(path)
         paths[kind] = path
