@@ -62,15 +62,19 @@ def draw_habitat_panel(ax, hab, base, centre, half: float, pts) -> None:
         lo, hi = window_image(img)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=ext)
     ax.imshow(habitat_rgba(np.nan_to_num(lab).astype(int)), extent=ext, interpolation="nearest")
-    for other_name, other_region, q in pts:
-        d = np.asarray(q, float) - centre
-        if abs(d[2]) <= 2.5:  # targets within this slab
-            x, y = d @ u, d @ v
-            ax.plot([x], [y], marker="+", ms=16, mew=4.0, color="black")
-            ax.plot([x], [y], marker="+", ms=13, mew=2.0, color=REGION_COLOURS.get(other_region, (0.5, 0.5, 0.5)))
-            ax.annotate(other_name, (x, y), xytext=(6, 6), textcoords="offset points", color="white",
-                        fontsize=9, fontweight="bold",
-                        bbox={"boxstyle": "round,pad=0.1", "facecolor": "black", "alpha": 0.5, "linewidth": 0})
+    shown = [(n, r, (np.asarray(q, float) - centre) @ u, (np.asarray(q, float) - centre) @ v) for n, r, q in pts
+             if abs(np.asarray(q, float)[2] - centre[2]) <= 2.5]  # targets within this slab
+    for other_name, other_region, x, y in shown:
+        ax.plot([x], [y], marker="+", ms=16, mew=4.0, color="black")
+        ax.plot([x], [y], marker="+", ms=13, mew=2.0, color=REGION_COLOURS.get(other_region, (0.5, 0.5, 0.5)))
+        # the label goes to the side away from the nearest other target, so that labels do not overlap
+        near = min(((ox - x, oy - y) for n, _, ox, oy in shown if n != other_name),
+                   key=lambda dv: np.hypot(*dv), default=(-1.0, 1.0))
+        dx, ha = (7, "left") if near[0] <= 0 else (-7, "right")
+        dy = 5 if near[1] >= 0 else -14  # rows run downwards: a target further down keeps the label above
+        ax.annotate(other_name, (x, y), xytext=(dx, dy), textcoords="offset points", color="white", ha=ha,
+                    fontsize=9, fontweight="bold",
+                    bbox={"boxstyle": "round,pad=0.1", "facecolor": "black", "alpha": 0.5, "linewidth": 0})
     ax.set_xlim(-half, half)
     ax.set_ylim(half, -half)
     ax.set_xticks([])
