@@ -186,7 +186,14 @@ def draw_paths_3d(ax, trajs, tpts, codes, skin, c, r) -> None:
         ax.scatter([g[0]], [g[1]], [g[2]], marker="X", color=REGION_COLOURS.get(str(t.get("region")),
                                                                                  palette.NEUTRAL_COLOUR),
                    edgecolors="black", s=60, depthshade=False, zorder=8)
-        ax.text(*e, f" {t.get('target', t.get('name'))}", fontsize=8, zorder=9)
+    # each path's name beyond its skin entry, stacked in S so that neighbouring entries keep readable names
+    for k, t in enumerate(trajs):
+        e = np.asarray(t["entry_ras"], float)
+        tip = np.asarray(t.get("tip_ras") or t["target_ras"], float)
+        at = e - 18.0 * unit_vector(tip - e) + np.array([0.0, 0.0, 0.12 * r * (k - (len(trajs) - 1) / 2)])
+        ax.plot(*np.array([at, e]).T, color="black", lw=0.6, zorder=9)
+        ax.text(*at, str(t.get("target", t.get("name"))), fontsize=8, ha="right", va="center", zorder=10,
+                bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "alpha": 0.8, "linewidth": 0})
     ax.set_xlim(c[0] - r, c[0] + r)
     ax.set_ylim(c[1] - r, c[1] + r)
     ax.set_zlim(c[2] - r, c[2] + r)
