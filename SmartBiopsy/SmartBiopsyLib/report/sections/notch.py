@@ -126,6 +126,10 @@ def section_notch(case: CaseFolder, figs: FigureStore) -> str:
             u_ct = unit_vector(roi.get("u_axis") or perp_axial(axis_ct))
             centre = apply_matrix(c2m, centre_ct)[0]
             a_m, u_m = unit_vector(c2m[:3, :3] @ axis_ct), unit_vector(c2m[:3, :3] @ u_ct)
+            # as near the radiological axial view as the needle's plane allows (the ROI box is symmetric)
+            a_m = -a_m if a_m[0] > 0 else a_m
+            down = u_m[1] if abs(u_m[1]) >= abs(u_m[2]) else u_m[2]  # screen down towards posterior or inferior
+            u_m = -u_m if down > 0 else u_m
             L = float(roi.get("length_mm", 10.0))
             hw = (roi.get("half_widths_mm") or [roi.get("radius_mm", 1.0)] * 2)[0]
             hs, hc = L / 2 + 12.0, 14.0
