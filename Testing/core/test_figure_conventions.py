@@ -325,3 +325,53 @@ def test_report_html_is_responsive_without_a_browser():
     assert re.search(r"\.table-scroll\{[^}]*overflow-x:auto", REPORT_CSS)
     t = html_table(("a", "b"), [(1, 2)])
     assert t.startswith('<div class="table-scroll"><table>') and t.endswith("</table></div>")
+
+
+@needs_matplotlib
+def test_every_image_panel_of_the_report_has_letters_and_a_scale_bar_and_palette_colours(tmp_path, monkeypatch):
+    from matplotlib import image as mpimg
+    from matplotlib.axes import Axes
+
+    import SmartBiopsyCoreLib.display as display
+    from report_case import build_case
+    from SmartBiopsyLib.report.sections import habitats, notch, trajectories
+    from SmartBiopsyLib.report.writer import write_report
+
+    build_case(tmp_path)
+    images, letters, bars = [], [], []
+    orig_imshow, orig_letters, orig_bar = Axes.imshow, display.draw_orientation_letters, display.draw_scale_bar
+
+    def imshow(self, *a, **k):
+        images.append(self)
+        return orig_imshow(self, *a, **k)
+
+    def with_letters(ax, *a, **k):
+        letters.append(ax)
+        return orig_letters(ax, *a, **k)
+
+    def with_bar(ax, *a, **k):
+        bars.append(ax)
+        return orig_bar(ax, *a, **k)
+
+    monkeypatch.setattr(Axes, "imshow", imshow)
+    for mod in (display, habitats, notch, trajectories):
+        if hasattr(mod, "draw_orientation_letters"):
+            monkeypatch.setattr(mod, "draw_orientation_letters", with_letters)
+        if hasattr(mod, "draw_scale_bar"):
+            monkeypatch.setattr(mod, "draw_scale_bar", with_bar)
+    write_report(tmp_path)
+    panels = {id(ax): ax for ax in images}
+    assert len(panels) >= 3 + 6 + 3 + 9       # habitats, fusion (2 x 3), reslices, notch (3 targets x 3 maps)
+    missing_letters = [ax.get_title() for ax in panels.values() if not any(ax is x for x in letters)]
+    missing_bar = [ax.get_title() for ax in panels.values() if not any(ax is x for x in bars)]
+    assert not missing_letters and not missing_bar, (missing_letters, missing_bar)
+
+    def count(name, colour):
+        img = mpimg.imread(str(tmp_path / "figures" / f"{name}.png"))[..., :3]
+        return int(np.all(np.abs(img - np.asarray(colour)) <= 2.0 / 255, axis=-1).sum())
+
+    for region in "ABC":                      # each habitat in exactly its palette colour
+        assert count("habitats_targets", palette.REGION_COLOURS[region]) > 200, region
+        assert count("trajectories_3d", palette.REGION_COLOURS[region]) > 20, region
+    assert count("trajectories_3d", palette.NEEDLE_COLOUR) > 100    # the paths, visible over the tumour
+    assert count("trajectories_reslice", palette.NOTCH_TIP_COLOUR) > 20
