@@ -109,7 +109,11 @@ def path_legend_handles(skin: bool = False, habitats=()) -> list:
                 label="planned notch tip")]
     if skin:
         h.append(Line2D([], [], ls="none", marker=".", ms=6, color="#8b5a2b", label="skin"))
-    return h + habitat_legend_handles(habitats)
+    h += habitat_legend_handles(habitats)
+    if any(int(c) not in HABITAT_COLOURS for c in habitats):
+        h.append(Line2D([], [], ls="none", marker="s", ms=7, color=palette.NEUTRAL_COLOUR, mec="black",
+                        label="tumour outside the habitats"))
+    return h
 
 
 def draw_path_reslice(ax, ct, t: dict) -> dict:
