@@ -16,6 +16,11 @@ if ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null) \
     || echo "note: could not install dicom3tools; the dciodvfy checks of the DICOM export will skip" >&2
 fi
+# Headless Chromium (Debian package chromium) opens the report at 1400 and 800 px; the browser test skips if absent.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "note: could not install chromium; the report browser test will skip" >&2
+fi
 export MPLBACKEND=Agg
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 "$@" || status=$?

@@ -2,7 +2,8 @@
 
 All distances in mm, points in CT RAS; the transform is the 4x4 RAS MRI->CT matrix. The pictures show
 the MRI resampled onto the CT grid (checkerboard and colour overlay) through a given CT-RAS point, in the
-three orthogonal planes of the CT grid. matplotlib (optional: Slicer does not bundle it) is used only there,
+three orthogonal planes of the CT grid, in the radiological convention (patient right on the image's left) with
+orientation letters and a mm scale bar on every panel. matplotlib (optional: Slicer does not bundle it) is used only there,
 through its object-oriented ``Figure`` + ``FigureCanvasAgg`` API: no pyplot, no global backend switch.
 """
 from __future__ import annotations
@@ -240,15 +241,14 @@ def _window(a: np.ndarray, lo_pct=1.0, hi_pct=99.0) -> np.ndarray:
 
 
 def _planes(vol: RasVolume, point_ras):
-    """Three orthogonal slices of the grid through the voxel nearest ``point_ras``: (name, 2-D array, aspect)."""
-    i, j, k = np.round(vol.ras_to_ijk_points(np.asarray(point_ras, float))[0]).astype(int)
-    nk, nj, ni = vol.array.shape
-    if not (0 <= i < ni and 0 <= j < nj and 0 <= k < nk):
-        raise RegistrationFusionError("the QA point lies outside the CT volume; choose a point inside the CT")
-    sp = vol.spacing
-    a = vol.array
-    return [("axial", a[k, ::-1, :], sp[1] / sp[0]), ("coronal", a[::-1, j, :], sp[2] / sp[0]),
-            ("sagittal", a[::-1, :, i], sp[2] / sp[1])]
+    """Axial, coronal and sagittal slices of the grid through the voxel nearest ``point_ras``, each in the
+    radiological convention (:mod:`SmartBiopsyCoreLib.display`: patient right on the image's left)."""
+    from SmartBiopsyCoreLib.display import oriented_slice
+
+    try:
+        return [oriented_slice(vol, point_ras, view) for view in ("axial", "coronal", "sagittal")]
+    except ValueError:
+        raise RegistrationFusionError("the QA point lies outside the CT volume; choose a point inside the CT") from None
 
 
 def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_dir, *, prefix: str = "fusion",
@@ -266,6 +266,9 @@ def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_di
     require("matplotlib", "Fusion pictures")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
@@ -273,24 +276,35 @@ def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_di
         fig = Figure(figsize=(12, 4.4), dpi=100)
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, 3)
-        for ax, (name, c, asp), (_, m, _) in zip(axes, ct_pl, mr_pl):
+        for ax, cs, ms in zip(axes, ct_pl, mr_pl):
+            c, m = cs.image, ms.image
             if ct_window is not None:
                 cw = np.clip((c.astype(float) - ct_window[0]) / (ct_window[1] - ct_window[0]), 0, 1)
             else:
                 cw = _window(c.astype(float))
             mw = _window(m.astype(float))
+            show = {"extent": cs.extent, "interpolation": "nearest", "aspect": "equal"}
             if kind == "checkerboard":
                 yy, xx = np.indices(c.shape)
                 sq = max(1, min(c.shape) // squares)
                 board = ((yy // sq + xx // sq) % 2).astype(bool)
-                ax.imshow(np.where(board, cw, mw), cmap="gray", aspect=asp, interpolation="nearest")
+                ax.imshow(np.where(board, cw, mw), cmap="gray", vmin=0, vmax=1, **show)
             else:
-                ax.imshow(cw, cmap="gray", aspect=asp, interpolation="nearest")
-                ax.imshow(np.ma.masked_less(mw, 0.05), cmap="hot", alpha=0.45, aspect=asp, interpolation="nearest")
-            ax.set_title(f"{name}: {'CT | MRI' if kind == 'checkerboard' else 'CT + MRI (hot)'}")
-            ax.axis("off")
+                ax.imshow(cw, cmap="gray", vmin=0, vmax=1, **show)
+                ax.imshow(np.ma.masked_less(mw, 0.05), cmap="hot", alpha=0.45, vmin=0, vmax=1, **show)
+            ax.set_title(f"{cs.view}: {'CT | MRI' if kind == 'checkerboard' else 'CT + MRI (hot)'}")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            draw_orientation_letters(ax, cs.u, cs.v)
+            draw_scale_bar(ax)
+        if kind == "checkerboard":
+            key = [Patch(facecolor="#444444", edgecolor="black", label="squares alternate: CT | MRI resampled on the CT")]
+        else:
+            key = [Patch(facecolor="#808080", edgecolor="black", label="CT (grey)"),
+                   Patch(facecolor="#e03000", edgecolor="black", label="MRI (hot colours, dark to bright)")]
+        fig.legend(handles=key, loc="lower center", ncol=len(key), fontsize=9, frameon=False)
         fig.suptitle(f"MRI fused on CT through R {point_ras[0]:.1f}, A {point_ras[1]:.1f}, S {point_ras[2]:.1f} mm")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         path = os.path.join(out_dir, f"{prefix}_{kind}.png")
         fig.savefig(path)
         paths[kind] = path

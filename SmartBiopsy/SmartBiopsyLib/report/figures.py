@@ -18,14 +18,18 @@ import os
 import numpy as np
 
 from RegistrationFusionLib.registration.landmarks import apply_transform
+from SmartBiopsyCoreLib import palette
 from SmartBiopsyLib.report.html import esc
 
 
-#: Habitat colours: 1 A red, 2 B yellow, 3 C blue (as the habitat segmentation in the scene).
-HABITAT_COLOURS = {1: (0.90, 0.10, 0.10), 2: (0.98, 0.85, 0.10), 3: (0.15, 0.35, 0.95)}
+#: Habitat colours (label 1 A, 2 B, 3 C) and the same by region letter: the palette's, as everywhere else.
+HABITAT_COLOURS = palette.HABITAT_COLOURS
 
 
-REGION_COLOURS = {"A": HABITAT_COLOURS[1], "B": HABITAT_COLOURS[2], "C": HABITAT_COLOURS[3]}
+REGION_COLOURS = palette.REGION_COLOURS
+
+#: What each habitat is, for figure legends.
+HABITAT_MEANINGS = {1: "A: low ADC, high enhancement", 2: "B: discordant", 3: "C: high ADC, low enhancement"}
 
 
 MAP_UNITS = {"adc": "10^-6 mm^2/s", "ff": "%", "ef": "%"}
@@ -222,10 +226,23 @@ class FigureStore:
                 f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
-def habitat_rgba(lab: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+def habitat_rgba(lab: np.ndarray, alpha: float = 1.0) -> np.ndarray:
+    """RGBA image of a habitat label slice: each habitat in exactly its palette colour (opaque by default, so
+    that a habitat never shows in two shades over bright and dark anatomy), transparent elsewhere. Show it with
+    ``interpolation="nearest"``: smoothing would blend the colours at region borders into new shades."""
     rgba = np.zeros(lab.shape + (4,), float)
     for code, col in HABITAT_COLOURS.items():
         sel = lab == code
         rgba[sel, :3] = col
         rgba[sel, 3] = alpha
     return rgba
+
+
+def habitat_legend_handles(codes=(1, 2, 3)) -> list:
+    """Legend patches for the habitats ``codes`` in their palette colours, with what each habitat means."""
+    try:
+        from matplotlib.patches import Patch
+    except ImportError:  # no matplotlib: nothing is drawn (FigureStore.new gave a stand-in figure)
+        return []
+    return [Patch(facecolor=HABITAT_COLOURS[c], edgecolor="black", linewidth=0.5, label=HABITAT_MEANINGS[c])
+            for c in codes if c in HABITAT_COLOURS]

@@ -7,15 +7,27 @@ import html
 import numpy as np
 
 
+#: The ``<meta>`` tags of the report's ``<head>``: UTF-8 and a viewport as wide as the device (a phone or a
+#: narrow window shows the report at its own width instead of zooming out a desktop-wide page).
+HEAD_META = '<meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
+
+#: Responsive layout: readable from 800 px up (base text 16 px, nothing below 14 px), pictures never wider than
+#: the page, wide tables scroll inside their own box (``.table-scroll``) instead of the page; no fixed width.
 REPORT_CSS = """
-body{font-family:Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;line-height:1.4}
-h1{border-bottom:3px solid #2a5d8f;padding-bottom:6px}h2{color:#2a5d8f;border-bottom:1px solid #ccc;margin-top:34px}
-table{border-collapse:collapse;margin:10px 0;font-size:13px}th,td{border:1px solid #bbb;padding:3px 8px;text-align:left}
+*,*::before,*::after{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%;text-size-adjust:100%}
+body{font-family:Helvetica,Arial,sans-serif;font-size:16px;margin:24px auto;padding:0 16px;max-width:1180px;
+color:#222;line-height:1.45;overflow-wrap:break-word}
+h1{border-bottom:3px solid #2a5d8f;padding-bottom:6px;font-size:1.7em}
+h2{color:#2a5d8f;border-bottom:1px solid #ccc;margin-top:34px}
+.table-scroll{max-width:100%;overflow-x:auto;margin:10px 0}
+table{border-collapse:collapse;margin:0;font-size:14px}th,td{border:1px solid #bbb;padding:3px 8px;text-align:left}
 th{background:#eef3f8}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .na{background:#fff4e5;border-left:4px solid #e69500;padding:6px 10px;color:#6b4500}
 .pass{color:#137333;font-weight:bold}.fail{color:#b3261e;font-weight:bold}
-.note{color:#555;font-size:13px}figure{margin:12px 0}figure img{max-width:100%;border:1px solid #ddd}
-figcaption{font-size:13px;color:#444}
+.note{color:#555;font-size:14px}figure{margin:12px 0;max-width:100%}
+figure img,img{max-width:100%;height:auto;border:1px solid #ddd}
+figcaption{font-size:14px;color:#444}
 """
 
 
@@ -45,7 +57,7 @@ def html_table(header, rows, num_cols=()) -> str:
             cls = ' class="num"' if i in num_cols else ""
             cells.append(f"<td{cls}>{c if isinstance(c, RawHtml) else esc(c)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{h}</tr>{''.join(body)}</table>"
+    return f'<div class="table-scroll"><table><tr>{h}</tr>{"".join(body)}</table></div>'
 
 
 class RawHtml(str):

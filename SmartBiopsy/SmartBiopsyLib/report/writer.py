@@ -33,7 +33,7 @@ import logging
 
 from SmartBiopsyLib.report.case import SECTION_TITLES, CaseFolder
 from SmartBiopsyLib.report.figures import FigureStore
-from SmartBiopsyLib.report.html import REPORT_CSS, esc, na_note
+from SmartBiopsyLib.report.html import HEAD_META, REPORT_CSS, esc, na_note
 from SmartBiopsyLib.report.sections.fusion import section_fusion
 from SmartBiopsyLib.report.sections.habitats import section_habitats
 from SmartBiopsyLib.report.sections.heterogeneity import section_heterogeneity
@@ -63,7 +63,7 @@ def write_report(out_dir, title: str | None = None) -> str:
     figs = FigureStore(root / "figures")
     cinfo = (case.summary.get("case") or {}) if isinstance(case.summary, dict) else {}
     title = title or f"SmartBiopsy report - {cinfo.get('name', root.name)}"
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
+    parts = [f"<!DOCTYPE html><html lang=\"en\"><head>{HEAD_META}<title>{esc(title)}</title>"
              f"<style>{REPORT_CSS}</style></head><body><h1>{esc(title)}</h1>"]
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(f'<p class="note">Written {created}. Coordinates are RAS in mm; ADC in 10^-6 mm^2/s, FF and EF '

@@ -1,5 +1,6 @@
-"""The calibration picture: maximum-intensity projections of the CT around the frame, three orthogonal views,
-with the fitted model drawn over them and each fiducial's residual. matplotlib's object-oriented API only
+"""The calibration picture: maximum-intensity projections of the CT around the frame, three orthogonal views in
+the radiological convention (patient right on the image's left; SmartBiopsyCoreLib.display) with orientation
+letters and a mm scale bar, the fitted model drawn over them and each fiducial's residual. matplotlib's object-oriented API only
 (no pyplot, no global backend); without matplotlib the picture is skipped with a sentence."""
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import logging
 
 import numpy as np
 
+from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar, oriented_mip
 from SmartBiopsyCoreLib.geometry import RasVolume
+from SmartBiopsyCoreLib.palette import ENTRY_COLOUR
 from TrajectoryPlannerLib.calibration.frame_fit import CalibrationResult
 
 logger = logging.getLogger(__name__)
@@ -18,6 +21,7 @@ def write_calibration_picture(ct: RasVolume, result: CalibrationResult, path, ma
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
     except ImportError:
         logger.warning("calibration picture not drawn: matplotlib is not installed")
         return None
@@ -34,28 +38,38 @@ def write_calibration_picture(ct: RasVolume, result: CalibrationResult, path, ma
     i0 = np.maximum(np.floor(ijk.min(0)).astype(int), 0)
     i1 = np.minimum(np.ceil(ijk.max(0)).astype(int) + 1, np.array(ct.shape_kji)[::-1])
     sub = ct.array[i0[2]:i1[2], i0[1]:i1[1], i0[0]:i1[0]].astype(np.float32)
+    crop = ct.ijk_to_ras.copy()
+    crop[:3, 3] = ct.ijk_to_ras_points(i0[None].astype(float))[0]  # the block's own grid
+    centre = 0.5 * (pts.min(0) + pts.max(0))
+    centre_ijk = ct.ras_to_ijk_points(centre[None])[0] - i0
     fig = Figure(figsize=(12, 4.4), dpi=100)
     FigureCanvasAgg(fig)
-    views = (("axial (k)", 0, (0, 1)), ("coronal (j)", 1, (0, 2)), ("sagittal (i)", 2, (1, 2)))
-    for n, (title, axis, (u, v)) in enumerate(views):
+    for n, view in enumerate(("axial", "coronal", "sagittal")):
         ax = fig.add_subplot(1, 3, n + 1)
-        mip = sub.max(axis=axis)
-        ax.imshow(mip, cmap="gray", vmin=-1000, vmax=max(float(model.hu_nominal), 200.0), origin="lower",
+        mip = oriented_mip(sub, crop, centre_ijk, view)
+        ax.set_facecolor("black")
+        ax.imshow(mip.image, cmap="gray", vmin=-1000, vmax=max(float(model.hu_nominal), 200.0), extent=mip.extent,
                   interpolation="nearest")
         for name, a, b in segs:
-            ends = [a] if b is None else [a, b]
-            ij = ct.ras_to_ijk_points(np.array(ends)) - i0  # (i, j, k) in the crop
-            cols = {0: ij[:, 0], 1: ij[:, 1], 2: ij[:, 2]}
-            x_img, y_img = (cols[0], cols[1]) if axis == 0 else ((cols[0], cols[2]) if axis == 1 else (cols[1], cols[2]))
-            ax.plot(x_img, y_img, "-o" if b is None else "-", color="#ff7f0e", lw=1.2, ms=4)
+            xy = mip.to_display([a] if b is None else [a, b], centre)
+            ax.plot(xy[:, 0], xy[:, 1], "-o" if b is None else "-", color=ENTRY_COLOUR, mec="black", lw=1.5, ms=5)
             res = result.residuals_mm.get(name)
-            ax.annotate(f"{name} {res:.2f} mm" if res is not None else name, (float(np.mean(x_img)), float(np.mean(y_img))),
-                        color="#1f77b4", fontsize=7)
-        ax.set_title(f"{title} MIP", fontsize=9)
+            ax.annotate(f"{name} {res:.2f} mm" if res is not None else name, tuple(xy.mean(axis=0)),
+                        xytext=(4, 4), textcoords="offset points", color="white", fontsize=8,
+                        bbox={"boxstyle": "round,pad=0.1", "facecolor": "black", "alpha": 0.5, "linewidth": 0})
+        ax.set_xlim(mip.extent[0], mip.extent[1])
+        ax.set_ylim(mip.extent[2], mip.extent[3])
+        ax.set_title(f"{view} MIP", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+        draw_orientation_letters(ax, mip.u, mip.v)
+        draw_scale_bar(ax)
+    fig.legend(handles=[Line2D([], [], ls="none", marker="o", color=ENTRY_COLOUR, mec="black",
+                               label="fitted frame model (fiducial), with its residual")],
+               loc="lower center", fontsize=9, frameon=False)
     fig.suptitle(f"Robot calibration {model.name}: residual RMS {result.rms_mm:.2f} mm, QA "
                  f"{'PASSED' if result.passed else 'FAILED'} (fitted model in orange; residual per fiducial)",
                  fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(str(path))
     return str(path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from SmartBiopsyLib.report.case import CaseFolder
-from SmartBiopsyLib.report.figures import REGION_COLOURS, FigureStore, habitat_rgba, window_image, reslice
+from SmartBiopsyCoreLib.display import VIEW_FRAMES, draw_orientation_letters, draw_scale_bar
+from SmartBiopsyLib.report.figures import (REGION_COLOURS, FigureStore, habitat_legend_handles, habitat_rgba,
+                                           window_image, reslice)
 from SmartBiopsyLib.report.html import esc, fmt_num, na_note, html_table
 
 
@@ -35,6 +37,52 @@ def _planned_hits(case: CaseFolder) -> dict:
     return out
 
 
+def target_legend_handles() -> list:
+    """Legend entry for the target crosses of the habitat figure."""
+    try:
+        from matplotlib.lines import Line2D
+    except ImportError:
+        return []
+    return [Line2D([], [], linestyle="none", marker="+", ms=11, mew=2.5, color="black",
+                   label="target (cross in its habitat's colour)")]
+
+
+def draw_habitat_panel(ax, hab, base, centre, half: float, pts) -> None:
+    """One axial panel (radiological: patient right on the image's left, anterior at the top) of the habitat
+    label volume ``hab`` over ``base`` (grey, optional) centred on ``centre`` (RAS mm, MRI world), ``half`` mm
+    each side, with the targets ``pts`` [(name, region, RAS point)] within 2.5 mm of the slice, orientation
+    letters and a mm scale bar. Habitats are opaque and unsmoothed: each shows in exactly its palette colour."""
+    u, v = (np.asarray(x, float) for x in VIEW_FRAMES["axial"])
+    centre = np.asarray(centre, float)
+    ext = (-half, half, half, -half)  # columns along u, rows along v, mm from the centre
+    ax.set_facecolor("black")  # outside the MRI volume
+    lab = reslice(hab, centre, u, v, half, half, 0.5, order=0)
+    if base is not None:
+        img = reslice(base, centre, u, v, half, half, 0.5, order=1)
+        lo, hi = window_image(img)
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=ext)
+    ax.imshow(habitat_rgba(np.nan_to_num(lab).astype(int)), extent=ext, interpolation="nearest")
+    shown = [(n, r, (np.asarray(q, float) - centre) @ u, (np.asarray(q, float) - centre) @ v) for n, r, q in pts
+             if abs(np.asarray(q, float)[2] - centre[2]) <= 2.5]  # targets within this slab
+    for other_name, other_region, x, y in shown:
+        ax.plot([x], [y], marker="+", ms=16, mew=4.0, color="black")
+        ax.plot([x], [y], marker="+", ms=13, mew=2.0, color=REGION_COLOURS.get(other_region, (0.5, 0.5, 0.5)))
+        # the label goes to the side away from the nearest other target, so that labels do not overlap
+        near = min(((ox - x, oy - y) for n, _, ox, oy in shown if n != other_name),
+                   key=lambda dv: np.hypot(*dv), default=(-1.0, 1.0))
+        dx, ha = (7, "left") if near[0] <= 0 else (-7, "right")
+        dy = 5 if near[1] >= 0 else -14  # rows run downwards: a target further down keeps the label above
+        ax.annotate(other_name, (x, y), xytext=(dx, dy), textcoords="offset points", color="white", ha=ha,
+                    fontsize=9, fontweight="bold",
+                    bbox={"boxstyle": "round,pad=0.1", "facecolor": "black", "alpha": 0.5, "linewidth": 0})
+    ax.set_xlim(-half, half)
+    ax.set_ylim(half, -half)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    draw_orientation_letters(ax, u, v)
+    draw_scale_bar(ax)
+
+
 def section_habitats(case: CaseFolder, figs: FigureStore) -> str:
     out = []
     hab = case.volume("characterisation/habitats.nrrd")
@@ -56,35 +104,21 @@ def section_habitats(case: CaseFolder, figs: FigureStore) -> str:
         if nz.size:
             ext = hab.kji_to_ras_points(nz)
             half = float(np.clip(np.max(np.abs(ext - ext.mean(axis=0))[:, :2]) + 25.0, 30.0, 120.0))
-        fig = figs.new(4.2 * len(pts), 4.6)
-        u, v = np.array([-1.0, 0, 0]), np.array([0, -1.0, 0])  # radiological: patient right on the left, anterior up
+        ncol = min(len(pts), 3)
+        nrow = (len(pts) + ncol - 1) // ncol
+        fig = figs.new(3.6 * ncol, 3.7 * nrow + 0.9)
         for i, (name, region, p) in enumerate(pts):
-            ax = fig.add_subplot(1, len(pts), i + 1)
-            centre = p.copy()
-            lab = reslice(hab, centre, u, v, half, half, 0.5, order=0)
-            if base is not None:
-                img = reslice(base, centre, u, v, half, half, 0.5, order=1)
-                lo, hi = window_image(img)
-                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=(-half, half, half, -half))
-            ax.imshow(habitat_rgba(np.nan_to_num(lab).astype(int)), extent=(-half, half, half, -half))
-            for other_name, other_region, q in pts:
-                d = q - centre
-                if abs(d[2]) <= 2.5:  # targets within this slab
-                    ax.plot([-d[0]], [-d[1]], marker="+", ms=16, mew=2.5, color="white")
-                    ax.plot([-d[0]], [-d[1]], marker="+", ms=13, mew=1.2,
-                            color=REGION_COLOURS.get(other_region, (0, 1, 0)))
-                    ax.annotate(other_name, (-d[0], -d[1]), xytext=(6, 6), textcoords="offset points", color="white",
-                                fontsize=9, fontweight="bold")
+            ax = fig.add_subplot(nrow, ncol, i + 1)
+            draw_habitat_panel(ax, hab, base, p, half, pts)
             ax.set_title(f"{name}: axial S {p[2]:.1f} mm", fontsize=10)
-            ax.set_xlabel("mm (patient right on the left)")
-            ax.set_xlim(-half, half)
-            ax.set_ylim(half, -half)
-        fig.suptitle(f"Habitats on {base_name}: A red (low ADC, high EF), B yellow (discordant), "
-                     "C blue (high ADC, low EF)", fontsize=10)
-        fig.tight_layout()
+        fig.legend(handles=habitat_legend_handles() + target_legend_handles(), loc="lower center", ncol=2,
+                   fontsize=9, frameon=False)
+        fig.suptitle(f"Habitats on {base_name} (axial, radiological: patient right on the image's left)",
+                     fontsize=10)
+        fig.tight_layout(rect=(0, 0.14 / nrow, 1, 1))
         out.append(figs.save(fig, "habitats_targets",
                              f"Habitat map over the {base_name} (MRI world), axial slice through each proposed "
-                             "target (+)."))
+                             "target (+), patient right on the image's left."))
     regions = case.csv("characterisation/regions.csv")
     if regions:
         rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar
 from SmartBiopsyLib.report.case import CaseFolder
 from SmartBiopsyLib.report.figures import MAP_CMAPS, MAP_UNITS, FigureStore, apply_matrix, perp_axial, unit_vector, window_image, reslice
 from SmartBiopsyLib.report.html import fmt_num, na_note, html_table
@@ -69,6 +70,17 @@ def _notch_docs(case: CaseFolder) -> list[tuple[str, dict, dict | None]]:
     return docs
 
 
+def _notch_legend_handles() -> list:
+    """Legend of the notch figure: the ROI outline and the needle axis (both drawn white on the maps)."""
+    try:
+        from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
+    except ImportError:  # no matplotlib: nothing is drawn
+        return []
+    return [Patch(facecolor="none", edgecolor="black", linewidth=1.5, label="notch ROI outline (sampled region)"),
+            Line2D([], [], color="grey", lw=1.2, ls=":", label="needle axis")]
+
+
 def section_notch(case: CaseFolder, figs: FigureStore) -> str:
     out = []
     stopped = sampling_not_done(case)
@@ -114,6 +126,10 @@ def section_notch(case: CaseFolder, figs: FigureStore) -> str:
             u_ct = unit_vector(roi.get("u_axis") or perp_axial(axis_ct))
             centre = apply_matrix(c2m, centre_ct)[0]
             a_m, u_m = unit_vector(c2m[:3, :3] @ axis_ct), unit_vector(c2m[:3, :3] @ u_ct)
+            # as near the radiological axial view as the needle's plane allows (the ROI box is symmetric)
+            a_m = -a_m if a_m[0] > 0 else a_m
+            down = u_m[1] if abs(u_m[1]) >= abs(u_m[2]) else u_m[2]  # screen down towards posterior or inferior
+            u_m = -u_m if down > 0 else u_m
             L = float(roi.get("length_mm", 10.0))
             hw = (roi.get("half_widths_mm") or [roi.get("radius_mm", 1.0)] * 2)[0]
             hs, hc = L / 2 + 12.0, 14.0
@@ -125,14 +141,19 @@ def section_notch(case: CaseFolder, figs: FigureStore) -> str:
                                extent=(-hs, hs, hc, -hc))
                 ax.plot([-L / 2, L / 2, L / 2, -L / 2, -L / 2], [-hw, -hw, hw, hw, -hw], color="white", lw=1.8)
                 ax.plot([-L / 2, L / 2, L / 2, -L / 2, -L / 2], [-hw, -hw, hw, hw, -hw], color="black", lw=0.7)
-                ax.axhline(0, color="white", lw=0.6, ls=":")
+                ax.axhline(0, color="white", lw=0.8, ls=":")
                 st = (vals.get("maps") or {}).get(mname) or {}
                 ax.set_title(f"{name} - {mname.upper()} mean {fmt_num(st.get('mean'))}", fontsize=9)
-                ax.set_xlabel("mm along the needle")
+                ax.set_xlabel("along the needle (mm)", fontsize=9)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                draw_orientation_letters(ax, a_m, u_m, fontsize=8)
+                draw_scale_bar(ax, fontsize=8)
                 cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
                 cb.set_label(MAP_UNITS.get(mname, ""), fontsize=8)
+        fig.legend(handles=_notch_legend_handles(), loc="lower center", ncol=2, fontsize=9, frameon=False)
         fig.suptitle("Notch ROI (box outline) on every map, on the map's own voxels (MRI world)", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.08 / len(with_roi), 1, 1))
         out.append(figs.save(fig, "notch_rois", "Each map around the notch of each core, resliced on the plane of "
                                                 "the needle axis; the outline is the sampled region."))
     rows = []

@@ -12,6 +12,33 @@ from SmartBiopsyLib.report.html import esc, fmt_num, na_note, html_table
 from SmartBiopsyLib.report.words import plain
 
 
+def draw_dose_timeline(ax, mins, dlp, labels, window_min: float):
+    """The dose timeline on ``ax``: one bar per CT acquisition (DLP, mGy*cm) at its time (minutes since the
+    planning topogram), the cumulative DLP on a second axis, the procedure window, each scan's name above the
+    plot at its time (never over a bar) and the legend below the plot (never over the cumulative line). Returns the second
+    (cumulative) axes."""
+    mins = np.asarray(mins, float)
+    dlp = np.asarray(dlp, float)
+    width = max(0.6, 0.012 * max(float(mins.max(initial=0.0)), 1.0))
+    ax.bar(mins, dlp, width=width, color="#0072b2", label="DLP per scan")
+    ax2 = ax.twinx()
+    cum = np.concatenate([[0.0], np.cumsum(dlp)])
+    ax2.step(np.concatenate([[0.0], mins]), cum, where="post", color="#d55e00", lw=1.8, label="cumulative DLP")
+    ax.axvline(window_min, color="#e69f00", ls="--", label=f"{window_min:.0f} min window")
+    top = ax.secondary_xaxis("top")  # each scan's name above the plot, at its time: clear of bars and line
+    top.set_xticks(mins, labels=list(labels), rotation=90, fontsize=8)
+    ax.set_ylim(0, float(dlp.max(initial=1.0) or 1.0) * 1.1)
+    ax2.set_ylim(0, float(cum[-1] or 1.0) * 1.1)
+    ax.set_xlim(-1, max(window_min, float(mins.max(initial=0.0))) + 3)
+    ax.set_xlabel("minutes since the planning topogram")
+    ax.set_ylabel("DLP per scan (mGy*cm)")
+    ax2.set_ylabel("cumulative DLP (mGy*cm)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.24), ncol=3, frameon=False)
+    return ax2
+
+
 def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
     out = []
     proc = case.json("specimens/procedure.json")
@@ -40,24 +67,10 @@ def section_procedure(case: CaseFolder, figs: FigureStore) -> str:
                 mins = [(_dt.datetime.fromisoformat(str(s["time_utc"]).replace("Z", "+00:00")) - t0d).total_seconds()
                         / 60.0 for s in scans]
                 dlp = np.array([float(s.get("dlp_mgy_cm") or 0.0) for s in scans])
-                fig = figs.new(8, 3.6)
+                fig = figs.new(8, 4.2)
                 ax = fig.add_subplot(111)
-                ax.bar(mins, dlp, width=max(0.6, 0.012 * max(max(mins), 1.0)), color="#3b7dd8", label="DLP per scan")
-                ax2 = ax.twinx()
-                ax2.step([0.0] + mins, np.concatenate([[0.0], np.cumsum(dlp)]), where="post", color="#d93025",
-                         label="cumulative DLP")
-                win = float(proc.get("window_min") or 60.0)
-                ax.axvline(win, color="#e69500", ls="--", label=f"{win:.0f} min window")
-                for m_, s in zip(mins, scans):
-                    ax.annotate(str(s.get("label")), (m_, 0), xytext=(0, 3), textcoords="offset points", rotation=90,
-                                fontsize=7, va="bottom")
-                ax.set_xlim(-1, max(win, max(mins)) + 3)
-                ax.set_xlabel("minutes since the planning topogram")
-                ax.set_ylabel("DLP (mGy*cm)")
-                ax2.set_ylabel("cumulative DLP (mGy*cm)")
-                h1, l1 = ax.get_legend_handles_labels()
-                h2, l2 = ax2.get_legend_handles_labels()
-                ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+                draw_dose_timeline(ax, mins, dlp, [str(s.get("label")) for s in scans],
+                                   float(proc.get("window_min") or 60.0))
                 ax.set_title("CT acquisitions over the procedure")
                 fig.tight_layout()
                 out.append(figs.save(fig, "procedure_timeline", "Dose-length product of each CT acquisition over "

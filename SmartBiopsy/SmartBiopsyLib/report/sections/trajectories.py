@@ -7,6 +7,8 @@ import logging
 import numpy as np
 
 from SmartBiopsyLib.report.case import CaseFolder
+from SmartBiopsyCoreLib import palette
+from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar
 from SmartBiopsyLib.report.figures import CT_WINDOW_HU, HABITAT_COLOURS, REGION_COLOURS, FigureStore, apply_matrix, perp_axial, unit_vector, reslice
 from SmartBiopsyLib.report.html import esc, fmt_num, na_note, html_table
 from SmartBiopsyLib.report.words import plain
@@ -91,6 +93,121 @@ def _tumour_points_ct(case: CaseFolder, max_points: int = 2500):
     return apply_matrix(m, vol.kji_to_ras_points(idx)), codes
 
 
+def path_legend_handles(skin: bool = False, habitats=()) -> list:
+    """Legend entries of the path figures: needle, skin entry, target, planned notch tip (and skin and the
+    habitats when the 3-D view shows them)."""
+    try:
+        from matplotlib.lines import Line2D
+    except ImportError:  # no matplotlib: nothing is drawn
+        return []
+    from SmartBiopsyLib.report.figures import habitat_legend_handles
+
+    h = [Line2D([], [], color=palette.NEEDLE_COLOUR, lw=3, label="planned needle"),
+         Line2D([], [], ls="none", marker="o", ms=7, color=palette.ENTRY_COLOUR, mec="black", label="skin entry"),
+         Line2D([], [], ls="none", marker="X", ms=9, color="white", mec="black",
+                label="target (in its habitat's colour)"),
+         Line2D([], [], ls="none", marker="D", ms=7, color=palette.NOTCH_TIP_COLOUR, mec="black",
+                label="planned notch tip")]
+    if skin:
+        h.append(Line2D([], [], ls="none", marker=".", ms=6, color="#8b5a2b", label="skin"))
+    h += habitat_legend_handles(habitats)
+    if any(int(c) not in HABITAT_COLOURS for c in habitats):
+        h.append(Line2D([], [], ls="none", marker="s", ms=7, color=palette.NEUTRAL_COLOUR, mec="black",
+                        label="tumour outside the habitats"))
+    return h
+
+
+def draw_path_reslice(ax, ct, t: dict) -> dict:
+    """One oblique CT panel containing the path ``t`` (plan.json trajectory, CT RAS mm): the needle drawn from
+    the skin entry to the planned notch tip only, the target and the planned notch tip marked apart, the
+    letters of the nearest anatomical directions on the four edges and a mm scale bar. The image's columns
+    run along the needle, its rows across it in the plane nearest axial, oriented as close to the radiological
+    axial view as the plane allows (patient right towards the left edge, anterior towards the top). Returns
+    the display coordinates (mm) {"entry", "target", "tip"}."""
+    e = np.asarray(t["entry_ras"], float)
+    g = np.asarray(t["target_ras"], float)
+    tip = np.asarray(t["tip_ras"], float) if t.get("tip_ras") is not None else g
+    d = unit_vector(g - e)
+    w = perp_axial(d)
+    if d[0] > 0:  # screen right towards the patient's left
+        d = -d
+    if w[1] > 0:  # screen down towards posterior
+        w = -w
+    centre = 0.5 * (e + tip)
+    pts = {k: np.array([(p - centre) @ d, (p - centre) @ w]) for k, p in (("entry", e), ("target", g), ("tip", tip))}
+    hu = float(np.linalg.norm(tip - e)) / 2 + 20.0
+    hv = max(30.0, 0.55 * hu)
+    img = reslice(ct, centre, d, w, hu, hv, 0.5, order=1)
+    ax.set_facecolor("black")
+    ax.imshow(img, cmap="gray", vmin=CT_WINDOW_HU[0], vmax=CT_WINDOW_HU[1], extent=(-hu, hu, hv, -hv))
+    (xe, ye), (xg, yg), (xt, yt) = pts["entry"], pts["target"], pts["tip"]
+    ax.plot([xe, xt], [ye, yt], color="black", lw=3.2, solid_capstyle="butt")
+    ax.plot([xe, xt], [ye, yt], color=palette.NEEDLE_COLOUR, lw=1.8, solid_capstyle="butt")
+    ax.plot([xe], [ye], "o", color=palette.ENTRY_COLOUR, mec="black", ms=7)
+    ax.plot([xt], [yt], "D", color=palette.NOTCH_TIP_COLOUR, mec="black", ms=7)
+    ax.plot([xg], [yg], "X", color=REGION_COLOURS.get(str(t.get("region")), palette.NEUTRAL_COLOUR), mec="black",
+            ms=10)
+    ax.annotate("target", (xg, yg), xytext=(-4, 9), textcoords="offset points", ha="right", fontsize=8,
+                color="white", bbox={"boxstyle": "round,pad=0.1", "facecolor": "black", "alpha": 0.5, "linewidth": 0})
+    ax.annotate("planned notch tip", (xt, yt), xytext=(0, -16), textcoords="offset points", ha="center",
+                fontsize=8, color="white",
+                bbox={"boxstyle": "round,pad=0.1", "facecolor": "black", "alpha": 0.5, "linewidth": 0})
+    ax.set_xlim(-hu, hu)
+    ax.set_ylim(hv, -hv)
+    clear = t.get("clearance_mm") or {}
+    worst = min(clear.items(), key=lambda kv: kv[1]) if clear else None
+    ax.set_title(f"{t.get('name', t.get('target'))}: {fmt_num(t.get('length_mm'))} mm, "
+                 f"{fmt_num(t.get('angle_to_axial_deg'))} deg to axial"
+                 + (f"\nclosest: {worst[0]} {worst[1]:.1f} mm" if worst else ""), fontsize=9)
+    ax.set_xlabel("along the needle (mm)", fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    draw_orientation_letters(ax, d, w)
+    draw_scale_bar(ax)
+    return pts
+
+
+def draw_paths_3d(ax, trajs, tpts, codes, skin, c, r) -> None:
+    """The 3-D view: skin points, tumour points in their habitat's exact palette colour (no depth shading,
+    opaque) and each path from the skin entry to the planned notch tip in the needle colour drawn over the
+    tumour, with its target in its habitat's colour and its planned notch tip marked apart. ``c``, ``r``: the
+    centre and half-size (mm) of the cube shown."""
+    ax.computed_zorder = False  # draw in the order given: the paths stay visible over the tumour
+    if skin is not None and len(skin):
+        ax.scatter(skin[:, 0], skin[:, 1], skin[:, 2], s=2, c="#8b5a2b", alpha=0.35, depthshade=False, zorder=1)
+    if tpts is not None:
+        cols = np.array([HABITAT_COLOURS.get(int(k), palette.NEUTRAL_COLOUR) for k in codes])
+        ax.scatter(tpts[:, 0], tpts[:, 1], tpts[:, 2], s=4, c=cols, alpha=1.0, depthshade=False, zorder=2)
+    for t in trajs:
+        e = np.asarray(t["entry_ras"], float)
+        g = np.asarray(t["target_ras"], float)
+        tip = np.asarray(t.get("tip_ras") or t["target_ras"], float)
+        ax.plot([e[0], tip[0]], [e[1], tip[1]], [e[2], tip[2]], color="black", lw=4.5, zorder=5)
+        ax.plot([e[0], tip[0]], [e[1], tip[1]], [e[2], tip[2]], color=palette.NEEDLE_COLOUR, lw=2.8, zorder=6)
+        ax.scatter([e[0]], [e[1]], [e[2]], color=palette.ENTRY_COLOUR, edgecolors="black", s=30, depthshade=False,
+                   zorder=7)
+        ax.scatter([tip[0]], [tip[1]], [tip[2]], marker="D", color=palette.NOTCH_TIP_COLOUR, edgecolors="black",
+                   s=30, depthshade=False, zorder=7)
+        ax.scatter([g[0]], [g[1]], [g[2]], marker="X", color=REGION_COLOURS.get(str(t.get("region")),
+                                                                                 palette.NEUTRAL_COLOUR),
+                   edgecolors="black", s=60, depthshade=False, zorder=8)
+    # each path's name beyond its skin entry, stacked in S so that neighbouring entries keep readable names
+    for k, t in enumerate(trajs):
+        e = np.asarray(t["entry_ras"], float)
+        tip = np.asarray(t.get("tip_ras") or t["target_ras"], float)
+        at = e - 18.0 * unit_vector(tip - e) + np.array([0.0, 0.0, 0.12 * r * (k - (len(trajs) - 1) / 2)])
+        ax.plot(*np.array([at, e]).T, color="black", lw=0.6, zorder=9)
+        ax.text(*at, str(t.get("target", t.get("name"))), fontsize=8, ha="right", va="center", zorder=10,
+                bbox={"boxstyle": "round,pad=0.1", "facecolor": "white", "alpha": 0.8, "linewidth": 0})
+    ax.set_xlim(c[0] - r, c[0] + r)
+    ax.set_ylim(c[1] - r, c[1] + r)
+    ax.set_zlim(c[2] - r, c[2] + r)
+    ax.set_xlabel("R (mm)")
+    ax.set_ylabel("A (mm)")
+    ax.set_zlabel("S (mm)")
+    ax.view_init(elev=25, azim=-60)
+
+
 def section_trajectories(case: CaseFolder, figs: FigureStore) -> str:
     out = []
     plan = case.json("plan/plan.json")
@@ -106,38 +223,20 @@ def section_trajectories(case: CaseFolder, figs: FigureStore) -> str:
     if ct is None:
         out.append(na_note("Reslices along the paths " + case.why("inputs", "inputs/ct.nrrd")))
     else:
-        n = len(trajs)
-        fig = figs.new(5.0 * n, 4.8)
+        ncol = min(len(trajs), 3)
+        nrow = (len(trajs) + ncol - 1) // ncol
+        fig = figs.new(3.9 * ncol, 3.1 * nrow + 0.8)
         for i, t in enumerate(trajs):
-            e = np.asarray(t["entry_ras"], float)
-            g = np.asarray(t["target_ras"], float)
-            tip = np.asarray(t["tip_ras"], float) if t.get("tip_ras") is not None else g
-            d = unit_vector(g - e)
-            w = perp_axial(d)
-            L = float(np.linalg.norm(g - e))
-            centre = 0.5 * (e + g)
-            hu, hv = L / 2 + 25.0, max(35.0, 0.35 * L)
-            img = reslice(ct, centre, d, w, hu, hv, 0.5, order=1)
-            ax = fig.add_subplot(1, n, i + 1)
-            ax.imshow(img, cmap="gray", vmin=CT_WINDOW_HU[0], vmax=CT_WINDOW_HU[1], extent=(-hu, hu, hv, -hv))
-            pe, pg, pt = ((p - centre) @ d for p in (e, g, tip))
-            ax.plot([pe, pt], [0, (tip - centre) @ w], color="#00e5ff", lw=1.6, label="planned needle")
-            ax.plot([pe], [0], "o", color="#00e5ff", ms=6, label="skin entry")
-            ax.plot([pg], [0], "x", color=REGION_COLOURS.get(str(t.get("region")), (1, 0, 1)), ms=11, mew=2.5,
-                    label="target")
-            clear = t.get("clearance_mm") or {}
-            worst = min(clear.items(), key=lambda kv: kv[1]) if clear else None
-            ax.set_title(f"{t.get('name', t.get('target'))}: {fmt_num(t.get('length_mm'))} mm, "
-                         f"{fmt_num(t.get('angle_to_axial_deg'))} deg to axial"
-                         + (f"\nclosest: {worst[0]} {worst[1]:.1f} mm" if worst else ""), fontsize=9)
-            ax.set_xlabel("mm along the needle")
-            ax.set_ylabel("mm across (in the plane nearest axial)")
-            ax.legend(fontsize=7, loc="lower right")
+            ax = fig.add_subplot(nrow, ncol, i + 1)
+            draw_path_reslice(ax, ct, t)
+        fig.legend(handles=path_legend_handles(), loc="lower center", ncol=4, fontsize=9, frameon=False)
         fig.suptitle(f"CT resliced on the plane containing each needle path ({which})", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.1 / nrow, 1, 1))
         out.append(figs.save(fig, "trajectories_reslice",
-                             "Oblique CT reslice containing each planned path (entry o, target x), CT window "
-                             f"{CT_WINDOW_HU[0]:.0f} to {CT_WINDOW_HU[1]:.0f} HU."))
+                             "Oblique CT reslice containing each planned path: skin entry (o), target (X, in its "
+                             "habitat's colour) and the planned notch tip (diamond) where the needle stops so that "
+                             "the notch is centred on the target; letters name the nearest anatomical directions. "
+                             f"CT window {CT_WINDOW_HU[0]:.0f} to {CT_WINDOW_HU[1]:.0f} HU."))
     # 3-D view
     tpts, codes = _tumour_points_ct(case)
     fig = figs.new(7.5, 6.5)
@@ -150,29 +249,15 @@ def section_trajectories(case: CaseFolder, figs: FigureStore) -> str:
     c = 0.5 * (f.min(axis=0) + f.max(axis=0))
     r = 0.5 * float(np.max(f.max(axis=0) - f.min(axis=0))) + 40.0  # the paths and the tumour with 40 mm around
     skin = _skin_points(case, ct, c, r)
-    if skin is not None and len(skin):
-        ax.scatter(skin[:, 0], skin[:, 1], skin[:, 2], s=2, c="#8b5a2b", alpha=0.5, label="skin")
-    if tpts is not None:
-        cols = np.array([HABITAT_COLOURS.get(int(k), (0.5, 0.5, 0.5)) for k in codes])
-        ax.scatter(tpts[:, 0], tpts[:, 1], tpts[:, 2], s=4, c=cols, alpha=0.6, label="tumour (habitat colours)")
-    for t in trajs:
-        e = np.asarray(t["entry_ras"], float)
-        tip = np.asarray(t.get("tip_ras") or t["target_ras"], float)
-        col = REGION_COLOURS.get(str(t.get("region")), (0.2, 0.2, 0.2))
-        ax.plot([e[0], tip[0]], [e[1], tip[1]], [e[2], tip[2]], color=col, lw=2.5)
-        ax.scatter([e[0]], [e[1]], [e[2]], color="k", s=20)
-        ax.text(*tip, f" {t.get('target', t.get('name'))}", fontsize=8)
-    ax.set_xlim(c[0] - r, c[0] + r)
-    ax.set_ylim(c[1] - r, c[1] + r)
-    ax.set_zlim(c[2] - r, c[2] + r)
-    ax.set_xlabel("R (mm)")
-    ax.set_ylabel("A (mm)")
-    ax.set_zlabel("S (mm)")
-    ax.view_init(elev=25, azim=-60)
+    draw_paths_3d(ax, trajs, tpts, codes, skin, c, r)
+    fig.legend(handles=path_legend_handles(skin=skin is not None and len(skin) > 0,
+                                           habitats=sorted({int(k) for k in codes}) if tpts is not None else ()),
+               loc="lower center", ncol=3, fontsize=8, frameon=False)
     ax.set_title("3-D view: skin, tumour and needle paths (CT world)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     out.append(figs.save(fig, "trajectories_3d", "Skin surface (subsampled), tumour coloured by habitat and the "
-                                                 "planned needle paths."))
+                                                 "planned needle paths from the skin entry to the planned notch "
+                                                 "tip, with each target marked in its habitat's colour."))
     rows = []
     for t in trajs:
         clear = t.get("clearance_mm") or {}
