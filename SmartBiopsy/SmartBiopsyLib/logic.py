@@ -184,6 +184,30 @@ def region_of_target(line_node) -> str:
     return region
 
 
+# ---------------------------------------------------------------------------------------------- target display
+#: Attribute on the all-targets point list: what it is for (it is hidden in the views).
+TARGETS_ROLE_ATTRIBUTE = "SmartBiopsy.Role"
+
+
+def show_targets_per_habitat(scene, targets_node, targets: list) -> list:
+    """Show the targets one colour per habitat, as the case scene does: one node "Target A" per target in the
+    habitat's palette colour (:func:`SmartBiopsyLib.characterise.mrml.target_point_nodes`; a markups node has one
+    colour for all its points), and hide ``targets_node`` (the single point list of every target the Trajectory
+    Planner takes as input; it stays selectable, only its display is off). Returns the per-target nodes, in
+    target order; the scene owns them."""
+    from SmartBiopsyLib.characterise.mrml import target_point_nodes
+
+    points = target_point_nodes(scene, targets)
+    if targets_node is not None:
+        targets_node.CreateDefaultDisplayNodes()
+        for i in range(targets_node.GetNumberOfDisplayNodes()):
+            display = targets_node.GetNthDisplayNode(i)
+            if display is not None:
+                display.SetVisibility(False)
+        targets_node.SetAttribute(TARGETS_ROLE_ATTRIBUTE, "planner input (shown as Target A/B/C)")
+    return points
+
+
 class BiopsyLogic:
     """The panel's actions on ``scene``; one per panel (it keeps :class:`PanelState`)."""
 
@@ -258,7 +282,13 @@ class BiopsyLogic:
 
     def compute_habitats(self, adc_node, ef_node, ff_node, tumour_mask, mode="median", transform_node=None,
                          needle_error_mm=2.0, notch_length_mm=10.0) -> dict:
-        """Habitats and targets; returns {"habitats": HabitatResult, "targets": [...], "nodes": {...}}."""
+        """Habitats and targets; returns {"habitats": HabitatResult, "targets": [...], "nodes": {...}}.
+
+        Nodes (the scene owns them; MRI world, under ``transform_node`` when given): "segmentation" (segments A/B/C
+        in the palette colours), "regions" (table), "targets" (one point list "Habitat targets" with every target,
+        labelled A/B/C: the Trajectory Planner's input; its display is hidden) and "target_points" (what the views
+        show, as in the case scene: one locked node "Target A" per target holding the point "target A", in the
+        habitat's palette colour; see :func:`show_targets_per_habitat`)."""
         from SmartBiopsyLib.characterise import habitats, mrml as characterisation_mrml, targets
 
         adc, ef = _volume(adc_node), _volume(ef_node)
@@ -268,9 +298,10 @@ class BiopsyLogic:
         named = {"adc": adc, "ef": ef} | ({"ff": ff} if ff is not None else {})
         ts = targets.plan_targets(result.labels, named, predicted_tre(transform_node), needle_error_mm, notch_length_mm)
         nodes = characterisation_mrml.characterisation_nodes(self.scene, result, ts)
+        nodes["target_points"] = show_targets_per_habitat(self.scene, nodes["targets"], ts)
         if transform_node is not None:
-            for key in ("segmentation", "targets"):
-                nodes[key].SetAndObserveTransformNodeID(transform_node.GetID())
+            for node in [nodes["segmentation"], nodes["targets"]] + nodes["target_points"]:
+                node.SetAndObserveTransformNodeID(transform_node.GetID())
         self.state.habitats, self.state.targets = result, ts
         if self.state.tumour_size is None:
             from SmartBiopsyLib.characterise import tumour
