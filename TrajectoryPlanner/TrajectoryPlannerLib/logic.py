@@ -120,16 +120,102 @@ def targets_from_node(targets_node) -> list[dict]:
 def plan(scene, ct_node, targets_node, segmentation_node=None, needle: str = "15G/16G-16cm", margins=None,
          mode: str = "oblique", max_angle_deg: float = 60.0, position: str = "supine", top_n: int = 5,
          shared_entry: bool = True, auto_structures: bool = True, progress=None, should_cancel=None):
-    """Plan and show the trajectories. Returns (PlanResult, [line node per trajectory, in plan order]);
-    the scene owns the line nodes."""
+    """Plan and show the trajectories as :func:`show_plan` does (the chosen path per target visible, every other
+    candidate hidden in a folder, the planned notch tips as their own points). Returns (PlanResult, [line node per
+    trajectory, in plan order, for the trajectory table]); the scene owns the nodes."""
     from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
-    from TrajectoryPlannerLib.planning import engine, mrml as planner_mrml
+    from TrajectoryPlannerLib.planning import engine
 
     settings = engine.PlanSettings(mode=mode, max_angle_deg=max_angle_deg, top_n=top_n, shared_entry=shared_entry)
     result = engine.plan(volume_from_node(ct_node), targets_from_node(targets_node), needle,
                          user_labelmaps(scene, segmentation_node, ct_node), margins or None, settings, position,
                          auto_structures, progress, should_cancel)
-    return result, planner_mrml.add_trajectory_nodes(scene, result, include_shared=False)
+    return result, show_plan(scene, result)["by_trajectory"]
+
+
+# ---------------------------------------------------------------------------------------------- plan display
+#: Subject-hierarchy folders of a plan shown by the panel (the same names as in the case scene).
+PLAN_FOLDER = "Plan"
+CANDIDATE_FOLDER = "Candidate paths (hidden)"
+#: Subject-hierarchy attribute marking a folder made by :func:`show_plan`.
+PLAN_FOLDER_ATTRIBUTE = "TrajectoryPlanner.PlanFolder"
+
+
+def _hide_branch(scene, sh, folder: int) -> None:
+    """Hide a folder item as Slicer's Data module does (a folder display node, visibility off; the headless
+    subject hierarchy has no folder plugin to create it) and every node below it."""
+    import vtk
+
+    disp = sh.GetItemDataNode(folder)
+    if disp is None:
+        disp = scene.AddNewNodeByClass("vtkMRMLFolderDisplayNode", sh.GetItemName(folder))
+        sh.SetItemDataNode(folder, disp)
+    disp.SetVisibility(False)
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(folder, ids, True)
+    for i in range(ids.GetNumberOfIds()):
+        node = sh.GetItemDataNode(ids.GetId(i))
+        if node is None:
+            continue
+        if node.IsA("vtkMRMLDisplayNode"):
+            node.SetVisibility(False)
+        elif node.IsA("vtkMRMLDisplayableNode"):
+            for k in range(node.GetNumberOfDisplayNodes()):
+                if node.GetNthDisplayNode(k) is not None:
+                    node.GetNthDisplayNode(k).SetVisibility(False)
+    sh.SetItemExpanded(folder, False)
+
+
+def show_plan(scene, result) -> dict:
+    """Show a plan as the case scene does (RAS mm, CT world), through
+    :func:`TrajectoryPlannerLib.planning.mrml.add_chosen_plan_nodes`: in a subject-hierarchy folder "Plan", one
+    visible line "Chosen path A" per target (habitat colour; points "entry" and "target A") and the point list
+    "Planned notch tips" ("planned notch tip A", where the plan puts the needle tip beyond the target, in the
+    notch-tip colour); every other candidate and the shared-entry alternatives in its hidden sub-folder
+    "Candidate paths (hidden)". Plans shown before by this function are hidden (kept, not deleted), so only the
+    newest plan's chosen paths are visible.
+
+    Returns {"chosen", "candidates", "notch_tips", "folder", "candidate_folder", "by_trajectory"}:
+    ``by_trajectory`` is the line node of each of ``result.trajectories`` in plan order (the trajectory table's
+    rows). The scene owns the nodes."""
+    from TrajectoryPlannerLib.planning import mrml as planner_mrml
+
+    if scene is None:
+        raise TrajectoryPlannerError("no MRML scene given; pass the scene that should hold the trajectories")
+    sh = scene.GetSubjectHierarchyNode()
+    import vtk
+
+    earlier = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), earlier, True)
+    for i in range(earlier.GetNumberOfIds()):
+        item = earlier.GetId(i)
+        if sh.GetItemAttribute(item, PLAN_FOLDER_ATTRIBUTE) == "1":
+            _hide_branch(scene, sh, item)
+    shown = planner_mrml.add_chosen_plan_nodes(scene, result)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), PLAN_FOLDER)
+    sh.SetItemAttribute(folder, PLAN_FOLDER_ATTRIBUTE, "1")
+    for node in shown["chosen"] + ([shown["notch_tips"]] if shown["notch_tips"] is not None else []):
+        sh.SetItemParent(sh.GetItemByDataNode(node) or sh.CreateItem(folder, node), folder)
+    candidate_folder = None
+    if shown["candidates"]:
+        candidate_folder = sh.CreateFolderItem(folder, CANDIDATE_FOLDER)
+        for node in shown["candidates"]:
+            sh.SetItemParent(sh.GetItemByDataNode(node) or sh.CreateItem(candidate_folder, node), candidate_folder)
+        _hide_branch(scene, sh, candidate_folder)
+    def key(target, rank, entry, point):
+        return (str(target), str(rank)) + tuple(np.round(np.asarray(list(entry) + list(point), float), 3))
+
+    by_key = {}
+    for node in shown["chosen"] + shown["candidates"]:
+        if node.GetAttribute("TrajectoryPlanner.SharedEntry") != "1":
+            entry, point = [0.0] * 3, [0.0] * 3
+            node.GetNthControlPointPosition(0, entry)
+            node.GetNthControlPointPosition(1, point)
+            by_key[key(node.GetAttribute("TrajectoryPlanner.Target"), node.GetAttribute("TrajectoryPlanner.Rank"),
+                       entry, point)] = node
+    shown.update(folder=folder, candidate_folder=candidate_folder,
+                 by_trajectory=[by_key[key(t.target, t.rank, t.entry_ras, t.target_ras)] for t in result.trajectories])
+    return shown
 
 
 def trajectory_rows(result) -> tuple[list[str], list[list[str]]]:
