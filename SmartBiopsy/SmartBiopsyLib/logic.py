@@ -166,6 +166,35 @@ def line_points(line_node) -> tuple[np.ndarray, np.ndarray]:
     return np.array(p0), np.array(p1)
 
 
+#: Line-node attribute written by the Trajectory Planner: the planned notch tip's distance (mm) beyond the target.
+TIP_BEYOND_TARGET_ATTRIBUTE = "TrajectoryPlanner.TipBeyondTargetMM"
+#: Largest believable distance of the planned notch tip beyond the target (mm); anything else is refused.
+MAX_TIP_BEYOND_TARGET_MM = 60.0
+
+
+def planned_tip(line_node) -> np.ndarray:
+    """Where the plan puts the needle tip (world RAS mm): for a path planned by Trajectory Planner the planned notch
+    tip, ``TrajectoryPlanner.TipBeyondTargetMM`` beyond the target (point 1) along the path, as the command line's
+    needle check uses it; for a line drawn by hand (no attribute) its end point. A value that is not a number of
+    mm between 0 and 60 is refused."""
+    entry, target = line_points(line_node)
+    text = line_node.GetAttribute(TIP_BEYOND_TARGET_ATTRIBUTE)
+    if text in (None, ""):
+        return target
+    try:
+        beyond = float(text)
+    except ValueError:
+        beyond = float("nan")
+    if not np.isfinite(beyond) or not 0.0 <= beyond <= MAX_TIP_BEYOND_TARGET_MM:
+        raise InputDataError(f"the trajectory '{line_node.GetName()}' says the needle tip goes '{text}' mm beyond the "
+                             "target, not 0 to 60 mm; plan it again in Trajectory Planner")
+    d = target - entry
+    length = float(np.linalg.norm(d))
+    if length < 1e-3:
+        raise InputDataError("the selected trajectory's entry and target coincide; choose a planned trajectory")
+    return target + beyond * d / length
+
+
 def predicted_tre(transform_node):
     """Largest predicted TRE (mm) stored by Registration Fusion at approval, else None."""
     text = transform_node.GetAttribute("SmartBiopsy.RegistrationQA") if transform_node is not None else None
@@ -311,12 +340,14 @@ class BiopsyLogic:
 
     # ------------------------------------------------------------------ needle and notch
     def detect_needle(self, ct_node, planned_line_node, needle_name, progress=None, should_cancel=None):
-        """Needle axis and tip in the confirmation CT near the planned path (entry = first line point)."""
+        """Needle axis and tip in the confirmation CT near the planned path (entry = first line point); the errors are
+        measured against the planned notch tip (:func:`planned_tip`), as by the command line."""
         from SmartBiopsyLib.sampling import mrml as sampling_mrml, needle
 
-        entry, target = line_points(planned_line_node)
+        entry, _target = line_points(planned_line_node)
+        tip = planned_tip(planned_line_node)  # the planned notch tip (beyond the target), as the command line uses
         name = planned_line_node.GetAttribute("TrajectoryPlanner.Target") or planned_line_node.GetName()
-        detection = needle.detect_needle(_volume(ct_node), entry, target, target_name=name, needle=needle_name,
+        detection = needle.detect_needle(_volume(ct_node), entry, tip, target_name=name, needle=needle_name,
                                          progress=progress, should_cancel=should_cancel)
         sampling_mrml.add_needle_line_node(self.scene, detection)
         self.state.detection, self.state.roi, self.state.notch_values = detection, None, None

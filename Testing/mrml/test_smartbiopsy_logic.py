@@ -205,3 +205,37 @@ def test_widget_gives_the_planner_the_one_list_of_targets():
     assert "pn.targets = result['nodes']['targets']" in src
     params = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SmartBiopsyParameterNode")
     assert "targets: vtkMRMLMarkupsFiducialNode" in ast.unparse(params)
+
+
+# ---------------------------------------------------------------------------------------------- planned notch tip
+def _line(scene, entry, target, beyond=None):
+    line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Chosen path A")
+    line.AddControlPoint([float(v) for v in entry], "entry")
+    line.AddControlPoint([float(v) for v in target], "target A")
+    line.SetAttribute("TrajectoryPlanner.Target", "A")
+    line.SetAttribute("TrajectoryPlanner.Region", "A")
+    if beyond is not None:
+        line.SetAttribute(logic.TIP_BEYOND_TARGET_ATTRIBUTE, str(beyond))
+    return line
+
+
+def test_needle_check_measures_the_needle_against_the_planned_notch_tip_not_the_target(scene):
+    from SmartBiopsyLib.sampling import needle_sim
+
+    entry, target = np.array([-10.0, -40.0, -8.0]), np.array([2.0, 12.0, 3.0])
+    d = (target - entry) / np.linalg.norm(target - entry)
+    tip = target + 14.6 * d  # where the plan puts the tip so that the notch covers the target
+    line = _line(scene, entry, target, 14.6)
+    assert np.allclose(logic.planned_tip(line), tip, atol=1e-6)
+    sim = needle_sim.simulate_confirmation_ct(scenarios.synthetic_ct(), entry, tip, "15G/16G-16cm",
+                                              lateral_error_mm=1.0, depth_error_mm=0.0, seed=3)
+    ct_node = volumes_mrml.add_volume_node(scene, sim.ct, "Confirmation CT A (simulated)")
+    det = logic.BiopsyLogic(scene).detect_needle(ct_node, line, "15G/16G-16cm")
+    # a needle placed exactly as planned has no depth error (it would read about +14.6 mm against the target)
+    assert abs(det.depth_error_mm) < 1.5, det.depth_error_mm
+    assert np.allclose(det.planned_target_ras, tip, atol=1e-6)
+    # a line drawn by hand ends where the tip should go; a stored distance that is not 0..60 mm is refused
+    assert np.allclose(logic.planned_tip(_line(scene, entry, target)), target)
+    for bad in ("-3", "ten", "nan", "250"):
+        with pytest.raises(InputDataError, match="beyond the target"):
+            logic.planned_tip(_line(scene, entry, target, bad))

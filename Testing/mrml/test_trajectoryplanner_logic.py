@@ -191,6 +191,12 @@ def test_plan_shows_the_planned_notch_tip_apart_from_the_target(scene, planned):
         assert tips.GetNthControlPointLabel(k) == f"planned notch tip {t.target}"
         assert np.allclose(_pos(tips, k), t.tip_ras, atol=1e-4)
         assert np.linalg.norm(np.asarray(t.tip_ras) - np.asarray(t.target_ras)) > 1.0
+    # every path of the table tells the needle check where its planned notch tip is (beyond the target)
+    for node, t in zip(planned[1], result.trajectories):
+        entry, target = _pos(node, 0), _pos(node, 1)
+        beyond = float(node.GetAttribute(logic.TIP_BEYOND_TARGET_ATTRIBUTE))
+        assert beyond > 1.0
+        assert np.allclose(target + beyond * (target - entry) / np.linalg.norm(target - entry), t.tip_ras, atol=1e-3)
     tip_colour = tips.GetDisplayNode().GetSelectedColor()
     assert np.allclose(tip_colour, palette.NOTCH_TIP_COLOUR, atol=1e-3)
     assert all(not np.allclose(tip_colour, palette.region_colour(r), atol=0.05) for r in "ABC")

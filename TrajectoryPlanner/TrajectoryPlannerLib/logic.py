@@ -139,6 +139,9 @@ PLAN_FOLDER = "Plan"
 CANDIDATE_FOLDER = "Candidate paths (hidden)"
 #: Subject-hierarchy attribute marking a folder made by :func:`show_plan`.
 PLAN_FOLDER_ATTRIBUTE = "TrajectoryPlanner.PlanFolder"
+#: Line-node attribute: how far (mm, along the path) beyond the target the plan puts the needle tip (the planned
+#: notch tip), so that a needle check compares the needle with the planned tip, not with the target.
+TIP_BEYOND_TARGET_ATTRIBUTE = "TrajectoryPlanner.TipBeyondTargetMM"
 
 
 def _hide_branch(scene, sh, folder: int) -> None:
@@ -177,7 +180,8 @@ def show_plan(scene, result) -> dict:
 
     Returns {"chosen", "candidates", "notch_tips", "folder", "candidate_folder", "by_trajectory"}:
     ``by_trajectory`` is the line node of each of ``result.trajectories`` in plan order (the trajectory table's
-    rows). The scene owns the nodes."""
+    rows); each of them carries ``TrajectoryPlanner.TipBeyondTargetMM`` (the planned notch tip's distance beyond the
+    target along the path). The scene owns the nodes."""
     from TrajectoryPlannerLib.planning import mrml as planner_mrml
 
     if scene is None:
@@ -213,8 +217,13 @@ def show_plan(scene, result) -> dict:
             node.GetNthControlPointPosition(1, point)
             by_key[key(node.GetAttribute("TrajectoryPlanner.Target"), node.GetAttribute("TrajectoryPlanner.Rank"),
                        entry, point)] = node
-    shown.update(folder=folder, candidate_folder=candidate_folder,
-                 by_trajectory=[by_key[key(t.target, t.rank, t.entry_ras, t.target_ras)] for t in result.trajectories])
+    by_trajectory = [by_key[key(t.target, t.rank, t.entry_ras, t.target_ras)] for t in result.trajectories]
+    for t, node in zip(result.trajectories, by_trajectory):
+        if getattr(t, "tip_ras", None) is not None:  # the planned notch tip, for the needle check of Smart Biopsy
+            d = np.asarray(t.target_ras, float) - np.asarray(t.entry_ras, float)
+            beyond = float(np.dot(np.asarray(t.tip_ras, float) - np.asarray(t.target_ras, float), d / np.linalg.norm(d)))
+            node.SetAttribute(TIP_BEYOND_TARGET_ATTRIBUTE, f"{beyond:.3f}")
+    shown.update(folder=folder, candidate_folder=candidate_folder, by_trajectory=by_trajectory)
     return shown
 
 
