@@ -219,3 +219,38 @@ def test_a_new_plan_hides_the_previous_one(scene, planned):
     tips = [n for n in _all(scene, "vtkMRMLMarkupsFiducialNode") if n.GetName() == "Planned notch tips" and _visible(n)]
     assert [n.GetID() for n in tips] == [again["notch_tips"].GetID()]
     assert _visible(tnode)  # the planner's input targets are left alone
+
+
+def _under_hidden_folder(scene, node) -> bool:
+    sh = scene.GetSubjectHierarchyNode()
+    item = sh.GetItemParent(sh.GetItemByDataNode(node))
+    while item and item != sh.GetSceneItemID():
+        if sh.GetItemDisplayVisibility(item) == 0:
+            return True
+        item = sh.GetItemParent(item)
+    return False
+
+
+def test_a_candidate_selected_in_the_table_is_shown_until_another_is_selected(scene, planned):
+    result, nodes, _ = planned
+    chosen = [n for n in nodes if n.GetAttribute("TrajectoryPlanner.Chosen") == "1"]
+    first, second = [n for n in nodes if n.GetAttribute("TrajectoryPlanner.Candidate") == "1"][:2]
+    assert not _visible(first) and _under_hidden_folder(scene, first)
+    logic.show_selected_path(scene, first)
+    assert _visible(first) and not _under_hidden_folder(scene, first)
+    logic.show_selected_path(scene, second)
+    assert _visible(second) and not _under_hidden_folder(scene, second)
+    assert not _visible(first) and _under_hidden_folder(scene, first)  # back in its hidden folder
+    logic.show_selected_path(scene, chosen[0])
+    assert not _visible(second) and _under_hidden_folder(scene, second)
+    assert all(_visible(n) and not _under_hidden_folder(scene, n) for n in chosen)
+
+
+def test_widget_shows_the_path_selected_in_the_table_through_the_logic():
+    import ast
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[2] / "TrajectoryPlanner" / "TrajectoryPlanner.py").read_text()
+    fns = {n.name: ast.unparse(n) for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef)}
+    assert "self.logic.showSelectedPath(self._lineNodes[row])" in fns["onTrajectoryClicked"]
+    assert "logic.show_selected_path(self.scene, lineNode)" in fns["showSelectedPath"]

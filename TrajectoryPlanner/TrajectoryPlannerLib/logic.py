@@ -139,6 +139,8 @@ PLAN_FOLDER = "Plan"
 CANDIDATE_FOLDER = "Candidate paths (hidden)"
 #: Subject-hierarchy attribute marking a folder made by :func:`show_plan`.
 PLAN_FOLDER_ATTRIBUTE = "TrajectoryPlanner.PlanFolder"
+#: Line-node attribute set by add_chosen_plan_nodes on every candidate (not chosen) path.
+ATTR_CANDIDATE = "TrajectoryPlanner.Candidate"
 #: Line-node attribute: how far (mm, along the path) beyond the target the plan puts the needle tip (the planned
 #: notch tip), so that a needle check compares the needle with the planned tip, not with the target.
 TIP_BEYOND_TARGET_ATTRIBUTE = "TrajectoryPlanner.TipBeyondTargetMM"
@@ -225,6 +227,42 @@ def show_plan(scene, result) -> dict:
             node.SetAttribute(TIP_BEYOND_TARGET_ATTRIBUTE, f"{beyond:.3f}")
     shown.update(folder=folder, candidate_folder=candidate_folder, by_trajectory=by_trajectory)
     return shown
+
+
+#: Line-node attribute: this candidate was taken out of the hidden folder because it is selected in the table.
+SHOWN_CANDIDATE_ATTRIBUTE = "TrajectoryPlanner.ShownCandidate"
+
+
+def show_selected_path(scene, line_node) -> None:
+    """Show the path selected in the trajectory table. A candidate (hidden in "Candidate paths (hidden)" by
+    :func:`show_plan`) is moved up into its plan folder and shown; the candidate shown for the previous selection
+    goes back into the hidden folder, hidden. The chosen paths are left as they are. ``line_node`` None or not
+    a path of :func:`show_plan`: only the previous selection is put back."""
+    if scene is None:
+        raise TrajectoryPlannerError("no MRML scene given; pass the scene that holds the trajectories")
+    sh = scene.GetSubjectHierarchyNode()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsLineNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLMarkupsLineNode")
+        if node is line_node or node.GetAttribute(SHOWN_CANDIDATE_ATTRIBUTE) != "1":
+            continue
+        item = sh.GetItemByDataNode(node)
+        plan_folder = sh.GetItemParent(item) if item else 0
+        back = sh.GetItemChildWithName(plan_folder, CANDIDATE_FOLDER) if plan_folder else 0
+        if back:
+            sh.SetItemParent(item, back)
+        for k in range(node.GetNumberOfDisplayNodes()):
+            node.GetNthDisplayNode(k).SetVisibility(False)
+        node.RemoveAttribute(SHOWN_CANDIDATE_ATTRIBUTE)
+    if line_node is None or line_node.GetAttribute(ATTR_CANDIDATE) != "1":
+        return
+    item = sh.GetItemByDataNode(line_node)
+    folder = sh.GetItemParent(item) if item else 0
+    if folder and sh.GetItemName(folder) == CANDIDATE_FOLDER:
+        sh.SetItemParent(item, sh.GetItemParent(folder))
+    line_node.CreateDefaultDisplayNodes()
+    for k in range(line_node.GetNumberOfDisplayNodes()):
+        line_node.GetNthDisplayNode(k).SetVisibility(True)
+    line_node.SetAttribute(SHOWN_CANDIDATE_ATTRIBUTE, "1")
 
 
 def trajectory_rows(result) -> tuple[list[str], list[list[str]]]:
