@@ -254,3 +254,18 @@ def test_widget_shows_the_path_selected_in_the_table_through_the_logic():
     fns = {n.name: ast.unparse(n) for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef)}
     assert "self.logic.showSelectedPath(self._lineNodes[row])" in fns["onTrajectoryClicked"]
     assert "logic.show_selected_path(self.scene, lineNode)" in fns["showSelectedPath"]
+
+
+def test_the_panel_report_reads_the_newest_plan_with_the_trajectory_names_and_tips(scene, planned):
+    from SmartBiopsyLib.report.scene_case import _trajectory_dict, trajectory_nodes
+
+    result, _, _ = planned
+    again = logic.show_plan(scene, result)  # Compute pressed a second time
+    rows = [_trajectory_dict(n) for n in trajectory_nodes(scene)]
+    assert sorted(r["name"] for r in rows) == sorted(t.name for t in result.trajectories)  # "A-1", not "Chosen path A"
+    by_name = {t.name: t for t in result.trajectories}
+    for r in rows:
+        t = by_name[r["name"]]
+        assert r["target"] == t.target and r["rank"] == t.rank
+        assert np.allclose(r["target_ras"], t.target_ras, atol=1e-3) and np.allclose(r["tip_ras"], t.tip_ras, atol=1e-2)
+    assert {n.GetID() for n in trajectory_nodes(scene)} == {n.GetID() for n in again["by_trajectory"]}

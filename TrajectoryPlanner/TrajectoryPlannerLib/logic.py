@@ -139,6 +139,9 @@ PLAN_FOLDER = "Plan"
 CANDIDATE_FOLDER = "Candidate paths (hidden)"
 #: Subject-hierarchy attribute marking a folder made by :func:`show_plan`.
 PLAN_FOLDER_ATTRIBUTE = "TrajectoryPlanner.PlanFolder"
+#: Line-node attributes: the trajectory's own name ("A-2"), and "1" on the paths of a plan a newer one replaced.
+NAME_ATTRIBUTE = "TrajectoryPlanner.Name"
+SUPERSEDED_ATTRIBUTE = "TrajectoryPlanner.Superseded"
 #: Line-node attribute set by add_chosen_plan_nodes on every candidate (not chosen) path.
 ATTR_CANDIDATE = "TrajectoryPlanner.Candidate"
 #: Line-node attribute: how far (mm, along the path) beyond the target the plan puts the needle tip (the planned
@@ -197,6 +200,12 @@ def show_plan(scene, result) -> dict:
         item = earlier.GetId(i)
         if sh.GetItemAttribute(item, PLAN_FOLDER_ATTRIBUTE) == "1":
             _hide_branch(scene, sh, item)
+            below = vtk.vtkIdList()
+            sh.GetItemChildren(item, below, True)
+            for k in range(below.GetNumberOfIds()):
+                node = sh.GetItemDataNode(below.GetId(k))
+                if node is not None and node.GetAttribute("TrajectoryPlanner.Rank") is not None:
+                    node.SetAttribute(SUPERSEDED_ATTRIBUTE, "1")  # an earlier plan: not read by the report
     shown = planner_mrml.add_chosen_plan_nodes(scene, result)
     folder = sh.CreateFolderItem(sh.GetSceneItemID(), PLAN_FOLDER)
     sh.SetItemAttribute(folder, PLAN_FOLDER_ATTRIBUTE, "1")
@@ -221,6 +230,7 @@ def show_plan(scene, result) -> dict:
                        entry, point)] = node
     by_trajectory = [by_key[key(t.target, t.rank, t.entry_ras, t.target_ras)] for t in result.trajectories]
     for t, node in zip(result.trajectories, by_trajectory):
+        node.SetAttribute(NAME_ATTRIBUTE, str(t.name))  # "A-1": the node itself is named "Chosen path A"
         if getattr(t, "tip_ras", None) is not None:  # the planned notch tip, for the needle check of Smart Biopsy
             d = np.asarray(t.target_ras, float) - np.asarray(t.entry_ras, float)
             beyond = float(np.dot(np.asarray(t.tip_ras, float) - np.asarray(t.target_ras, float), d / np.linalg.norm(d)))
