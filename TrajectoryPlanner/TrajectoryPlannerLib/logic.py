@@ -147,6 +147,8 @@ ATTR_CANDIDATE = "TrajectoryPlanner.Candidate"
 #: Line-node attribute: how far (mm, along the path) beyond the target the plan puts the needle tip (the planned
 #: notch tip), so that a needle check compares the needle with the planned tip, not with the target.
 TIP_BEYOND_TARGET_ATTRIBUTE = "TrajectoryPlanner.TipBeyondTargetMM"
+#: Line-node attribute: this candidate was taken out of the hidden folder because it is selected in the table.
+SHOWN_CANDIDATE_ATTRIBUTE = "TrajectoryPlanner.ShownCandidate"
 
 
 def _hide_branch(scene, sh, folder: int) -> None:
@@ -187,13 +189,13 @@ def show_plan(scene, result) -> dict:
     ``by_trajectory`` is the line node of each of ``result.trajectories`` in plan order (the trajectory table's
     rows); each of them carries ``TrajectoryPlanner.TipBeyondTargetMM`` (the planned notch tip's distance beyond the
     target along the path). The scene owns the nodes."""
+    import vtk
+
     from TrajectoryPlannerLib.planning import mrml as planner_mrml
 
     if scene is None:
         raise TrajectoryPlannerError("no MRML scene given; pass the scene that should hold the trajectories")
     sh = scene.GetSubjectHierarchyNode()
-    import vtk
-
     earlier = vtk.vtkIdList()
     sh.GetItemChildren(sh.GetSceneItemID(), earlier, True)
     for i in range(earlier.GetNumberOfIds()):
@@ -217,6 +219,7 @@ def show_plan(scene, result) -> dict:
         for node in shown["candidates"]:
             sh.SetItemParent(sh.GetItemByDataNode(node) or sh.CreateItem(candidate_folder, node), candidate_folder)
         _hide_branch(scene, sh, candidate_folder)
+
     def key(target, rank, entry, point):
         return (str(target), str(rank)) + tuple(np.round(np.asarray(list(entry) + list(point), float), 3))
 
@@ -237,10 +240,6 @@ def show_plan(scene, result) -> dict:
             node.SetAttribute(TIP_BEYOND_TARGET_ATTRIBUTE, f"{beyond:.3f}")
     shown.update(folder=folder, candidate_folder=candidate_folder, by_trajectory=by_trajectory)
     return shown
-
-
-#: Line-node attribute: this candidate was taken out of the hidden folder because it is selected in the table.
-SHOWN_CANDIDATE_ATTRIBUTE = "TrajectoryPlanner.ShownCandidate"
 
 
 def show_selected_path(scene, line_node) -> None:
