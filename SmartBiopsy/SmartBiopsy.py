@@ -295,9 +295,9 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Needle detection failed."), waitCursor=True):
             pn = self._parameterNode
             d = self._runWithProgress(_("Finding the needle"), lambda p, c: self.logic.detectNeedleParameterNode(pn, p, c))
-            self.ui.needleLabel.text = _("Tip {tip:.1f} mm from the target: lateral {lat:.1f} mm, depth {dep:+.1f} mm, "
-                                         "angle {ang:.1f} deg.").format(tip=d.tip_error_mm, lat=d.lateral_error_mm,
-                                                                        dep=d.depth_error_mm, ang=d.angle_deg)
+            self.ui.needleLabel.text = _("Tip {tip:.1f} mm from the planned notch tip: lateral {lat:.1f} mm, "
+                                         "depth {dep:+.1f} mm, angle {ang:.1f} deg.").format(
+                tip=d.tip_error_mm, lat=d.lateral_error_mm, dep=d.depth_error_mm, ang=d.angle_deg)
             self._updateNotch()
 
     def onUpdateNotch(self) -> None:

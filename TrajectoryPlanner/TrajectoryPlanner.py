@@ -283,6 +283,7 @@ class TrajectoryPlannerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onTrajectoryClicked(self, row, column) -> None:
         if self._result is not None and 0 <= row < len(self._lineNodes):
             self._parameterNode.selectedTrajectory = self._lineNodes[row]
+            self.logic.showSelectedPath(self._lineNodes[row])
 
     def onReslice(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not reslice along the path."), waitCursor=True):
@@ -414,6 +415,12 @@ class TrajectoryPlannerLogic(ScriptedLoadableModuleLogic):
 
         return logic.plan(self.scene, ctNode, targetsNode, segmentationNode, needle, margins, mode, maxAngleDeg,
                           position, topN, sharedEntry, autoStructures, progress, shouldCancel)
+
+    def showSelectedPath(self, lineNode) -> None:
+        """Show the path selected in the table (a hidden candidate leaves its folder while selected)."""
+        from TrajectoryPlannerLib import logic
+
+        logic.show_selected_path(self.scene, lineNode)
 
     def processParameterNode(self, pn: TrajectoryPlannerParameterNode, margins=None, progress=None, shouldCancel=None):
         return self.process(pn.ctVolume, pn.targets, pn.riskSegmentation, pn.needleModel, margins, pn.planningMode,

@@ -166,6 +166,35 @@ def line_points(line_node) -> tuple[np.ndarray, np.ndarray]:
     return np.array(p0), np.array(p1)
 
 
+#: Line-node attribute written by the Trajectory Planner: the planned notch tip's distance (mm) beyond the target.
+TIP_BEYOND_TARGET_ATTRIBUTE = "TrajectoryPlanner.TipBeyondTargetMM"
+#: Largest believable distance of the planned notch tip beyond the target (mm); anything else is refused.
+MAX_TIP_BEYOND_TARGET_MM = 60.0
+
+
+def planned_tip(line_node) -> np.ndarray:
+    """Where the plan puts the needle tip (world RAS mm): for a path planned by Trajectory Planner the planned notch
+    tip, ``TrajectoryPlanner.TipBeyondTargetMM`` beyond the target (point 1) along the path, as the command line's
+    needle check uses it; for a line drawn by hand (no attribute) its end point. A value that is not a number of
+    mm between 0 and 60 is refused."""
+    entry, target = line_points(line_node)
+    text = line_node.GetAttribute(TIP_BEYOND_TARGET_ATTRIBUTE)
+    if text in (None, ""):
+        return target
+    try:
+        beyond = float(text)
+    except ValueError:
+        beyond = float("nan")
+    if not np.isfinite(beyond) or not 0.0 <= beyond <= MAX_TIP_BEYOND_TARGET_MM:
+        raise InputDataError(f"the trajectory '{line_node.GetName()}' says the needle tip goes '{text}' mm beyond the "
+                             "target, not 0 to 60 mm; plan it again in Trajectory Planner")
+    d = target - entry
+    length = float(np.linalg.norm(d))
+    if length < 1e-3:
+        raise InputDataError("the selected trajectory's entry and target coincide; choose a planned trajectory")
+    return target + beyond * d / length
+
+
 def predicted_tre(transform_node):
     """Largest predicted TRE (mm) stored by Registration Fusion at approval, else None."""
     text = transform_node.GetAttribute("SmartBiopsy.RegistrationQA") if transform_node is not None else None
@@ -182,6 +211,30 @@ def region_of_target(line_node) -> str:
         raise InputDataError("the selected trajectory has no habitat region; choose a trajectory planned by "
                              "Trajectory Planner")
     return region
+
+
+# ---------------------------------------------------------------------------------------------- target display
+#: Attribute on the all-targets point list: what it is for (it is hidden in the views).
+TARGETS_ROLE_ATTRIBUTE = "SmartBiopsy.Role"
+
+
+def show_targets_per_habitat(scene, targets_node, targets: list) -> list:
+    """Show the targets one colour per habitat, as the case scene does: one node "Target A" per target in the
+    habitat's palette colour (:func:`SmartBiopsyLib.characterise.mrml.target_point_nodes`; a markups node has one
+    colour for all its points), and hide ``targets_node`` (the single point list of every target the Trajectory
+    Planner takes as input; it stays selectable, only its display is off). Returns the per-target nodes, in
+    target order; the scene owns them."""
+    from SmartBiopsyLib.characterise.mrml import target_point_nodes
+
+    points = target_point_nodes(scene, targets)
+    if targets_node is not None:
+        targets_node.CreateDefaultDisplayNodes()
+        for i in range(targets_node.GetNumberOfDisplayNodes()):
+            display = targets_node.GetNthDisplayNode(i)
+            if display is not None:
+                display.SetVisibility(False)
+        targets_node.SetAttribute(TARGETS_ROLE_ATTRIBUTE, "planner input (shown as Target A/B/C)")
+    return points
 
 
 class BiopsyLogic:
@@ -258,7 +311,13 @@ class BiopsyLogic:
 
     def compute_habitats(self, adc_node, ef_node, ff_node, tumour_mask, mode="median", transform_node=None,
                          needle_error_mm=2.0, notch_length_mm=10.0) -> dict:
-        """Habitats and targets; returns {"habitats": HabitatResult, "targets": [...], "nodes": {...}}."""
+        """Habitats and targets; returns {"habitats": HabitatResult, "targets": [...], "nodes": {...}}.
+
+        Nodes (the scene owns them; MRI world, under ``transform_node`` when given): "segmentation" (segments A/B/C
+        in the palette colours), "regions" (table), "targets" (one point list "Habitat targets" with every target,
+        labelled A/B/C: the Trajectory Planner's input; its display is hidden) and "target_points" (what the views
+        show, as in the case scene: one locked node "Target A" per target holding the point "target A", in the
+        habitat's palette colour; see :func:`show_targets_per_habitat`)."""
         from SmartBiopsyLib.characterise import habitats, mrml as characterisation_mrml, targets
 
         adc, ef = _volume(adc_node), _volume(ef_node)
@@ -268,9 +327,10 @@ class BiopsyLogic:
         named = {"adc": adc, "ef": ef} | ({"ff": ff} if ff is not None else {})
         ts = targets.plan_targets(result.labels, named, predicted_tre(transform_node), needle_error_mm, notch_length_mm)
         nodes = characterisation_mrml.characterisation_nodes(self.scene, result, ts)
+        nodes["target_points"] = show_targets_per_habitat(self.scene, nodes["targets"], ts)
         if transform_node is not None:
-            for key in ("segmentation", "targets"):
-                nodes[key].SetAndObserveTransformNodeID(transform_node.GetID())
+            for node in [nodes["segmentation"], nodes["targets"]] + nodes["target_points"]:
+                node.SetAndObserveTransformNodeID(transform_node.GetID())
         self.state.habitats, self.state.targets = result, ts
         if self.state.tumour_size is None:
             from SmartBiopsyLib.characterise import tumour
@@ -280,12 +340,14 @@ class BiopsyLogic:
 
     # ------------------------------------------------------------------ needle and notch
     def detect_needle(self, ct_node, planned_line_node, needle_name, progress=None, should_cancel=None):
-        """Needle axis and tip in the confirmation CT near the planned path (entry = first line point)."""
+        """Needle axis and tip in the confirmation CT near the planned path (entry = first line point); the errors are
+        measured against the planned notch tip (:func:`planned_tip`), as by the command line."""
         from SmartBiopsyLib.sampling import mrml as sampling_mrml, needle
 
-        entry, target = line_points(planned_line_node)
+        entry, _target = line_points(planned_line_node)
+        tip = planned_tip(planned_line_node)  # the planned notch tip (beyond the target), as the command line uses
         name = planned_line_node.GetAttribute("TrajectoryPlanner.Target") or planned_line_node.GetName()
-        detection = needle.detect_needle(_volume(ct_node), entry, target, target_name=name, needle=needle_name,
+        detection = needle.detect_needle(_volume(ct_node), entry, tip, target_name=name, needle=needle_name,
                                          progress=progress, should_cancel=should_cancel)
         sampling_mrml.add_needle_line_node(self.scene, detection)
         self.state.detection, self.state.roi, self.state.notch_values = detection, None, None

@@ -257,8 +257,11 @@ def gui_case(scene, folder) -> dict:
 
     plan, lines = planner.plan(scene, ct_node, pn.targets, top_n=1, shared_entry=False)
     line_a = next(n for n in lines if n.GetAttribute("TrajectoryPlanner.Region") == "A")
-    entry, target = planner.line_points(line_a)
-    sim = needle_sim.simulate_confirmation_ct(ct, entry, target, pn.needleModel, lateral_error_mm=1.0, seed=1)
+    from SmartBiopsyLib.logic import planned_tip
+
+    entry, _target = planner.line_points(line_a)  # the needle goes to the planned notch tip, beyond the target
+    sim = needle_sim.simulate_confirmation_ct(ct, entry, planned_tip(line_a), pn.needleModel, lateral_error_mm=1.0,
+                                              seed=1)
     pn.confirmationCT = volumes_mrml.add_volume_node(scene, sim.ct, "Confirmation CT A (simulated)")
     pn.plannedTrajectory = line_a
     logic.detect_needle(pn.confirmationCT, pn.plannedTrajectory, pn.needleModel)

@@ -224,3 +224,62 @@ def test_without_the_export_libraries_the_export_stops_with_one_sentence_and_wri
         export_case(tmp_path / "case", tmp_path / "out")
     assert len(str(exc.value).splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- segment colours
+def test_srgb_to_dicom_cielab_gives_the_published_values():
+    from SmartBiopsyLib.export import seg
+
+    # sRGB red in CIE L*a*b* (D65), as published (Lindbloom's calculator: 53.2408, 80.0925, 67.2032)
+    assert np.allclose(seg.srgb_to_cielab((1.0, 0.0, 0.0)), (53.2408, 80.0925, 67.2032), atol=0.01)
+    # white and black: a* = b* = 0 is 0x8080 in the scaled DICOM form (PS3.3 C.10.7.1.1)
+    assert seg.dicom_cielab_of_rgb((1.0, 1.0, 1.0)) == (0xFFFF, 0x8080, 0x8080)
+    assert seg.dicom_cielab_of_rgb((0.0, 0.0, 0.0)) == (0, 0x8080, 0x8080)
+    assert seg.cielab_to_dicom((100.0, -128.0, 127.0)) == (0xFFFF, 0, 0xFFFF)
+    # CSS orange (255, 165, 0): highdicom's documented stored value (49107, 39048, 53188); the sRGB matrices of
+    # the two implementations differ in the 5th digit, a few units of 65535
+    assert np.allclose(seg.dicom_cielab_of_rgb((1.0, 165 / 255, 0.0)), (49107, 39048, 53188), atol=4)
+
+
+def test_palette_colours_survive_the_dicom_cielab_round_trip():
+    from SmartBiopsyCoreLib import palette
+    from SmartBiopsyLib.export import seg
+
+    colours = list(palette.REGION_COLOURS.values()) + list(palette.RISK_COLOURS.values()) + [
+        palette.TUMOUR_COLOUR, palette.NEUTRAL_COLOUR, palette.NEEDLE_COLOUR, palette.NOTCH_TIP_COLOUR]
+    for rgb in colours:
+        lab = seg.srgb_to_cielab(rgb)
+        assert np.allclose(seg.cielab_to_srgb(lab), rgb, atol=1e-6), rgb
+        assert np.allclose(seg.dicom_to_cielab(seg.cielab_to_dicom(lab)), lab, atol=0.002), rgb  # 16-bit steps
+        assert np.allclose(seg.rgb_of_dicom_cielab(seg.dicom_cielab_of_rgb(rgb)), rgb, atol=1e-3), rgb
+    try:  # the same stored values as highdicom's own conversion (when this highdicom has one)
+        from highdicom.color import CIELabColor
+    except ImportError:
+        return
+    for rgb in colours:
+        want = CIELabColor.from_rgb(*[255.0 * c for c in rgb]).value
+        assert np.allclose(seg.dicom_cielab_of_rgb(rgb), want, atol=8), rgb
+
+
+def test_exported_segments_show_the_colours_of_the_scene_and_the_report(exported):
+    from SmartBiopsyCoreLib import palette
+    from SmartBiopsyLib.characterise.mrml import SEGMENT_STYLE
+    from SmartBiopsyLib.export.seg import dicom_cielab_of_rgb, read_segmentation
+
+    _case, out, _res, _facts, _labels = exported
+    seg = read_segmentation(out / "dicom" / "seg_tumour_habitats.dcm")
+    by = {s.label: s for s in seg.segments}
+    for region, (_code, scene_rgb) in SEGMENT_STYLE.items():
+        got = by[f"Habitat {region}"].display_rgb
+        assert got is not None, f"habitat {region} has no Recommended Display CIELab Value"
+        # the scene's segmentation colour, the report's colour (palette) and the PACS colour are one colour
+        assert np.allclose(got, scene_rgb, atol=2e-3), (region, got, scene_rgb)
+        assert np.allclose(got, palette.region_colour(region), atol=2e-3), region
+    assert np.allclose(by["Tumour"].display_rgb, palette.TUMOUR_COLOUR, atol=2e-3)
+    ds = pydicom.dcmread(str(out / "dicom" / "seg_tumour_habitats.dcm"), stop_before_pixels=True)
+    stored = {str(i.SegmentLabel): tuple(int(v) for v in i.RecommendedDisplayCIELabValue) for i in ds.SegmentSequence}
+    assert stored["Habitat B"] == dicom_cielab_of_rgb(palette.REGION_COLOURS["B"])
+    assert len({stored[f"Habitat {r}"] for r in "ABC"} | {stored["Tumour"]}) == 4
+    risk = {s.label: s for s in read_segmentation(out / "dicom" / "seg_risk.dcm").segments}
+    assert np.allclose(risk["kidney"].display_rgb, palette.RISK_COLOURS["kidney"], atol=2e-3)
+    assert all(s.display_rgb is not None for s in risk.values())

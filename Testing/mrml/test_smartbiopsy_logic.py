@@ -147,3 +147,95 @@ def test_generate_report_writes_the_case_folder_with_every_done_step_and_its_fig
     out = scenarios.scenario_logic_report(scene)
     assert out["figures"] >= (5 if available("matplotlib") else 0)
     assert all(out["not_available"][t] == 0 for t in list(out["not_available"])[1:6])
+
+
+# ---------------------------------------------------------------------------------------------- habitat colours
+def _shown_colour(node):
+    d = node.GetDisplayNode()
+    return None if d is None or not d.GetVisibility() else tuple(round(c, 3) for c in d.GetSelectedColor())
+
+
+def test_the_panel_shows_each_target_in_its_habitats_colour_as_the_case_scene_does(scene):
+    from SmartBiopsyCoreLib import palette
+
+    case = scenarios.synthetic_tumour(spacing_mm=3.0, radius_mm=20.0)
+    grid = case["grid"]
+    adc = volumes_mrml.add_volume_node(scene, grid.with_array(case["adc"].astype(np.float32)), "ADC")
+    ef = volumes_mrml.add_volume_node(scene, grid.with_array(case["ef"].astype(np.float32)), "EF")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "MRI to CT")
+    bl = logic.BiopsyLogic(scene)
+    out = bl.compute_habitats(adc, ef, None, grid.with_array(case["mask"].astype(np.uint8)), transform_node=transform)
+    regions = [t.region for t in out["targets"]]
+    assert regions == ["A", "B", "C"]
+    segmentation = out["nodes"]["segmentation"].GetSegmentation()
+    segment_colour = {segmentation.GetNthSegment(i).GetName(): tuple(round(c, 3) for c in
+                                                                      segmentation.GetNthSegment(i).GetColor())
+                      for i in range(segmentation.GetNumberOfSegments())}
+    # every point a reader sees in the views: a target of habitat X is drawn in X's colour, the segment's colour
+    shown = {}
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLMarkupsFiducialNode")
+        colour = _shown_colour(node)
+        if colour is None:
+            continue
+        for k in range(node.GetNumberOfControlPoints()):
+            label = node.GetNthControlPointLabel(k)
+            region = label.split()[-1] if label.split() else ""
+            assert region in "ABC" and len(region) == 1, f"point '{label}' of '{node.GetName()}' names no habitat"
+            shown.setdefault(region, set()).add(colour)
+            assert label == f"target {region}", label
+    assert sorted(shown) == regions, shown
+    for region, colours in shown.items():
+        want = tuple(round(c, 3) for c in palette.region_colour(region))
+        assert colours == {want} == {segment_colour[region]}, (region, colours, segment_colour[region])
+    assert len({c for cs in shown.values() for c in cs}) == 3  # three habitats, three colours
+    # the per-target nodes sit with the habitats in the MRI world; the planner's one list of targets stays
+    points = out["nodes"]["target_points"]
+    assert [n.GetName() for n in points] == ["Target A", "Target B", "Target C"]
+    assert all(n.GetTransformNodeID() == transform.GetID() for n in points)
+    planner_input = out["nodes"]["targets"]
+    assert [planner_input.GetNthControlPointLabel(i) for i in range(planner_input.GetNumberOfControlPoints())] == regions
+    assert planner_input.GetTransformNodeID() == transform.GetID() and _shown_colour(planner_input) is None
+
+
+def test_widget_gives_the_planner_the_one_list_of_targets():
+    tree = ast.parse((ROOT / "SmartBiopsy" / "SmartBiopsy.py").read_text())
+    logic_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SmartBiopsyLogic")
+    src = ast.unparse(logic_cls)
+    assert "pn.targets = result['nodes']['targets']" in src
+    params = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SmartBiopsyParameterNode")
+    assert "targets: vtkMRMLMarkupsFiducialNode" in ast.unparse(params)
+
+
+# ---------------------------------------------------------------------------------------------- planned notch tip
+def _line(scene, entry, target, beyond=None):
+    line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Chosen path A")
+    line.AddControlPoint([float(v) for v in entry], "entry")
+    line.AddControlPoint([float(v) for v in target], "target A")
+    line.SetAttribute("TrajectoryPlanner.Target", "A")
+    line.SetAttribute("TrajectoryPlanner.Region", "A")
+    if beyond is not None:
+        line.SetAttribute(logic.TIP_BEYOND_TARGET_ATTRIBUTE, str(beyond))
+    return line
+
+
+def test_needle_check_measures_the_needle_against_the_planned_notch_tip_not_the_target(scene):
+    from SmartBiopsyLib.sampling import needle_sim
+
+    entry, target = np.array([-10.0, -40.0, -8.0]), np.array([2.0, 12.0, 3.0])
+    d = (target - entry) / np.linalg.norm(target - entry)
+    tip = target + 14.6 * d  # where the plan puts the tip so that the notch covers the target
+    line = _line(scene, entry, target, 14.6)
+    assert np.allclose(logic.planned_tip(line), tip, atol=1e-6)
+    sim = needle_sim.simulate_confirmation_ct(scenarios.synthetic_ct(), entry, tip, "15G/16G-16cm",
+                                              lateral_error_mm=1.0, depth_error_mm=0.0, seed=3)
+    ct_node = volumes_mrml.add_volume_node(scene, sim.ct, "Confirmation CT A (simulated)")
+    det = logic.BiopsyLogic(scene).detect_needle(ct_node, line, "15G/16G-16cm")
+    # a needle placed exactly as planned has no depth error (it would read about +14.6 mm against the target)
+    assert abs(det.depth_error_mm) < 1.5, det.depth_error_mm
+    assert np.allclose(det.planned_target_ras, tip, atol=1e-6)
+    # a line drawn by hand ends where the tip should go; a stored distance that is not 0..60 mm is refused
+    assert np.allclose(logic.planned_tip(_line(scene, entry, target)), target)
+    for bad in ("-3", "ten", "nan", "250"):
+        with pytest.raises(InputDataError, match="beyond the target"):
+            logic.planned_tip(_line(scene, entry, target, bad))

@@ -120,16 +120,158 @@ def targets_from_node(targets_node) -> list[dict]:
 def plan(scene, ct_node, targets_node, segmentation_node=None, needle: str = "15G/16G-16cm", margins=None,
          mode: str = "oblique", max_angle_deg: float = 60.0, position: str = "supine", top_n: int = 5,
          shared_entry: bool = True, auto_structures: bool = True, progress=None, should_cancel=None):
-    """Plan and show the trajectories. Returns (PlanResult, [line node per trajectory, in plan order]);
-    the scene owns the line nodes."""
+    """Plan and show the trajectories as :func:`show_plan` does (the chosen path per target visible, every other
+    candidate hidden in a folder, the planned notch tips as their own points). Returns (PlanResult, [line node per
+    trajectory, in plan order, for the trajectory table]); the scene owns the nodes."""
     from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
-    from TrajectoryPlannerLib.planning import engine, mrml as planner_mrml
+    from TrajectoryPlannerLib.planning import engine
 
     settings = engine.PlanSettings(mode=mode, max_angle_deg=max_angle_deg, top_n=top_n, shared_entry=shared_entry)
     result = engine.plan(volume_from_node(ct_node), targets_from_node(targets_node), needle,
                          user_labelmaps(scene, segmentation_node, ct_node), margins or None, settings, position,
                          auto_structures, progress, should_cancel)
-    return result, planner_mrml.add_trajectory_nodes(scene, result, include_shared=False)
+    return result, show_plan(scene, result)["by_trajectory"]
+
+
+# ---------------------------------------------------------------------------------------------- plan display
+#: Subject-hierarchy folders of a plan shown by the panel (the same names as in the case scene).
+PLAN_FOLDER = "Plan"
+CANDIDATE_FOLDER = "Candidate paths (hidden)"
+#: Subject-hierarchy attribute marking a folder made by :func:`show_plan`.
+PLAN_FOLDER_ATTRIBUTE = "TrajectoryPlanner.PlanFolder"
+#: Line-node attributes: the trajectory's own name ("A-2"), and "1" on the paths of a plan a newer one replaced.
+NAME_ATTRIBUTE = "TrajectoryPlanner.Name"
+SUPERSEDED_ATTRIBUTE = "TrajectoryPlanner.Superseded"
+#: Line-node attribute set by add_chosen_plan_nodes on every candidate (not chosen) path.
+ATTR_CANDIDATE = "TrajectoryPlanner.Candidate"
+#: Line-node attribute: how far (mm, along the path) beyond the target the plan puts the needle tip (the planned
+#: notch tip), so that a needle check compares the needle with the planned tip, not with the target.
+TIP_BEYOND_TARGET_ATTRIBUTE = "TrajectoryPlanner.TipBeyondTargetMM"
+#: Line-node attribute: this candidate was taken out of the hidden folder because it is selected in the table.
+SHOWN_CANDIDATE_ATTRIBUTE = "TrajectoryPlanner.ShownCandidate"
+
+
+def _hide_branch(scene, sh, folder: int) -> None:
+    """Hide a folder item as Slicer's Data module does (a folder display node, visibility off; the headless
+    subject hierarchy has no folder plugin to create it) and every node below it."""
+    import vtk
+
+    disp = sh.GetItemDataNode(folder)
+    if disp is None:
+        disp = scene.AddNewNodeByClass("vtkMRMLFolderDisplayNode", sh.GetItemName(folder))
+        sh.SetItemDataNode(folder, disp)
+    disp.SetVisibility(False)
+    ids = vtk.vtkIdList()
+    sh.GetItemChildren(folder, ids, True)
+    for i in range(ids.GetNumberOfIds()):
+        node = sh.GetItemDataNode(ids.GetId(i))
+        if node is None:
+            continue
+        if node.IsA("vtkMRMLDisplayNode"):
+            node.SetVisibility(False)
+        elif node.IsA("vtkMRMLDisplayableNode"):
+            for k in range(node.GetNumberOfDisplayNodes()):
+                if node.GetNthDisplayNode(k) is not None:
+                    node.GetNthDisplayNode(k).SetVisibility(False)
+    sh.SetItemExpanded(folder, False)
+
+
+def show_plan(scene, result) -> dict:
+    """Show a plan as the case scene does (RAS mm, CT world), through
+    :func:`TrajectoryPlannerLib.planning.mrml.add_chosen_plan_nodes`: in a subject-hierarchy folder "Plan", one
+    visible line "Chosen path A" per target (habitat colour; points "entry" and "target A") and the point list
+    "Planned notch tips" ("planned notch tip A", where the plan puts the needle tip beyond the target, in the
+    notch-tip colour); every other candidate and the shared-entry alternatives in its hidden sub-folder
+    "Candidate paths (hidden)". Plans shown before by this function are hidden (kept, not deleted), so only the
+    newest plan's chosen paths are visible.
+
+    Returns {"chosen", "candidates", "notch_tips", "folder", "candidate_folder", "by_trajectory"}:
+    ``by_trajectory`` is the line node of each of ``result.trajectories`` in plan order (the trajectory table's
+    rows); each of them carries ``TrajectoryPlanner.TipBeyondTargetMM`` (the planned notch tip's distance beyond the
+    target along the path). The scene owns the nodes."""
+    import vtk
+
+    from TrajectoryPlannerLib.planning import mrml as planner_mrml
+
+    if scene is None:
+        raise TrajectoryPlannerError("no MRML scene given; pass the scene that should hold the trajectories")
+    sh = scene.GetSubjectHierarchyNode()
+    earlier = vtk.vtkIdList()
+    sh.GetItemChildren(sh.GetSceneItemID(), earlier, True)
+    for i in range(earlier.GetNumberOfIds()):
+        item = earlier.GetId(i)
+        if sh.GetItemAttribute(item, PLAN_FOLDER_ATTRIBUTE) == "1":
+            _hide_branch(scene, sh, item)
+            below = vtk.vtkIdList()
+            sh.GetItemChildren(item, below, True)
+            for k in range(below.GetNumberOfIds()):
+                node = sh.GetItemDataNode(below.GetId(k))
+                if node is not None and node.GetAttribute("TrajectoryPlanner.Rank") is not None:
+                    node.SetAttribute(SUPERSEDED_ATTRIBUTE, "1")  # an earlier plan: not read by the report
+    shown = planner_mrml.add_chosen_plan_nodes(scene, result)
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), PLAN_FOLDER)
+    sh.SetItemAttribute(folder, PLAN_FOLDER_ATTRIBUTE, "1")
+    for node in shown["chosen"] + ([shown["notch_tips"]] if shown["notch_tips"] is not None else []):
+        sh.SetItemParent(sh.GetItemByDataNode(node) or sh.CreateItem(folder, node), folder)
+    candidate_folder = None
+    if shown["candidates"]:
+        candidate_folder = sh.CreateFolderItem(folder, CANDIDATE_FOLDER)
+        for node in shown["candidates"]:
+            sh.SetItemParent(sh.GetItemByDataNode(node) or sh.CreateItem(candidate_folder, node), candidate_folder)
+        _hide_branch(scene, sh, candidate_folder)
+
+    def key(target, rank, entry, point):
+        return (str(target), str(rank)) + tuple(np.round(np.asarray(list(entry) + list(point), float), 3))
+
+    by_key = {}
+    for node in shown["chosen"] + shown["candidates"]:
+        if node.GetAttribute("TrajectoryPlanner.SharedEntry") != "1":
+            entry, point = [0.0] * 3, [0.0] * 3
+            node.GetNthControlPointPosition(0, entry)
+            node.GetNthControlPointPosition(1, point)
+            by_key[key(node.GetAttribute("TrajectoryPlanner.Target"), node.GetAttribute("TrajectoryPlanner.Rank"),
+                       entry, point)] = node
+    by_trajectory = [by_key[key(t.target, t.rank, t.entry_ras, t.target_ras)] for t in result.trajectories]
+    for t, node in zip(result.trajectories, by_trajectory):
+        node.SetAttribute(NAME_ATTRIBUTE, str(t.name))  # "A-1": the node itself is named "Chosen path A"
+        if getattr(t, "tip_ras", None) is not None:  # the planned notch tip, for the needle check of Smart Biopsy
+            d = np.asarray(t.target_ras, float) - np.asarray(t.entry_ras, float)
+            beyond = float(np.dot(np.asarray(t.tip_ras, float) - np.asarray(t.target_ras, float), d / np.linalg.norm(d)))
+            node.SetAttribute(TIP_BEYOND_TARGET_ATTRIBUTE, f"{beyond:.3f}")
+    shown.update(folder=folder, candidate_folder=candidate_folder, by_trajectory=by_trajectory)
+    return shown
+
+
+def show_selected_path(scene, line_node) -> None:
+    """Show the path selected in the trajectory table. A candidate (hidden in "Candidate paths (hidden)" by
+    :func:`show_plan`) is moved up into its plan folder and shown; the candidate shown for the previous selection
+    goes back into the hidden folder, hidden. The chosen paths are left as they are. ``line_node`` None or not
+    a path of :func:`show_plan`: only the previous selection is put back."""
+    if scene is None:
+        raise TrajectoryPlannerError("no MRML scene given; pass the scene that holds the trajectories")
+    sh = scene.GetSubjectHierarchyNode()
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsLineNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLMarkupsLineNode")
+        if node is line_node or node.GetAttribute(SHOWN_CANDIDATE_ATTRIBUTE) != "1":
+            continue
+        item = sh.GetItemByDataNode(node)
+        plan_folder = sh.GetItemParent(item) if item else 0
+        back = sh.GetItemChildWithName(plan_folder, CANDIDATE_FOLDER) if plan_folder else 0
+        if back:
+            sh.SetItemParent(item, back)
+        for k in range(node.GetNumberOfDisplayNodes()):
+            node.GetNthDisplayNode(k).SetVisibility(False)
+        node.RemoveAttribute(SHOWN_CANDIDATE_ATTRIBUTE)
+    if line_node is None or line_node.GetAttribute(ATTR_CANDIDATE) != "1":
+        return
+    item = sh.GetItemByDataNode(line_node)
+    folder = sh.GetItemParent(item) if item else 0
+    if folder and sh.GetItemName(folder) == CANDIDATE_FOLDER:
+        sh.SetItemParent(item, sh.GetItemParent(folder))
+    line_node.CreateDefaultDisplayNodes()
+    for k in range(line_node.GetNumberOfDisplayNodes()):
+        line_node.GetNthDisplayNode(k).SetVisibility(True)
+    line_node.SetAttribute(SHOWN_CANDIDATE_ATTRIBUTE, "1")
 
 
 def trajectory_rows(result) -> tuple[list[str], list[list[str]]]:

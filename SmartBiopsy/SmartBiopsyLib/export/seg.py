@@ -1,5 +1,8 @@
 """DICOM Segmentation objects (highdicom): write label maps as binary segments referencing their source series,
-and read any SEG (this project's, dcmqi's, highdicom's) back into labels, frames and per-segment masks."""
+and read any SEG (this project's, dcmqi's, highdicom's) back into labels, frames and per-segment masks.
+
+Every segment carries its Recommended Display CIELab Value from the project palette
+(``SmartBiopsyCoreLib.palette``): habitat B has the same colour in a PACS viewer as in the scene and the report."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import logging
 
 import numpy as np
 
+from SmartBiopsyCoreLib import palette
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyLib.export.common import (CAT_ALTERED, CAT_ANATOMY, GENERIC_ANATOMY, MANUFACTURER, MODEL,
                                           DEVICE_SERIAL, RISK_TYPES, TYPE_NEOPLASM, ExportedObject, code,
@@ -18,10 +22,72 @@ from SmartBiopsyLib.export.sources import SourceSeries, volume_slices
 logger = logging.getLogger(__name__)
 
 
+# ------------------------------------------------------------------------------------------------ colours
+# sRGB (IEC 61966-2-1, D65) <-> CIE XYZ <-> CIE L*a*b* (D65 reference white, as dcmqi and highdicom use) <->
+# the DICOM scaled form (PS3.3 C.10.7.1.1): L* 0..100 -> 0..0xFFFF, a*/b* -128..127 -> 0..0xFFFF (0 = 0x8080).
+_SRGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                         [0.2126729, 0.7151522, 0.0721750],
+                         [0.0193339, 0.1191920, 0.9503041]])
+_WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+_EPS, _KAPPA = 216.0 / 24389.0, 24389.0 / 27.0
+
+
+def srgb_to_cielab(rgb) -> tuple[float, float, float]:
+    """(L*, a*, b*) of an sRGB colour with components in 0..1 (D65 reference white)."""
+    c = np.clip(np.asarray(rgb, float)[:3], 0.0, 1.0)
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    t = (_SRGB_TO_XYZ @ linear) / _WHITE_D65
+    f = np.where(t > _EPS, np.cbrt(t), (_KAPPA * t + 16.0) / 116.0)
+    return float(116.0 * f[1] - 16.0), float(500.0 * (f[0] - f[1])), float(200.0 * (f[1] - f[2]))
+
+
+def cielab_to_srgb(lab) -> tuple[float, float, float]:
+    """sRGB components (0..1, clipped to the sRGB gamut) of a CIE L*a*b* colour (D65 reference white)."""
+    L, a, b = (float(v) for v in lab)
+    fy = (L + 16.0) / 116.0
+    f = np.array([fy + a / 500.0, fy, fy - b / 200.0])
+    t = np.where(f ** 3 > _EPS, f ** 3, (116.0 * f - 16.0) / _KAPPA)
+    t[1] = fy ** 3 if L > _KAPPA * _EPS else L / _KAPPA
+    linear = np.linalg.solve(_SRGB_TO_XYZ, t * _WHITE_D65)
+    linear = np.clip(linear, 0.0, 1.0)
+    c = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1.0 / 2.4) - 0.055)
+    return tuple(float(v) for v in np.clip(c, 0.0, 1.0))
+
+
+def cielab_to_dicom(lab) -> tuple[int, int, int]:
+    """The DICOM scaled CIELab triplet (three unsigned 16-bit integers) of (L*, a*, b*)."""
+    L, a, b = (float(v) for v in lab)
+    scaled = (L * 0xFFFF / 100.0, (a + 128.0) * 0xFFFF / 255.0, (b + 128.0) * 0xFFFF / 255.0)
+    return tuple(int(min(0xFFFF, max(0, round(v)))) for v in scaled)
+
+
+def dicom_to_cielab(values) -> tuple[float, float, float]:
+    """(L*, a*, b*) of a DICOM scaled CIELab triplet."""
+    L, a, b = (float(v) for v in values)
+    return L * 100.0 / 0xFFFF, a * 255.0 / 0xFFFF - 128.0, b * 255.0 / 0xFFFF - 128.0
+
+
+def dicom_cielab_of_rgb(rgb) -> tuple[int, int, int]:
+    """Recommended Display CIELab Value (DICOM scaled) of an sRGB colour with components in 0..1."""
+    return cielab_to_dicom(srgb_to_cielab(rgb))
+
+
+def rgb_of_dicom_cielab(values) -> tuple[float, float, float]:
+    """sRGB (0..1) of a Recommended Display CIELab Value (DICOM scaled)."""
+    return cielab_to_srgb(dicom_to_cielab(values))
+
+
+def risk_colour(name) -> tuple:
+    """Colour of a risk structure: the palette's, by name (the same rule as the scene's segmentation)."""
+    return palette.RISK_COLOURS.get(str(name).lower(), palette.NEUTRAL_COLOUR)
+
+
+# ------------------------------------------------------------------------------------------------ writing
 @dataclass
 class SegmentSpec:
-    """One segment: ``values`` of the label map that belong to it, its label, SNOMED category/type triplets and
-    whether an algorithm produced it (then ``algorithm`` names it)."""
+    """One segment: ``values`` of the label map that belong to it, its label, SNOMED category/type triplets,
+    whether an algorithm produced it (then ``algorithm`` names it) and its display colour (sRGB 0..1, written as
+    the Recommended Display CIELab Value; None: no recommendation)."""
 
     label: str
     values: tuple
@@ -29,25 +95,29 @@ class SegmentSpec:
     type: tuple
     algorithm: str = ""
     description: str = ""
+    colour: tuple | None = None
 
 
 def tumour_segment() -> SegmentSpec:
-    """The tumour: every non-zero voxel of the tumour mask."""
-    return SegmentSpec("Tumour", (), CAT_ALTERED, TYPE_NEOPLASM, "", "tumour segmentation supplied for the case")
+    """The tumour: every non-zero voxel of the tumour mask (palette tumour colour)."""
+    return SegmentSpec("Tumour", (), CAT_ALTERED, TYPE_NEOPLASM, "", "tumour segmentation supplied for the case",
+                       palette.TUMOUR_COLOUR)
 
 
 def habitat_segments(codes: dict) -> list[SegmentSpec]:
-    """Habitats A/B/C of the habitat label map ({'A': 1, 'B': 2, 'C': 3}); absent regions are left out."""
+    """Habitats A/B/C of the habitat label map ({'A': 1, 'B': 2, 'C': 3}), each in its palette colour; absent
+    regions are left out."""
     return [SegmentSpec(f"Habitat {r}", (int(v),), CAT_ALTERED, TYPE_NEOPLASM, "SmartBiopsy habitats",
-                        f"tumour habitat {r}") for r, v in sorted(codes.items())]
+                        f"tumour habitat {r}", palette.region_colour(str(r))) for r, v in sorted(codes.items())]
 
 
 def risk_segments(names: dict) -> list[SegmentSpec]:
-    """Segments of a CT risk label map {value: name}."""
+    """Segments of a CT risk label map {value: name}, coloured as the scene colours them."""
     out = []
     for value, name in sorted(names.items()):
         t = RISK_TYPES.get(str(name).lower(), GENERIC_ANATOMY)
-        out.append(SegmentSpec(str(name), (int(value),), CAT_ANATOMY, t, "", "risk structure for the trajectory planning"))
+        out.append(SegmentSpec(str(name), (int(value),), CAT_ANATOMY, t, "", "risk structure for the trajectory planning",
+                               risk_colour(name)))
     return out
 
 
@@ -67,6 +137,8 @@ def _descriptions(hd, specs: list[SegmentSpec]):
         desc = hd.seg.SegmentDescription(**kw)
         if s.description:
             desc.SegmentDescription = s.description[:64]
+        if s.colour is not None:
+            desc.RecommendedDisplayCIELabValue = list(dicom_cielab_of_rgb(s.colour))
         out.append(desc)
     return out
 
@@ -104,7 +176,8 @@ def write_segmentation(segments: list, source: SourceSeries, path, *, series_num
         sop_instance_uid=str(seg.SOPInstanceUID), series_instance_uid=str(seg.SeriesInstanceUID),
         study_instance_uid=str(seg.StudyInstanceUID),
         references={"source": source.to_dict()},
-        content={"segments": [{"number": n, "label": s.label, "voxels": int(m.sum())}
+        content={"segments": [{"number": n, "label": s.label, "voxels": int(m.sum()),
+                               "colour": palette.hex_colour(s.colour) if s.colour is not None else None}
                               for n, (s, m) in enumerate(zip(specs, masks), start=1)],
                  "frames": int(seg.NumberOfFrames)})
 
@@ -118,6 +191,7 @@ class ImportedSegment:
     type: str
     frames: int
     voxels: int
+    display_rgb: tuple | None = None   # sRGB 0..1 of the Recommended Display CIELab Value, None when absent
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -202,9 +276,11 @@ def read_segmentation(path) -> ImportedSegmentation:
             mask[plane_of[k]] |= inside[k]
         cat = item.SegmentedPropertyCategoryCodeSequence[0]
         typ = item.SegmentedPropertyTypeCodeSequence[0]
+        lab = item.get("RecommendedDisplayCIELabValue")
+        rgb = rgb_of_dicom_cielab(list(lab)) if lab is not None and len(list(lab)) == 3 else None
         segments.append(ImportedSegment(num, label, f"{cat.CodingSchemeDesignator}:{cat.CodeValue} {cat.CodeMeaning}",
                                         f"{typ.CodingSchemeDesignator}:{typ.CodeValue} {typ.CodeMeaning}",
-                                        len(idx), int(mask.sum())))
+                                        len(idx), int(mask.sum()), rgb))
         masks[label] = mask
     ref = ""
     if "ReferencedSeriesSequence" in ds:

@@ -67,11 +67,13 @@ def module_parameter_node(scene, module: str):
 
 
 def trajectory_nodes(scene) -> list:
-    """The planner's trajectory line nodes in the scene (shared-entry fan excluded), in scene order."""
+    """The planner's trajectory line nodes in the scene (shared-entry fan and plans replaced by a newer one
+    excluded), in scene order."""
     out = []
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsLineNode")):
         n = scene.GetNthNodeByClass(i, "vtkMRMLMarkupsLineNode")
-        if n.GetAttribute(PLANNER_ATTR + "Rank") is not None and n.GetAttribute(PLANNER_ATTR + "SharedEntry") != "1":
+        if n.GetAttribute(PLANNER_ATTR + "Rank") is not None and n.GetAttribute(PLANNER_ATTR + "SharedEntry") != "1" \
+                and n.GetAttribute(PLANNER_ATTR + "Superseded") != "1":
             out.append(n)
     return out
 
@@ -133,16 +135,17 @@ def _matrix(transform_node):
 
 
 def _trajectory_dict(node) -> dict:
-    from SmartBiopsyLib.logic import line_points
+    from SmartBiopsyLib.logic import TIP_BEYOND_TARGET_ATTRIBUTE, line_points, planned_tip
 
     a = lambda k, default=None: node.GetAttribute(PLANNER_ATTR + k) or default  # noqa: E731
     entry, target = line_points(node)
+    tip = planned_tip(node).round(3).tolist() if node.GetAttribute(TIP_BEYOND_TARGET_ATTRIBUTE) else None
     clearance = {}
     for name in node.GetAttributeNames() or ():
         if name.startswith(PLANNER_ATTR + "ClearanceMM."):
             clearance[name[len(PLANNER_ATTR + "ClearanceMM."):]] = float(node.GetAttribute(name))
-    return {"name": node.GetName(), "target": a("Target", node.GetName()), "region": a("Region", ""),
-            "entry_ras": entry.round(3).tolist(), "target_ras": target.round(3).tolist(), "tip_ras": None,
+    return {"name": a("Name", node.GetName()), "target": a("Target", node.GetName()), "region": a("Region", ""),
+            "entry_ras": entry.round(3).tolist(), "target_ras": target.round(3).tolist(), "tip_ras": tip,
             "needle": a("Needle", ""), "length_mm": float(a("LengthMM", np.linalg.norm(target - entry))),
             "clearance_mm": clearance, "angle_to_axial_deg": float(a("AngleToAxialDeg", "nan")),
             "score": float(a("Score", "nan")), "rank": int(a("Rank", "1"))}
