@@ -17,6 +17,7 @@ def section_summary(case: CaseFolder, figs: FigureStore) -> str:
     c = s.get("case") or {}
     rows = [("case", c.get("name", "-")), ("source", c.get("source", "-")),
             ("synthetic data", "yes (phantom)" if c.get("synthetic") else "no")]
+    rows += _provenance_rows(s)
     if s.get("peak_memory_mb") is not None:
         rows.append(("peak memory", f"{fmt_num(s.get('peak_memory_mb'), 0)} MB"))
     total = sum(float(x.get("seconds") or 0.0) for x in case.stages)
@@ -56,3 +57,14 @@ def section_summary(case: CaseFolder, figs: FigureStore) -> str:
         fig.tight_layout()
         out.append(figs.save(fig, "stage_times", "Wall time of each workflow step."))
     return "\n".join(out)
+
+
+def _provenance_rows(s: dict) -> list:
+    """Rows for the SmartBiopsy version and the input files' SHA-256 checksums (from summary.json)."""
+    rows = [("SmartBiopsy version", s.get("version") or "not recorded")]
+    for entry in s.get("inputs") or []:
+        if isinstance(entry, dict) and entry.get("path"):
+            name = str(entry["path"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            what = f"{entry['files']} files, " if entry.get("files") else ""
+            rows.append((f"input {name}", f"SHA-256 {entry.get('sha256') or '-'} ({what}{fmt_num(entry.get('bytes'), 0)} bytes)"))
+    return rows
