@@ -209,3 +209,35 @@ def test_characterise_refuses_a_ct_given_as_t1(shared_data, tmp_path):
     proc = smartbiopsy("characterise", "--adc", adc, "--t1-pre", ct, "--t1-post", ct, "--tumour", adc,
                        "--out", tmp_path / "c", "--no-radiomics")
     assert_clean_error(proc, "--t1-pre", "looks like a CT in Hounsfield units")
+
+
+@pytest.mark.parametrize("command", [("load",), ("run", "--out", "OUT", "--case")])
+def test_a_missing_file_is_not_called_a_folder(tmp_path, command):
+    missing = tmp_path / "scan.nrrd"
+    proc = smartbiopsy(*(str(tmp_path / "out") if a == "OUT" else a for a in command), missing)
+    assert_clean_error(proc, "does not exist")
+    err = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    assert "the folder" not in err and str(missing) in err, err
+
+
+def test_summary_json_carries_the_version_and_the_input_checksums(shared_data, tmp_path):
+    import hashlib
+
+    from SmartBiopsyCoreLib import __version__
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+    from SmartBiopsyLib import workflow
+
+    ct_path = shared_data / "rire-pat002" / "pat002_ct.nrrd"
+    dicom = shared_data / "prostatex-0000" / "t2_tra"
+    inputs = workflow.CaseInputs(name="real", ct=load_image(ct_path), mri_anatomical=load_image(dicom))
+    workflow.run_case(inputs, tmp_path / "case", stop_after="load")
+    summary = json.loads((tmp_path / "case" / "summary.json").read_text())
+    assert summary["version"] == __version__
+    by_path = {e["path"]: e for e in summary["inputs"]}
+    data = ct_path.read_bytes()
+    assert by_path[str(ct_path)] == {"path": str(ct_path), "sha256": hashlib.sha256(data).hexdigest(),
+                                     "bytes": len(data)}
+    folder = by_path[str(dicom)]
+    files = sorted(p for p in dicom.rglob("*") if p.is_file())
+    assert folder["files"] == len(files) and folder["bytes"] == sum(p.stat().st_size for p in files)
+    assert len(folder["sha256"]) == 64

@@ -266,6 +266,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``smartbiopsy`` command; its run.log is complete when this returns (see :func:`setup_logging`)."""
+    try:
+        return _command(argv)
+    finally:
+        finish_logging()
+
+
+def _command(argv: list[str] | None = None) -> int:
     parser, unavailable = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args)
