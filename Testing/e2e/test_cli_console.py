@@ -141,6 +141,24 @@ def test_third_party_records_stay_out_of_the_console_but_reach_the_run_log(tmp_p
         assert text in log, log
 
 
+def test_run_log_is_written_live_and_complete_even_when_the_folder_appears_late(tmp_path):
+    from SmartBiopsyLib.cli.main import finish_logging, setup_logging
+
+    out = tmp_path / "late"
+    setup_logging(argparse.Namespace(debug=False, out=str(out), func=lambda a: 0))
+    try:
+        logging.getLogger("SmartBiopsyLib.x").info("before the folder exists")
+        out.mkdir()
+        logging.getLogger("SmartBiopsyLib.x").info("while the command runs")
+        live = (out / "run.log").read_text()  # readable during the run (e.g. to follow a long one)
+        assert "before the folder exists" in live and "while the command runs" in live
+        (out / "run.log").unlink()  # e.g. the folder replaced by a finished staging folder
+    finally:
+        finish_logging()
+    final = (out / "run.log").read_text()
+    assert "before the folder exists" in final and "while the command runs" in final
+
+
 def test_no_run_log_and_no_folder_when_the_output_folder_never_appears(tmp_path):
     from SmartBiopsyLib.cli.main import finish_logging, setup_logging
 
