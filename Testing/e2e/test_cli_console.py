@@ -259,3 +259,18 @@ def test_summary_json_carries_the_version_and_the_input_checksums(shared_data, t
     files = sorted(p for p in dicom.rglob("*") if p.is_file())
     assert folder["files"] == len(files) and folder["bytes"] == sum(p.stat().st_size for p in files)
     assert len(folder["sha256"]) == 64
+
+
+def test_quiet_leaves_only_warnings_and_errors_on_the_console(tmp_path):
+    proc = smartbiopsy("--quiet", "plan", "--ct", tmp_path / "missing.nrrd", "--targets", tmp_path / "t.json",
+                       "--out", tmp_path / "o")
+    assert proc.stderr.splitlines() and all(line.startswith(("warning:", "error:")) for line in proc.stderr.splitlines())
+    from SmartBiopsyLib.cli.main import ProgressBar
+
+    stream = io.StringIO()
+    ProgressBar.silent = True
+    try:
+        ProgressBar("plan", stream=stream, enabled=False)(1.0, "done")
+    finally:
+        ProgressBar.silent = False
+    assert stream.getvalue() == ""

@@ -51,6 +51,8 @@ class ProgressBar:
 
     #: the bar whose line is on the terminal without its newline yet (None: the cursor is at a line start)
     _drawn: "ProgressBar | None" = None
+    #: ``--quiet``: no progress bars at all (the console shows only warnings and errors)
+    silent: bool = False
 
     def __init__(self, label: str, stream=None, width: int = 28, enabled: bool | None = None):
         self.label = label
@@ -62,6 +64,8 @@ class ProgressBar:
         self._shown = ""
 
     def __call__(self, fraction: float, message: str = "") -> None:
+        if ProgressBar.silent:
+            return
         fraction = min(max(float(fraction), 0.0), 1.0)
         filled = int(round(fraction * self.width))
         line = f"{self.label:<14} [{'#' * filled}{'.' * (self.width - filled)}] {100 * fraction:3.0f}% {message}"
@@ -204,6 +208,7 @@ def setup_logging(args) -> RunLogHandler | None:
     finish_logging()
     root = logging.getLogger()
     debug = bool(getattr(args, "debug", False))
+    ProgressBar.silent = bool(getattr(args, "quiet", False))
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     console = ConsoleLogHandler(third_party=debug)
     console.setLevel(logging.DEBUG if debug else logging.WARNING)
@@ -227,6 +232,7 @@ def setup_logging(args) -> RunLogHandler | None:
 def finish_logging() -> None:
     """Write run.log and remove the handlers :func:`setup_logging` added (idempotent)."""
     root = logging.getLogger()
+    ProgressBar.silent = False
     for h in _LOGGING_STATE.pop("handlers", []):
         if isinstance(h, RunLogHandler):
             h.finish()
@@ -251,8 +257,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks, the debug log and third-party messages on the console")
     parser.add_argument("--quiet", action="store_true",
-                        help="no effect on the log (the console shows only warnings and errors anyway); kept for "
-                             "scripts that pass it")
+                        help="no progress bars: the console shows only warnings and errors (run.log is unchanged)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     unavailable = {}
     for name in COMMAND_MODULES:
