@@ -274,3 +274,23 @@ def test_quiet_leaves_only_warnings_and_errors_on_the_console(tmp_path):
     finally:
         ProgressBar.silent = False
     assert stream.getvalue() == ""
+
+
+@pytest.mark.parametrize("role", ["ct", "mri_anatomical", "t1_pre", "confirm_ct"])
+def test_run_load_step_refuses_the_wrong_modality_for_each_role(shared_data, tmp_path, role):
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+    from SmartBiopsyLib import workflow
+
+    ct = load_image(shared_data / "rire-pat002" / "pat002_ct.nrrd")
+    mri = load_image(shared_data / "rire-pat002" / "pat002_mr_T2.nrrd")
+    inputs = workflow.CaseInputs(name="real", ct=ct)
+    expected = "looks like a CT in Hounsfield units"
+    if role == "ct":
+        inputs.ct, expected = mri, "does not look like a CT in Hounsfield units"
+    elif role == "confirm_ct":
+        inputs.confirm_cts = [{"target": "A", "ct": mri, "source": "confirm.nrrd"}]
+        expected = "the confirmation CT confirm.nrrd does not look like a CT in Hounsfield units"
+    else:
+        setattr(inputs, role, ct)
+    with pytest.raises(workflow.StageFailed, match=expected):
+        workflow.run_case(inputs, tmp_path / "case", stop_after="load")
