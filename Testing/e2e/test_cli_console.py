@@ -98,7 +98,7 @@ def test_a_log_line_never_shares_a_line_with_a_drawn_progress_bar():
             line = part + line[len(part):]
         screen.append(line.rstrip())
     warn = [s for s in screen if "a warning while the bar is drawn" in s]
-    assert warn == ["warning: a warning while the bar is drawn"], screen
+    assert warn == ["WARNING: a warning while the bar is drawn"], screen
     assert any(s.startswith("plan") and "100%" in s and "done" in s for s in screen), screen
 
 
@@ -133,7 +133,7 @@ def test_third_party_records_stay_out_of_the_console_but_reach_the_run_log(tmp_p
         finish_logging()
         sys.stderr = old
     console = err.getvalue()
-    assert "warning: a warning of ours" in console
+    assert "WARNING: a warning of ours" in console
     assert "radiomics" not in console and "pyradiomics" not in console and "an info line" not in console
     log = (tmp_path / "run.log").read_text()
     for text in ("Calculating features", "a pyradiomics warning", "INFO SmartBiopsyLib.workflow: an info line of ours",
@@ -264,7 +264,8 @@ def test_summary_json_carries_the_version_and_the_input_checksums(shared_data, t
 def test_quiet_leaves_only_warnings_and_errors_on_the_console(tmp_path):
     proc = smartbiopsy("--quiet", "plan", "--ct", tmp_path / "missing.nrrd", "--targets", tmp_path / "t.json",
                        "--out", tmp_path / "o")
-    assert proc.stderr.splitlines() and all(line.startswith(("warning:", "error:")) for line in proc.stderr.splitlines())
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith(("warning:", "error:", "WARNING:", "ERROR:")) for line in lines), lines
     from SmartBiopsyLib.cli.main import ProgressBar
 
     stream = io.StringIO()

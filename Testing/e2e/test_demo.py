@@ -138,7 +138,8 @@ def test_demo_writes_run_log_and_the_console_shows_only_progress_warnings_and_er
     # every console line is a progress line, a warning, an error or a note of SmartBiopsy
     labels = ("phantom", "load", "fuse", "characterise", "plan", "calibrate", "robot", "sample", "record", "scene",
               "report")
-    other = [e for e in err if e.strip() and not e.startswith(labels) and not e.startswith(("warning:", "error:"))]
+    verdicts = ("warning:", "error:", "WARNING:", "ERROR:")
+    other = [e for e in err if e.strip() and not e.startswith(labels) and not e.startswith(verdicts)]
     assert not other, other
     robot = [e for e in err if e.startswith("robot") and "100%" in e]
     assert robot and all("C reached" in e for e in robot), robot  # the stage message is not cut

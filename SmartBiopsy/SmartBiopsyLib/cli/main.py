@@ -121,18 +121,18 @@ def is_project_record(record: logging.LogRecord) -> bool:
 
 
 class ConsoleLogHandler(logging.StreamHandler):
-    """stderr: SmartBiopsy's own records at the console level as ``warning: ...``; third-party records only
-    with ``--debug``. Clears a drawn progress bar's line before writing and redraws it after."""
+    """stderr: SmartBiopsy's own records at the console level as ``WARNING: ...`` (upper case: a logged
+    message, distinct from a command's own ``warning:``/``error:`` verdict lines); third-party records only with
+    ``--debug``. Clears a drawn progress bar's line before writing and redraws it after."""
 
     def __init__(self, stream=None, third_party: bool = False):
         super().__init__(stream or sys.stderr)
         self.third_party = third_party
-        self.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
 
     def filter(self, record):
         if not (self.third_party or is_project_record(record)):
             return False
-        record.levelname_lower = record.levelname.lower()
         return super().filter(record)
 
     def emit(self, record):
