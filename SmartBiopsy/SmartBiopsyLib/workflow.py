@@ -752,7 +752,7 @@ def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
             session.load_plan(plan)
             logger.warning("DEMO: plan auto-confirmed for the robot simulator (operator '%s')", run.options.operator)
             session.confirm_plan(operator=f"{run.options.operator} (auto-confirmed in the demo)")
-            result = session.run_plan(confirm=True, progress=lambda f, msg: progress(0.1 + 0.85 * f, str(msg)[:60]),
+            result = session.run_plan(confirm=True, progress=lambda f, msg: progress(0.1 + 0.85 * f, str(msg)),
                                       should_cancel=should_cancel)
     finally:
         sim.stop()
