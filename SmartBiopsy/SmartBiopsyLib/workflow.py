@@ -205,10 +205,29 @@ class CaseRun:
             "lines": self.lines,
         } | ({"intake": self.inputs.intake} if self.inputs.intake else {}) | (
             {"truth_check": {"simulated": True, "lines": self.truth_lines}}
-            if self.inputs.synthetic and self.truth_lines else {})
+            if self.inputs.synthetic and self.truth_lines else {}) | _provenance(self)
 
     def write_summary(self) -> None:
         write_json(self.out / "summary.json", self.summary())
+
+
+# ---------------------------------------------------------------------- provenance (version, input checksums)
+def input_paths(inputs: CaseInputs) -> list:
+    """The files and folders the run's inputs were read from (each volume's ``source_path``), in input order."""
+    vols = [inputs.ct, inputs.mri_anatomical, *(inputs.dwi or {}).values(), inputs.dixon_water, inputs.dixon_fat,
+            inputs.t1_pre, inputs.t1_post, inputs.tumour, inputs.adc, inputs.ff, inputs.ef,
+            *(lm for lm, _ in inputs.risk_labelmaps), *(c.get("ct") for c in inputs.confirm_cts)]
+    vols += list(getattr(inputs.dce, "frames", None) or [])
+    return [v.meta.get("source_path") for v in vols if isinstance(v, RasVolume) and v.meta.get("source_path")]
+
+
+def _provenance(run: "CaseRun") -> dict:
+    """``{"version", "inputs": [{"path", "sha256", "bytes"}]}`` for summary.json, computed once per run."""
+    if "provenance" not in run.results:
+        from SmartBiopsyCoreLib.provenance import run_provenance
+
+        run.results["provenance"] = run_provenance(input_paths(run.inputs))
+    return run.results["provenance"]
 
 
 def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
@@ -244,7 +263,7 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
                 raise SmartBiopsyError("cancelled by the user")
             msg = stage_funcs[name](run, progress, should_cancel) or ""
             rec.status, rec.message = "done", msg
-            progress(1.0, msg[:60])
+            progress(1.0, msg)
         except StageStopped as exc:
             rec.status, rec.message = "stopped", _sentence(exc)
             run.stopped = (name, rec.message)
@@ -290,6 +309,7 @@ def _stage_load(run: CaseRun, progress, should_cancel) -> str:
     if i.mri_anatomical is not None:
         _check_mri(i.mri_anatomical, "anatomical MRI")
         save_image(i.mri_anatomical, d / "mri_t2.nrrd", compress=False)
+    _check_load_inputs(i)
     n = sum(v is not None for v in (i.mri_anatomical, i.dixon_water, i.dixon_fat, i.t1_pre, i.t1_post)) + len(i.dwi or {})
     extra = ""
     if i.dce is not None:
@@ -301,22 +321,32 @@ def _stage_load(run: CaseRun, progress, should_cancel) -> str:
     return f"CT {'x'.join(map(str, i.ct.array.shape[::-1]))} and {n} MRI volumes{extra}"
 
 
-def _check_ct(ct: RasVolume) -> None:
-    a = ct.array
-    if a.size == 0:
-        raise InputDataError("the CT is empty")
-    lo, hi = float(np.percentile(a, 1)), float(np.percentile(a, 99.5))
-    if lo > -500 or hi < 100:
-        raise InputDataError(
-            f"the volume given as CT does not look like a CT in Hounsfield units (1st-99.5th percentile "
-            f"{lo:.0f}..{hi:.0f}; air should be near -1000 HU); was an MRI given as --ct?")
+def _check_ct(ct: RasVolume, what: str = "the planning CT", hint: str = "pass the planning CT") -> None:
+    from SmartBiopsyCoreLib.modality import require_ct
+
+    if ct.array.size == 0:
+        raise InputDataError(f"{what} is empty")
+    require_ct(ct, what, hint)
 
 
 def _check_mri(mri: RasVolume, what: str) -> None:
+    from SmartBiopsyCoreLib.modality import require_mri
+
     if mri.array.size == 0:
         raise InputDataError(f"the {what} is empty")
-    if float(np.percentile(mri.array, 1)) < -200:
-        raise InputDataError(f"the {what} has strongly negative values like a CT in HU; was the CT given as MRI?")
+    require_mri(mri, f"the {what}", f"pass the {what}")
+
+
+def _check_load_inputs(i: CaseInputs) -> None:
+    """The MRI series are MRIs and every confirmation CT is a CT in HU (one sentence for the first that is not)."""
+    for what, vol in (("Dixon water image", i.dixon_water), ("Dixon fat image", i.dixon_fat),
+                      ("T1 pre-contrast image", i.t1_pre), ("T1 post-contrast image", i.t1_post),
+                      *((f"DWI b = {b:g}", v) for b, v in sorted((i.dwi or {}).items()))):
+        if vol is not None:
+            _check_mri(vol, what)
+    for c in i.confirm_cts:
+        _check_ct(c["ct"], f"the confirmation CT {c.get('source') or ''}".strip(),
+                  "pass the confirmation CT with the needle in place")
 
 
 def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
@@ -752,7 +782,7 @@ def _stage_robot(run: CaseRun, progress, should_cancel) -> str:
             session.load_plan(plan)
             logger.warning("DEMO: plan auto-confirmed for the robot simulator (operator '%s')", run.options.operator)
             session.confirm_plan(operator=f"{run.options.operator} (auto-confirmed in the demo)")
-            result = session.run_plan(confirm=True, progress=lambda f, msg: progress(0.1 + 0.85 * f, str(msg)[:60]),
+            result = session.run_plan(confirm=True, progress=lambda f, msg: progress(0.1 + 0.85 * f, str(msg)),
                                       should_cancel=should_cancel)
     finally:
         sim.stop()

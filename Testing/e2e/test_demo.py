@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +14,16 @@ SECTIONS = ("Case and procedure summary", "Fusion QA", "Habitat map and targets"
             "Notch ROIs and values", "Specimens", "Procedure summary", "Heterogeneity")
 
 
+#: the demo's console output (stderr), kept by the demo_dir fixture for the console tests
+DEMO_CONSOLE: dict = {}
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     proc = smartbiopsy("demo", "--out", out, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    DEMO_CONSOLE["stderr"] = proc.stderr
     assert "total" in proc.stdout and "report.html" in proc.stdout
     return out
 
@@ -122,6 +128,39 @@ def test_demo_outputs_are_labelled_simulated_wherever_they_appear(demo_dir):
 
 
 # ----------------------------------------------------------------------------------------------- run: bad input
+def test_demo_writes_run_log_and_the_console_shows_only_progress_warnings_and_errors(demo_dir):
+    log = (demo_dir / "run.log").read_text()
+    assert re.search(r"^\S+ \S+ INFO SmartBiopsyLib\.", log, re.M), log[:2000]
+    assert "radiomics" in log  # third-party messages are kept, in the log only
+    err = DEMO_CONSOLE["stderr"].splitlines()
+    assert not [e for e in err if e.startswith("INFO") or " INFO " in e], err
+    assert not [e for e in err if "radiomics" in e.lower() or "highdicom" in e or "UserWarning" in e], err
+    # every console line is a progress line, a warning, an error or a note of SmartBiopsy
+    labels = ("phantom", "load", "fuse", "characterise", "plan", "calibrate", "robot", "sample", "record", "scene",
+              "report")
+    verdicts = ("warning:", "error:", "WARNING:", "ERROR:")
+    other = [e for e in err if e.strip() and not e.startswith(labels) and not e.startswith(verdicts)]
+    assert not other, other
+    robot = [e for e in err if e.startswith("robot") and "100%" in e]
+    assert robot and all("C reached" in e for e in robot), robot  # the stage message is not cut
+
+
+def test_demo_summary_and_report_carry_the_version_and_the_input_checksums(demo_dir):
+    import hashlib
+
+    from SmartBiopsyCoreLib import __version__
+
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert summary["version"] == __version__
+    inputs = {Path(e["path"]).name: e for e in summary["inputs"]}
+    assert {"ct.nrrd", "mri_t2.nrrd"} <= set(inputs), sorted(inputs)
+    ct = inputs["ct.nrrd"]
+    data = Path(ct["path"]).read_bytes()
+    assert ct["sha256"] == hashlib.sha256(data).hexdigest() and ct["bytes"] == len(data)
+    html = (demo_dir / "report.html").read_text()
+    assert __version__ in html and ct["sha256"] in html
+
+
 def _case_file(demo_dir, name):
     return demo_dir / "phantom" / name
 

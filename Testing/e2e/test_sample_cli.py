@@ -41,8 +41,9 @@ def case(tmp_path_factory):
     d = tmp_path_factory.mktemp("sample")
     rng = np.random.default_rng(4)
     shape = (60, 120, 120)
-    ct0 = RasVolume(np.rint(20 + rng.normal(0, 10, shape)).astype(np.int16),
-                    make_grid([-60.0, -60.0, -60.0], [1.0, 1.0, 2.0], shape), "ct")
+    hu = np.rint(20 + rng.normal(0, 10, shape)).astype(np.int16)
+    hu[:, :, :6] = hu[:, :, -6:] = -1000  # air beside the patient (R/L edges, far from the path): a CT in HU
+    ct0 = RasVolume(hu, make_grid([-60.0, -60.0, -60.0], [1.0, 1.0, 2.0], shape), "ct")
     direction = np.array([0.3, 1.0, 0.4]) / np.linalg.norm([0.3, 1.0, 0.4])
     target = np.array([2.0, 3.0, -1.0])
     entry = target - 55.0 * direction

@@ -66,6 +66,9 @@ def run(args) -> int:
     model = load_model(args.frame)
     targets = _targets(args)
     ct = load_image(args.ct)
+    from SmartBiopsyCoreLib.modality import require_ct
+
+    require_ct(ct, f"--ct {args.ct}", "pass the planning CT with the robot's frame in it")
     bar = ProgressBar("calibrate")
     th = CalibrationThresholds(max_residual_mm=args.max_residual_mm, max_target_error_mm=args.max_error_mm)
     result = calibrate_from_ct(ct, model, targets, th, progress=bar)

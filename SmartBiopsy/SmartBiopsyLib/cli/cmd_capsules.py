@@ -55,6 +55,12 @@ def run(args) -> int:
         W = params["nominal_width_mm"]
         params.update(min_width_mm=0.5 * W, max_width_mm=1.7 * W, opening_radius_mm=max(6.0, 1.2 * W))
     volume = _load(args.image)
+    from SmartBiopsyCoreLib.modality import require_ct, require_mri
+
+    if args.modality == "ct":
+        require_ct(volume, f"the image {args.image}", "pass a CT or use --modality mr for an MRI")
+    else:
+        require_mri(volume, f"the image {args.image}", "use --modality ct for a CT")
     bar = ProgressBar("capsules")
     det = detect_capsules(volume, args.modality, params=params or None, progress=bar)
     bar(1.0, f"{len(det)} capsules")

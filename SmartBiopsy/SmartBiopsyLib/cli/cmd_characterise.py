@@ -25,15 +25,17 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers):
+    from SmartBiopsyLib.cli.helptext import plain_help
+
     p = subparsers.add_parser("characterise", help="ADC/FF/EF maps, habitats A/B/C, targets and radiomics",
-                              description=__doc__)
+                              description=plain_help(__doc__))
     p.add_argument("--dwi", nargs="+", help="DWI DICOM folder (all b-values) or files as B=PATH (b in s/mm^2)")
     p.add_argument("--adc", help="precomputed ADC map (10^-6 mm^2/s) instead of --dwi")
-    p.add_argument("--dixon-water")
-    p.add_argument("--dixon-fat")
+    p.add_argument("--dixon-water", help="Dixon water image (DICOM folder or volume file); with --dixon-fat gives the FF map")
+    p.add_argument("--dixon-fat", help="Dixon fat image (DICOM folder or volume file); with --dixon-water gives the FF map")
     p.add_argument("--ff", help="precomputed FF map (%%) instead of Dixon")
-    p.add_argument("--t1-pre")
-    p.add_argument("--t1-post")
+    p.add_argument("--t1-pre", help="T1-weighted image before contrast; with --t1-post gives the EF map")
+    p.add_argument("--t1-post", help="T1-weighted image after contrast, same grid as --t1-pre")
     p.add_argument("--ef", help="precomputed EF map (%%) instead of T1 pre/post")
     p.add_argument("--dce", help="DCE folder (frames stored as separate DICOM series) instead of T1 pre/post")
     p.add_argument("--dce-baseline-frames", type=int, help="number of baseline frames (default: before bolus arrival)")
@@ -49,7 +51,8 @@ def register(subparsers):
                    help="flag (default): fit every b-value and count voxels at the noise floor in adc_qc.json; "
                         "exclude: leave b-values below their own image's noise floor out of that voxel's fit")
     p.add_argument("--exclude-low-b", action="store_true", help="fit ADC only on b >= 100 s/mm^2")
-    p.add_argument("--mode", choices=("median", "kmeans"), default="median")
+    p.add_argument("--mode", choices=("median", "kmeans"), default="median",
+                   help="habitat thresholds: median (default; the tumour's own ADC and EF medians) or kmeans")
     p.add_argument("--predicted-tre", type=float, default=1.0, help="predicted registration TRE, RMS mm (targetable depth; the hit probability's registration error)")
     p.add_argument("--needle-error", type=float, default=None,
                    help="lateral needle placement error, RMS mm (default: the needle model's, 2 mm)")
@@ -62,7 +65,7 @@ def register(subparsers):
     p.add_argument("--notch-length", type=float, default=10.0, help="biopsy notch length (mm)")
     p.add_argument("--allow-unit-conversion", action="store_true",
                    help="convert ADC in mm^2/s or 10^-3 mm^2/s and FF fractions instead of stopping")
-    p.add_argument("--no-radiomics", action="store_true")
+    p.add_argument("--no-radiomics", action="store_true", help="do not compute radiomic features (radiomics.csv)")
     p.set_defaults(func=run)
     return p
 
@@ -72,10 +75,24 @@ def _load(path):
     return imageio.load_image(path)
 
 
+def _load_mri(path, option: str):
+    """An MRI series (DWI, Dixon, T1) from ``path``; a CT given by mistake is refused with one sentence."""
+    from SmartBiopsyCoreLib.modality import require_mri
+
+    vol = _load(path)
+    require_mri(vol, f"{option} {path}")
+    return vol
+
+
 def _load_dwi(items):
     if len(items) == 1 and os.path.isdir(items[0]):
         from SmartBiopsyCoreLib.dataio import dicomio
-        return dicomio.load_dwi_series(items[0])
+        from SmartBiopsyCoreLib.modality import require_mri
+
+        dwi = dicomio.load_dwi_series(items[0])
+        for vol in dwi.values():
+            require_mri(vol, f"--dwi {items[0]}")
+        return dwi
     out = {}
     for it in items:
         if "=" not in it:
@@ -85,7 +102,7 @@ def _load_dwi(items):
             bv = float(b)
         except ValueError:
             raise InputDataError(f"--dwi item {it!r}: {b!r} is not a b-value in s/mm^2") from None
-        v = _load(path)
+        v = _load_mri(path, "--dwi")
         v.meta["b_value"] = bv
         out[bv] = v
     return out
@@ -124,7 +141,8 @@ def run(args) -> int:
     if args.ff:
         ff = _load(args.ff)
     elif args.dixon_water and args.dixon_fat:
-        ff = maps.compute_ff(_load(args.dixon_water), _load(args.dixon_fat))
+        ff = maps.compute_ff(_load_mri(args.dixon_water, "--dixon-water"),
+                             _load_mri(args.dixon_fat, "--dixon-fat"))
     else:
         ff = None
         logger.warning("no FF map or Dixon images: fat inside the tumour cannot be excluded")
@@ -136,7 +154,7 @@ def run(args) -> int:
                                      post_time_s=args.dce_post_time)
         print(f"note: EF from the DCE {dce.label}: {ef.meta['dynamic_sentence']}")
     elif args.t1_pre and args.t1_post:
-        ef = maps.compute_ef(_load(args.t1_pre), _load(args.t1_post))
+        ef = maps.compute_ef(_load_mri(args.t1_pre, "--t1-pre"), _load_mri(args.t1_post, "--t1-post"))
     else:
         raise InputDataError("give --t1-pre and --t1-post, a --dce folder or a precomputed --ef map")
     moved, moved_how = maps.to_common_grid({"ef": ef} | ({"ff": ff} if ff is not None else {}), adc, transforms)

@@ -39,9 +39,11 @@ GRADE_COLUMNS = ("fnclcc_grade", "grade")
 
 
 def register(subparsers) -> None:
+    from SmartBiopsyLib.cli.helptext import plain_help
+
     p = subparsers.add_parser(
         "cohort", help="per-participant heterogeneity summary and imaging-pathology statistics from a site CSV",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=plain_help(__doc__.split("\n\n", 1)[1]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--csv", required=True, help="cohort CSV, one row per biopsy site")
     p.add_argument("--out", required=True, help="output folder (created): participant_summary.csv, cohort_stats.json")

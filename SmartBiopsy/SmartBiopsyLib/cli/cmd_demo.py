@@ -28,6 +28,8 @@ PHANTOM_RISK_LABELS = {4: "aorta", 5: "ivc", 6: "kidney", 7: "bowel"}
 
 
 def register(subparsers) -> None:
+    from SmartBiopsyLib.cli.helptext import plain_help
+
     p = subparsers.add_parser("demo", help="the full smart-biopsy demo on the phantom case",
                               description="Run the whole procedure on the digital phantom and write a scene "
                                           "bundle, report and all results.")
@@ -41,25 +43,26 @@ def register(subparsers) -> None:
     p.add_argument("--deformation", action="store_true",
                    help="simulate a smooth soft-tissue deformation (up to ~3 mm) around the tumour between MRI and "
                         "CT; the true displacement is written to phantom/truth/displacement_ct.nrrd")
-    p.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch")
+    p.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch",
+                   help="notch region sampled: side-notch (default; the needle's side notch) or tip-distal")
     p.set_defaults(func=run_demo)
 
     r = subparsers.add_parser("run", help="the procedure on a user's case (stops at the first failing step)",
-                              description=__doc__.split("run:", 1)[1].strip())
+                              description=plain_help(__doc__.split("run:", 1)[1].strip()))
     r.add_argument("--case", help="case folder: every series is loaded and recognised by its description")
     r.add_argument("--ct", help="planning CT (DICOM folder or volume file)")
     r.add_argument("--t2", help="anatomical MRI for the capsule fusion")
     r.add_argument("--dwi", help="DWI: a multi-b DICOM series folder")
-    r.add_argument("--dixon-water")
-    r.add_argument("--dixon-fat")
-    r.add_argument("--t1-pre")
-    r.add_argument("--t1-post")
+    r.add_argument("--dixon-water", help="Dixon water image; with --dixon-fat gives the FF map")
+    r.add_argument("--dixon-fat", help="Dixon fat image; with --dixon-water gives the FF map")
+    r.add_argument("--t1-pre", help="T1-weighted image before contrast; with --t1-post gives the EF map")
+    r.add_argument("--t1-post", help="T1-weighted image after contrast")
     r.add_argument("--tumour", help="tumour label map on an MRI grid (non-zero = tumour)")
     r.add_argument("--risk", action="append", default=[], help="risk-structure label map on the CT grid (repeatable)")
     r.add_argument("--transform", help="MRI->CT transform instead of the capsule fusion (JSON 4x4 RAS or .tfm/.h5)")
-    r.add_argument("--adc")
-    r.add_argument("--ff")
-    r.add_argument("--ef")
+    r.add_argument("--adc", help="precomputed ADC map (10^-6 mm^2/s) instead of the one computed from --dwi")
+    r.add_argument("--ff", help="precomputed fat fraction map (%%) instead of the one from Dixon")
+    r.add_argument("--ef", help="precomputed enhancement fraction map (%%) instead of the one from T1 pre/post")
     r.add_argument("--targets", help="targets.json instead of the habitat targets (CT world)")
     r.add_argument("--dce", help="DCE folder (frames stored as separate DICOM series) instead of T1 pre/post")
     r.add_argument("--dce-baseline-frames", type=int, help="DCE baseline frames (default: before bolus arrival)")
@@ -68,15 +71,17 @@ def register(subparsers) -> None:
                    help="transform of the ef or ff map's series onto the DWI/ADC world when it comes from another "
                         "frame of reference (smartbiopsy.transform/1 JSON or ITK file; repeatable)")
     r.add_argument("--needle", default="", help="needle model name")
-    r.add_argument("--mode", choices=("oblique", "in-plane"), default="oblique")
-    r.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch")
+    r.add_argument("--mode", choices=("oblique", "in-plane"), default="oblique",
+                   help="planning: oblique (default; double-oblique paths for the robot) or in-plane (axial paths)")
+    r.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch",
+                   help="notch region sampled: side-notch (default) or tip-distal")
     r.add_argument("--robot", choices=("simulator", "none"), default="none",
                    help="send the plan to the robot simulator (needs --confirm) or stop before the robot")
     r.add_argument("--confirm", action="store_true", help="the operator confirms the plan for the robot")
     r.add_argument("--robot-frame-model", default="",
                    help="the robot's fiducial frame in the planning CT (built-in model name or model JSON): the run "
                         "computes the robot-to-CT calibration from it before the robot step")
-    r.add_argument("--operator", default="operator")
+    r.add_argument("--operator", default="operator", help="operator name recorded with the plan confirmation")
     r.add_argument("--confirm-ct", action="append", default=[], metavar="[TARGET=]PATH",
                    help="confirmation CT with the needle in place (DICOM folder or volume file), repeatable; "
                         "TARGET=PATH names its target, a bare PATH goes to the nearest planned path. CT series of "
@@ -85,7 +90,7 @@ def register(subparsers) -> None:
                    help="skin-capsule motion (mm) between planning and confirmation CT that is corrected (default 2)")
     r.add_argument("--no-motion-correction", action="store_true",
                    help="report patient motion but do not correct the needle position for it")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, help="output folder (created): summary.json, report.html, scene.mrb, run.log")
     r.set_defaults(func=run_user)
 
 

@@ -14,8 +14,10 @@ logger = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
+    from SmartBiopsyLib.cli.helptext import plain_help
+
     p = subparsers.add_parser("export", help="DICOM SEG / parametric maps / TID 1500 SR and FHIR Specimens of a case",
-                              description=__doc__.split("\n\n", 1)[0])
+                              description=plain_help(__doc__.split("\n\n", 1)[0]))
     p.add_argument("--case", required=True, help="case folder (output of 'run' or 'demo')")
     p.add_argument("--out", required=True, help="export folder")
     p.add_argument("--source", action="append", default=[], help="DICOM folder with the original series (repeatable)")

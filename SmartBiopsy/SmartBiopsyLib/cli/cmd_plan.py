@@ -169,6 +169,9 @@ def run(args) -> int:
     if any(v < 0 for v in margins.values()):
         raise InputDataError("safety margins must be zero or positive (mm)")
     ct = load_image(args.ct)
+    from SmartBiopsyCoreLib.modality import require_ct
+
+    require_ct(ct, f"--ct {args.ct}")
     labelmaps = []
     for path in args.risk:
         try:

@@ -53,8 +53,6 @@ def _load(path: str, what: str):
 
 
 def run(args) -> int:
-    import numpy as np
-
     from RegistrationFusionLib.registration import qa
     from RegistrationFusionLib.registration.intensity import IntensityFusionRefused
     from RegistrationFusionLib.registration.pipeline import IntensityFusion, fuse_with_fallback
@@ -71,9 +69,10 @@ def run(args) -> int:
     bar(0.0, "loading images")
     ct = _load(args.ct, "ct")
     mri = _load(args.mri, "mri")
-    if np.nanmin(ct.array) > -200:
-        raise InputDataError(f"{args.ct} does not look like a CT in Hounsfield units (no air below -200 HU); "
-                             "check that --ct and --mri are not swapped")
+    from SmartBiopsyCoreLib.modality import require_ct, require_mri
+
+    require_ct(ct, f"--ct {args.ct}", "pass the planning CT (check that --ct and --mri are not swapped)")
+    require_mri(mri, f"--mri {args.mri}", "pass the anatomical MRI (check that --ct and --mri are not swapped)")
     targets = None
     if args.target:
         targets = {f"T{i + 1}": list(t) for i, t in enumerate(args.target)}

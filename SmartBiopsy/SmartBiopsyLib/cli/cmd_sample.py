@@ -168,6 +168,9 @@ def run(args) -> int:
     bar = ProgressBar("sample")
     bar(0.02, "loading the confirmation CT")
     ct = _load_volume(args.confirm_ct, "confirmation CT")
+    from SmartBiopsyCoreLib.modality import require_ct
+
+    require_ct(ct, f"--confirm-ct {args.confirm_ct}", "pass the confirmation CT with the needle in place")
     motion = None
     if args.planning_ct:
         from RegistrationFusionLib.capsules.detection import detect_capsules
@@ -175,6 +178,7 @@ def run(args) -> int:
 
         bar(0.03, "patient motion (skin capsules)")
         planning = _load_volume(args.planning_ct, "planning CT")
+        require_ct(planning, f"--planning-ct {args.planning_ct}")
         from SmartBiopsyCoreLib.errors import SmartBiopsyError
 
         try:

@@ -32,8 +32,10 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from SmartBiopsyLib.cli.helptext import plain_help
+
     p = subparsers.add_parser("specimens", help="specimen journal: add records, export for pathology, import results",
-                              description=__doc__.split("\n\n", 1)[1],
+                              description=plain_help(__doc__.split("\n\n", 1)[1]),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="specimens_action", metavar="ACTION")
     sub.required = True

@@ -41,7 +41,18 @@ def user_errors() -> tuple:
 
 
 class ProgressBar:
-    """A one-line text progress bar for ``progress(fraction, message)`` callbacks (stderr)."""
+    """A one-line text progress bar for ``progress(fraction, message)`` callbacks (stderr).
+
+    On a terminal the line is redrawn in place (cut to the terminal width while running; the final line is
+    written in full); otherwise one line at the start and one at the end. A log line printed while a bar is
+    drawn (:class:`ConsoleLogHandler`) first clears the bar's line and redraws it afterwards, so the two never
+    share a line.
+    """
+
+    #: the bar whose line is on the terminal without its newline yet (None: the cursor is at a line start)
+    _drawn: "ProgressBar | None" = None
+    #: ``--quiet``: no progress bars at all (the console shows only warnings and errors)
+    silent: bool = False
 
     def __init__(self, label: str, stream=None, width: int = 28, enabled: bool | None = None):
         self.label = label
@@ -50,21 +61,190 @@ class ProgressBar:
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.start = time.perf_counter()
         self._last = ""
+        self._shown = ""
 
     def __call__(self, fraction: float, message: str = "") -> None:
+        if ProgressBar.silent:
+            return
         fraction = min(max(float(fraction), 0.0), 1.0)
         filled = int(round(fraction * self.width))
         line = f"{self.label:<14} [{'#' * filled}{'.' * (self.width - filled)}] {100 * fraction:3.0f}% {message}"
         if self.enabled:
-            pad = max(0, len(self._last) - len(line))
-            self.stream.write("\r" + line + " " * pad)
-            if fraction >= 1.0:
+            done = fraction >= 1.0
+            shown = line if done else _fit_terminal(line)
+            pad = max(0, len(self._shown) - len(shown))
+            self.stream.write("\r" + shown + " " * pad)
+            self._shown = shown
+            if done:
                 self.stream.write(f"  ({time.perf_counter() - self.start:.1f} s)\n")
+                self._shown = ""
+            ProgressBar._drawn = None if done else self
             self.stream.flush()
         elif fraction >= 1.0 or not self._last:
             self.stream.write(line + (f"  ({time.perf_counter() - self.start:.1f} s)" if fraction >= 1.0 else "") + "\n")
             self.stream.flush()
         self._last = line
+
+    @classmethod
+    def clear_line(cls, stream) -> "ProgressBar | None":
+        """Blank the drawn bar's line on ``stream`` (cursor at the line start); returns the bar to redraw."""
+        bar = cls._drawn
+        if bar is None or bar.stream is not stream or not bar._shown:
+            return None
+        stream.write("\r" + " " * len(bar._shown) + "\r")
+        return bar
+
+    def redraw(self) -> None:
+        if ProgressBar._drawn is self and self._shown:
+            self.stream.write(self._shown)
+            self.stream.flush()
+
+
+def _fit_terminal(line: str) -> str:
+    import shutil
+
+    cols = shutil.get_terminal_size((120, 24)).columns - 12  # room for "  (12.3 s)"
+    return line if len(line) <= cols else line[: max(cols - 1, 20)] + "\u2026"
+
+
+# ----------------------------------------------------------------------------- logging: console and run.log
+#: loggers of SmartBiopsy itself; records of any other logger (pyradiomics, pykwalify, highdicom, Python
+#: warnings) go only to run.log, never to the console
+PROJECT_LOGGERS = ("SmartBiopsyLib", "SmartBiopsyCoreLib", "RegistrationFusionLib", "TrajectoryPlannerLib",
+                   "SmartBiopsy", "RegistrationFusion", "TrajectoryPlanner", "__main__")
+RUN_LOG_NAME = "run.log"
+RUN_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def is_project_record(record: logging.LogRecord) -> bool:
+    return record.name.split(".", 1)[0] in PROJECT_LOGGERS
+
+
+class ConsoleLogHandler(logging.StreamHandler):
+    """stderr: SmartBiopsy's own records at the console level as ``WARNING: ...`` (upper case: a logged
+    message, distinct from a command's own ``warning:``/``error:`` verdict lines); third-party records only with
+    ``--debug``. Clears a drawn progress bar's line before writing and redraws it after."""
+
+    def __init__(self, stream=None, third_party: bool = False):
+        super().__init__(stream or sys.stderr)
+        self.third_party = third_party
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+
+    def filter(self, record):
+        if not (self.third_party or is_project_record(record)):
+            return False
+        return super().filter(record)
+
+    def emit(self, record):
+        bar = ProgressBar.clear_line(self.stream)
+        super().emit(record)
+        if bar is not None:
+            bar.redraw()
+
+
+class RunLogHandler(logging.Handler):
+    """The full log (every logger) for ``<folder>/run.log``: kept in memory from the start, streamed into the
+    file once the folder exists, and the whole log written again at the end (:meth:`finish`) so that a folder
+    created or replaced late still gets it. Nothing is created when the folder never appears."""
+
+    def __init__(self, folder, level=logging.INFO):
+        super().__init__(level)
+        self.folder = os.fspath(folder)
+        self.lines: list[str] = []
+        self._file = None
+        self.setFormatter(logging.Formatter(RUN_LOG_FORMAT))
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, RUN_LOG_NAME)
+
+    def emit(self, record):
+        try:
+            text = self.format(record)
+        except Exception:  # noqa: BLE001 - a bad log call must never stop a run
+            self.handleError(record)
+            return
+        self.lines.append(text)
+        try:
+            if self._file is None and os.path.isdir(self.folder):
+                self._file = open(self.path, "w", encoding="utf-8")
+                self._file.write("".join(line + "\n" for line in self.lines[:-1]))
+            if self._file is not None:
+                self._file.write(text + "\n")
+                self._file.flush()
+        except OSError:  # read-only folder: the log stays in memory; the command reports the folder itself
+            self._file = None
+
+    def finish(self) -> str | None:
+        """Write the whole log to ``<folder>/run.log`` if the folder exists; returns the path (None if not)."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        if not self.lines or not os.path.isdir(self.folder):
+            return None
+        try:
+            with open(self.path, "w", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in self.lines))
+        except OSError:
+            return None
+        return self.path
+
+
+_LOGGING_STATE: dict = {}
+
+
+def setup_logging(args) -> RunLogHandler | None:
+    """Console and run.log handlers for one command (replacing those of an earlier call in this process).
+
+    Console (stderr): progress bars, warnings and errors of SmartBiopsy (``--debug``: everything, third-party
+    too). run.log in the command's output folder (``--out``): the full log of every logger at INFO
+    (``--debug``: DEBUG), Python warnings included.
+    """
+    import atexit
+
+    finish_logging()
+    root = logging.getLogger()
+    debug = bool(getattr(args, "debug", False))
+    ProgressBar.silent = bool(getattr(args, "quiet", False))
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    console = ConsoleLogHandler(third_party=debug)
+    console.setLevel(logging.DEBUG if debug else logging.WARNING)
+    root.addHandler(console)
+    _LOGGING_STATE["handlers"] = [console]
+    logging.captureWarnings(True)
+    run_log = None
+    folder = getattr(args, "out", None) if getattr(args, "func", None) else None
+    if folder:
+        run_log = RunLogHandler(folder, logging.DEBUG if debug else logging.INFO)
+        root.addHandler(run_log)
+        _LOGGING_STATE["handlers"].append(run_log)
+        logging.getLogger(__name__).info("smartbiopsy %s: %s", package_version(),
+                                         " ".join(sys.argv[1:]) if sys.argv else "")
+    if not _LOGGING_STATE.get("atexit"):
+        atexit.register(finish_logging)
+        _LOGGING_STATE["atexit"] = True
+    return run_log
+
+
+def finish_logging() -> None:
+    """Write run.log and remove the handlers :func:`setup_logging` added (idempotent)."""
+    root = logging.getLogger()
+    ProgressBar.silent = False
+    for h in _LOGGING_STATE.pop("handlers", []):
+        if isinstance(h, RunLogHandler):
+            h.finish()
+        root.removeHandler(h)
+
+
+# ----------------------------------------------------------------------------- version
+def package_version() -> str:
+    """SmartBiopsy's version (one constant: ``SmartBiopsyCoreLib.__version__``, which pyproject.toml reads)."""
+    from SmartBiopsyCoreLib import __version__
+
+    return __version__
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -72,8 +252,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         prog="smartbiopsy",
         description="MRI-informed, CT-guided multiregional tumour biopsy (SmartBiopsy, headless).",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug log")
-    parser.add_argument("--quiet", action="store_true", help="only warnings and errors in the log")
+    parser.add_argument("--version", action="version", version=f"smartbiopsy {package_version()}",
+                        help="print the SmartBiopsy version and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show tracebacks, the debug log and third-party messages on the console")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars: the console shows only warnings and errors (run.log is unchanged)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     unavailable = {}
     for name in COMMAND_MODULES:
@@ -87,14 +271,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``smartbiopsy`` command; its run.log is complete when this returns (see :func:`setup_logging`)."""
+    try:
+        return _command(argv)
+    finally:
+        finish_logging()
+
+
+def _command(argv: list[str] | None = None) -> int:
     parser, unavailable = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO),
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("radiomics", "pykwalify"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    setup_logging(args)
     if not getattr(args, "func", None):
         parser.print_help()
         if unavailable:

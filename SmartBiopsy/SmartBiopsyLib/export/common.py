@@ -22,12 +22,10 @@ class ExportUnavailable(SmartBiopsyError):
 
 
 def software_version() -> str:
-    try:
-        from importlib.metadata import version
+    """SmartBiopsy's version (the one constant ``SmartBiopsyCoreLib.__version__``, also inside Slicer)."""
+    from SmartBiopsyCoreLib import __version__
 
-        return version("smartbiopsy")
-    except Exception:  # noqa: BLE001 - not installed as a distribution (Slicer, source tree)
-        return "source"
+    return __version__
 
 
 def need_highdicom():

@@ -201,7 +201,7 @@ def _scan(path, progress=None, should_cancel=None) -> _ScanResult:
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise InputDataError(f"the folder {path} does not exist; check the path")
+        raise InputDataError(f"{path} does not exist (neither a DICOM folder nor a file); check the path")
     if os.path.isfile(path):
         files = [path]
     else:

@@ -212,7 +212,7 @@ def load_study_intake(path, progress: Callable | None = None,
         if os.path.exists(path):
             vol = load_image(path)
             return StudyIntake(path, {sanitise_name(vol.name): vol})
-        raise InputDataError(f"the folder {path} does not exist; check the path")
+        raise InputDataError(f"{path} does not exist (neither a folder nor a file); check the path")
     intake = StudyIntake(path)
     out = intake.volumes
 

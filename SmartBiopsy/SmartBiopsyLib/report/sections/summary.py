@@ -17,6 +17,7 @@ def section_summary(case: CaseFolder, figs: FigureStore) -> str:
     c = s.get("case") or {}
     rows = [("case", c.get("name", "-")), ("source", c.get("source", "-")),
             ("synthetic data", "yes (phantom)" if c.get("synthetic") else "no")]
+    rows += _provenance_rows(s)
     if s.get("peak_memory_mb") is not None:
         rows.append(("peak memory", f"{fmt_num(s.get('peak_memory_mb'), 0)} MB"))
     # one total: the number the run measured once (summary.json), the same one the console prints
@@ -77,3 +78,14 @@ def truth_check_table(case: CaseFolder) -> str:
         return head + na_note("not available (summary.json holds no truth-check lines)")
     rows = [tuple(x.split(": ", 1)) if ": " in x else (x, "") for x in lines]
     return head + html_table(("phantom truth check", "result"), rows)
+
+
+def _provenance_rows(s: dict) -> list:
+    """Rows for the SmartBiopsy version and the input files' SHA-256 checksums (from summary.json)."""
+    rows = [("SmartBiopsy version", s.get("version") or "not recorded")]
+    for entry in s.get("inputs") or []:
+        if isinstance(entry, dict) and entry.get("path"):
+            name = str(entry["path"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            what = f"{entry['files']} files, " if entry.get("files") else ""
+            rows.append((f"input {name}", f"SHA-256 {entry.get('sha256') or '-'} ({what}{fmt_num(entry.get('bytes'), 0)} bytes)"))
+    return rows
