@@ -72,7 +72,8 @@ Why no local engine reaches the 1.0 mm goal (measured on deformed seeds 100-109,
 - A stronger signal exists in the phantom: the Dixon fat image against the CT has a higher box MI (0.73 vs
   0.52 nats for T2 on rigid seed 100) and its full-sample profiles peak at the truth along R, A and S (T2:
   biased 0.5 mm along S). A B-spline (2 spans per axis) on it moved deformed seed 100 from 1.54 to 1.43 mm and
-  rigid seed 100 from 0.15 to 0.25 mm (LBFGSB stopped after 4-6 iterations): not enough yet, but the lead
+  rigid seed 100 from 0.15 to 0.25 mm (LBFGSB stops after 4-7 iterations, also with tighter convergence
+  tolerances; 50-120 s): not enough yet, but the lead
   for a deformable local engine.
 """
 from __future__ import annotations
