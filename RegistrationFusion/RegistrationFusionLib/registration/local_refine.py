@@ -21,6 +21,11 @@ Acceptance (the landmark transform is kept otherwise, with the reason):
    ``max_skin_deformation_mm`` (default 2 mm) - a local rigid transform cannot rotate the whole body away
    from the capsules.
 
+On the phantom neither engine is accepted and neither would help: the tumour deformation varies within the
+tumour, so even the rigid / affine transform fitted to the true tumour positions leaves 1.21 / 1.03 mm mean
+(landmark 1.47 mm, deformed seeds 100-109), and the box MI prefers the landmark pose to that rigid truth fit -
+see ``Testing/benchmarks/bench_fusion_error.py``.
+
 Whether accepted or not, the candidate's disagreement with the landmark transform at each target feeds the
 error model (:mod:`RegistrationFusionLib.registration.error_model`). Matrices are 4x4 RAS (MRI points to
 CT points); points are RAS mm.
