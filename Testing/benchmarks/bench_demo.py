@@ -4,7 +4,9 @@
    cache (warm), in-process, in a temporary cache folder.
 2. ``--demo``: ``smartbiopsy demo`` in fresh processes: this checkout with a cold cache, this checkout with a
    warm cache (the second run of a seed), and the baseline checkout (``--baseline``, default the main
-   checkout next to the worktrees), with the stage table from summary.json.
+   checkout next to the worktrees; e.g. ``git worktree add /tmp/base <rev>``) cold and warm, with the stage
+   table from summary.json, the CPU seconds of each process (steadier than wall time on a shared machine) and
+   a check that targets, best paths and the MRI->CT transform are identical to the baseline's.
 
 The machine may be shared: absolute seconds depend on its load; the ratios measured in the same run are the
 figures to quote. Usage: python Testing/benchmarks/bench_demo.py [--seed 0] [--demo] [--baseline DIR]
@@ -44,7 +46,56 @@ def phantom_rows(seed: int) -> list:
     return [("phantom: disk cache read vs generation (incl. write)", warm, cold, f"cache file {size:.0f} MB")]
 
 
+def child_cpu_s() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+CPU: dict = {}  # output folder -> CPU seconds of its demo process
+
+
 def run_demo(checkout: Path, out: Path, seed: int, cache_dir: str | None) -> tuple[float, dict]:
+    c0 = child_cpu_s()
+    try:
+        return _run_demo(checkout, out, seed, cache_dir)
+    finally:
+        CPU[str(out)] = child_cpu_s() - c0
+
+
+def results_of(out: Path) -> dict:
+    """What must not change: the targets (MRI and CT points), each target's best path, the MRI->CT matrix."""
+    targets = json.loads((out / "characterisation" / "targets.json").read_text())["targets"]
+    plan = json.loads((out / "plan" / "plan.json").read_text())
+    best = {t["target"]: t for t in plan["trajectories"] if t.get("rank") == 1}
+    fusion = json.loads((out / "registration" / "mri_to_ct.json").read_text())
+    return {"targets": {t["region"]: (t["point_ras"], t["point_ct_ras"]) for t in targets},
+            "best": {k: (v["entry_ras"], v["target_ras"], v["score"]) for k, v in best.items()},
+            "matrix": fusion}
+
+
+def result_differences(a: dict, b: dict) -> str:
+    """One line: the largest coordinate difference of targets and best paths, and whether all is identical."""
+    import numpy as np
+
+    def flat(x):
+        return np.concatenate([flat(v) for v in (x.values() if isinstance(x, dict) else x)]) \
+            if isinstance(x, (dict, list, tuple)) else np.atleast_1d(np.asarray(x, float))
+
+    parts = []
+    for key in ("targets", "best"):
+        if a[key].keys() != b[key].keys():
+            parts.append(f"{key}: different names {sorted(a[key])} / {sorted(b[key])}")
+            continue
+        d = max(float(np.abs(flat(a[key][k]) - flat(b[key][k])).max()) for k in a[key])
+        parts.append(f"{key}: max difference {d:.3g}")
+    same = a == b
+    return ("identical" if same else "DIFFERENT") + " (" + ", ".join(parts) + ")"
+
+
+def _run_demo(checkout: Path, out: Path, seed: int, cache_dir: str | None) -> tuple[float, dict]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(str(checkout / m) for m in MODULES)
     if cache_dir:
@@ -74,11 +125,18 @@ def main() -> int:
             warm, st_warm = run_demo(ROOT, Path(tmp) / "warm", args.seed, cache)
             base = Path(args.baseline)
             if (base / "SmartBiopsy").is_dir() and base.resolve() != ROOT.resolve():
-                b, st_b = run_demo(base, Path(tmp) / "base", args.seed, None)
-                rows.append(("demo, first run (cold phantom cache) vs baseline", cold, b, ""))
-                rows.append(("demo, second run (warm phantom cache) vs baseline", warm, b, ""))
+                bcache = str(Path(tmp) / "base_cache")
+                b_cold, _ = run_demo(base, Path(tmp) / "base_cold", args.seed, bcache)
+                b, st_b = run_demo(base, Path(tmp) / "base", args.seed, bcache)
+                cpu = {k: CPU[str(Path(tmp) / k)] for k in ("cold", "warm", "base_cold", "base")}
+                rows.append(("demo, first run (cold phantom cache) vs baseline cold", cold, b_cold,
+                             f"CPU {cpu['cold']:.1f} s vs {cpu['base_cold']:.1f} s"))
+                rows.append(("demo, second run (warm phantom cache) vs baseline warm", warm, b,
+                             f"CPU {cpu['warm']:.1f} s vs {cpu['base']:.1f} s"))
                 for k in st_warm:
                     rows.append((f"  stage {k} (warm) vs baseline", st_warm[k], st_b.get(k), ""))
+                check = result_differences(results_of(Path(tmp) / "warm"), results_of(Path(tmp) / "base"))
+                rows.append(("results (targets, best paths, MRI->CT) vs baseline", 0.0, None, check))
             else:
                 rows.append(("demo, second run (warm) vs first run (cold)", warm, cold, ""))
     w = max(len(r[0]) for r in rows)

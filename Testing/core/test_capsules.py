@@ -381,3 +381,122 @@ def test_fine_pixel_ct_is_searched_on_the_detection_grid(caplog):
     err, missed, fp = match(det.centres_ras, truth)
     assert (missed, fp) == (0, 0)
     assert np.linalg.norm(err, axis=1).max() < 0.4
+
+
+# ------------------------------------------------------------------------------------------------
+# the fast paths give what the plain filters give
+# ------------------------------------------------------------------------------------------------
+def test_grey_opening_near_the_candidate_equals_the_full_grey_opening():
+    """The centroid's background (grey opening by a disc or ball, nearest-edge mode) computed only around the
+    voxels that are read equals scipy's opening of the whole window, also where the box meets the border."""
+    from scipy import ndimage
+
+    from RegistrationFusionLib.capsules.detection import _ball, _disc_footprint, _grey_opening_at
+
+    rng = np.random.default_rng(3)
+    for trial in range(12):
+        shape = tuple(int(v) for v in rng.integers(9, 36, 3))
+        img = rng.normal(size=shape)
+        sp = np.array([rng.uniform(0.7, 3.0), rng.uniform(0.5, 1.2), rng.uniform(0.5, 1.2)])
+        fp = (_disc_footprint(rng.uniform(2.0, 6.0), sp, rng.normal(size=3)) if trial % 2
+              else _ball(rng.uniform(2.0, 4.0), sp[::-1]))
+        where = rng.random(shape) < 0.05
+        if trial % 3 == 0:  # a block against three faces of the window
+            where[:] = False
+            where[:3, -4:, 2:6] = True
+        full = ndimage.grey_opening(img, footprint=fp, mode="nearest")
+        assert np.array_equal(_grey_opening_at(img, fp, where), full[where]), trial
+
+
+def test_hole_filling_in_one_labelling_equals_slice_by_slice():
+    from scipy import ndimage
+
+    from RegistrationFusionLib.capsules.detection import _fill_holes_per_slice
+
+    rng = np.random.default_rng(5)
+    mask = ndimage.binary_opening(rng.random((12, 40, 50)) < 0.55)
+    mask[:, 10:30, 10] = mask[:, 10, 10:40] = mask[:, 29, 10:40] = mask[:, 10:30, 39] = True  # closed rings
+    mask[4, 10:30, 10:40] = False
+    mask[4, 10:30, 10] = mask[4, 10, 10:40] = mask[4, 29, 10:40] = mask[4, 10:30, 39] = True
+    expected = np.stack([ndimage.binary_fill_holes(s) for s in mask])
+    got = _fill_holes_per_slice(mask)
+    assert np.array_equal(got, expected)
+    assert got[4, 20, 20] and not mask[4, 20, 20]  # a hole of one slice filled, not through the slices
+
+
+@pytest.mark.parametrize("with_edt", [True, False])
+def test_cropped_coarse_opening_equals_the_opening_of_the_whole_grid(monkeypatch, with_edt):
+    """The coarse opening (> 2 M voxels: distance maps of the body's box only, edt or SimpleITK) equals the
+    opening of the whole grid by scipy's exact distance transform, with the body cut by the field of view
+    (voxels beyond the border count as body) and a capsule-sized bump on the skin left in the top-hat."""
+    import sys
+
+    from scipy import ndimage
+
+    from RegistrationFusionLib.capsules.detection import _binary_open_edt
+
+    if not with_edt:
+        monkeypatch.setitem(sys.modules, "edt", None)  # import edt -> ImportError, as in desktop Slicer
+    sp = np.array([2.0, 1.5, 1.5])
+    k, j, i = np.mgrid[0:60, 0:200, 0:200]
+    y, x = (j - 100) * sp[1], (i - 100) * sp[2]
+    mask = (x / 110.0) ** 2 + (y / 80.0) ** 2 <= 1.0  # an elliptic body cut by the top and bottom slices
+    mask |= (((x - 112.0) / 4.0) ** 2 + (y / 3.0) ** 2 + ((k - 30) * sp[0] / 5.0) ** 2) <= 1.0  # a bump
+    mask[:, 5:15, 20:180] = True  # a table plate in the air, not touching the body
+    assert mask.size > 2_000_000
+    eroded = ndimage.distance_transform_edt(mask, sampling=sp) > 6.0
+    expected = ndimage.distance_transform_edt(~eroded, sampling=sp) <= 6.0
+    got = _binary_open_edt(mask, 6.0, sp)
+    assert np.array_equal(got, expected), int((got != expected).sum())
+    assert (mask & ~got)[30, 100, 172:178].any()  # the bump stays in the top-hat
+    assert got[0, 100, 100] and got[-1, 100, 100]  # not eroded at the cut
+
+
+def test_block_mean_equals_the_mean_of_each_block():
+    from RegistrationFusionLib.capsules.detection import _block_mean
+
+    rng = np.random.default_rng(2)
+    for arr in (rng.integers(-1024, 3000, (13, 20, 23)).astype(np.int16), rng.normal(size=(13, 20, 23)).astype(np.float32),
+                rng.random((13, 20, 23)) < 0.5):
+        for f in ((1, 2, 2), (3, 3, 3), (2, 1, 3)):
+            n = [s // v for s, v in zip(arr.shape, f)]
+            a = arr[:n[0] * f[0], :n[1] * f[1], :n[2] * f[2]].astype(np.float64)
+            expected = a.reshape(n[0], f[0], n[1], f[1], n[2], f[2]).mean(axis=(1, 3, 5))
+            got = _block_mean(arr, f)
+            assert got.dtype == np.float32 and got.shape == tuple(n)
+            assert np.allclose(got, expected, rtol=0, atol=1e-5 * max(1.0, float(np.abs(a).max()))), (arr.dtype, f)
+
+
+def test_sub_millimetre_ct_gives_the_phantom_capsules_without_a_float_copy(phantom0):
+    """The phantom CT on a 0.78 x 0.78 x 0.74 mm grid (as a 512 x 512 matrix over 400 mm): every capsule in
+    the field of view found, none invented, within the accuracy of the 1 x 1 x 2 mm CT (measured: mean 0.10,
+    max 0.17 mm), and the int16 volume is never copied whole (the detector's own allocations peak at a third
+    of the volume's size, measured 0.33; a float32 copy alone would be twice its size)."""
+    import tracemalloc
+
+    from SmartBiopsyCoreLib.geometry import resample
+
+    ct = phantom0.ct
+    sp = (400.0 / 512, 400.0 / 512, 222.0 / 300)
+    origin = ct.origin_ras.copy()
+    origin[1] -= 56.0
+    shape = (300, 512, 512)
+    ref = RasVolume(np.zeros(shape, np.int16), make_grid(origin, sp, shape), "ref")
+    fine = resample(ct, ref, order=1, fill=-1000.0)
+    fine = fine.with_array(np.round(fine.array).astype(np.int16), name="CT 0.78 mm")
+    del ref
+    truth = np.asarray(phantom0.truth.capsules_ct)
+    kji = (np.linalg.inv(fine.ijk_to_ras) @ np.c_[truth, np.ones(len(truth))].T)[2::-1].T
+    inside = truth[np.all((kji >= 8) & (kji <= np.array(shape) - 9), axis=1)]
+    tracemalloc.start()
+    try:
+        det = detect_capsules(fine, "ct")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    err, missed, fp = match(det.centres_ras, inside)
+    assert (missed, fp) == (0, 0), (len(inside), det.centres_ras)
+    assert len(inside) >= 6
+    dist = np.linalg.norm(err, axis=1)
+    assert dist.mean() < 0.3 and dist.max() < 0.5, dist
+    assert peak < 0.5 * fine.array.nbytes, (peak / 2 ** 20, fine.array.nbytes / 2 ** 20)

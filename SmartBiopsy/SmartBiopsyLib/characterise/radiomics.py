@@ -55,6 +55,24 @@ def _extractor(params_path, bin_width):
     return ex
 
 
+#: voxels kept around a region's box for pyradiomics (more than its own ``padDistance``, 5 by default, so its
+#: crop of the cropped image is the crop it makes of the whole one: the same features, much less to copy)
+RADIOMICS_BOX_PAD = 8
+
+
+def _region_box(mask: np.ndarray, pad: int) -> tuple:
+    """(k, j, i) slices of the box of ``mask``'s voxels grown by ``pad`` voxels (clipped to the array)."""
+    nz = [np.nonzero(mask.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
+    return tuple(slice(max(int(a[0]) - pad, 0), min(int(a[-1]) + 1 + pad, n)) for a, n in zip(nz, mask.shape))
+
+
+def _cropped(vol: RasVolume, box: tuple) -> RasVolume:
+    """``vol`` cut to ``box`` ((k, j, i) slices) with the same world positions (its ijk->RAS shifted)."""
+    shift = np.eye(4)
+    shift[:3, 3] = [box[2].start, box[1].start, box[0].start]
+    return RasVolume(np.asarray(vol.array)[box], np.asarray(vol.ijk_to_ras, float) @ shift, vol.name, dict(vol.meta))
+
+
 def compute_radiomics(habitats: RasVolume, maps: Mapping[str, RasVolume], params_path=None,
                       progress: Callable | None = None, should_cancel: Callable | None = None) -> list[RadiomicsRow]:
     """One :class:`RadiomicsRow` per (region present, map). Maps must share the habitat grid.
@@ -67,6 +85,9 @@ def compute_radiomics(habitats: RasVolume, maps: Mapping[str, RasVolume], params
     lab = np.asarray(habitats.array)
     rows = []
     jobs = [(r, c, n, v) for r, c in REGION_CODES.items() if np.any(lab == c) for n, v in maps.items()]
+    extractor = None  # one extractor (the parameter file is read and validated once), bin width set per map
+    boxes: dict = {}  # each region's box: pyradiomics only reads the mask's box (plus its padding)
+    shapes: dict = {}  # region code -> (mask, shape features): shape depends on the mask only, not on the map
     for idx, (region, code, name, vol) in enumerate(jobs):
         if should_cancel and should_cancel():
             break
@@ -74,12 +95,20 @@ def compute_radiomics(habitats: RasVolume, maps: Mapping[str, RasVolume], params
             progress(idx / max(len(jobs), 1), f"radiomics {region} / {name}")
         if not vol.same_grid(habitats):
             raise InputDataError(f"the {name} map is not on the habitat grid; resample the maps onto one grid first")
-        arr = np.asarray(vol.array, np.float64)
-        mask = (lab == code) & np.isfinite(arr)
+        if code not in boxes:
+            boxes[code] = _region_box(lab == code, pad=RADIOMICS_BOX_PAD)
+        box = boxes[code]
+        arr = np.asarray(vol.array[box], np.float64)
+        mask = (lab[box] == code) & np.isfinite(arr)
         n = int(mask.sum())
         row = RadiomicsRow(region, name, n)
         try:
-            ex = _extractor(params_path, BIN_WIDTHS.get(name.lower()))
+            if extractor is None:
+                extractor = _extractor(params_path, None)
+                default_bin_width = extractor.settings.get("binWidth")
+            ex = extractor
+            bw = BIN_WIDTHS.get(name.lower())
+            ex.settings["binWidth"] = float(bw) if bw is not None else default_bin_width
         except MissingPackageError as exc:  # pyradiomics absent: say so in every row, stop nothing else
             row.error = str(exc)
             if not rows:
@@ -87,11 +116,27 @@ def compute_radiomics(habitats: RasVolume, maps: Mapping[str, RasVolume], params
             rows.append(row)
             continue
         try:
-            img = vol.with_array(np.where(np.isfinite(arr), arr, 0.0).astype(np.float32)).to_sitk()
-            msk = vol.with_array(mask.astype(np.uint8)).to_sitk()
-            result = ex.execute(img, msk, label=1)
-            row.features = {k: float(np.asarray(v)) for k, v in result.items()
-                            if not k.startswith("diagnostics") and np.ndim(np.asarray(v)) == 0}
+            sub = _cropped(vol, box)
+            img = sub.with_array(np.where(np.isfinite(arr), arr, 0.0).astype(np.float32)).to_sitk()
+            msk = sub.with_array(mask.astype(np.uint8)).to_sitk()
+            same = shapes.get(code)
+            if same is not None and np.array_equal(same[0], mask):  # the region's shape is already measured
+                enabled = ex.enabledFeatures
+                ex.enabledFeatures = {k: v for k, v in enabled.items() if k != "shape"}
+                try:
+                    result = ex.execute(img, msk, label=1)
+                finally:
+                    ex.enabledFeatures = enabled
+            else:
+                result = ex.execute(img, msk, label=1)
+                same = None
+            feats = {k: float(np.asarray(v)) for k, v in result.items()
+                     if not k.startswith("diagnostics") and np.ndim(np.asarray(v)) == 0}
+            if same is None:
+                shapes[code] = (mask, {k: v for k, v in feats.items() if "_shape_" in k})
+                row.features = feats
+            else:  # pyradiomics puts the shape features first
+                row.features = {**same[1], **feats}
         except (ValueError, RuntimeError) as exc:
             row.error = f"region {region} ({n} voxels) is too small or flat for radiomics on {name}: {exc}"
             logger.warning(row.error)
