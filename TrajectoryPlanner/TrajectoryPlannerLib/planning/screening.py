@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 POOL = 2  # block size along every axis
 FLOAT_SLACK_MM = 1e-3  # float32 rounding of the maps, added to the bound
+BATCH = 64  # paths re-scored together (vectorised); extra ones cost little
 
 #: Written into plan.json when the pooled screening is used.
 SCREENING_NOTE = (
@@ -115,7 +116,12 @@ class PooledScreen:
         prisk = RiskModel(pgrid, np.zeros(pshape, bool), np.zeros(pshape, bool), structures, risk.exclusion)
         self.pooled = eng.DistanceMaps(prisk, f.cap + self.B, threads, 0.0, pdomain, to_surface=False)
         self.threads = threads
-        self._cache: dict[int, np.float32] = {}
+        # the exact planner's combined field, filled lazily at the voxels re-scoring reads (zero pages cost nothing)
+        dshape = tuple(int(v) for v in (np.array(shape) if domain is None else
+                                        np.minimum(np.asarray(domain[1], int), shape) - f.domain_lo))
+        self.field = np.zeros(dshape, np.float32)
+        self.filled = np.zeros(dshape, bool)
+        self.corners_computed = 0
 
     def __getattr__(self, name):  # the engine's trajectory code reads the fine maps' attributes
         return getattr(self.__dict__["fine"], name)
@@ -128,47 +134,62 @@ class PooledScreen:
         hi = np.minimum(p + self.B, self.vcap)
         return lo, hi
 
-    def corner_values(self, flat: np.ndarray) -> np.ndarray:
-        """The exact planner's combined field (float32 mm) at fine voxels (flat indices on the grid)."""
+    def _structure_distance(self, name: str, kji: np.ndarray, cap: float) -> np.ndarray:
+        """Exact distance (mm) from fine voxel centres (integer k, j, i) to the voxel centres of ``name``, 0
+        inside it, inf beyond ``cap`` (the same KD-tree as the exact clearances)."""
         f = self.fine
-        out = np.empty(len(flat), np.float32)
-        need = [i for i, v in enumerate(flat.tolist()) if v not in self._cache]
-        if need:
-            nf = flat[need]
-            kji = np.stack(np.unravel_index(nf, f.shape), axis=-1).astype(float)
-            val = np.full(len(nf), self.vcap, np.float32)
-            for gi, (margin, names) in enumerate(f.groups):
-                gcap = np.float32(f.group_caps[gi])
-                d = np.full(len(nf), np.inf)
-                for n in names:
-                    if f.boxes[n] is not None:
-                        d = np.minimum(d, f.exact_distance(n, kji))
-                v = np.minimum(d.astype(np.float32), gcap) - np.float32(margin)
-                np.copyto(val, v, where=np.less(v, val))
-            for v, x in zip(nf.tolist(), val):
-                self._cache[v] = x
-        for i, v in enumerate(flat.tolist()):
-            out[i] = self._cache[v]
-        return out
+        if name not in f._trees:
+            f.exact_distance(name, kji[:1].astype(float))  # builds the tree
+        d = f._trees[name].query(kji * f.spacing_kji, distance_upper_bound=cap * 1.001 + 0.01,
+                                 workers=max(1, int(self.threads or 1)))[0]
+        d[f.masks[name][kji[:, 0], kji[:, 1], kji[:, 2]]] = 0.0
+        return d
+
+    def _fill(self, rel: np.ndarray) -> None:
+        """Exact combined field (float32, as the exact planner merges its maps) at domain voxels ``rel`` (N, 3)
+        not yet filled. Margin groups whose pooled lower bound exceeds the voxel's upper bound are skipped."""
+        f = self.fine
+        rel = rel[~self.filled[rel[:, 0], rel[:, 1], rel[:, 2]]]
+        if not len(rel):
+            return
+        kji = rel + f.domain_lo
+        q = (kji - (POOL - 1) / 2.0) / POOL
+        lbs, ub = [], np.full(len(kji), float(self.vcap))
+        for gi, (margin, names) in enumerate(f.groups):
+            gcap = f.group_caps[gi]
+            pg = self.pooled.sample_group(gi, q).astype(np.float64)
+            lbs.append(np.minimum(pg, gcap) - self.B - margin)
+            np.minimum(ub, np.minimum(pg + self.B, gcap) - margin, out=ub)
+        val = np.full(len(kji), self.vcap, np.float32)
+        for gi, (margin, names) in enumerate(f.groups):
+            need = np.nonzero(lbs[gi] <= ub)[0]
+            if not len(need):
+                continue
+            gcap = f.group_caps[gi]
+            d = np.full(len(need), np.inf)
+            for n in names:
+                if f.boxes[n] is not None:
+                    np.minimum(d, self._structure_distance(n, kji[need], gcap), out=d)
+            v = np.minimum(d.astype(np.float32), np.float32(gcap)) - np.float32(margin)
+            cur = val[need]
+            np.copyto(cur, v, where=np.less(v, cur))
+            val[need] = cur
+        self.field[rel[:, 0], rel[:, 1], rel[:, 2]] = val
+        self.filled[rel[:, 0], rel[:, 1], rel[:, 2]] = True
+        self.corners_computed += len(rel)
 
     def exact_readings(self, kji: np.ndarray) -> np.ndarray:
-        """The exact planner's trilinear readings (float32 mm) of the combined field at fine points (N, 3),
-        computed from the exact distances at the surrounding voxel centres (no full-resolution map)."""
-        shape = np.array(self.fine.shape)
-        out = np.empty(len(kji), np.float32)
-        for c0 in range(0, len(kji), 32):  # short runs: small local boxes
-            p = kji[c0:c0 + 32]
-            base = np.floor(p).astype(np.intp)
-            lo = np.clip(base.min(axis=0), 0, shape - 1)
-            hi = np.clip(base.max(axis=0) + 2, 1, shape)
-            box = np.zeros(tuple(hi - lo), np.float32)
-            corners = np.concatenate([base + np.array([a, b, c]) for a in (0, 1) for b in (0, 1) for c in (0, 1)])
-            corners = np.unique(np.clip(corners, 0, shape - 1), axis=0)
-            flat = (corners[:, 0] * shape[1] + corners[:, 1]) * shape[2] + corners[:, 2]
-            rel = corners - lo
-            box[rel[:, 0], rel[:, 1], rel[:, 2]] = self.corner_values(flat)
-            out[c0:c0 + 32] = ndimage.map_coordinates(box, (p - lo).T, order=1, mode="nearest", prefilter=False)
-        return out
+        """The exact planner's trilinear readings (float32 mm) of the combined field at fine points (N, 3), from
+        the exact distances at the surrounding voxel centres (no full-resolution map): the same array positions
+        and the same interpolation routine as :meth:`.engine.DistanceMaps.sample_combined`."""
+        c = kji - self.fine.domain_lo
+        base = np.floor(c).astype(np.intp)
+        hi = np.array(self.field.shape) - 1
+        corners = np.concatenate([base + np.array([a, b, d]) for a in (0, 1) for b in (0, 1) for d in (0, 1)])
+        np.clip(corners, 0, hi, out=corners)
+        flat = np.unique((corners[:, 0] * self.field.shape[1] + corners[:, 1]) * self.field.shape[2] + corners[:, 2])
+        self._fill(np.stack(np.unravel_index(flat, self.field.shape), axis=-1))
+        return ndimage.map_coordinates(self.field, c.T, order=1, mode="nearest", prefilter=False)
 
 
 class ScreenEval(eng.CandidateEval):
@@ -190,59 +211,83 @@ class ScreenEval(eng.CandidateEval):
     def valid(self) -> np.ndarray:
         return (self.state == VALID) | (self.state == KNOWN)
 
-    def _score(self, i: int, excess) -> float:
-        """The exact planner's score formula for path ``i`` with margin excess ``excess`` (mm, float array)."""
+    def _scores(self, i, excess) -> np.ndarray:
+        """The exact planner's score formula (element-wise, the same operations) for paths ``i`` with margin
+        excess ``excess`` (mm, float64 array)."""
         s = self.settings
         wsum = s.weight_length + s.weight_clearance + s.weight_obliquity
-        L, a = self.length_mm[i:i + 1], self.angle_deg[i:i + 1]
-        return float(((s.weight_length * np.clip(1 - L / max(self.reach, 1e-6), 0, 1)
-                       + s.weight_clearance * np.clip(np.nan_to_num(excess, nan=0.0) / s.clearance_ref_mm, 0, 1)
-                       + s.weight_obliquity * (1 - a / 90.0)) / wsum)[0])
+        L, a = self.length_mm[i], self.angle_deg[i]
+        return ((s.weight_length * np.clip(1 - L / max(self.reach, 1e-6), 0, 1)
+                 + s.weight_clearance * np.clip(np.nan_to_num(excess, nan=0.0) / s.clearance_ref_mm, 0, 1)
+                 + s.weight_obliquity * (1 - a / 90.0)) / wsum)
+
+    def _score(self, i: int, excess) -> float:
+        return float(self._scores(np.array([i]), excess)[0])
+
+    def upper_scores(self, idx: np.ndarray) -> np.ndarray:
+        """Exact score where known, else the optimistic score from the screening upper bound."""
+        out = self._scores(idx, self.hi[idx] - self.threshold)
+        k = self.state[idx] == KNOWN
+        out[k] = self.score[idx][k]
+        return out
 
     def upper_score(self, i: int) -> float:
-        if self.state[i] == KNOWN:
-            return float(self.score[i])
-        return self._score(i, np.array([self.hi[i] - self.threshold]))
+        return float(self.upper_scores(np.array([i]))[0])
 
-    def rescore(self, i: int) -> None:
-        """Exact reading of path ``i`` (the exact planner's fine minimum); sets its state, score and reason."""
-        p = self.pos[i]
-        frac = np.linspace(0.0, 1.0, self.n_steps[p] + 1)
-        e, tip = self.e_kji[p:p + 1], self.tip_kji[p:p + 1]
-        pts = (e[:, None, :] + frac[None, :, None] * (tip - e)[:, None, :])[0]
-        lo_s, hi_s = self.scr.pooled_bounds(pts)
-        cand = lo_s <= hi_s.min()  # no other sample can hold the exact minimum
-        vals = self.scr.exact_readings(pts[cand])
-        am = int(vals.argmin())
-        mins = vals[am:am + 1]
-        self.rescored += 1
-        self.exact_min[i] = float(mins[0])
-        if (mins < self.threshold)[0]:
-            self.state[i] = INVALID
-            self.reason[i] = 4 + int(self.scr.pooled.worst_structure(
-                ((pts[cand][am] - (POOL - 1) / 2.0) / POOL)[None])[0])
-            self.score[i] = np.nan
-            self.min_excess_mm[i] = float((mins - self.threshold)[0])
+    def rescore(self, idx) -> None:
+        """Exact readings of paths ``idx`` (the exact planner's fine minimum); sets state, score and reason."""
+        idx = [int(i) for i in np.atleast_1d(idx) if self.state[int(i)] in (UNKNOWN, VALID)]
+        if not idx:
             return
-        excess = mins - self.threshold  # float32, as in the exact planner
-        self.state[i] = KNOWN
-        self.reason[i] = -1
-        self.min_excess_mm[i] = float(excess[0])
-        self.score[i] = self._score(i, excess.astype(np.float64))
+        parts, seg = [], [0]
+        for i in idx:
+            p = self.pos[i]
+            frac = np.linspace(0.0, 1.0, self.n_steps[p] + 1)
+            e, tip = self.e_kji[p:p + 1], self.tip_kji[p:p + 1]
+            pts = (e[:, None, :] + frac[None, :, None] * (tip - e)[:, None, :])[0]
+            lo_s, hi_s = self.scr.pooled_bounds(pts)
+            pts = pts[lo_s <= hi_s.min()]  # no other sample can hold the exact minimum
+            parts.append(pts)
+            seg.append(seg[-1] + len(pts))
+        allp = np.concatenate(parts)
+        vals = self.scr.exact_readings(allp)
+        self.rescored += len(idx)
+        for n, i in enumerate(idx):
+            v = vals[seg[n]:seg[n + 1]]
+            am = int(v.argmin())
+            mins = v[am:am + 1]
+            self.exact_min[i] = float(mins[0])
+            excess = mins - self.threshold  # float32, as in the exact planner
+            self.min_excess_mm[i] = float(excess[0])
+            if (mins < self.threshold)[0]:
+                self.state[i] = INVALID
+                q = (parts[n][am] - (POOL - 1) / 2.0) / POOL
+                self.reason[i] = 4 + int(self.scr.pooled.worst_structure(q[None])[0])
+                self.score[i] = np.nan
+                continue
+            self.state[i] = KNOWN
+            self.reason[i] = -1
+            self.score[i] = self._score(i, excess.astype(np.float64))
 
     # lazy queries --------------------------------------------------------------------------------
     def rank(self, top_n: int, separation_mm: float) -> list[int]:
-        """The exact planner's :func:`.engine._rank` result, re-scoring only what can change it."""
-        heap = [(-self.upper_score(i), i) for i in np.nonzero(self.state != INVALID)[0].tolist()]
+        """The exact planner's :func:`.engine._rank` result, re-scoring only what can change it (in batches of
+        the next ``BATCH`` paths of the optimistic order)."""
+        cand = np.nonzero(self.state != INVALID)[0]
+        heap = list(zip((-self.upper_scores(cand)).tolist(), cand.tolist()))
         heapq.heapify(heap)
         chosen: list[int] = []
         while heap and len(chosen) < top_n:
-            _, i = heapq.heappop(heap)
-            if self.state[i] != KNOWN:
-                self.rescore(i)
-                if self.state[i] == KNOWN:
-                    heapq.heappush(heap, (-float(self.score[i]), i))
+            if self.state[heap[0][1]] != KNOWN:
+                batch = []
+                while heap and len(batch) < BATCH and self.state[heap[0][1]] != KNOWN:
+                    batch.append(heapq.heappop(heap)[1])
+                self.rescore(batch)
+                for i in batch:
+                    if self.state[i] == KNOWN:
+                        heapq.heappush(heap, (-float(self.score[i]), i))
                 continue
+            _, i = heapq.heappop(heap)
             if all(np.linalg.norm(self.entries[i] - self.entries[j]) >= separation_mm for j in chosen):
                 chosen.append(int(i))
         return chosen
@@ -250,17 +295,17 @@ class ScreenEval(eng.CandidateEval):
     def shortest_valid_length(self) -> float | None:
         """Length (mm) of the shortest valid path (the exact planner's), or None."""
         cand = np.nonzero(self.state != INVALID)[0]
-        for i in cand[np.argsort(self.length_mm[cand], kind="stable")].tolist():
+        order = cand[np.argsort(self.length_mm[cand], kind="stable")].tolist()
+        for n, i in enumerate(order):
             if self.state[i] == UNKNOWN:
-                self.rescore(i)
+                self.rescore([j for j in order[n:n + BATCH] if self.state[j] == UNKNOWN])
             if self.state[i] != INVALID:
                 return float(self.length_mm[i])
         return None
 
     def exact_score(self, i: int) -> float | None:
         """Exact score of path ``i`` (re-scored when needed), None when it is not valid."""
-        if self.state[i] in (UNKNOWN, VALID):
-            self.rescore(i)
+        self.rescore([i])
         return float(self.score[i]) if self.state[i] == KNOWN else None
 
     def funnel(self) -> dict:
@@ -366,9 +411,8 @@ def screen_paths(scr: PooledScreen, target_ras, entries: np.ndarray, needle, set
     excess = lo_b - threshold  # screening lower bound; replaced by the exact excess when re-scored
     ev = ScreenEval(entries, length, angle, reason, names, excess, np.full(len(entries), np.nan), int(len(todo)))
     ev._setup(scr, todo, e_kji, tip_kji, n_steps, state, lo_b, hi_b, threshold, settings, reach, worst_pts)
-    known = np.nonzero(state == KNOWN)[0]
-    for i in known.tolist():  # saturated clearance term: the exact planner's score
-        ev.score[i] = ev._score(i, np.array([settings.clearance_ref_mm]))
+    known = np.nonzero(state == KNOWN)[0]  # saturated clearance term: the exact planner's score
+    ev.score[known] = ev._scores(known, np.full(len(known), settings.clearance_ref_mm))
     return ev
 
 
@@ -383,19 +427,25 @@ def shared_entry(maps, tg, evals, best, needle, settings):
         index[t.name] = d
         keys = set(d) if keys is None else keys & set(d)
     keys = sorted(keys or ())
-    heap = [(-float(np.array([[evals[t.name].upper_score(index[t.name][k]) for t in tg]]).mean(axis=1)[0]), j)
-            for j, k in enumerate(keys)]
+    ub = np.stack([evals[t.name].upper_scores(np.array([index[t.name][k] for k in keys], np.intp)) for t in tg],
+                  axis=1) if keys else np.zeros((0, len(tg)))
+    heap = list(zip((-ub.mean(axis=1)).tolist(), range(len(keys))))
     heapq.heapify(heap)
     chosen = None
+    known = lambda j: all(evals[t.name].state[index[t.name][keys[j]]] == KNOWN for t in tg)  # noqa: E731
     while heap:
-        neg, j = heapq.heappop(heap)
-        k = keys[j]
-        if all(evals[t.name].state[index[t.name][k]] == KNOWN for t in tg):
-            chosen = j
+        if known(heap[0][1]):
+            chosen = heapq.heappop(heap)[1]
             break
-        sc = [evals[t.name].exact_score(index[t.name][k]) for t in tg]
-        if all(s is not None for s in sc):
-            heapq.heappush(heap, (-float(np.array([sc]).mean(axis=1)[0]), j))
+        batch = []
+        while heap and len(batch) < BATCH and not known(heap[0][1]):
+            batch.append(heapq.heappop(heap)[1])
+        for t in tg:
+            evals[t.name].rescore([index[t.name][keys[j]] for j in batch])
+        for j in batch:
+            if known(j):
+                sc = [float(evals[t.name].score[index[t.name][keys[j]]]) for t in tg]
+                heapq.heappush(heap, (-float(np.array([sc]).mean(axis=1)[0]), j))
     proven = sum(all(evals[t.name].valid[index[t.name][k]] for t in tg) for k in keys)
     if chosen is None:
         return None, "no single skin entry gives a safe path to every target under the current constraints"
