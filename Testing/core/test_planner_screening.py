@@ -144,3 +144,34 @@ def test_pooled_clearance_blind_plan_keeps_every_margin_by_the_oracle(margins_ca
 def test_unknown_screening_is_refused():
     with pytest.raises(TrajectoryPlannerError, match="screening"):
         engine.PlanSettings(screening="fast")
+
+
+@pytest.mark.parametrize("spacing", [(1.5, 1.5, 2.0), (1.0, 1.0, 1.0)])
+def test_screening_claims_agree_with_the_exact_evaluation_of_every_candidate(spacing):
+    """Per candidate path: screened as rejected -> the exact planner rejects it; proven valid -> it accepts it;
+    score taken without re-scoring -> the exact score; exact minimum reading within the screening bounds."""
+    ct, labels, targets = synthetic.make_abdomen(spacing=spacing, fov_mm=(360.0, 300.0, 100.0))
+    s = engine.PlanSettings()
+    needle = engine.get_needle(engine.DEFAULT_NEEDLE)
+    rm = risk.build_risk_model(ct, [(labels, synthetic.RISK_LABELS)], exclusion=risk.EntryExclusion())
+    entries = engine.oblique_entries(rm, s.entry_spacing_mm)
+    tg = engine._parse_targets(targets + BESIDE)  # paths grazing every structure's margin
+    domain = engine._path_domain(ct, tg, {t.name: entries for t in tg}, needle, s, rm.exclusion)
+    exact = engine.DistanceMaps(rm, s.distance_cap_mm, None, 0.0, domain)
+    scr = screening.PooledScreen(rm, s.distance_cap_mm, None, domain)
+    n_claims = 0
+    for t in tg:
+        ev = engine.evaluate_paths(exact, t.point_ras, entries, needle, s, rm.exclusion)
+        sc = screening.screen_paths(scr, t.point_ras, entries, needle, s, rm.exclusion)
+        rejected = sc.state == screening.INVALID
+        assert not (ev.valid & rejected).any()
+        proven = sc.valid
+        assert ev.valid[proven].all()
+        known = sc.state == screening.KNOWN
+        assert np.allclose(sc.score[known], ev.score[known], rtol=0, atol=SCORE_TOL)
+        n_claims += int(proven.sum() + rejected.sum())
+        # exact minimum reading (not shortened by the exact planner's saturation) inside the bounds
+        m = ev.valid & (ev.min_excess_mm < s.clearance_ref_mm) & ~rejected
+        reading = ev.min_excess_mm[m] + sc.threshold
+        assert np.all(sc.lo[m] <= reading + 1e-6) and np.all(reading <= sc.hi[m] + 1e-6)
+    assert n_claims > 1000
