@@ -141,7 +141,7 @@ class PooledScreen:
         if name not in f._trees:
             f.exact_distance(name, kji[:1].astype(float))  # builds the tree
         d = f._trees[name].query(kji * f.spacing_kji, distance_upper_bound=cap * 1.001 + 0.01,
-                                 workers=max(1, int(self.threads or 1)))[0]
+                                 workers=max(1, int(self.threads or 1)) if len(kji) > 20000 else 1)[0]
         d[f.masks[name][kji[:, 0], kji[:, 1], kji[:, 2]]] = 0.0
         return d
 
@@ -168,8 +168,14 @@ class PooledScreen:
             gcap = f.group_caps[gi]
             d = np.full(len(need), np.inf)
             for n in names:
-                if f.boxes[n] is not None:
-                    np.minimum(d, self._structure_distance(n, kji[need], gcap), out=d)
+                if f.boxes[n] is None:
+                    continue
+                # the structure's box is no farther than any of its voxels: query only where it could be nearer
+                blo, bhi = f.boxes[n]
+                gap = np.maximum(np.maximum(blo - kji[need], kji[need] - (bhi - 1)), 0) * f.spacing_kji
+                near = np.nonzero(np.sqrt((gap * gap).sum(axis=1)) < np.minimum(d, gcap))[0]
+                if len(near):
+                    d[near] = np.minimum(d[near], self._structure_distance(n, kji[need][near], gcap))
             v = np.minimum(d.astype(np.float32), np.float32(gcap)) - np.float32(margin)
             cur = val[need]
             np.copyto(cur, v, where=np.less(v, cur))
@@ -239,14 +245,19 @@ class ScreenEval(eng.CandidateEval):
         idx = [int(i) for i in np.atleast_1d(idx) if self.state[int(i)] in (UNKNOWN, VALID)]
         if not idx:
             return
-        parts, seg = [], [0]
+        samples = []
         for i in idx:
             p = self.pos[i]
             frac = np.linspace(0.0, 1.0, self.n_steps[p] + 1)
             e, tip = self.e_kji[p:p + 1], self.tip_kji[p:p + 1]
             pts = (e[:, None, :] + frac[None, :, None] * (tip - e)[:, None, :])[0]
             lo_s, hi_s = self.scr.pooled_bounds(pts)
-            pts = pts[lo_s <= hi_s.min()]  # no other sample can hold the exact minimum
+            samples.append((pts, lo_s, hi_s))
+        # first the exact reading at each path's most promising sample: an upper bound of its exact minimum
+        first = self.scr.exact_readings(np.array([pts[hi_s.argmin()] for pts, lo_s, hi_s in samples]))
+        parts, seg = [], [0]
+        for (pts, lo_s, hi_s), up in zip(samples, first.astype(np.float64)):
+            pts = pts[lo_s <= min(up, hi_s.min())]  # no other sample can hold the exact minimum
             parts.append(pts)
             seg.append(seg[-1] + len(pts))
         allp = np.concatenate(parts)
@@ -446,7 +457,8 @@ def shared_entry(maps, tg, evals, best, needle, settings):
             if known(j):
                 sc = [float(evals[t.name].score[index[t.name][keys[j]]]) for t in tg]
                 heapq.heappush(heap, (-float(np.array([sc]).mean(axis=1)[0]), j))
-    proven = sum(all(evals[t.name].valid[index[t.name][k]] for t in tg) for k in keys)
+    valid = {t.name: evals[t.name].valid for t in tg}
+    proven = sum(all(valid[t.name][index[t.name][k]] for t in tg) for k in keys)
     if chosen is None:
         return None, "no single skin entry gives a safe path to every target under the current constraints"
     k = keys[chosen]
