@@ -1,6 +1,11 @@
 """Planner benchmark, every figure beside its baseline measured in the same run.
 
     .venv/bin/python Testing/benchmarks/bench_planner.py [--quick] [--baseline /work/main] [--repeat N] [--mesh]
+    .venv/bin/python Testing/benchmarks/bench_planner.py --screening [--quick] [--repeat N]
+
+``--screening``: only this checkout's exact planner against its pooled screening (``screening="pooled"``), same
+CT, alternating: wall and CPU seconds per stage, ratio, and whether every ranked trajectory (entry, score to
+1e-6), the shared entry and the shortest safe length are identical.
 
 * full three-target plan on a 512 x 512 x 300 CT (0.8 x 0.8 x 1 mm; ``--quick``: 256 x 256 x 150): this
   checkout in-process against the baseline checkout (``--baseline``, default: the main checkout next to the

@@ -57,6 +57,11 @@ grid (bone/body from the block maximum of HU, gas from the block minimum, user l
 is conservative; a pooled voxel's box contains its fine voxels' boxes, so the surface offset of the pooled
 grid covers the pooling (the pooling offset is only added when measuring to centres).
 
+Pooled screening (``PlanSettings.screening = "pooled"``, :mod:`.screening`): no full-resolution maps; 2x pooled
+maps bound every path's reading, and the paths that can reach the ranked list, the shortest safe length or the
+shared entry are re-scored exactly from the structures' KD-trees: the same trajectories and scores (to float32
+precision); the funnel and skin map then come from the screening bounds (stated in plan.json).
+
 Needle too short: when every candidate within reach fails and some lie beyond it, the plan is repeated with
 a needle ``extra_reach_mm`` longer and the error states the shortest safe length.
 """
