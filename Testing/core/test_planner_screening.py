@@ -175,3 +175,22 @@ def test_screening_claims_agree_with_the_exact_evaluation_of_every_candidate(spa
         reading = ev.min_excess_mm[m] + sc.threshold
         assert np.all(sc.lo[m] <= reading + 1e-6) and np.all(reading <= sc.hi[m] + 1e-6)
     assert n_claims > 1000
+
+
+def test_pooled_screening_in_plane_and_too_short_needle_match_the_exact_planner(phantom):
+    from TrajectoryPlannerLib.planning import needles
+
+    ct, labels, targets = phantom
+    a, b = _plan_pair(ct, targets[1:], [(labels, synthetic.RISK_LABELS)], mode="in-plane", top_n=3)
+    _assert_same_plan(a, b)
+    core = needles.CoreNeedle(18, 1.27, 60.0, 20.0, 5.0, 22.0)
+    short = needles.NeedleModel("short", core, needles.CoaxialIntroducer(17, 1.473, 30.0))
+    needed = {}
+    for mode in ("exact", "pooled"):
+        with pytest.raises(engine.NoSafePathError) as e:
+            engine.plan(ct, targets[:1], short, labelmaps=[(labels, synthetic.RISK_LABELS)],
+                        settings=engine.PlanSettings(screening=mode))
+        needed[mode] = e.value.needed_length_mm
+        # every candidate was resolved before the refusal: none is left unresolved in the funnel
+        assert "unresolved_near_margin" not in e.value.rejections
+    assert needed["exact"] is not None and needed["pooled"] == needed["exact"]
