@@ -212,6 +212,7 @@ class ScreenEval(eng.CandidateEval):
         self.unresolved_code = len(self.reason_names)
         self.reason_names = self.reason_names + ["unresolved_near_margin"]
         self.reason[state == UNKNOWN] = self.unresolved_code
+        self.probed = np.zeros(len(self.entries), bool)
 
     @property
     def valid(self) -> np.ndarray:
@@ -240,19 +241,36 @@ class ScreenEval(eng.CandidateEval):
     def upper_score(self, i: int) -> float:
         return float(self.upper_scores(np.array([i]))[0])
 
+    def _samples(self, i: int):
+        p = self.pos[i]
+        frac = np.linspace(0.0, 1.0, self.n_steps[p] + 1)
+        e, tip = self.e_kji[p:p + 1], self.tip_kji[p:p + 1]
+        pts = (e[:, None, :] + frac[None, :, None] * (tip - e)[:, None, :])[0]
+        lo_s, hi_s = self.scr.pooled_bounds(pts)
+        return pts, lo_s, hi_s
+
+    def probe(self, idx) -> None:
+        """Exact reading at each path's most promising sample (one sample): a tighter upper bound of its exact
+        minimum, and a proven rejection when it is below the threshold."""
+        idx = [int(i) for i in idx if self.state[int(i)] in (UNKNOWN, VALID) and not self.probed[int(i)]]
+        if not idx:
+            return
+        pts = np.array([(lambda s: s[0][s[2].argmin()])(self._samples(i)) for i in idx])
+        up = self.scr.exact_readings(pts)
+        for n, i in enumerate(idx):
+            self.probed[i] = True
+            self.hi[i] = min(self.hi[i], float(up[n]))
+            if (up[n:n + 1] < self.threshold)[0]:  # the exact minimum is at most this reading
+                self.state[i] = INVALID
+                self.reason[i] = 4 + int(self.scr.pooled.worst_structure(((pts[n] - (POOL - 1) / 2.0) / POOL)[None])[0])
+                self.score[i] = np.nan
+
     def rescore(self, idx) -> None:
         """Exact readings of paths ``idx`` (the exact planner's fine minimum); sets state, score and reason."""
         idx = [int(i) for i in np.atleast_1d(idx) if self.state[int(i)] in (UNKNOWN, VALID)]
         if not idx:
             return
-        samples = []
-        for i in idx:
-            p = self.pos[i]
-            frac = np.linspace(0.0, 1.0, self.n_steps[p] + 1)
-            e, tip = self.e_kji[p:p + 1], self.tip_kji[p:p + 1]
-            pts = (e[:, None, :] + frac[None, :, None] * (tip - e)[:, None, :])[0]
-            lo_s, hi_s = self.scr.pooled_bounds(pts)
-            samples.append((pts, lo_s, hi_s))
+        samples = [self._samples(i) for i in idx]
         # first the exact reading at each path's most promising sample: an upper bound of its exact minimum
         first = self.scr.exact_readings(np.array([pts[hi_s.argmin()] for pts, lo_s, hi_s in samples]))
         parts, seg = [], [0]
@@ -293,10 +311,12 @@ class ScreenEval(eng.CandidateEval):
                 batch = []
                 while heap and len(batch) < BATCH and self.state[heap[0][1]] != KNOWN:
                     batch.append(heapq.heappop(heap)[1])
-                self.rescore(batch)
+                # paths not probed yet get the one-sample upper bound first; probed ones are re-scored
+                self.rescore([i for i in batch if self.probed[i]])
+                self.probe(batch)
                 for i in batch:
-                    if self.state[i] == KNOWN:
-                        heapq.heappush(heap, (-float(self.score[i]), i))
+                    if self.state[i] != INVALID:
+                        heapq.heappush(heap, (-self.upper_score(i), i))
                 continue
             _, i = heapq.heappop(heap)
             if all(np.linalg.norm(self.entries[i] - self.entries[j]) >= separation_mm for j in chosen):
