@@ -143,7 +143,8 @@ class PlanSettings:
     allow_partial: bool = False  # False: a target without a safe path raises NoSafePathError
     threads: int | None = None
     planning_spacing_mm: float | None = None  # None: plan on the CT grid; else max-pool masks to about this
-    # "exact": full-resolution distance maps; "pooled": 2x pooled maps screen, exact re-scoring (same ranking)
+    # "exact": full-resolution distance maps; "pooled": 2x pooled maps screen, exact re-scoring of what the
+    # ranking needs (same trajectories and scores, faster; the skin map counts only proven-safe entries)
     screening: str = "exact"
 
     def __post_init__(self):
@@ -261,6 +262,7 @@ class PlanResult:
     shortest_safe_length_mm: dict = field(default_factory=dict)
     body: RasVolume | None = field(default=None, repr=False)  # body mask (uint8) on the planning grid
     surface_offset_mm: float = 0.0  # half the planning voxel diagonal: voxel centre -> voxel surface
+    unresolved: dict = field(default_factory=dict)  # pooled screening: target -> paths neither proven nor rejected
 
     def to_dict(self) -> dict:
         return {
@@ -284,7 +286,8 @@ class PlanResult:
             return {}
         from TrajectoryPlannerLib.planning.screening import SCREENING_NOTE
 
-        return {"screening": {"method": "pooled", "definition": SCREENING_NOTE}}
+        return {"screening": {"method": "pooled", "definition": SCREENING_NOTE,
+                              "unresolved_near_margin": dict(self.unresolved)}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -918,7 +921,8 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     return PlanResult(tg, trajectories, shared, {k: v.funnel() for k, v in evals.items()},
                       {k: int(len(v.entries)) for k, v in evals.items()}, failures, needle, settings, bound,
                       risk.to_dict(), timings, skin_pts, np.clip(best_excess, 0, None), reachable, note, shortest,
-                      grid.with_array(np.asarray(risk.body, bool).view(np.uint8), name="body"), maps.surface_offset_mm)
+                      grid.with_array(np.asarray(risk.body, bool).view(np.uint8), name="body"), maps.surface_offset_mm,
+                      {k: v.unresolved for k, v in evals.items()} if screen is not None else {})
 
 
 def _path_domain(grid, targets, entry_sets, needle, settings, exclusion):

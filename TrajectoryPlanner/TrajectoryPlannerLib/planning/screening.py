@@ -36,7 +36,8 @@ planner's first entry).
 What changes meaning (stated in plan.json under ``screening``): the rejection funnel counts from the screening
 bounds: a path is rejected for clearance when its upper bound fails or its re-scoring fails, ``leaves_body``
 is checked for every path the pooled coarse pass keeps (the exact planner checks the body only for paths its own
-coarse pass keeps) and paths whose validity was never needed are counted under ``unresolved_near_margin``.
+coarse pass keeps); paths whose validity was never needed (near a margin, neither proven safe nor rejected)
+are not in the funnel but counted per target in plan.json (``screening.unresolved_near_margin``).
 The skin map's margin excess is the exact re-scored excess where known, else the screening lower bound; an
 entry counts as reaching a target only when proven safe.
 """
@@ -68,7 +69,8 @@ SCREENING_NOTE = (
     "diagonal) with exact re-scoring of every path that can reach the ranked list: trajectories, scores, shared "
     "entry and shortest safe length equal the exact planner's. The rejection funnel counts from the screening "
     "bounds (leaves_body is checked for every path the pooled coarse pass keeps; paths never re-scored because "
-    "their validity did not matter are counted as unresolved_near_margin); the skin map's excess is the exact "
+    "their validity did not matter are not in the funnel, their number per target is unresolved_near_margin); "
+    "the skin map's excess is the exact "
     "excess where re-scored, else the screening lower bound, and an entry counts as reaching a target only when "
     "proven safe.")
 
@@ -209,9 +211,6 @@ class ScreenEval(eng.CandidateEval):
         self.exact_min = np.full(len(self.entries), np.nan)
         self.rescored = 0
         self.worst_pts = worst_pts
-        self.unresolved_code = len(self.reason_names)
-        self.reason_names = self.reason_names + ["unresolved_near_margin"]
-        self.reason[state == UNKNOWN] = self.unresolved_code
         self.probed = np.zeros(len(self.entries), bool)
 
     @property
@@ -339,9 +338,10 @@ class ScreenEval(eng.CandidateEval):
         self.rescore([i])
         return float(self.score[i]) if self.state[i] == KNOWN else None
 
-    def funnel(self) -> dict:
-        counts = np.bincount(self.reason[self.reason >= 0], minlength=len(self.reason_names))
-        return {n: int(c) for n, c in zip(self.reason_names, counts) if c}
+    @property
+    def unresolved(self) -> int:
+        """Paths neither proven valid nor rejected (their validity never mattered to the plan)."""
+        return int((self.state == UNKNOWN).sum())
 
 
 def screen_paths(scr: PooledScreen, target_ras, entries: np.ndarray, needle, settings, exclusion,
