@@ -199,3 +199,15 @@ def test_pooled_screening_in_plane_and_too_short_needle_match_the_exact_planner(
         assert set(e.value.rejections) <= {"needle_length", "angle_to_axial", "entry_region", "leaves_body"} | {
             f"clearance:{n}" for n in MARGINS}
     assert needed["exact"] is not None and needed["pooled"] == needed["exact"]
+
+
+def test_resolving_every_open_path_gives_the_exact_funnel_totals_and_skin_map(phantom, monkeypatch):
+    monkeypatch.setattr(screening, "RESOLVE_VALIDITY", True)
+    ct, labels, targets = phantom
+    a, b = _plan_pair(ct, targets, [(labels, synthetic.RISK_LABELS)])
+    _assert_same_plan(a, b)
+    assert b.unresolved == {"A": 0, "B": 0, "C": 0}
+    for t in ("A", "B", "C"):
+        assert sum(b.rejections[t].values()) == sum(a.rejections[t].values())
+    assert np.array_equal(b.skin_targets_reachable, a.skin_targets_reachable)
+    assert b.shared_entry_note == a.shared_entry_note

@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 POOL = 2  # block size along every axis
 FLOAT_SLACK_MM = 1e-3  # float32 rounding of the maps, added to the bound
 BATCH = 64  # paths re-scored together (vectorised); extra ones cost little
+#: decide every open path's validity exactly: the funnel totals and the skin map's reachable targets are then the
+#: exact planner's, but it costs about as much CPU as the full-resolution maps saved (bench_planner --screening)
+RESOLVE_VALIDITY = False
 
 #: Written into plan.json when the pooled screening is used.
 SCREENING_NOTE = (
@@ -413,6 +416,8 @@ def screen_paths(scr: PooledScreen, target_ras, entries: np.ndarray, needle, set
                     hi[fine] = np.minimum(hi[fine], hf[np.arange(len(fine)), amf])
                     lo[fine] = np.maximum(lo[fine], lf.min(axis=1))
                     worst_pts[idx[fine]] = ptsf[sel][np.arange(len(fine)), amf]
+                    if RESOLVE_VALIDITY:
+                        _resolve(fine, lf, ptsf[sel], lo, hi, idx)
             lo_b[idx], hi_b[idx] = lo, hi
             st = np.full(len(g), UNKNOWN, np.int8)
             st[lo >= threshold] = VALID
@@ -426,6 +431,27 @@ def screen_paths(scr: PooledScreen, target_ras, entries: np.ndarray, needle, set
                 r[viol] = 4 + scr.pooled.worst_structure(q).astype(np.int32)
             reason[idx] = r
             state[idx] = st
+
+        def _resolve(fine, lf, pf, lo, hi, idx):
+            # validity of every path the bounds leave open: exact readings only at the samples whose lower bound
+            # is below the threshold (elsewhere the reading clears it), so the funnel and the skin map see the
+            # exact planner's valid paths
+            unk = np.nonzero((lo[fine] < threshold) & (hi[fine] >= threshold))[0]
+            if not len(unk):
+                return
+            L, P = lf[unk], pf[unk]
+            cand = L < threshold
+            vals = np.full(L.shape, np.inf, np.float32)
+            vals[cand] = scr.exact_readings(P[cand])
+            am = vals.argmin(axis=1)
+            vmin = vals[np.arange(len(unk)), am]
+            rows = fine[unk]
+            bad = vmin < threshold  # the exact minimum is at most this reading
+            hi[rows[bad]] = vmin[bad]
+            worst_pts[idx[rows[bad]]] = P[bad, am[bad]]
+            rest = np.where(cand, np.inf, L).min(axis=1)
+            ok = ~bad
+            lo[rows[ok]] = np.minimum(vmin[ok].astype(np.float64), rest[ok])
 
         chunks = []
         for ns in np.unique(n_steps):
