@@ -27,7 +27,9 @@ trees as the exact clearances), combined as the exact planner combines its maps 
 same trilinear routine: the value equals the exact planner's reading.
 
 Ranking (lazy greedy). Per target a heap holds every path that may be valid, keyed by its exact score when
-known and by its optimistic (upper) score otherwise; the top is re-scored until it is exact, and an exact top is
+known and by its optimistic (upper) score otherwise; an open top is first probed (the exact reading at its most
+promising sample: a tighter upper bound, or a proven rejection) and put back, a probed open top is re-scored
+in full (both in batches of ``BATCH``), and an exact top is
 the next path of the exact planner's order (score descending, index ascending), so the entry-separation rule
 picks the same paths. The shortest safe length takes paths in length order and re-scores until one is valid;
 the shared entry keys entries by the optimistic mean score over the targets in the same way (ties: the exact
