@@ -338,11 +338,6 @@ class ScreenEval(eng.CandidateEval):
                 return float(self.length_mm[i])
         return None
 
-    def exact_score(self, i: int) -> float | None:
-        """Exact score of path ``i`` (re-scored when needed), None when it is not valid."""
-        self.rescore([i])
-        return float(self.score[i]) if self.state[i] == KNOWN else None
-
     @property
     def unresolved(self) -> int:
         """Paths neither proven valid nor rejected (their validity never mattered to the plan)."""
