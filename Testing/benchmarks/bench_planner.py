@@ -1,6 +1,11 @@
 """Planner benchmark, every figure beside its baseline measured in the same run.
 
     .venv/bin/python Testing/benchmarks/bench_planner.py [--quick] [--baseline /work/main] [--repeat N] [--mesh]
+    .venv/bin/python Testing/benchmarks/bench_planner.py --screening [--quick] [--repeat N]
+
+``--screening``: only this checkout's exact planner against its pooled screening (``screening="pooled"``), same
+CT, alternating: wall and CPU seconds per stage, ratio, and whether every ranked trajectory (entry, score to
+1e-6), the shared entry and the shortest safe length are identical.
 
 * full three-target plan on a 512 x 512 x 300 CT (0.8 x 0.8 x 1 mm; ``--quick``: 256 x 256 x 150): this
   checkout in-process against the baseline checkout (``--baseline``, default: the main checkout next to the
@@ -43,18 +48,22 @@ PLAN_SCRIPT = r"""
 import json, sys, time
 from SmartBiopsyCoreLib.phantom import abdomen as synthetic
 from TrajectoryPlannerLib.planning import engine
-spacing, fov, needle, surface = json.loads(sys.argv[1])
+spacing, fov, needle, surface, *screening = json.loads(sys.argv[1])
+extra = {"screening": screening[0]} if screening and screening[0] else {}
 if surface is not None:
     engine.CLEARANCE_TO_SURFACE = surface
 ct, labels, targets = synthetic.make_abdomen(tuple(spacing), tuple(fov))
 t0, c0 = time.perf_counter(), time.process_time()
-r = engine.plan(ct, targets, needle, labelmaps=[(labels, synthetic.RISK_LABELS)], settings=engine.PlanSettings(threads=2))
+r = engine.plan(ct, targets, needle, labelmaps=[(labels, synthetic.RISK_LABELS)], settings=engine.PlanSettings(threads=2, **extra))
 total, cpu = time.perf_counter() - t0, time.process_time() - c0
 best = {t.target: {"entry": [round(float(v), 3) for v in t.entry_ras], "score": float(t.score),
                    "min_excess": float(t.min_margin_excess_mm)} for t in r.trajectories if t.rank == 1}
 ranked = [[t.target, t.rank, [round(float(v), 3) for v in t.entry_ras], round(float(t.score), 6)] for t in r.trajectories]
+shared = None if r.shared_entry is None else [[round(float(v), 3) for v in r.shared_entry.entry_ras],
+                                              [round(float(t.score), 6) for t in r.shared_entry.trajectories]]
 print("RESULT" + json.dumps({"total": total, "cpu": cpu, "timings": r.timings_s, "best": best, "n": len(r.trajectories),
-                             "bound": r.error_bound_mm, "ranked": ranked}))
+                             "bound": r.error_bound_mm, "ranked": ranked, "shared": shared,
+                             "shortest": r.shortest_safe_length_mm}))
 """
 
 # the CT body mask on the whole CT, in either checkout
@@ -75,8 +84,8 @@ print("RESULT" + json.dumps({"total": total, "sha1": hashlib.sha1(np.packbits(m)
 """
 
 
-def run_plan(checkout: Path, spacing, fov, needle, surface=None) -> dict:
-    return _run(checkout, PLAN_SCRIPT, [spacing, fov, needle, surface])
+def run_plan(checkout: Path, spacing, fov, needle, surface=None, screening=None) -> dict:
+    return _run(checkout, PLAN_SCRIPT, [spacing, fov, needle, surface, screening])
 
 
 def run_body(checkout: Path, spacing, fov) -> dict:
@@ -126,8 +135,12 @@ def main():
     ap.add_argument("--baseline", default=os.environ.get("SMARTBIOPSY_BASELINE", str(ROOT.parents[1] / "main")))
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--mesh", action="store_true")
+    ap.add_argument("--screening", action="store_true",
+                    help="only compare this checkout's exact planner with its pooled screening (same run, alternating)")
     args = ap.parse_args()
     spacing, fov = ((1.6, 1.6, 2.0), (409.6, 409.6, 300.0)) if args.quick else ((0.8, 0.8, 1.0), (409.6, 409.6, 300.0))
+    if args.screening:
+        return screening_rows(spacing, fov, args.needle, args.repeat)
     base = Path(args.baseline)
     have_base = (base / "TrajectoryPlanner").is_dir() and base.resolve() != ROOT.resolve()
     print(f"CT {int(fov[0] / spacing[0])} x {int(fov[1] / spacing[1])} x {int(fov[2] / spacing[2])} voxels "
@@ -180,6 +193,31 @@ def main():
 
     if args.mesh:
         mesh_rows(spacing, fov, args.needle)
+
+
+def screening_rows(spacing, fov, needle_name, repeat):
+    """Exact planner against pooled screening + exact re-scoring, this checkout, same CT, alternating."""
+    print(f"CT {int(fov[0] / spacing[0])} x {int(fov[1] / spacing[1])} x {int(fov[2] / spacing[2])} voxels {spacing} mm; "
+          f"needle {needle_name}; cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}")
+    exact, pooled = [], []
+    for _ in range(repeat):
+        exact.append(run_plan(ROOT, spacing, fov, needle_name, None, "exact"))
+        pooled.append(run_plan(ROOT, spacing, fov, needle_name, None, "pooled"))
+    med = lambda runs, key: statistics.median(r[key] if key in ("total", "cpu") else r["timings"].get(key, 0.0) for r in runs)  # noqa: E731
+    rows = [("full 3-target plan, wall", "total"), ("full 3-target plan, CPU seconds (all threads)", "cpu"),
+            ("  risk_structures", "risk_structures"), ("  distance_maps", "distance_maps"),
+            ("  path_evaluation (incl. re-scoring, clearances)", "path_evaluation"), ("  shared_entry", "shared_entry")]
+    w = max(len(r[0]) for r in rows)
+    print(f"\n{'measurement':<{w}} | {'pooled (s)':>10} | {'exact (s)':>9} | {'exact/pooled':>12}")
+    print("-" * (w + 42))
+    for name, key in rows:
+        a, b = med(pooled, key), med(exact, key)
+        print(f"{name:<{w}} | {a:10.2f} | {b:9.2f} | {b / a if a else float('nan'):11.2f}x")
+    print(f"(medians of {repeat} alternating run(s) each)")
+    e, p = exact[0], pooled[0]
+    print(f"ranked trajectories (target, rank, entry, score to 1e-6) identical: {e['ranked'] == p['ranked']} "
+          f"({len(e['ranked'])} paths); shared entry identical: {e['shared'] == p['shared']}; "
+          f"shortest safe length identical: {e['shortest'] == p['shortest']}")
 
 
 def mesh_rows(spacing, fov, needle_name):

@@ -57,6 +57,11 @@ grid (bone/body from the block maximum of HU, gas from the block minimum, user l
 is conservative; a pooled voxel's box contains its fine voxels' boxes, so the surface offset of the pooled
 grid covers the pooling (the pooling offset is only added when measuring to centres).
 
+Pooled screening (``PlanSettings.screening = "pooled"``, :mod:`.screening`): no full-resolution maps; 2x pooled
+maps bound every path's reading, and the paths that can reach the ranked list, the shortest safe length or the
+shared entry are re-scored exactly from the structures' KD-trees: the same trajectories and scores (to float32
+precision); the funnel and skin map then come from the screening bounds (stated in plan.json).
+
 Needle too short: when every candidate within reach fails and some lie beyond it, the plan is repeated with
 a needle ``extra_reach_mm`` longer and the error states the shortest safe length.
 """
@@ -138,6 +143,9 @@ class PlanSettings:
     allow_partial: bool = False  # False: a target without a safe path raises NoSafePathError
     threads: int | None = None
     planning_spacing_mm: float | None = None  # None: plan on the CT grid; else max-pool masks to about this
+    # "exact": full-resolution distance maps; "pooled": 2x pooled maps screen, exact re-scoring of what the
+    # ranking needs (same trajectories and scores, faster; the skin map counts only proven-safe entries)
+    screening: str = "exact"
 
     def __post_init__(self):
         if self.mode not in ("oblique", "in-plane"):
@@ -146,6 +154,8 @@ class PlanSettings:
             raise TrajectoryPlannerError("the path sampling step must be in (0, 0.5] mm")
         if not 0 <= self.max_angle_deg <= 90:
             raise TrajectoryPlannerError("the maximum angle to the axial plane must be between 0 and 90 degrees")
+        if self.screening not in ("exact", "pooled"):
+            raise TrajectoryPlannerError(f"screening '{self.screening}' is unknown; use 'exact' or 'pooled'")
         if min(self.weight_length, self.weight_clearance, self.weight_obliquity) < 0 or \
                 self.weight_length + self.weight_clearance + self.weight_obliquity <= 0:
             raise TrajectoryPlannerError("score weights must be non-negative and not all zero")
@@ -252,6 +262,7 @@ class PlanResult:
     shortest_safe_length_mm: dict = field(default_factory=dict)
     body: RasVolume | None = field(default=None, repr=False)  # body mask (uint8) on the planning grid
     surface_offset_mm: float = 0.0  # half the planning voxel diagonal: voxel centre -> voxel surface
+    unresolved: dict = field(default_factory=dict)  # pooled screening: target -> paths neither proven nor rejected
 
     def to_dict(self) -> dict:
         return {
@@ -266,7 +277,17 @@ class PlanResult:
             "clearance_surface_offset_mm": round(float(self.surface_offset_mm), 3),
             "clearance_definition": CLEARANCE_DEFINITION,
             "risk": self.risk, "timings_s": {k: round(float(v), 3) for k, v in self.timings_s.items()},
+            **self._screening_dict(),
         }
+
+    def _screening_dict(self) -> dict:
+        """plan.json's ``screening`` entry (what the funnel and skin map mean) when pooled screening was used."""
+        if self.settings.screening != "pooled":
+            return {}
+        from TrajectoryPlannerLib.planning.screening import SCREENING_NOTE
+
+        return {"screening": {"method": "pooled", "definition": SCREENING_NOTE,
+                              "unresolved_near_margin": dict(self.unresolved)}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,14 +366,17 @@ class DistanceMaps:
     """
 
     def __init__(self, risk: RiskModel, cap_mm: float = 30.0, threads: int | None = None,
-                 pool_offset_mm: float = 0.0, domain: tuple | None = None, to_surface: bool = True):
+                 pool_offset_mm: float = 0.0, domain: tuple | None = None, to_surface: bool = True,
+                 build_maps: bool = True):
         """``pool_offset_mm``: when the masks were max-pooled from a finer grid, the largest distance from a
         pooled voxel centre to a fine voxel centre inside it (reported; with ``to_surface`` it needs no
         separate term, because a pooled voxel's box contains the boxes of its fine voxels).
         ``domain``: (lo, hi) k, j, i box where paths will be sampled; maps are computed on it grown by the cap
         (values there are exact up to the cap) and the combined field is stored on the domain only (outside
         it readings take the nearest domain value and are not valid). ``to_surface=False`` measures to voxel
-        centres (the definition before surfaces; kept for comparisons in the benchmark)."""
+        centres (the definition before surfaces; kept for comparisons in the benchmark).
+        ``build_maps=False``: no distance maps, no combined field (``combined``/``argmin`` None); only the exact
+        per-structure distances (KD-trees) are available (pooled screening, :mod:`.screening`)."""
         self.grid = risk.grid
         self.shape = risk.grid.array.shape
         self.spacing_kji = risk.grid.spacing[::-1].astype(float)
@@ -379,11 +403,11 @@ class DistanceMaps:
             dhi = np.maximum(np.minimum(np.asarray(domain[1], int), self.shape), dlo + 1)
         self.domain_lo = dlo
         dshape = tuple(int(v) for v in dhi - dlo)
-        self.combined = np.full(dshape, self.cap - max_m, np.float32)  # on the domain box
-        self.argmin = np.full(dshape, len(margins) - 1 if margins else 0, np.uint8)  # group index
+        self.combined = np.full(dshape, self.cap - max_m, np.float32) if build_maps else None  # on the domain box
+        self.argmin = np.full(dshape, len(margins) - 1 if margins else 0, np.uint8) if build_maps else None
         boxes = {n: _bbox(self.masks[n]) for n in self.names}
         self.boxes = boxes  # (lo, hi) k, j, i box of each structure, or None
-        for gi, (margin, names) in enumerate(self.groups):
+        for gi, (margin, names) in enumerate(self.groups if build_maps else []):
             gcap = self.group_caps[gi]
             pad = np.ceil(gcap / self.spacing_kji).astype(int) + 1
             present = [n for n in names if boxes[n] is not None]
@@ -805,8 +829,15 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     t0 = time.perf_counter()
     common, entry_sets = pre_entries if pre_entries is not None else _entry_sets(risk, tg, settings)
     domain = _path_domain(grid, tg, entry_sets, needle, settings, exclusion)
-    maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain,
-                        to_surface=CLEARANCE_TO_SURFACE)
+    screen = None
+    if settings.screening == "pooled":
+        from TrajectoryPlannerLib.planning import screening as screen
+
+        maps = screen.PooledScreen(risk, settings.distance_cap_mm, settings.threads, domain,
+                                   to_surface=CLEARANCE_TO_SURFACE)
+    else:
+        maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain,
+                            to_surface=CLEARANCE_TO_SURFACE)
     timings["distance_maps"] = time.perf_counter() - t0
     check_cancel()
 
@@ -822,7 +853,12 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
         progress(0.3 + 0.6 * ti / len(tg), f"evaluating paths to {t.name}")
         check_cancel()
         entries = entry_sets[t.name]
-        ev = evaluate_paths(maps, t.point_ras, entries, needle, settings, exclusion)
+        if screen is None:
+            ev = evaluate_paths(maps, t.point_ras, entries, needle, settings, exclusion)
+            ranked = _rank(ev, settings.top_n, settings.min_entry_separation_mm)
+        else:  # lazy exact re-scoring of what can reach the ranked list
+            ev = screen.screen_paths(maps, t.point_ras, entries, needle, settings, exclusion)
+            ranked = ev.rank(settings.top_n, settings.min_entry_separation_mm)
         n_paths += ev.paths_evaluated
         evals[t.name] = ev
         if not ev.valid.any():
@@ -840,8 +876,8 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
             failures[t.name] = msg
             logger.warning(msg)
             continue
-        shortest[t.name] = float(ev.length_mm[ev.valid].min())
-        for r, i in enumerate(_rank(ev, settings.top_n, settings.min_entry_separation_mm), start=1):
+        shortest[t.name] = float(ev.length_mm[ev.valid].min()) if screen is None else ev.shortest_valid_length()
+        for r, i in enumerate(ranked, start=1):
             tr = _make_trajectory(maps, t, ev.entries[i], ev, i, needle, settings, r, f"{t.name}-{r}")
             trajectories.append(tr)
             if r == 1:
@@ -852,7 +888,8 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     t0 = time.perf_counter()
     shared, note = None, ""
     if settings.shared_entry and len(tg) > 1 and not failures:
-        shared, note = _shared_entry(maps, tg, evals, best, needle, settings)
+        shared, note = (_shared_entry if screen is None else screen.shared_entry)(maps, tg, evals, best, needle,
+                                                                                 settings)
     elif settings.shared_entry and len(tg) > 1:
         note = "no shared entry: at least one target has no safe path"
     timings["shared_entry"] = time.perf_counter() - t0
@@ -884,7 +921,8 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
     return PlanResult(tg, trajectories, shared, {k: v.funnel() for k, v in evals.items()},
                       {k: int(len(v.entries)) for k, v in evals.items()}, failures, needle, settings, bound,
                       risk.to_dict(), timings, skin_pts, np.clip(best_excess, 0, None), reachable, note, shortest,
-                      grid.with_array(np.asarray(risk.body, bool).view(np.uint8), name="body"), maps.surface_offset_mm)
+                      grid.with_array(np.asarray(risk.body, bool).view(np.uint8), name="body"), maps.surface_offset_mm,
+                      {k: v.unresolved for k, v in evals.items()} if screen is not None else {})
 
 
 def _path_domain(grid, targets, entry_sets, needle, settings, exclusion):
