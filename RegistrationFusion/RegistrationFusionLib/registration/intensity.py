@@ -310,7 +310,10 @@ def register_intensity(ct: RasVolume, mri: RasVolume, *, grid_mm: float = 3.0, b
         evaluator.SetInitialTransform(itk_from_ras(m_ras))
         try:
             return -float(evaluator.MetricEvaluate(fixed, moving))
-        except RuntimeError:  # no overlap at all
+        except RuntimeError:  # no overlap at all (or Ctrl-C inside ITK, which stops here)
+            from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+            raise_if_interrupted()
             return float("-inf")
 
     def run(m_ras, levels, sigmas, its):
@@ -326,9 +329,15 @@ def register_intensity(ct: RasVolume, mri: RasVolume, *, grid_mm: float = 3.0, b
         reg.SetShrinkFactorsPerLevel(list(levels))
         reg.SetSmoothingSigmasPerLevel(list(sigmas))
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        from SmartBiopsyCoreLib.interruption import abort_itk_on_interrupt
+
         try:
-            out = reg.Execute(fixed, moving)
+            with abort_itk_on_interrupt(reg):  # Ctrl-C aborts this start at its next iteration
+                out = reg.Execute(fixed, moving)
         except RuntimeError as exc:
+            from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+            raise_if_interrupted()  # Ctrl-C inside ITK: stop, do not try the next start
             logger.debug("start failed: %s", str(exc).splitlines()[-1][:120])
             return m_ras, 0
         return ras_from_itk(out), int(reg.GetOptimizerIteration())

@@ -20,6 +20,7 @@ from SmartBiopsyCoreLib.geometry import RasVolume
 
 from SmartBiopsyCoreLib.dataio import dicomio
 from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def save_image(volume: RasVolume, path, compress: bool = True) -> str:
                              f"(DICOM is written with write_dicom_series)")
     img = volume.to_sitk()
     if ext in (".nrrd", ".nhdr", ".mha", ".mhd") and volume.meta:
-        img.SetMetaData(_META_KEY, json.dumps(volume.meta, default=str))
+        img.SetMetaData(_META_KEY, jsonio.dumps(volume.meta, default=str))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         sitk.WriteImage(img, path, compress)
