@@ -6,14 +6,13 @@ The command line installs :func:`install_sigint_handler`. On Ctrl-C the handler 
 SimpleITK filter polls for it and stops with that ``KeyboardInterrupt``.
 
 A SimpleITK registration (``ImageRegistrationMethod``) does not poll (its ``Abort()`` does not stop the
-optimiser either), and an exception raised inside one of its Python commands is printed as a traceback by
-SimpleITK and comes back as a ``RuntimeError``. So a registration runs inside :func:`abort_itk_on_interrupt`:
-a Python command on every iteration lets the handler run; the handler's ``KeyboardInterrupt`` ends the
-optimiser, SimpleITK's traceback print goes to a sink instead of the console, and leaving the block raises
-:class:`Interrupted`. Code that
-catches ``RuntimeError`` from ITK (to turn it into one sentence for the user) calls
-:func:`raise_if_interrupted` first, so an interruption is never reported as "the registration failed".
-Long Python loops stop at their next progress or ``should_cancel`` call (:func:`interruptible`).
+optimiser either), spends seconds in its image pyramids without any event, and an exception raised inside one
+of its Python commands is printed as a traceback by SimpleITK and comes back as a ``RuntimeError``. So the
+project's registrations call :func:`run_itk`: ITK runs in a worker thread, the main thread stays responsive
+and raises :class:`Interrupted` at once, and the worker's ITK call ends at its next event (its traceback
+print goes to a sink). Code that catches ``RuntimeError`` from ITK (to turn it into one sentence for the
+user) calls :func:`raise_if_interrupted` first, so an interruption is never reported as "the registration
+failed". Long Python loops stop at their next progress or ``should_cancel`` call (:func:`interruptible`).
 
 Inside Slicer nothing is installed: the flag stays false and these functions do nothing.
 """
@@ -23,11 +22,12 @@ import io
 import signal
 import sys
 import threading
-from contextlib import contextmanager
 
 _FLAG = threading.Event()
 _ITK_DEPTH = [0]  # > 0 while an abortable ITK call runs (main thread)
 _STDERR = [None]  # the console stream while SimpleITK's traceback print goes to a sink
+_INSTALLED = [False]  # the command line's handler is installed (ITK then runs in a worker thread)
+_WORKERS: list = []   # ITK worker threads (a process must not end while one is inside ITK)
 
 #: the one line the command line prints when interrupted (exit code 130)
 INTERRUPTED_MESSAGE = "interrupted; outputs written so far are kept"
@@ -44,7 +44,7 @@ def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
 
 def _raise():
     if _ITK_DEPTH[0] > 0 and _STDERR[0] is None:
-        # inside an ITK command: SimpleITK prints the exception before turning it into a RuntimeError
+        # an ITK call is running: SimpleITK prints an exception from its command before it returns
         _STDERR[0], sys.stderr = sys.stderr, io.StringIO()
     raise Interrupted()
 
@@ -53,7 +53,8 @@ def install_sigint_handler() -> bool:
     """Install the recording SIGINT handler (main thread only); returns whether it was installed."""
     if threading.current_thread() is not threading.main_thread():
         return False
-    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGINT, lambda signum, frame: _handler(signum, frame))
+    _INSTALLED[0] = True
     return True
 
 
@@ -78,29 +79,62 @@ def raise_if_interrupted() -> None:
         raise Interrupted()
 
 
-@contextmanager
-def abort_itk_on_interrupt(process_object):
-    """Run a SimpleITK ``Execute`` of ``process_object`` (a registration method or filter) so that Ctrl-C stops
-    it at its next iteration/progress event and raises :class:`Interrupted` when the block ends, without a
-    traceback from inside ITK. Add the object's own commands before entering (``RemoveAllCommands`` drops this
-    one)."""
+def run_itk(process_object, *inputs):
+    """``process_object.Execute(*inputs)`` (a SimpleITK registration method or filter) that Ctrl-C stops at once.
+
+    With the command line's handler installed, ITK runs in a worker thread (SimpleITK releases the GIL) while
+    the main thread waits in short steps, so the handler runs within a fraction of a second even while ITK
+    builds its image pyramids without any event; :class:`Interrupted` is raised then, and a Python command on
+    every iteration/progress event stops the worker's ITK call at its next event. SimpleITK's traceback print
+    of that stop goes to a sink, never to the console. Without the handler (Slicer, tests in process) this is
+    a plain ``Execute`` in the calling thread. Add the object's own commands before calling."""
+    if not _INSTALLED[0] or threading.current_thread() is not threading.main_thread():
+        return process_object.Execute(*inputs)
     import SimpleITK as sitk
 
-    def poll():  # Python runs here at every event, so a pending SIGINT handler runs too
+    raise_if_interrupted()
+
+    def poll():  # in the worker: a pending interruption ends the ITK call at this event
         if _FLAG.is_set():
             _raise()
 
     for event in (sitk.sitkIterationEvent, sitk.sitkProgressEvent):
         process_object.AddCommand(event, poll)
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = process_object.Execute(*inputs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread as is
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, name="smartbiopsy-itk", daemon=True)
+    _WORKERS.append(worker)
     _ITK_DEPTH[0] += 1
     try:
-        yield
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)  # the main thread stays where Python runs signal handlers
     finally:
         _ITK_DEPTH[0] -= 1
-        if _STDERR[0] is not None and _ITK_DEPTH[0] == 0:
-            sys.stderr, _STDERR[0] = _STDERR[0], None
-        if _FLAG.is_set():
-            raise Interrupted()
+        if not worker.is_alive() and _STDERR[0] is not None and _ITK_DEPTH[0] == 0:
+            sys.stderr, _STDERR[0] = _STDERR[0], None  # else the still-running worker may print: keep the sink
+    raise_if_interrupted()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def itk_worker_interrupted() -> bool:
+    """True when Ctrl-C stopped an ITK call running in a worker thread. Such a process must end with
+    ``os._exit``: ITK's thread pool, stopped in the middle of a step, aborts a normal interpreter exit in C++
+    ("terminate called without an active exception")."""
+    return _FLAG.is_set() and bool(_WORKERS)
+
+
+def console_stream():
+    """The console's stderr (the real one while SimpleITK's traceback print is sent to a sink)."""
+    return _STDERR[0] if _STDERR[0] is not None else sys.stderr
 
 
 def interruptible(callback):

@@ -129,6 +129,17 @@ def test_commit_replaces_the_earlier_run_and_removes_what_it_did_not_rewrite(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["case"]
 
 
+def test_paths_into_the_staging_folder_are_rewritten_to_the_output_folder(tmp_path):
+    out = tmp_path / "case"
+    folder = OutputFolder(out)
+    stage = folder.begin()
+    (stage / "robot").mkdir()
+    (stage / "robot" / "session.json").write_text(json.dumps({"log_path": str(stage / "robot" / "session.jsonl")}))
+    folder.commit()
+    assert json.loads((out / "robot" / "session.json").read_text())["log_path"] == str(
+        out.absolute() / "robot" / "session.jsonl")
+
+
 def test_a_command_that_writes_nothing_leaves_no_new_folder(tmp_path):
     out = tmp_path / "a" / "b" / "case"
     folder = OutputFolder(out)

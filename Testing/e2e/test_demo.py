@@ -300,7 +300,7 @@ def test_ctrl_c_inside_the_itk_registration_stops_at_once_with_one_line(demo_dir
         time.sleep(0.5)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
+        _, rest = proc.communicate(timeout=60)
         elapsed = time.monotonic() - t0
     finally:
         if proc.poll() is None:

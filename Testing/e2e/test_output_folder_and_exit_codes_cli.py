@@ -83,3 +83,64 @@ def test_exit_codes_are_documented_in_the_help():
     for command in ("demo", "run", "sample"):
         res = smartbiopsy(command, "--help")
         assert "--accept-warnings" in res.stdout and "130" in res.stdout, command
+
+
+# The command line's exit-code handling around a long SimpleITK registration driven by the project's refinement
+# step (RegistrationFusionLib.registration.refine._run_stage), on synthetic images: Ctrl-C while ITK iterates.
+_ITK_DRIVER = r"""
+import sys
+import types
+
+import numpy as np
+import SimpleITK as sitk
+
+from SmartBiopsyLib.cli.main import run_command
+from RegistrationFusionLib.registration.refine import _run_stage
+
+
+def long_registration(args):
+    rng = np.random.default_rng(0)
+    img = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(rng.normal(size=(96, 96, 96)).astype(np.float32)), 3.0)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetOptimizerAsGradientDescent(learningRate=1e-6, numberOfIterations=10 ** 7, convergenceMinimumValue=0.0,
+                                      convergenceWindowSize=10 ** 6)
+    reg.SetInitialTransform(sitk.TranslationTransform(3, [3.0, 2.0, 1.0]))
+    reg.SetInterpolator(sitk.sitkLinear)
+    sys.stderr.write("ITK-REGISTRATION-RUNNING\n")
+    sys.stderr.flush()
+    _run_stage(reg, img, img, "rigid", lambda f, m: None, None, 0.0, 1.0)
+    return 0
+
+
+sys.exit(run_command(types.SimpleNamespace(func=long_registration, debug=False, command="register")))
+"""
+
+
+def test_ctrl_c_inside_a_simpleitk_registration_exits_130_with_one_line(tmp_path):
+    """SIGINT while the refinement's ImageRegistrationMethod iterates: exit 130 within the 10 s bound with the one
+    line "interrupted; outputs written so far are kept"; no traceback, no "check that the CT and MRI overlap"."""
+    import signal
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    proc = subprocess.Popen([sys.executable, "-c", _ITK_DRIVER], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=cli_env())
+    try:
+        first = proc.stderr.readline()
+        assert "ITK-REGISTRATION-RUNNING" in first, first + proc.stderr.read()[-2000:]
+        time.sleep(1.0)
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"Ctrl-C inside the SimpleITK registration: exit {proc.returncode} after {elapsed:.2f} s")
+    assert proc.returncode == 130, rest[-3000:]
+    assert [line for line in rest.splitlines() if line.strip()] == ["interrupted; outputs written so far are kept"], rest
+    assert elapsed < 10.0

@@ -329,11 +329,10 @@ def register_intensity(ct: RasVolume, mri: RasVolume, *, grid_mm: float = 3.0, b
         reg.SetShrinkFactorsPerLevel(list(levels))
         reg.SetSmoothingSigmasPerLevel(list(sigmas))
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-        from SmartBiopsyCoreLib.interruption import abort_itk_on_interrupt
+        from SmartBiopsyCoreLib.interruption import run_itk
 
         try:
-            with abort_itk_on_interrupt(reg):  # Ctrl-C aborts this start at its next iteration
-                out = reg.Execute(fixed, moving)
+            out = run_itk(reg, fixed, moving)  # = reg.Execute(fixed, moving), stopped at once by Ctrl-C
         except RuntimeError as exc:
             from SmartBiopsyCoreLib.interruption import raise_if_interrupted
 

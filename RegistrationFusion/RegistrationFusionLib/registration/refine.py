@@ -223,13 +223,12 @@ def _run_stage(reg, fixed, moving, name, progress, should_cancel, lo, hi):
         if progress is not None:
             progress(lo + (hi - lo) * min(1.0, reg.GetOptimizerIteration() / 100.0), f"{name} refinement")
 
-    from SmartBiopsyCoreLib.interruption import abort_itk_on_interrupt
+    from SmartBiopsyCoreLib.interruption import run_itk
 
     reg.RemoveAllCommands()
     reg.AddCommand(sitk.sitkIterationEvent, on_iter)
     try:
-        with abort_itk_on_interrupt(reg):  # Ctrl-C aborts the optimiser at its next iteration
-            out = reg.Execute(fixed, moving)
+        out = run_itk(reg, fixed, moving)  # = reg.Execute(fixed, moving), stopped at once by Ctrl-C
     except RefinementCancelled:
         raise
     except RuntimeError as exc:

@@ -165,18 +165,15 @@ def run_command(args) -> int:
         ok = code in (EXIT_OK, EXIT_WARNINGS)
         return code
     except KeyboardInterrupt:
-        _say_interrupted(INTERRUPTED_MESSAGE)
-        return EXIT_INTERRUPTED
+        return _say_interrupted(INTERRUPTED_MESSAGE)
     except errors as exc:
         if interrupted():
-            _say_interrupted(INTERRUPTED_MESSAGE)
-            return EXIT_INTERRUPTED
+            return _say_interrupted(INTERRUPTED_MESSAGE)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
         if interrupted():  # Ctrl-C that surfaced as another error (e.g. RuntimeError from inside ITK)
-            _say_interrupted(INTERRUPTED_MESSAGE)
-            return EXIT_INTERRUPTED
+            return _say_interrupted(INTERRUPTED_MESSAGE)
         if args.debug:
             raise
         print(f"error: unexpected failure ({type(exc).__name__}: {exc}); rerun with --debug for details",
@@ -187,11 +184,21 @@ def run_command(args) -> int:
             remove_if_new_and_empty(out, existing)
 
 
-def _say_interrupted(message: str) -> None:
-    """The one line after Ctrl-C, on a line of its own (a progress bar may be half drawn on a terminal)."""
-    lead = "\n" if sys.stderr.isatty() else ""
-    sys.stderr.write(f"{lead}{message}\n")
-    sys.stderr.flush()
+def _say_interrupted(message: str) -> int:
+    """The one line after Ctrl-C, on a line of its own (a progress bar may be half drawn on a terminal); returns
+    130. The outputs are already in place; after an ITK call stopped in its worker thread the process ends here
+    (``os._exit`` after flushing the streams and the log), since a normal exit would abort inside ITK."""
+    from SmartBiopsyCoreLib.interruption import console_stream, itk_worker_interrupted
+
+    stream = console_stream()
+    lead = "\n" if stream.isatty() else ""
+    stream.write(f"{lead}{message}\n")
+    stream.flush()
+    if itk_worker_interrupted():
+        sys.stdout.flush()
+        logging.shutdown()
+        os._exit(EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -107,10 +107,12 @@ class OutputFolder:
         staging = self.staging
         if staging is None or not staging.exists():
             return self.out
+        _prune_empty_folders(staging)  # a step that failed after creating its folder wrote nothing
         new = sorted(p.name for p in staging.iterdir())
         if not new and not self.existed:
             self.discard()
             return self.out
+        _relocate_paths(staging, str(staging), str(self.out.absolute()))
         self.out.mkdir(parents=True, exist_ok=True)
         trash = staging / f"{STAGING_PREFIX}previous"
         trash.mkdir()
@@ -143,6 +145,32 @@ class OutputFolder:
                     p.rmdir()  # only when empty
                 except OSError:
                     break
+
+
+#: text files whose absolute paths into the staging folder are rewritten to the output folder on commit
+RELOCATED_SUFFIXES = (".json", ".jsonl", ".csv", ".html", ".txt", ".log", ".tfm")
+
+
+def _relocate_paths(root: Path, old: str, new: str, max_bytes: int = 200_000_000) -> None:
+    """Rewrite ``old`` (the staging folder's absolute path) to ``new`` in the text files under ``root``: outputs
+    that record where they were written (session logs, export manifests) name the output folder."""
+    needle = old.encode()
+    for path in root.rglob("*"):
+        if path.suffix.lower() not in RELOCATED_SUFFIXES or not path.is_file() or path.stat().st_size > max_bytes:
+            continue
+        data = path.read_bytes()
+        if needle in data:
+            tmp = path.with_name(path.name + ".relocate")
+            tmp.write_bytes(data.replace(needle, new.encode()))
+            os.replace(tmp, path)
+
+
+def _prune_empty_folders(root: Path) -> None:
+    for path in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()  # only when empty
+        except OSError:
+            pass
 
 
 def nearest_existing(path) -> Path:
