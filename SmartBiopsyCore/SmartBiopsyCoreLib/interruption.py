@@ -49,13 +49,22 @@ def _raise():
     raise Interrupted()
 
 
-def install_sigint_handler() -> bool:
-    """Install the recording SIGINT handler (main thread only); returns whether it was installed."""
+def install_sigint_handler():
+    """Install the recording SIGINT handler (main thread only); returns the previous handler (for
+    :func:`restore_sigint_handler`) or None when not installed."""
     if threading.current_thread() is not threading.main_thread():
-        return False
-    signal.signal(signal.SIGINT, lambda signum, frame: _handler(signum, frame))
+        return None
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: _handler(signum, frame))
     _INSTALLED[0] = True
-    return True
+    return previous
+
+
+def restore_sigint_handler(previous) -> None:
+    """Put back the handler :func:`install_sigint_handler` replaced (a command run inside a longer process)."""
+    if previous is None or threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGINT, previous)
+    _INSTALLED[0] = False
 
 
 def interrupted() -> bool:

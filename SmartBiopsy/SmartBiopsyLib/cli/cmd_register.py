@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                         "(default 45; 0 disables the prior)")
     p.add_argument("--max-fre-mm", type=float, default=2.0, help="QA limit for the FRE (default 2 mm)")
     p.add_argument("--max-tre-mm", type=float, default=3.0, help="QA limit for predicted TRE at targets (default 3 mm)")
+    from SmartBiopsyLib.cli.main import add_accept_warnings
+
+    add_accept_warnings(p)
     p.set_defaults(func=run)
 
 
@@ -105,7 +108,11 @@ def run(args) -> int:
         "notes": rep.notes,
     }
     print(jsonio.dumps(summary), file=sys.stdout)
-    return 0
+    sys.stdout.flush()
+    from SmartBiopsyLib.cli.main import finish_with_warnings
+
+    matter = [] if rep.passed else [f"registration QA failed ({'; '.join(map(str, rep.failures)) or 'see qa.json'})"]
+    return finish_with_warnings(matter, bool(getattr(args, "accept_warnings", False)))
 
 
 def _write_outputs(result, ct, mri, targets, out: Path, bar, source: str, resample_with) -> None:

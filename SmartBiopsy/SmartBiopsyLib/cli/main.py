@@ -151,14 +151,15 @@ def run_command(args) -> int:
     """Run ``args.func`` with the exit-code rules: user error 2, unexpected 1, Ctrl-C 130 (one line each, no
     traceback); ``--out`` checked writable first; a new output folder left empty by a failure is removed."""
     from SmartBiopsyCoreLib.dataio.outdir import check_output_folder, nearest_existing, remove_if_new_and_empty
-    from SmartBiopsyCoreLib.interruption import INTERRUPTED_MESSAGE, install_sigint_handler, interrupted
+    from SmartBiopsyCoreLib.interruption import (INTERRUPTED_MESSAGE, install_sigint_handler, interrupted,
+                                                 restore_sigint_handler)
 
     errors = user_errors()
     out = getattr(args, "out", None)
     existing = nearest_existing(out) if out is not None else None
     ok = False
+    previous_handler = install_sigint_handler()
     try:
-        install_sigint_handler()
         if out is not None and args.command not in _OWN_OUTPUT_FOLDER:
             check_output_folder(out)
         code = int(args.func(args) or 0)
@@ -180,6 +181,7 @@ def run_command(args) -> int:
               file=sys.stderr)
         return EXIT_UNEXPECTED
     finally:
+        restore_sigint_handler(previous_handler)
         if not ok and out is not None:
             remove_if_new_and_empty(out, existing)
 
