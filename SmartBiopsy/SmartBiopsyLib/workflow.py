@@ -22,7 +22,8 @@ and moves its outputs in when it ends, finished or not (failed, stopped or inter
 of the finished stages are moved in). Every output of an earlier run that this run did not write again
 (:data:`RUN_OUTPUTS`) is then REMOVED from the case folder, so the folder, ``summary.json`` and the report never
 mix two runs (``summary.json`` lists what was removed under ``output_folder``). Files the workflow does not
-write are left alone. The case folder is checked writable before any work.
+write are left alone, and a user's run never removes ``specimens/`` (:data:`USER_RUN_OUTPUTS`: the operator's
+journal of recorded pots). The case folder is checked writable before any work.
 
 Acceptance: :func:`run_warnings` lists the warnings that matter (a step failed or was interrupted, registration
 QA failed, the robot did not reach a target, a needle tip further than :data:`TIP_TOLERANCE_MM` from its target
@@ -57,9 +58,11 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("load", "fuse", "characterise", "plan", "calibrate", "robot", "sample", "record", "scene", "report")
 
-#: the names the workflow writes into a case folder; an earlier run's ones that a run does not rewrite are removed
+#: the names the demo writes into a case folder; an earlier run's ones that a run does not rewrite are removed
 RUN_OUTPUTS = ("summary.json", "inputs", "registration", "characterisation", "plan", "robot", "sampling",
                "specimens", "scene.mrb", "scene_nodes.json", "report.html", "figures", "export", "phantom")
+#: the same for a user's case: never ``specimens/`` (the operator's journal of recorded pots lives there)
+USER_RUN_OUTPUTS = tuple(n for n in RUN_OUTPUTS if n not in ("specimens", "phantom"))
 
 #: needle tip further than this from its planned target (mm) is a warning that matters: several times the
 #: simulated placement error (1.5 mm lateral, +-1 mm depth) and the half length of a 10 mm notch
@@ -222,7 +225,8 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
 
     options = options or RunOptions()
     final = Path(out_dir)
-    folder = output_folder if output_folder is not None else OutputFolder(final, owned=RUN_OUTPUTS)
+    owned = RUN_OUTPUTS if (options.demo_confirmation and inputs.synthetic) else USER_RUN_OUTPUTS
+    folder = output_folder if output_folder is not None else OutputFolder(final, owned=owned)
     staging = folder.staging if folder.staging is not None else folder.begin()
     run = CaseRun(Path(staging), inputs, options, final_out=final)
     try:

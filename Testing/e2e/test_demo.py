@@ -240,9 +240,9 @@ def test_failed_rerun_removes_the_earlier_runs_results_instead_of_showing_them(d
     summary = json.loads((case / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["stages"]}
     assert status["load"] == "done" and status["fuse"] == "failed"
-    for stale in ("scene.mrb", "registration", "characterisation", "plan", "robot", "sampling", "specimens",
-                  "phantom"):
+    for stale in ("scene.mrb", "registration", "characterisation", "plan", "robot", "sampling"):
         assert not (case / stale).exists(), f"{stale} of the earlier run is still in the case folder"
+    assert (case / "specimens" / "journal.jsonl").exists()  # a user's run never removes recorded specimen pots
     assert "scene.mrb" in summary["output_folder"]["removed"]
     report = (case / "report.html").read_text()
     assert "PASSED" not in report

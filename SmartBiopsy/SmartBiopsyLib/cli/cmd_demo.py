@@ -162,10 +162,10 @@ def run_user(args) -> int:
     """``run``: load (a case folder and/or explicit inputs), then every stage. ``summary.json`` is written
     whatever happens: by the workflow once the stages run, by :func:`_fail_load` when loading stops."""
     from SmartBiopsyCoreLib.dataio.outdir import OutputFolder
-    from SmartBiopsyLib.workflow import RUN_OUTPUTS
+    from SmartBiopsyLib.workflow import USER_RUN_OUTPUTS
 
     out = Path(args.out)
-    folder = OutputFolder(out, owned=RUN_OUTPUTS)  # refused before any work when it cannot be written
+    folder = OutputFolder(out, owned=USER_RUN_OUTPUTS)  # refused before any work when it cannot be written
     stage = folder.begin()
     try:
         return _run_user_staged(args, out, folder, stage)

@@ -34,7 +34,7 @@ COMMAND_MODULES = (
 )
 
 
-#: exit codes of every command (also in the --help epilog and Docs/Users.md)
+#: exit codes of every command (also in the --help epilog and Docs/SmartBiopsy.md)
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_WARNINGS, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES_EPILOG = """exit codes:
   0    done; every step met its acceptance
@@ -152,12 +152,13 @@ def run_command(args) -> int:
     traceback); ``--out`` checked writable first; a new output folder left empty by a failure is removed."""
     from SmartBiopsyCoreLib.dataio.outdir import check_output_folder, nearest_existing, remove_if_new_and_empty
     from SmartBiopsyCoreLib.interruption import (INTERRUPTED_MESSAGE, install_sigint_handler, interrupted,
-                                                 restore_sigint_handler)
+                                                 reset, restore_sigint_handler)
 
     errors = user_errors()
     out = getattr(args, "out", None)
     existing = nearest_existing(out) if out is not None else None
     ok = False
+    reset()  # a new command (main() may run several times in one process)
     previous_handler = install_sigint_handler()
     try:
         if out is not None and args.command not in _OWN_OUTPUT_FOLDER:

@@ -63,6 +63,9 @@ def _load_file(path: str, require_3d: bool) -> RasVolume:
         reader.ReadImageInformation()
         img = reader.Execute()
     except RuntimeError as exc:
+        from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+        raise_if_interrupted()  # Ctrl-C while reading: not a corrupt file
         raise InputDataError(f"{path} could not be read as an image (the file is corrupt, truncated or not a "
                              f"{image_extension(path)} image); check the file") from exc
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -130,6 +133,9 @@ def save_image(volume: RasVolume, path, compress: bool = True) -> str:
     try:
         sitk.WriteImage(img, path, compress)
     except RuntimeError as exc:
+        from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+        raise_if_interrupted()  # Ctrl-C while writing: not a full disk
         raise InputDataError(f"could not write {path} ({str(exc).strip().splitlines()[-1][:120]}); "
                              f"check the folder is writable and has space") from exc
     return path
