@@ -10,13 +10,13 @@ the MRI capsule node (and the MRI volume) sit under the registration transform o
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from RegistrationFusionLib.errors import RegistrationFusionError
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class FusionLogic:
         if r is None or not r.passed:
             raise RegistrationFusionError("the registration QA has not passed; it cannot be approved")
         transform_node.SetAttribute(APPROVED_ATTRIBUTE, "true")
-        transform_node.SetAttribute(QA_ATTRIBUTE, json.dumps(r.to_dict(), default=float))
+        transform_node.SetAttribute(QA_ATTRIBUTE, jsonio.dumps(r.to_dict(), default=float))
 
     def save_fusion_pictures(self, ct_node, mri_node, transform_node, targets_node, folder) -> dict:
         """Checkerboard and overlay PNGs of the MRI resampled on the CT, centred on the first target."""

@@ -18,6 +18,19 @@ plus the report describe what happened. Folder layout (all coordinates RAS mm)::
     specimens/                   journal.jsonl, specimens.csv, procedure.json, pathology.csv (if any)
     scene.mrb, report.html
 
+Transactional runs: a run writes into a staging folder next to the case folder (``.<name>.staging-<pid>``)
+and moves its outputs in when it ends, finished or not (failed, stopped or interrupted with Ctrl-C: the outputs
+of the finished stages are moved in). Every output of an earlier run that this run did not write again
+(:data:`RUN_OUTPUTS`) is then REMOVED from the case folder, so the folder, ``summary.json`` and the report never
+mix two runs (``summary.json`` lists what was removed under ``output_folder``). Files the workflow does not
+write are left alone, and a user's run never removes ``specimens/`` (:data:`USER_RUN_OUTPUTS`: the operator's
+journal of recorded pots). The case folder is checked writable before any work.
+
+Acceptance: :func:`run_warnings` lists the warnings that matter (a step failed or was interrupted, registration
+QA failed, the robot did not reach a target, a needle tip further than :data:`TIP_TOLERANCE_MM` from its target
+or off-axis by more than :data:`ANGLE_TOLERANCE_DEG`); ``summary.json`` carries them under ``acceptance`` and
+the command line exits 3 for them unless ``--accept-warnings`` is given.
+
 Confirmation CTs: ``run`` uses only the user's (``CaseInputs.confirm_cts``); without one per target it stops
 after the plan (or robot) step with "no confirmation CT for target A; sampling needs one per target". It
 never records specimen pots, a procedure log or pathology: the operator records pots
@@ -28,7 +41,6 @@ records pots, dose and pathology, every one labelled simulated.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import resource
 import time
@@ -47,6 +59,18 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("load", "fuse", "characterise", "plan", "calibrate", "robot", "sample", "record", "scene", "report")
 
+#: the names the demo writes into a case folder; an earlier run's ones that a run does not rewrite are removed
+RUN_OUTPUTS = ("summary.json", "inputs", "registration", "characterisation", "plan", "robot", "sampling",
+               "specimens", "scene.mrb", "scene_nodes.json", "report.html", "figures", "export", "phantom")
+#: the same for a user's case: never ``specimens/`` (the operator's journal of recorded pots lives there)
+USER_RUN_OUTPUTS = tuple(n for n in RUN_OUTPUTS if n not in ("specimens", "phantom"))
+
+#: needle tip further than this from its planned target (mm) is a warning that matters: several times the
+#: simulated placement error (1.5 mm lateral, +-1 mm depth) and the half length of a 10 mm notch
+TIP_TOLERANCE_MM = 5.0
+#: needle axis further than this from the planned direction (degrees), as the needle detection warns
+ANGLE_TOLERANCE_DEG = 20.0
+
 
 def _json_default(o):
     if isinstance(o, np.ndarray):
@@ -63,11 +87,10 @@ def _json_default(o):
 
 
 def write_json(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    tmp.replace(path)
-    return path
+    """Strict JSON (no NaN: null plus ``null_reasons``), atomically; see ``SmartBiopsyCoreLib.dataio.jsonio``."""
+    from SmartBiopsyCoreLib.dataio.jsonio import write_json as _write_json
+
+    return _write_json(path, data)
 
 
 @dataclass
@@ -178,6 +201,8 @@ class CaseRun:
     started: float = field(default_factory=time.perf_counter)   # when the run started (perf_counter s)
     facts: dict = field(default_factory=dict)     # total time and peak memory, measured once (finish_facts)
     truth_lines: list = field(default_factory=list)  # phantom truth check (synthetic cases only)
+    final_out: Path | None = None                 # the case folder while ``out`` is the staging folder
+    output_folder: dict | None = None             # what the move from staging replaced/removed (summary)
 
     def truth(self, line: str) -> None:
         """One line of the phantom truth check: printed at the end and listed in summary.json and the report."""
@@ -203,9 +228,11 @@ class CaseRun:
             "options": (self.options.__dict__ if self.inputs.synthetic else
                         {k: v for k, v in self.options.__dict__.items() if k not in DEMO_ONLY_OPTIONS}),
             "lines": self.lines,
+            "acceptance": _acceptance(self),
         } | ({"intake": self.inputs.intake} if self.inputs.intake else {}) | (
             {"truth_check": {"simulated": True, "lines": self.truth_lines}}
-            if self.inputs.synthetic and self.truth_lines else {}) | _provenance(self)
+            if self.inputs.synthetic and self.truth_lines else {}) | (
+            {"output_folder": self.output_folder} if self.output_folder else {}) | _provenance(self)
 
     def write_summary(self) -> None:
         write_json(self.out / "summary.json", self.summary())
@@ -232,21 +259,61 @@ def _provenance(run: "CaseRun") -> dict:
 
 def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
              progress_factory: Callable[[str], Callable[[float, str], None]] | None = None,
-             should_cancel: Callable[[], bool] | None = None, stop_after: str | None = None) -> CaseRun:
+             should_cancel: Callable[[], bool] | None = None, stop_after: str | None = None,
+             output_folder=None) -> CaseRun:
     """Run every stage on ``inputs`` into ``out_dir``. Raises :class:`StageFailed` at the first stage that
-    cannot proceed, after writing ``summary.json`` and the report of what finished."""
+    cannot proceed, after writing ``summary.json`` and the report of what finished; Ctrl-C raises
+    :class:`~SmartBiopsyCoreLib.interruption.Interrupted` after writing ``summary.json`` (no report).
+
+    The run is transactional (module docstring): it writes into a staging folder and moves its outputs into
+    ``out_dir`` when it ends, whatever happened. ``output_folder``: the caller's
+    :class:`~SmartBiopsyCoreLib.dataio.outdir.OutputFolder` for ``out_dir`` (begun: the caller wrote into its
+    staging folder first); by default a new one (``out_dir`` is checked writable before any work)."""
+    from SmartBiopsyCoreLib.dataio.outdir import OutputFolder
+
     options = options or RunOptions()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    run = CaseRun(out, inputs, options)
+    final = Path(out_dir)
+    owned = RUN_OUTPUTS if (options.demo_confirmation and inputs.synthetic) else USER_RUN_OUTPUTS
+    folder = output_folder if output_folder is not None else OutputFolder(final, owned=owned)
+    staging = folder.staging if folder.staging is not None else folder.begin()
+    run = CaseRun(Path(staging), inputs, options, final_out=final)
+    try:
+        failure = _run_stages(run, progress_factory, should_cancel, stop_after)
+    finally:
+        commit_run(run, folder)
+    if failure is not None:
+        raise failure
+    return run
+
+
+def commit_run(run: CaseRun, folder) -> None:
+    """Move the run's outputs from the staging folder into the case folder (earlier outputs not rewritten are
+    removed) and record that in ``summary.json``; ``run.out`` is the case folder afterwards."""
+    folder.commit()
+    run.out = folder.out
+    run.output_folder = {"rule": "outputs of an earlier run that this run did not write again were removed",
+                         "removed": list(folder.removed)}
+    if (run.out / "summary.json").exists():
+        run.write_summary()
+
+
+def _run_stages(run: CaseRun, progress_factory, should_cancel, stop_after) -> StageFailed | None:
+    """The stages in order; returns the first stage failure (the report still runs after it)."""
+    from SmartBiopsyCoreLib.interruption import Interrupted, interruptible, interrupted, mark_interrupted
+
+    should_cancel = interruptible(should_cancel) if should_cancel is not None else interruptible(lambda: False)
     progress_factory = progress_factory or (lambda name: (lambda f, m: None))
     stage_funcs = {"load": _stage_load, "fuse": _stage_fuse, "characterise": _stage_characterise,
                    "plan": _stage_plan, "calibrate": _stage_calibrate, "robot": _stage_robot, "sample": _stage_sample, "record": _stage_record,
                    "scene": _stage_scene, "report": _stage_report}
     failure: StageFailed | None = None
+    stop: BaseException | None = None
     for name in STAGES:
         rec = StageRecord(name)
         run.stages.append(rec)
+        if stop is not None:
+            rec.status, rec.message = "skipped", "not run: interrupted by the user (Ctrl-C)"
+            continue
         if failure is not None:
             rec.status, rec.message = "skipped", f"not run: stage '{failure.stage}' failed"
             if name != "report":
@@ -255,11 +322,11 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
             rec.status, rec.message = "skipped", f"not run: the run stopped at step '{run.stopped[0]}'"
             if name != "report":
                 continue
-        progress = progress_factory(name)
+        progress = interruptible(progress_factory(name))
         rec.status = "running"
         t0 = time.perf_counter()
         try:
-            if should_cancel is not None and should_cancel():
+            if should_cancel():
                 raise SmartBiopsyError("cancelled by the user")
             msg = stage_funcs[name](run, progress, should_cancel) or ""
             rec.status, rec.message = "done", msg
@@ -268,21 +335,29 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
             rec.status, rec.message = "stopped", _sentence(exc)
             run.stopped = (name, rec.message)
             progress(1.0, "stopped")
+        except KeyboardInterrupt:
+            mark_interrupted()
+            rec.status, rec.message = "interrupted", "interrupted by the user (Ctrl-C)"
+            stop = Interrupted()
         except Exception as exc:  # noqa: BLE001 - every failure becomes one sentence in the summary
-            rec.status = "failed"
-            rec.message = _sentence(exc)
-            logger.debug("stage %s failed", name, exc_info=True)
-            if failure is None:
-                failure = StageFailed(name, rec.message)
-                failure.__cause__ = exc
+            if interrupted():  # Ctrl-C that surfaced as another error (e.g. inside ITK): not the data's fault
+                rec.status, rec.message = "interrupted", "interrupted by the user (Ctrl-C)"
+                stop = Interrupted()
+            else:
+                rec.status = "failed"
+                rec.message = _sentence(exc)
+                logger.debug("stage %s failed", name, exc_info=True)
+                if failure is None:
+                    failure = StageFailed(name, rec.message)
+                    failure.__cause__ = exc
         finally:
             rec.seconds = time.perf_counter() - t0
             run.write_summary()
         if stop_after == name and failure is None:
             break
-    if failure is not None:
-        raise failure
-    return run
+    if stop is not None:
+        raise stop
+    return failure
 
 
 def _sentence(exc: Exception) -> str:
@@ -292,6 +367,51 @@ def _sentence(exc: Exception) -> str:
     if isinstance(exc, SmartBiopsyError):
         return text.splitlines()[0]
     return f"unexpected {type(exc).__name__}: {text.splitlines()[0]}"
+
+
+# ====================================================================== acceptance (exit code 3)
+def run_warnings(run: CaseRun) -> list:
+    """The warnings that matter of a run, one sentence each (empty: every step that ran met its acceptance).
+
+    A stage that failed or was interrupted, a registration QA that did not pass, a robot target not reached, a
+    needle tip more than :data:`TIP_TOLERANCE_MM` from its target or an axis more than
+    :data:`ANGLE_TOLERANCE_DEG` off the plan. A run stopped on purpose (no confirmation CT yet) is not one."""
+    out = []
+    for s in run.stages:
+        if s.status in ("failed", "interrupted"):
+            out.append(f"step '{s.name}' {s.status}: {s.message}")
+    qa = None
+    fusion = run.results.get("fusion")
+    if fusion is not None and getattr(fusion, "report", None) is not None:
+        qa = fusion.report.to_dict()
+    if isinstance(qa, dict) and qa.get("passed") is not True:
+        fails = "; ".join(map(str, qa.get("failures") or [])) or "see registration/qa.json"
+        out.append(f"registration QA failed ({fails})")
+    robot = run.results.get("robot")
+    if robot is not None and not getattr(robot, "completed", True):
+        out.append("the robot did not reach every target (robot/session.json)")
+    for t, det, *_rest in run.results.get("samples") or []:
+        out += needle_warnings(det, getattr(t, "target", "?"))
+    return out
+
+
+def needle_warnings(det, target: str) -> list:
+    """Warnings that matter of one needle detection: tip error or axis angle over tolerance (non-finite too)."""
+    out = []
+    tip, ang = float(det.tip_error_mm), float(det.angle_deg)
+    if not np.isfinite(tip) or tip > TIP_TOLERANCE_MM:
+        out.append(f"target {target}: needle tip {tip:.1f} mm from the planned target (tolerance "
+                   f"{TIP_TOLERANCE_MM:g} mm)")
+    if not np.isfinite(ang) or ang > ANGLE_TOLERANCE_DEG:
+        out.append(f"target {target}: needle axis {ang:.0f} degrees from the planned direction (tolerance "
+                   f"{ANGLE_TOLERANCE_DEG:g} degrees)")
+    return out
+
+
+def _acceptance(run: CaseRun) -> dict:
+    warnings = run_warnings(run)
+    return {"met": not warnings, "warnings_that_matter": warnings,
+            "tolerances": {"needle_tip_mm": TIP_TOLERANCE_MM, "needle_angle_deg": ANGLE_TOLERANCE_DEG}}
 
 
 # ====================================================================== stages
@@ -1069,7 +1189,7 @@ def _record_user_case(run: CaseRun) -> str:
     samples = run.results.get("samples") or []
     targets = ", ".join(t.target for t, *_ in samples) or "none"
     return (f"no specimen pots recorded by the workflow (measured targets: {targets}); the operator records each "
-            f"pot with 'smartbiopsy specimens add --journal J --from-sampling {run.out / 'sampling'}/<target> "
+            f"pot with 'smartbiopsy specimens add --journal J --from-sampling {(run.final_out or run.out) / 'sampling'}/<target> "
             "--pot-id ID --operator NAME'")
 
 

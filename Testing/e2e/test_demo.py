@@ -273,3 +273,120 @@ def test_demo_facts_agree_and_the_scene_shows_one_chosen_path_per_target(demo_di
     seg = scene.GetFirstNodeByName("Tumour and organs at risk").GetSegmentation()
     names = {seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())}
     assert "Tumour" in names and len(names) >= 3
+
+
+# ----------------------------------------------------------------------------------------------- transactional runs
+def test_every_json_output_of_the_demo_is_strictly_valid_json(demo_dir):
+    """No NaN/Infinity in any JSON (or JSON-lines) file the demo writes; the default demo meets every acceptance."""
+    from SmartBiopsyCoreLib.dataio.jsonio import loads_strict
+
+    files = sorted(demo_dir.rglob("*.json")) + sorted(demo_dir.rglob("*.jsonl"))
+    assert len(files) >= 20, files
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        docs = [line for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else [text]
+        for doc in docs:
+            try:
+                loads_strict(doc)
+            except ValueError as exc:
+                raise AssertionError(f"{path.relative_to(demo_dir)} is not strictly valid JSON: {exc}") from None
+    acceptance = json.loads((demo_dir / "summary.json").read_text())["acceptance"]
+    assert acceptance["met"] is True and acceptance["warnings_that_matter"] == []
+
+
+def test_demo_leaves_no_staging_folder_and_names_none(demo_dir):
+    assert not [p.name for p in demo_dir.parent.iterdir() if ".staging-" in p.name]
+    for path in [demo_dir / "summary.json", demo_dir / "report.html", *demo_dir.rglob("*.json")]:
+        assert ".staging-" not in path.read_text(encoding="utf-8", errors="replace"), path
+
+
+def test_failed_rerun_removes_the_earlier_runs_results_instead_of_showing_them(demo_dir, tmp_path):
+    """A re-run into a finished case folder that fails at the fusion must not leave the earlier scene, registration
+    QA ("PASSED"), plan or samples next to a summary that says the fusion failed."""
+    import shutil
+
+    case = tmp_path / "case"
+    shutil.copytree(demo_dir, case, ignore=shutil.ignore_patterns("dicom", "export"))
+    ct = tmp_path / "ct.nrrd"
+    shutil.copy(demo_dir / "phantom" / "ct.nrrd", ct)
+    (case / "operator_notes.txt").write_text("kept: not written by the workflow")
+    assert (case / "scene.mrb").exists() and "PASSED" in (case / "report.html").read_text()
+    proc = smartbiopsy("run", "--ct", ct, "--out", case)
+    assert_clean_error(proc, "fuse", "MRI")
+    summary = json.loads((case / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["stages"]}
+    assert status["load"] == "done" and status["fuse"] == "failed"
+    for stale in ("scene.mrb", "registration", "characterisation", "plan", "robot", "sampling"):
+        assert not (case / stale).exists(), f"{stale} of the earlier run is still in the case folder"
+    assert (case / "specimens" / "journal.jsonl").exists()  # a user's run never removes recorded specimen pots
+    assert "scene.mrb" in summary["output_folder"]["removed"]
+    report = (case / "report.html").read_text()
+    assert "PASSED" not in report
+    assert (case / "inputs" / "ct.nrrd").exists()
+    assert (case / "operator_notes.txt").read_text().startswith("kept")
+    assert not [p.name for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+# A driver that runs the command line unchanged but says on stderr when an ITK registration starts, so the
+# test can press Ctrl-C while SimpleITK is inside Execute.
+_CTRL_C_DRIVER = r"""
+import sys
+import SimpleITK as sitk
+from SmartBiopsyLib.cli.main import main
+
+_execute = sitk.ImageRegistrationMethod.Execute
+
+
+def _announced(self, *args):
+    sys.stderr.write("\nITK-REGISTRATION-RUNNING\n")
+    sys.stderr.flush()
+    return _execute(self, *args)
+
+
+sitk.ImageRegistrationMethod.Execute = _announced
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_inside_the_itk_registration_stops_at_once_with_one_line(demo_dir, tmp_path):
+    """SIGINT while SimpleITK registers: exit 130 with "interrupted; outputs written so far are kept", no traceback,
+    no registration blamed, the finished load step kept (bound 10 s; the measured time is printed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    out = tmp_path / "case"
+    cmd = [sys.executable, "-c", _CTRL_C_DRIVER, "run", "--ct", str(demo_dir / "phantom" / "ct.nrrd"), "--t2",
+           str(demo_dir / "phantom" / "mri_t2.nrrd"), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=cli_env())
+    seen = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "ITK-REGISTRATION-RUNNING" in line:
+                break
+        assert seen and "ITK-REGISTRATION-RUNNING" in seen[-1], "".join(seen)[-2000:]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = "".join(seen) + rest
+    print(f"Ctrl-C inside the ITK registration: exit {proc.returncode} after {elapsed:.2f} s")
+    assert proc.returncode == 130, err[-3000:]
+    assert [line for line in rest.splitlines() if line.strip()][-1] == "interrupted; outputs written so far are kept"
+    assert "Traceback" not in err and "overlap" not in err and "error:" not in rest, err[-3000:]
+    assert elapsed < 10.0, f"took {elapsed:.1f} s to stop"
+    status = {s["name"]: s["status"] for s in json.loads((out / "summary.json").read_text())["stages"]}
+    assert status["load"] == "done" and status["fuse"] == "interrupted" and status["report"] == "skipped"
+    assert (out / "inputs" / "ct.nrrd").exists()

@@ -55,3 +55,18 @@ def test_register_command_reports_missing_file(tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_register_with_failed_qa_exits_3_unless_accepted(phantom_files, tmp_path, capsys):
+    """A registration whose QA fails (FRE limit below the phantom's 0.1 mm) is a warning that matters: exit 3,
+    printed on the console; --accept-warnings gives 0 and still prints it."""
+    _, d = phantom_files
+    args = ["register", "--ct", str(d / "ct.nrrd"), "--mri", str(d / "mri_t2.nrrd"), "--no-refine",
+            "--max-fre-mm", "0.01"]
+    rc = main([*args, "--out", str(tmp_path / "reg")])
+    cap = capsys.readouterr()
+    assert rc == 3, cap.err
+    assert json.loads(cap.out.strip().splitlines()[-1])["passed"] is False
+    assert any(line.startswith("warning: registration QA failed") for line in cap.err.splitlines()), cap.err
+    assert main([*args, "--accept-warnings", "--out", str(tmp_path / "reg2")]) == 0
+    assert "warning: registration QA failed" in capsys.readouterr().err

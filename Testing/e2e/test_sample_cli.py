@@ -140,3 +140,31 @@ def test_refuses_unknown_target_and_broken_plan(case, tmp_path):
     res = smartbiopsy("sample", "--confirm-ct", d / "confirm_ct.nrrd", "--plan", d / "broken.json", "--target", "A",
                       "--out", tmp_path)
     assert_user_error(res, "not valid JSON")
+
+
+def test_sample_with_the_tip_far_from_the_target_exits_3_unless_the_warning_is_accepted(case, tmp_path):
+    """A needle tip 8-9 mm short of the planned target is a warning that matters: printed, recorded in needle.json
+    (strict JSON), exit 3; with --accept-warnings the same run exits 0."""
+    from SmartBiopsyCoreLib.dataio.jsonio import loads_strict
+
+    d, sim, _ = case
+    plan = json.loads((d / "plan.json").read_text())
+    best = next(t for t in plan["trajectories"] if t["rank"] == 1)
+    entry, target = np.asarray(best["entry_ras"]), np.asarray(best["target_ras"])
+    deeper = target + 10.0 * (target - entry) / np.linalg.norm(target - entry)
+    best["target_ras"] = deeper.tolist()
+    plan["trajectories"] = [best]
+    (tmp_path / "plan_deep.json").write_text(json.dumps(plan))
+    args = ("sample", "--confirm-ct", d / "confirm_ct.nrrd", "--plan", tmp_path / "plan_deep.json", "--target", "A",
+            "--mode", "tip-distal")
+    res = smartbiopsy(*args, "--out", tmp_path / "out")
+    assert res.returncode == 3, res.stderr
+    assert "Traceback" not in res.stderr
+    warned = [line for line in res.stderr.splitlines() if line.startswith("warning: target A: needle tip")]
+    assert warned and "tolerance 5 mm" in warned[0], res.stderr
+    needle = loads_strict((tmp_path / "out" / "needle.json").read_text())
+    assert needle["tip_error_mm"] > 5.0 and needle["acceptance"]["met"] is False
+    loads_strict((tmp_path / "out" / "notch_values.json").read_text())
+    ok = smartbiopsy(*args, "--accept-warnings", "--out", tmp_path / "out2")
+    assert ok.returncode == 0, ok.stderr
+    assert any(line.startswith("warning: target A: needle tip") for line in ok.stderr.splitlines())

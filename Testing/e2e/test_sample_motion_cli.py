@@ -58,7 +58,9 @@ def test_sample_corrects_patient_motion_with_the_planning_ct(shifted_case, tmp_p
 def test_sample_names_uncorrected_motion(shifted_case, tmp_path):
     d, conf = shifted_case
     res = _sample(d, tmp_path / "out", "--planning-ct", d / "planning.nrrd", "--no-motion-correction")
-    assert res.returncode == 0, res.stderr[-2000:]
+    # the uncorrected 5 mm motion puts the measured tip more than 5 mm from the target: a warning that matters
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert "warning: target A: needle tip" in res.stderr
     assert "warning: the patient moved 5.0 mm" in res.stderr
     needle = json.loads((tmp_path / "out" / "needle.json").read_text())
     assert any("the patient moved 5.0 mm" in w for w in needle["warnings"])
@@ -67,8 +69,9 @@ def test_sample_names_uncorrected_motion(shifted_case, tmp_path):
 
 def test_sample_without_planning_ct_says_motion_was_not_checked(shifted_case, tmp_path):
     d, _ = shifted_case
-    res = _sample(d, tmp_path / "out")
+    res = _sample(d, tmp_path / "out", "--accept-warnings")  # the unchecked 5 mm motion leaves the tip > 5 mm off
     assert res.returncode == 0, res.stderr[-2000:]
+    assert "warning: target A: needle tip" in res.stderr
     assert "patient motion between the planning CT and this confirmation CT was not checked" in res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["patient_motion"] == "not checked"

@@ -5,13 +5,13 @@ Takes the scene explicitly and returns the node it creates (owned by the scene);
 """
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 
 from RegistrationFusionLib.capsules.detection import CapsuleDetection
 from RegistrationFusionLib.errors import RegistrationFusionError
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def add_capsule_fiducials(scene, detection: CapsuleDetection, name: str = "Capsu
             node.SetNthControlPointLocked(idx, bool(locked))
         summary = detection.to_dict()
         summary.pop("rejected", None)
-        node.SetAttribute("SmartBiopsy.CapsuleDetection", json.dumps(summary))
+        node.SetAttribute("SmartBiopsy.CapsuleDetection", jsonio.dumps(summary))
         node.SetAttribute("SmartBiopsy.Modality", detection.modality)
     finally:
         node.EndModify(was)

@@ -310,7 +310,10 @@ def register_intensity(ct: RasVolume, mri: RasVolume, *, grid_mm: float = 3.0, b
         evaluator.SetInitialTransform(itk_from_ras(m_ras))
         try:
             return -float(evaluator.MetricEvaluate(fixed, moving))
-        except RuntimeError:  # no overlap at all
+        except RuntimeError:  # no overlap at all (or Ctrl-C inside ITK, which stops here)
+            from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+            raise_if_interrupted()
             return float("-inf")
 
     def run(m_ras, levels, sigmas, its):
@@ -326,9 +329,14 @@ def register_intensity(ct: RasVolume, mri: RasVolume, *, grid_mm: float = 3.0, b
         reg.SetShrinkFactorsPerLevel(list(levels))
         reg.SetSmoothingSigmasPerLevel(list(sigmas))
         reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        from SmartBiopsyCoreLib.interruption import run_itk
+
         try:
-            out = reg.Execute(fixed, moving)
+            out = run_itk(reg, fixed, moving)  # = reg.Execute(fixed, moving), stopped at once by Ctrl-C
         except RuntimeError as exc:
+            from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+            raise_if_interrupted()  # Ctrl-C inside ITK: stop, do not try the next start
             logger.debug("start failed: %s", str(exc).splitlines()[-1][:120])
             return m_ras, 0
         return ras_from_itk(out), int(reg.GetOptimizerIteration())

@@ -223,13 +223,18 @@ def _run_stage(reg, fixed, moving, name, progress, should_cancel, lo, hi):
         if progress is not None:
             progress(lo + (hi - lo) * min(1.0, reg.GetOptimizerIteration() / 100.0), f"{name} refinement")
 
+    from SmartBiopsyCoreLib.interruption import run_itk
+
     reg.RemoveAllCommands()
     reg.AddCommand(sitk.sitkIterationEvent, on_iter)
     try:
-        out = reg.Execute(fixed, moving)
+        out = run_itk(reg, fixed, moving)  # = reg.Execute(fixed, moving), stopped at once by Ctrl-C
     except RefinementCancelled:
         raise
     except RuntimeError as exc:
+        from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+        raise_if_interrupted()  # Ctrl-C inside ITK may arrive as a RuntimeError: never blame the data for it
         raise RegistrationFusionError(
             f"the {name} intensity registration failed ({str(exc).splitlines()[-1][:120]}); "
             "check that the CT and MRI overlap, or use the landmark result") from None

@@ -36,6 +36,7 @@ from scipy import ndimage
 from SmartBiopsyCoreLib.geometry import RasVolume, resample
 from SmartBiopsyCoreLib.errors import CancelledError, InputDataError, SmartBiopsyError  # noqa: F401
 from SmartBiopsyCoreLib.progress import check_cancel, report
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -384,7 +385,6 @@ def adc_qc(adc: RasVolume) -> dict:
 
 def write_ef_qc(ef: RasVolume, path) -> str:
     """Write how an EF map was made (definition, tissue mask, DCE frames used and why) as JSON; returns the path."""
-    import json
     import os
 
     m = dict(ef.meta or {})
@@ -393,18 +393,17 @@ def write_ef_qc(ef: RasVolume, path) -> str:
     doc = {"source": "computed" if "definition" in m else "imported"} | {k: m[k] for k in keys if k in m}
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     with open(path, "w") as fh:
-        json.dump(doc, fh, indent=1, default=float)
+        fh.write(jsonio.dumps(doc, with_reasons=True, indent=1))
     return os.fspath(path)
 
 
 def write_adc_qc(adc: RasVolume, path) -> str:
     """Write :func:`adc_qc` of ``adc`` as JSON to ``path``; returns the path."""
-    import json
     import os
 
     os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     with open(path, "w") as fh:
-        json.dump(adc_qc(adc), fh, indent=1)
+        fh.write(jsonio.dumps(adc_qc(adc), with_reasons=True, indent=1))
     return os.fspath(path)
 
 

@@ -19,7 +19,6 @@ because then a core could leave the region. The signature is the mean/SD of each
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from scipy import ndimage
 
 from SmartBiopsyCoreLib.geometry import RasVolume
 from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +260,6 @@ def write_targets_json(targets: list[Target], path) -> str:
             return [clean(v) for v in o]
         return o
 
-    path.write_text(json.dumps({"frame": "RAS", "units": "mm", "targets": [clean(t.to_dict()) for t in targets]},
+    path.write_text(jsonio.dumps({"frame": "RAS", "units": "mm", "targets": [clean(t.to_dict()) for t in targets]},
                                indent=2))
     return str(path)

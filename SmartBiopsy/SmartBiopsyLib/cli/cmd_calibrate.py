@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from SmartBiopsyCoreLib.dataio import jsonio
 
 
 def register(subparsers) -> None:
@@ -78,7 +79,7 @@ def run(args) -> int:
     summary = {"passed": result.passed, "model": model.name, "residual_rms_mm": round(result.rms_mm, 4),
                "predicted_error_p95_mm": {k: round(v, 3) for k, v in result.target_errors.items()},
                "files": {**paths, "picture": pic}}
-    print(json.dumps(summary))
+    print(jsonio.dumps(summary))
     if not result.passed:
         failed = [k for k, c in result.checks.items() if not c["passed"]]
         print(f"warning: robot calibration failed its QA ({', '.join(failed)}); no calibration.json was written, "

@@ -1,8 +1,8 @@
 """``smartbiopsy capsules IMAGE --modality ct|mr [--json]``: find the skin capsules in a CT or an MRI."""
 from __future__ import annotations
 
-import json
 import sys
+from SmartBiopsyCoreLib.dataio import jsonio
 
 
 def register(subparsers) -> None:
@@ -65,7 +65,7 @@ def run(args) -> int:
     det = detect_capsules(volume, args.modality, params=params or None, progress=bar)
     bar(1.0, f"{len(det)} capsules")
     if args.json:
-        print(json.dumps(det.to_dict(), indent=1), file=sys.stdout)
+        print(jsonio.dumps(det.to_dict(), indent=1), file=sys.stdout)
     else:
         for row in det.to_dict()["capsules"]:
             r, a, s = row["centre_ras"]

@@ -12,7 +12,6 @@ RAS, as a smartbiopsy.transform/1 JSON or an ITK/Slicer transform file), otherwi
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def run(args) -> int:
                                                out / "radiomics.csv")
     summary = {"tumour": size.to_dict(), "habitats": res.to_dict(), "targets": [t.to_dict() for t in ts],
                "grids": how, "adc_qc": maps.adc_qc(adc)}
-    (out / "characterisation.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "characterisation.json").write_text(jsonio.dumps(summary, with_reasons=True, indent=2, default=float))
     for msg in list(res.missing.values()) + size.notes:
         print(f"note: {msg}")
     for t in ts:

@@ -31,6 +31,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +268,6 @@ def run(args) -> int:
     result["input"] = str(args.csv)
     paths = write_outputs(Path(args.out), summary, result)
     logger.info("cohort: %d participants, %d sites -> %s", result["n_participants"], result["n_sites"], args.out)
-    print(json.dumps({"participants": result["n_participants"], "sites": result["n_sites"], "maps": maps,
+    print(jsonio.dumps({"participants": result["n_participants"], "sites": result["n_sites"], "maps": maps,
                       "pathology": pathology, "files": [str(p) for p in paths]}), file=sys.stdout)
     return 0

@@ -45,6 +45,9 @@ def register(subparsers) -> None:
                         "CT; the true displacement is written to phantom/truth/displacement_ct.nrrd")
     p.add_argument("--notch-mode", choices=("side-notch", "tip-distal"), default="side-notch",
                    help="notch region sampled: side-notch (default; the needle's side notch) or tip-distal")
+    from SmartBiopsyLib.cli.main import add_accept_warnings
+
+    add_accept_warnings(p)
     p.set_defaults(func=run_demo)
 
     r = subparsers.add_parser("run", help="the procedure on a user's case (stops at the first failing step)",
@@ -91,24 +94,37 @@ def register(subparsers) -> None:
     r.add_argument("--no-motion-correction", action="store_true",
                    help="report patient motion but do not correct the needle position for it")
     r.add_argument("--out", required=True, help="output folder (created): summary.json, report.html, scene.mrb, run.log")
+    add_accept_warnings(r)
     r.set_defaults(func=run_user)
 
 
 # ---------------------------------------------------------------------------------------------- demo
 def run_demo(args) -> int:
-    from SmartBiopsyLib.cli.main import ProgressBar
-    from SmartBiopsyCoreLib.dataio.imageio import load_image
-    from SmartBiopsyCoreLib.phantom.sarcoma import B_VALUES, generate_phantom
-    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, run_case
+    from SmartBiopsyCoreLib.dataio.outdir import OutputFolder
+    from SmartBiopsyLib.workflow import RUN_OUTPUTS
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(out, owned=RUN_OUTPUTS)  # refused before any work when it cannot be written
+    stage = folder.begin()
+    try:
+        return _run_demo_staged(args, out, folder, stage)
+    finally:
+        if folder.staging is not None:  # stopped before the workflow took the outputs over
+            folder.commit()
+
+
+def _run_demo_staged(args, out: Path, folder, stage: Path) -> int:
+    from SmartBiopsyLib.cli.main import ProgressBar, finish_with_warnings
+    from SmartBiopsyCoreLib.dataio.imageio import load_image
+    from SmartBiopsyCoreLib.phantom.sarcoma import B_VALUES, generate_phantom
+    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, run_case, run_warnings
+
     t0 = time.perf_counter()
     bar = ProgressBar("phantom")
     deformation = bool(getattr(args, "deformation", False))
     case = generate_phantom(args.seed, deformation=deformation, progress=lambda f, m: bar(0.7 * f, m),
                             robot_frame=DEMO_ROBOT_FRAME, disk_cache=not getattr(args, "no_phantom_cache", False))
-    src = out / "phantom"
+    src = stage / "phantom"
     case.write(src, dicom=args.dicom, progress=lambda f, m: bar(0.7 + 0.3 * f, m))
     bar(1.0, f"seed {args.seed}")
     t_phantom = time.perf_counter() - t0
@@ -140,43 +156,55 @@ def run_demo(args) -> int:
                          auto_confirm=True, robot="simulator", synthetic_pathology=True, seed=args.seed,
                          robot_frame_model=DEMO_ROBOT_FRAME,
                          demo_confirmation=True, export=True, export_accession=f"SIMULATED-{args.seed:04d}")
-    run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
-    _print_summary(run, extra=[("phantom", t_phantom, f"seed {args.seed}, written to {src}"),
+    run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name), output_folder=folder)
+    _print_summary(run, extra=[("phantom", t_phantom, f"seed {args.seed}, written to {out / 'phantom'}"),
                                ("read back", t_load, "volumes read back from " + ("DICOM" if args.dicom else "NRRD"))])
-    return 0
+    return finish_with_warnings(run_warnings(run), bool(getattr(args, "accept_warnings", False)))
 
 
 # ---------------------------------------------------------------------------------------------- run
 def run_user(args) -> int:
     """``run``: load (a case folder and/or explicit inputs), then every stage. ``summary.json`` is written
     whatever happens: by the workflow once the stages run, by :func:`_fail_load` when loading stops."""
+    from SmartBiopsyCoreLib.dataio.outdir import OutputFolder
+    from SmartBiopsyLib.workflow import USER_RUN_OUTPUTS
+
+    out = Path(args.out)
+    folder = OutputFolder(out, owned=USER_RUN_OUTPUTS)  # refused before any work when it cannot be written
+    stage = folder.begin()
+    try:
+        return _run_user_staged(args, out, folder, stage)
+    finally:
+        if folder.staging is not None:  # stopped while loading, before the workflow took the outputs over
+            folder.commit()
+
+
+def _run_user_staged(args, out: Path, folder, stage: Path) -> int:
     from SmartBiopsyCoreLib.errors import SmartBiopsyError
     from SmartBiopsyLib.workflow import StageFailed
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     vols = {}
     intake = None
     if args.case:
         try:
             roles, intake = _recognise_case_folder(args.case)
         except SmartBiopsyError as exc:
-            _fail_load(out, str(exc), {"path": str(args.case), "used": {}, "skipped": []})
+            _fail_load(stage, str(exc), {"path": str(args.case), "used": {}, "skipped": []})
         vols.update(roles)
         _print_intake(intake)
     try:
-        return _run_user_loaded(args, out, vols, intake)
+        return _run_user_loaded(args, out, vols, intake, folder)
     except StageFailed:
         raise
     except SmartBiopsyError as exc:
-        _fail_load(out, str(exc), intake)
+        _fail_load(stage, str(exc), intake)
 
 
-def _run_user_loaded(args, out, vols, intake) -> int:
-    from SmartBiopsyLib.cli.main import ProgressBar
+def _run_user_loaded(args, out, vols, intake, folder=None) -> int:
+    from SmartBiopsyLib.cli.main import ProgressBar, finish_with_warnings
     from SmartBiopsyCoreLib.errors import InputDataError
     from SmartBiopsyCoreLib.dataio.imageio import load_image
-    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, StageFailed, run_case
+    from SmartBiopsyLib.workflow import CaseInputs, RunOptions, StageFailed, run_case, run_warnings
     confirm_cts = [{"target": None, "ct": v, "source": f"--case series '{v.name}'"} for v in vols.pop("confirm_cts", [])]
     confirm_cts += _load_confirm_cts(args.confirm_ct)
 
@@ -226,7 +254,7 @@ def _run_user_loaded(args, out, vols, intake) -> int:
                          robot_frame_model=args.robot_frame_model, motion_tolerance_mm=float(args.motion_tolerance),
                          correct_motion=not args.no_motion_correction)
     try:
-        run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name))
+        run = run_case(inputs, out, options, progress_factory=lambda name: ProgressBar(name), output_folder=folder)
     except StageFailed as exc:
         print(f"stopped at step '{exc.stage}'; outputs of the finished steps are in {out}", file=sys.stderr)
         raise
@@ -234,7 +262,7 @@ def _run_user_loaded(args, out, vols, intake) -> int:
     if run.stopped is not None:
         print(f"stopped at step '{run.stopped[0]}': {run.stopped[1]}; summary.json and report.html are in {out}",
               file=sys.stderr)
-    return 0
+    return finish_with_warnings(run_warnings(run), bool(getattr(args, "accept_warnings", False)))
 
 
 def _load_confirm_cts(items) -> list:

@@ -8,8 +8,8 @@ scene bundle.
 """
 from __future__ import annotations
 
-import json
 import sys
+from SmartBiopsyCoreLib.dataio import jsonio
 
 
 def register(subparsers) -> None:
@@ -54,7 +54,7 @@ def run(args) -> int:
     if args.mrb:
         save_scene_bundle(rt.scene, args.mrb, rt.app_logic)
     if args.json:
-        print(json.dumps({"volumes": rows, "time_series": series_rows, "skipped": skipped, "mrb": args.mrb},
+        print(jsonio.dumps({"volumes": rows, "time_series": series_rows, "skipped": skipped, "mrb": args.mrb},
                          indent=1))
     else:
         for r in rows:

@@ -1,9 +1,9 @@
 """``smartbiopsy phantom --out DIR [--seed N] [--deformation] [--no-dicom]``: write the digital phantom case."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+from SmartBiopsyCoreLib.dataio import jsonio
 
 
 def register(subparsers) -> None:
@@ -37,5 +37,5 @@ def run(args) -> int:
         "mri_shape_kji": list(case.mri["t2"].shape_kji), "files": len(paths),
         "generation_s": round(case.timings["total_s"], 1),
     }
-    print(json.dumps(summary), file=sys.stdout)
+    print(jsonio.dumps(summary), file=sys.stdout)
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from SmartBiopsyCoreLib.dataio import jsonio
 
 
 def register(subparsers) -> None:
@@ -193,7 +194,7 @@ def run(args) -> int:
         if td["name"] in hits:
             td["hit_probability"] = hits[td["name"]]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(plan_doc, indent=1))
+    (out / "plan.json").write_text(jsonio.dumps(plan_doc, with_reasons=True, indent=1))
     skin_path = skinmap.write_skin_model(skinmap.skin_model(result), out / "skin_accessibility.vtp")
     bar(1.0, "written")
     best = {t.target: t.name for t in result.trajectories if t.rank == 1}
@@ -202,5 +203,5 @@ def run(args) -> int:
                "plan_s": round(sum(result.timings_s.values()), 2), "skin_model": skin_path}
     if hits:
         summary["hit_probability"] = {name: hits[name]["probability"] for name in best.values() if name in hits}
-    print(json.dumps(summary), file=sys.stdout)
+    print(jsonio.dumps(summary), file=sys.stdout)
     return 0

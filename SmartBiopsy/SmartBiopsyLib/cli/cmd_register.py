@@ -11,9 +11,9 @@ intermediate result) and ``fusion_checkerboard.png`` / ``fusion_overlay.png``.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+from SmartBiopsyCoreLib.dataio import jsonio
 
 
 def register(subparsers) -> None:
@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                         "(default 45; 0 disables the prior)")
     p.add_argument("--max-fre-mm", type=float, default=2.0, help="QA limit for the FRE (default 2 mm)")
     p.add_argument("--max-tre-mm", type=float, default=3.0, help="QA limit for predicted TRE at targets (default 3 mm)")
+    from SmartBiopsyLib.cli.main import add_accept_warnings
+
+    add_accept_warnings(p)
     p.set_defaults(func=run)
 
 
@@ -88,7 +91,7 @@ def run(args) -> int:
         # the refusal is recorded (qa.json, registration.json); no transform is written
         if getattr(exc, "result", None) is not None:
             qa.build_intensity_report(exc.result, targets, thresholds).write_json(out / "qa.json")
-            (out / "registration.json").write_text(json.dumps(qa._clean(exc.result.to_dict()), indent=1,
+            (out / "registration.json").write_text(jsonio.dumps(qa._clean(exc.result.to_dict()), with_reasons=True, indent=1,
                                                               default=qa._json_default))
         raise
     if isinstance(result, IntensityFusion):
@@ -103,8 +106,12 @@ def run(args) -> int:
         "predicted_tre_mm": {t.name: round(t.predicted_tre_mm, 3) for t in rep.targets},
         "notes": rep.notes,
     }
-    print(json.dumps(summary), file=sys.stdout)
-    return 0
+    print(jsonio.dumps(summary), file=sys.stdout)
+    sys.stdout.flush()
+    from SmartBiopsyLib.cli.main import finish_with_warnings
+
+    matter = [] if rep.passed else [f"registration QA failed ({'; '.join(map(str, rep.failures)) or 'see qa.json'})"]
+    return finish_with_warnings(matter, bool(getattr(args, "accept_warnings", False)))
 
 
 def _write_outputs(result, ct, mri, targets, out: Path, bar, source: str, resample_with) -> None:
@@ -132,7 +139,7 @@ def _write_outputs(result, ct, mri, targets, out: Path, bar, source: str, resamp
     pics = qa.write_fusion_pictures(ct, on_ct, point, out)
     result.report.pictures = {k: Path(v).name for k, v in pics.items()}
     result.report.write_json(out / "qa.json")
-    (out / "registration.json").write_text(json.dumps(result.to_dict(), indent=1, default=qa._json_default))
+    (out / "registration.json").write_text(jsonio.dumps(result.to_dict(), with_reasons=True, indent=1, default=qa._json_default))
     bar(1.0, "done")
 
 
@@ -146,5 +153,5 @@ def _write_intensity(result, ct, mri, targets, out: Path, bar) -> int:
         "error_estimate_mm": round(res.error_estimate_mm, 2), "agreeing_starts": res.n_agreeing,
         "prior": res.prior, "capsules": result.fallback_reason, "seconds": round(res.seconds, 1), "notes": rep.notes,
     }
-    print(json.dumps(summary), file=sys.stdout)
+    print(jsonio.dumps(summary), file=sys.stdout)
     return 0

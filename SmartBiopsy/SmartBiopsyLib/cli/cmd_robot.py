@@ -19,11 +19,11 @@
 """
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
 from pathlib import Path
+from SmartBiopsyCoreLib.dataio import jsonio
 
 
 def register(subparsers) -> None:
@@ -131,7 +131,7 @@ def run_sim(args) -> int:
         sim.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print(json.dumps({"robot_sim": sim.summary(), "rejected": [r.to_dict() for r in sim.rejections]}), flush=True)
+    print(jsonio.dumps({"robot_sim": sim.summary(), "rejected": [r.to_dict() for r in sim.rejections]}), flush=True)
     return 0
 
 
@@ -201,5 +201,5 @@ def run_send(args) -> int:
     unreachable = [t for t in result.targets if t.state == "unreachable"]
     for t in unreachable:
         print(f"target {t.name} unreachable: {t.robot_status}", file=sys.stderr)
-    print(json.dumps(result.to_dict()))
+    print(jsonio.dumps(result.to_dict()))
     return 3 if unreachable else 0

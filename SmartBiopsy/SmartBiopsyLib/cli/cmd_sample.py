@@ -51,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-motion-correction", action="store_true",
                    help="only report patient motion, do not correct for it")
     p.add_argument("--out", required=True, help="output folder (created)")
+    from SmartBiopsyLib.cli.main import add_accept_warnings
+
+    add_accept_warnings(p)
     p.set_defaults(func=run)
 
 
@@ -208,11 +211,21 @@ def run(args) -> int:
         values = sample_maps(roi, maps, mri_to_ct, progress=lambda f, m: bar(0.8 + 0.19 * f, m))
     bar(1.0, "done")
 
-    out.mkdir(parents=True, exist_ok=True)
+    from SmartBiopsyCoreLib.dataio.jsonio import dumps, write_json
+    from SmartBiopsyCoreLib.dataio.outdir import OutputFolder
+    from SmartBiopsyLib.cli.main import finish_with_warnings
+    from SmartBiopsyLib.workflow import ANGLE_TOLERANCE_DEG, TIP_TOLERANCE_MM, needle_warnings
+
+    matter = needle_warnings(det, args.target)
+    folder = OutputFolder(out, owned=("needle.json", "notch_values.json"))
+    stage = folder.begin()  # both files replace the previous ones together, only once both are written
     needle_doc = det.to_dict()
     needle_doc.update({"needle_model": needle, "confirmation_ct": str(args.confirm_ct), "plan": str(args.plan),
-                       "patient_motion": None if motion is None else motion.to_dict()})
-    (out / "needle.json").write_text(json.dumps(needle_doc, indent=2), encoding="utf-8")
+                       "patient_motion": None if motion is None else motion.to_dict(),
+                       "acceptance": {"met": not matter, "warnings_that_matter": matter,
+                                      "tolerances": {"needle_tip_mm": TIP_TOLERANCE_MM,
+                                                     "needle_angle_deg": ANGLE_TOLERANCE_DEG}}})
+    write_json(stage / "needle.json", needle_doc, indent=2)
     if values is not None:
         doc = values.to_dict()
         doc["maps_files"] = map_paths
@@ -221,11 +234,13 @@ def run(args) -> int:
         doc["warnings"] = list(doc.get("warnings") or []) + warnings
     else:
         doc = {"target_name": args.target, "roi": roi.to_dict(), "maps": {}, "warnings": ["no maps were given"]}
-    (out / "notch_values.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    write_json(stage / "notch_values.json", doc, indent=2)
+    folder.commit()
     summary = {"target": args.target, "tip_ras": needle_doc["tip_ras"], "lateral_error_mm": needle_doc["lateral_error_mm"],
                "depth_error_mm": needle_doc["depth_error_mm"], "angle_deg": needle_doc["angle_deg"], "mode": args.mode,
                "means": {} if values is None else {k: round(v.mean, 3) for k, v in values.maps.items()},
                "patient_motion": "not checked" if motion is None else motion.summary(), "warnings": warnings,
-               "out": str(out)}
-    print(json.dumps(summary), file=sys.stdout)
-    return 0
+               "warnings_that_matter": matter, "out": str(out)}
+    print(dumps(summary), file=sys.stdout)
+    sys.stdout.flush()
+    return finish_with_warnings(matter, bool(getattr(args, "accept_warnings", False)))

@@ -29,6 +29,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from SmartBiopsyCoreLib.dataio import jsonio
 
 
 def register(subparsers) -> None:
@@ -134,13 +135,13 @@ def run(args) -> int:
         with SpecimenJournal(journal_path, create=True) as j:
             for rec in records:
                 saved = j.append_specimen(rec)
-                print(json.dumps({"recorded": saved.pot_id, "region": saved.region, "time_utc": saved.time_utc}), flush=True)
+                print(jsonio.dumps({"recorded": saved.pot_id, "region": saved.region, "time_utc": saved.time_utc}), flush=True)
         return 0
     with SpecimenJournal(journal_path, create=False) as j:
         if action == "export":
             maps = [m.strip() for m in args.maps.split(",") if m.strip()] or None
             out = j.export_csv(Path(args.csv), maps=maps)
-            print(json.dumps({"exported": len(j.specimens), "csv": str(out)}))
+            print(jsonio.dumps({"exported": len(j.specimens), "csv": str(out)}))
         elif action == "import-pathology":
             amap = None
             if getattr(args, "accessions", None):
@@ -148,8 +149,8 @@ def run(args) -> int:
 
                 amap = read_accession_map(Path(args.accessions))
             rep = j.import_pathology_csv(Path(args.csv), accession_map=amap)
-            print(json.dumps(rep.to_dict()))
+            print(jsonio.dumps(rep.to_dict()))
         elif action == "show":
-            json.dump(j.state.to_dict(), sys.stdout, indent=1, sort_keys=True)
+            sys.stdout.write(jsonio.dumps(j.state.to_dict(), indent=1, sort_keys=True))
             sys.stdout.write("\n")
     return 0

@@ -15,6 +15,7 @@ import json
 import logging
 
 from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ def export_case(case_dir, out_dir, *, source_folders=None, risk_labelmaps=None, 
     for o in res.objects:
         if o.kind in ("seg", "pm", "sr"):
             o.path = f"dicom/{o.path}"
-    (out_dir / MANIFEST).write_text(json.dumps(res.to_dict(), indent=1, default=str), encoding="utf-8")
+    (out_dir / MANIFEST).write_text(jsonio.dumps(res.to_dict(), with_reasons=True, indent=1, default=str), encoding="utf-8")
     progress(1.0, res.sentence())
     return res
 

@@ -16,6 +16,7 @@ import logging
 
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyLib.export.common import ExportedObject, need_fhir
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def write_specimens(resources: list[dict], out_dir) -> list[ExportedObject]:
     rows = []
     for res in resources:
         p = out_dir / f"Specimen-{res['id']}.json"
-        p.write_text(json.dumps(res, indent=1), encoding="utf-8")
+        p.write_text(jsonio.dumps(res, indent=1), encoding="utf-8")
         acc = (res.get("accessionIdentifier") or {}).get("value", "")
         pot = res["identifier"][0]["value"]
         objs.append(ExportedObject(kind="fhir", path=f"fhir/{p.name}", description=f"FHIR R5 Specimen {pot}",
@@ -114,7 +115,7 @@ def write_specimens(resources: list[dict], out_dir) -> list[ExportedObject]:
             rows.append((acc, pot))
     bundle = {"resourceType": "Bundle", "type": "collection",
               "entry": [{"fullUrl": f"urn:uuid:{_uuid(r['id'])}", "resource": r} for r in resources]}
-    (out_dir / "specimens-bundle.json").write_text(json.dumps(bundle, indent=1), encoding="utf-8")
+    (out_dir / "specimens-bundle.json").write_text(jsonio.dumps(bundle, indent=1), encoding="utf-8")
     if rows:
         with (out_dir / ACCESSION_MAP).open("w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)

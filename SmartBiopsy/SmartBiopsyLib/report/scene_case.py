@@ -117,13 +117,9 @@ def _json_default(o):
 def write_json(path: Path, data) -> Path:
     """JSON as the workflow writes it (numpy values as lists/numbers, written atomically). The workflow module
     itself is not imported here: it needs the POSIX-only ``resource`` module, and this runs in desktop Slicer."""
-    import json
+    from SmartBiopsyCoreLib.dataio.jsonio import write_json as _write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    tmp.replace(path)
-    return path
+    return _write_json(path, data)
 
 
 def _matrix(transform_node):

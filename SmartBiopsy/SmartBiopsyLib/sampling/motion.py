@@ -247,7 +247,9 @@ def _refine_near_target(planning_ct: RasVolume, confirmation_ct: RasVolume, init
     reg.SetSmoothingSigmasPerLevel([1.5, 0.7])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(tx, inPlace=True)
-    reg.Execute(fixed, mov)
+    from SmartBiopsyCoreLib.interruption import run_itk
+
+    run_itk(reg, fixed, mov)  # = reg.Execute(fixed, mov), stopped at once by Ctrl-C
     a = np.eye(4)
     a[:3, 3] = np.asarray(tx.GetOffset())          # planning -> corrected-confirmation points, LPS
     local = np.linalg.inv(lps_to_ras_matrix(a))    # corrected-confirmation -> planning, RAS

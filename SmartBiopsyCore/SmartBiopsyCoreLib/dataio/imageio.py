@@ -20,6 +20,7 @@ from SmartBiopsyCoreLib.geometry import RasVolume
 
 from SmartBiopsyCoreLib.dataio import dicomio
 from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ def _load_file(path: str, require_3d: bool) -> RasVolume:
         reader.ReadImageInformation()
         img = reader.Execute()
     except RuntimeError as exc:
+        from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+        raise_if_interrupted()  # Ctrl-C while reading: not a corrupt file
         raise InputDataError(f"{path} could not be read as an image (the file is corrupt, truncated or not a "
                              f"{image_extension(path)} image); check the file") from exc
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -124,11 +128,14 @@ def save_image(volume: RasVolume, path, compress: bool = True) -> str:
                              f"(DICOM is written with write_dicom_series)")
     img = volume.to_sitk()
     if ext in (".nrrd", ".nhdr", ".mha", ".mhd") and volume.meta:
-        img.SetMetaData(_META_KEY, json.dumps(volume.meta, default=str))
+        img.SetMetaData(_META_KEY, jsonio.dumps(volume.meta, default=str))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         sitk.WriteImage(img, path, compress)
     except RuntimeError as exc:
+        from SmartBiopsyCoreLib.interruption import raise_if_interrupted
+
+        raise_if_interrupted()  # Ctrl-C while writing: not a full disk
         raise InputDataError(f"could not write {path} ({str(exc).strip().splitlines()[-1][:120]}); "
                              f"check the folder is writable and has space") from exc
     return path

@@ -27,6 +27,7 @@ import numpy as np
 
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyCoreLib.geometry import lps_to_ras_matrix, ras_to_lps_matrix
+from SmartBiopsyCoreLib.dataio import jsonio
 
 SCHEMA = "smartbiopsy.transform/1"
 MATRIX_KEY = "matrix_mri_to_ct_ras"
@@ -78,7 +79,7 @@ def transform_document(matrix_mri_to_ct_ras, source: str) -> dict:
 def write_transform_json(path, matrix_mri_to_ct_ras, source: str) -> Path:
     """Write ``path`` in the ``smartbiopsy.transform/1`` schema; returns the path."""
     path = Path(path)
-    path.write_text(json.dumps(transform_document(matrix_mri_to_ct_ras, source), indent=1), encoding="utf-8")
+    path.write_text(jsonio.dumps(transform_document(matrix_mri_to_ct_ras, source), indent=1), encoding="utf-8")
     return path
 
 

@@ -14,6 +14,7 @@ import logging
 import numpy as np
 
 from SmartBiopsyCoreLib.geometry import RasVolume, array_from_vtk_matrix, vtk_matrix
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def add_volume_node(scene, volume: RasVolume, name: str | None = None, label: bo
             continue
         node.SetAttribute(META_ATTRIBUTES.get(key, f"SmartBiopsy.{key}"), _meta_text(value))
     if volume.meta:
-        node.SetAttribute(META_JSON_ATTRIBUTE, json.dumps(volume.meta, default=str))
+        node.SetAttribute(META_JSON_ATTRIBUTE, jsonio.dumps(volume.meta, default=str))
     logger.debug("added %s '%s' %s", cls, node.GetName(), array.shape[::-1])
     return node
 

@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from SmartBiopsyCoreLib.geometry import RasVolume, perpendicular
 from SmartBiopsyCoreLib.phantom import sarcoma as _s
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +273,6 @@ def write_confirmation(conf: PhantomConfirmation, out_dir, *, dicom: bool = True
     its truth (``out_dir/truth.json``). The series is acquired ``minutes_after_planning`` after the phantom's
     planning CT (which the phantom writes at 12:00) and described as a confirmation CT."""
     import datetime as _dt
-    import json
     from pathlib import Path
 
     out = Path(out_dir)
@@ -293,6 +293,6 @@ def write_confirmation(conf: PhantomConfirmation, out_dir, *, dicom: bool = True
 
         save_image(conf.ct, out / "ct.nrrd")
         paths["ct"] = str(out / "ct.nrrd")
-    (out / "truth.json").write_text(json.dumps(conf.truth.to_dict(), indent=1))
+    (out / "truth.json").write_text(jsonio.dumps(conf.truth.to_dict(), with_reasons=True, indent=1))
     paths["truth"] = str(out / "truth.json")
     return paths

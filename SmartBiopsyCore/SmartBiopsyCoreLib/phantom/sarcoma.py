@@ -36,7 +36,6 @@ default ``"HFS"`` is the case above, unchanged.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -47,6 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 from SmartBiopsyCoreLib.geometry import RasVolume, make_grid
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -542,7 +542,7 @@ class PhantomCase:
             paths["truth_displacement"] = str(out / "truth" / "displacement_ct.nrrd")
         truth = self.truth.to_dict()
         truth.update({"seed": self.seed, "phantom_version": PHANTOM_VERSION})
-        (out / "truth" / "truth.json").write_text(json.dumps(truth, indent=1))
+        (out / "truth" / "truth.json").write_text(jsonio.dumps(truth, with_reasons=True, indent=1))
         paths["truth_json"] = str(out / "truth" / "truth.json")
         if progress:
             progress(0.5, "writing DICOM series")
@@ -783,7 +783,7 @@ def _disk_cache_path(key) -> Path | None:
     if folder is None:
         return None
     fp = phantom_generator_fingerprint()
-    spec = json.dumps({"format": _DISK_CACHE_FORMAT, "key": list(key), "generator": fp}, sort_keys=True)
+    spec = jsonio.dumps({"format": _DISK_CACHE_FORMAT, "key": list(key), "generator": fp}, sort_keys=True)
     return folder / f"phantom-{fp[:12]}-seed{int(key[0])}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}.pickle"
 
 

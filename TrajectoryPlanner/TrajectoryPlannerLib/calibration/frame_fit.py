@@ -720,9 +720,9 @@ def model_symmetries(model: FrameModel, tol_mm: float = 1.0) -> list[np.ndarray]
 
     A frame with such a symmetry cannot be calibrated from its image alone: two poses fit equally well.
     """
-    import json
+    from SmartBiopsyCoreLib.dataio import jsonio
 
-    key = (json.dumps(model.to_dict(), sort_keys=True), tol_mm)
+    key = (jsonio.dumps(model.to_dict(), sort_keys=True), tol_mm)
     if key not in _SYMMETRY_CACHE:
         _SYMMETRY_CACHE[key] = _model_symmetries(model, tol_mm)
     return _SYMMETRY_CACHE[key]

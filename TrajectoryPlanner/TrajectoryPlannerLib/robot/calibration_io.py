@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from TrajectoryPlannerLib.errors import RobotBridgeError
+from SmartBiopsyCoreLib.dataio import jsonio
 
 SCHEMA = "smartbiopsy.robot_calibration/1"
 MATRIX_KEY = "matrix_robot_to_ct_ras"
@@ -116,7 +117,7 @@ def calibration_from_dict(data, where: str = "the robot calibration") -> RobotCa
     qa = data["qa"]
     if not isinstance(qa, dict) or qa.get("passed") is not True:
         got = qa.get("passed") if isinstance(qa, dict) else qa
-        raise RobotBridgeError(f"{where}: its QA did not pass (qa.passed is {json.dumps(got)}, not true); redo the "
+        raise RobotBridgeError(f"{where}: its QA did not pass (qa.passed is {jsonio.dumps(got)}, not true); redo the "
                                "robot calibration before targeting.")
     source = data["source"]
     if not isinstance(source, str) or not source.strip():
@@ -147,7 +148,7 @@ def write_robot_calibration(path, matrix_robot_to_ct_ras, qa: dict, source: str)
     """Write a calibration file (validated first, so a bad one is never written)."""
     doc = {**_FIXED, MATRIX_KEY: np.asarray(matrix_robot_to_ct_ras, float).tolist(), "qa": qa, "source": source}
     calibration_from_dict(doc, "The robot calibration to write")
-    Path(path).write_text(json.dumps(doc, indent=1))
+    Path(path).write_text(jsonio.dumps(doc, indent=1))
     return str(path)
 
 

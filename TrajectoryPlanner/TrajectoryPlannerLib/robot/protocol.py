@@ -76,6 +76,7 @@ from TrajectoryPlannerLib.robot.calibration_io import RobotCalibration, require_
 from TrajectoryPlannerLib.robot.codec import (StatusCode, StatusMessage, StringMessage, TransformMessage,
                                               query_message)
 from TrajectoryPlannerLib.robot.transport import IgtlClient, Inbox
+from SmartBiopsyCoreLib.dataio import jsonio
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def registration_qa_problem(qa, target_names=(), target_points=None) -> str | No
     if not isinstance(qa, dict) or not qa:
         return "the plan carries no registration QA"
     if qa.get("passed") is not True:
-        return f"registration QA did not pass ('passed' is {json.dumps(qa.get('passed'), default=str)}, not true)"
+        return f"registration QA did not pass ('passed' is {jsonio.dumps(qa.get('passed'), default=str)}, not true)"
     failures = qa.get("failures")
     if failures:
         return f"registration QA lists failures ({'; '.join(map(str, failures))[:200]})"
@@ -378,7 +379,7 @@ class SessionLog:
 
     def write(self, direction: str, **record):
         rec = {"time": time.time(), "dir": direction, **record}
-        line = json.dumps(rec, default=_json_default)
+        line = jsonio.dumps(rec, default=_json_default)
         with self._lock:
             if not self._fh.closed:
                 self._fh.write(line + "\n")
@@ -1161,7 +1162,7 @@ class RobotSession:
         if not self.state_path or self.plan is None:
             return
         tmp = self.state_path.with_suffix(self.state_path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self._state_dict(), indent=1, default=_json_default))
+        tmp.write_text(jsonio.dumps(self._state_dict(), with_reasons=True, indent=1, default=_json_default))
         os.replace(tmp, self.state_path)
 
     def _load_state(self):
