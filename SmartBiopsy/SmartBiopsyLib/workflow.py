@@ -400,7 +400,7 @@ def needle_warnings(det, target: str) -> list:
     out = []
     tip, ang = float(det.tip_error_mm), float(det.angle_deg)
     if not np.isfinite(tip) or tip > TIP_TOLERANCE_MM:
-        out.append(f"target {target}: needle tip {tip:.1f} mm from the planned target (tolerance "
+        out.append(f"target {target}: needle tip {tip:.1f} mm from its planned position (tolerance "
                    f"{TIP_TOLERANCE_MM:g} mm)")
     if not np.isfinite(ang) or ang > ANGLE_TOLERANCE_DEG:
         out.append(f"target {target}: needle axis {ang:.0f} degrees from the planned direction (tolerance "

@@ -110,7 +110,7 @@ def test_phantom_truth_check_is_in_summary_and_report_only_for_phantom_cases(tmp
 def _fake_sample(region: str, adc: float):
     st = SimpleNamespace(mean=adc, median=adc, min=adc - 100, sd=50.0, voxels_touched=40, volume_mm3=20.0)
     t = SimpleNamespace(target=region, region=region)
-    det = SimpleNamespace(tip_ras=np.array([1.0, 2.0, 3.0]), axis=np.array([0.0, 0.0, 1.0]))
+    det = SimpleNamespace(tip_ras=np.array([1.0, 2.0, 3.0]), axis=np.array([0.0, 0.0, 1.0]), tip_error_mm=1.0, angle_deg=2.0)
     roi = SimpleNamespace(to_dict=lambda: {"mode": "side-notch"})
     return t, det, roi, SimpleNamespace(maps={"adc": st, "ef": st, "ff": st})
 
