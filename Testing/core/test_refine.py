@@ -190,3 +190,20 @@ def test_local_refinement_reports_the_box_mutual_information_of_both_transforms(
     box = L._crop(ct, lo, hi)
     assert loc.mi_landmark == R.mutual_information(box, mr, m0, bins=32, max_samples=200_000)
     assert loc.mi_candidate == R.mutual_information(box, mr, loc.candidate_matrix, bins=32, max_samples=200_000)
+
+
+def test_masked_metric_equals_the_whole_image_evaluation_and_ignores_voxels_outside_the_mask(rire, rire_reference):
+    """mutual_information cuts the CT to the mask's box; the value is SimpleITK's on the whole images."""
+    ct, mr = rire
+    _start, res = rire_reference
+    mask = np.zeros(ct.array.shape, np.uint8)
+    k, j, i = ct.array.shape
+    mask[k // 4:3 * k // 4, j // 3:2 * j // 3, i // 4:i // 2] = 1
+    mask_vol = ct.with_array(mask)
+    reg = R._method(32, 1.0, 1, R._mask_image(mask_vol))
+    reg.SetInitialTransform(R.itk_from_ras(res.matrix))
+    whole = -float(reg.MetricEvaluate(R._float_image(ct), R._float_image(mr)))
+    assert R.mutual_information(ct, mr, res.matrix, ct_mask=mask_vol) == pytest.approx(whole, abs=1e-12)
+    outside = ct.array.copy()
+    outside[0, 0, 0], outside[-1, -1, -1] = 5000, -3000   # extremes outside the mask change nothing
+    assert R.mutual_information(ct.with_array(outside), mr, res.matrix, ct_mask=mask_vol) == pytest.approx(whole, abs=1e-12)
