@@ -198,3 +198,25 @@ def oriented_mip(array_kji, ijk_to_ras, centre_ijk, view: str) -> OrientedImage:
     idx = [_display_index(centre_ijk, ax, n) for ax, n in zip(axes, a.shape)]
     img = a.max(axis=2)
     return OrientedImage(view, img, _extent(img.shape, idx[:2], rows, cols), cols.direction_ras, rows.direction_ras)
+
+
+#: zlib level of the saved figures: on the demo's figures level 3 encodes in about half the time of the default 6
+#: for 5 % more bytes (the pixels are the same).
+PNG_COMPRESS_LEVEL = 3
+
+
+def save_png(fig, target, **kwargs) -> None:
+    """Save a matplotlib figure (duck-typed) as PNG to ``target`` (path or binary file) with one rendering pass.
+
+    After ``fig.tight_layout()`` the figure keeps a placeholder layout engine, and ``savefig`` then draws the whole
+    figure a first time without output before drawing it for the file. The axes are already placed, so the
+    placeholder is dropped first: the same pixels for half the drawing (unless the matplotlib settings ask for an
+    automatic layout, which is then kept). The PNG is compressed at zlib level :data:`PNG_COMPRESS_LEVEL` unless
+    ``pil_kwargs`` says otherwise (lossless either way)."""
+    kwargs.setdefault("pil_kwargs", {"compress_level": PNG_COMPRESS_LEVEL})
+    engine = fig.get_layout_engine() if hasattr(fig, "get_layout_engine") else None
+    if engine is not None and type(engine).__name__ == "PlaceHolderLayoutEngine":
+        fig.set_layout_engine(None)
+        if fig.get_layout_engine() is not None:  # rcParams ask for tight/constrained layout: leave it as it was
+            fig.set_layout_engine(engine)
+    fig.savefig(target, format="png", **kwargs)

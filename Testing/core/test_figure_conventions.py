@@ -375,3 +375,35 @@ def test_every_image_panel_of_the_report_has_letters_and_a_scale_bar_and_palette
         assert count("trajectories_3d", palette.REGION_COLOURS[region]) > 20, region
     assert count("trajectories_3d", palette.NEEDLE_COLOUR) > 300    # the paths (not only the legend), visible
     assert count("trajectories_reslice", palette.NOTCH_TIP_COLOUR) > 20
+
+
+@needs_matplotlib
+def test_saved_png_is_drawn_once_with_the_same_pixels_as_savefig(tmp_path):
+    """display.save_png after tight_layout: one draw instead of savefig's two, and exactly savefig's pixels."""
+    import matplotlib.image as mpimg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from SmartBiopsyCoreLib.display import save_png
+
+    def figure():
+        fig = Figure(figsize=(6, 3), dpi=100)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, 2)
+        for k, ax in enumerate(axes):
+            im = ax.imshow(np.arange(400.0).reshape(20, 20) * (k + 1), cmap="gray")
+            fig.colorbar(im, ax=ax, label="HU")
+            ax.set_title(f"panel {k}")
+        fig.legend(handles=[axes[0].plot([0, 5], [0, 5], label="needle")[0]], loc="lower center")
+        fig.suptitle("suptitle")
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
+        draws = []
+        fig.canvas.mpl_connect("draw_event", lambda _e: draws.append(1))
+        return fig, draws
+
+    ref, ref_draws = figure()
+    ref.savefig(tmp_path / "ref.png")
+    fig, draws = figure()
+    save_png(fig, tmp_path / "one.png")
+    assert len(ref_draws) == 2 and len(draws) == 1
+    assert np.array_equal(mpimg.imread(str(tmp_path / "ref.png")), mpimg.imread(str(tmp_path / "one.png")))

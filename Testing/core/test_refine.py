@@ -162,3 +162,48 @@ def test_affine_stage_follows_rigid_and_reports_both(rire, rire_reference):
     assert res.stages[1].mi_after >= res.stages[0].mi_after  # a stage that lowers MI is dropped
     a = res.candidate_matrix[:3, :3]
     assert np.all(np.abs(np.linalg.svd(a, compute_uv=False) - 1) < 0.1)  # plausible scaling/shear only
+
+
+def test_metric_value_does_not_depend_on_sampling_settings(rire, rire_reference):
+    """SimpleITK evaluates the metric on every grid point whatever the sampling setting; the local refinement
+    relies on this to reuse the MI values the rigid refinement already computed (local_refine._REFINE_BINS)."""
+    ct, mr = rire
+    _start, res = rire_reference
+    values = {R.mutual_information(ct, mr, res.matrix, sampling=s, max_samples=n, seed=k)
+              for s, n, k in ((1.0, None, 1), (0.2, 100_000, 7), (0.05, 20_000, 3))}
+    assert len(values) == 1, values
+
+
+def test_local_refinement_reports_the_box_mutual_information_of_both_transforms(rire, rire_reference):
+    from RegistrationFusionLib.registration import local_refine as L
+
+    ct, mr = rire
+    _start, res = rire_reference
+    # a tumour-sized mask in the middle of the MRI (MRI grid), then its box on the CT
+    tum = np.zeros(mr.array.shape, np.uint8)
+    k, j, i = (s // 2 for s in mr.array.shape)
+    tum[k - 2:k + 3, j - 15:j + 15, i - 15:i + 15] = 1
+    tum_mri = mr.with_array(tum)
+    m0 = res.matrix @ rigid((0, 0, 1), 1.5, (1.0, -1.0, 0.5))
+    loc = L.refine_local(ct, mr, m0, tum_mri)
+    lo, hi, _pts = L.tumour_box_ct(tum_mri, m0, 15.0)
+    box = L._crop(ct, lo, hi)
+    assert loc.mi_landmark == R.mutual_information(box, mr, m0, bins=32, max_samples=200_000)
+    assert loc.mi_candidate == R.mutual_information(box, mr, loc.candidate_matrix, bins=32, max_samples=200_000)
+
+
+def test_masked_metric_equals_the_whole_image_evaluation_and_ignores_voxels_outside_the_mask(rire, rire_reference):
+    """mutual_information cuts the CT to the mask's box; the value is SimpleITK's on the whole images."""
+    ct, mr = rire
+    _start, res = rire_reference
+    mask = np.zeros(ct.array.shape, np.uint8)
+    k, j, i = ct.array.shape
+    mask[k // 4:3 * k // 4, j // 3:2 * j // 3, i // 4:i // 2] = 1
+    mask_vol = ct.with_array(mask)
+    reg = R._method(32, 1.0, 1, R._mask_image(mask_vol))
+    reg.SetInitialTransform(R.itk_from_ras(res.matrix))
+    whole = -float(reg.MetricEvaluate(R._float_image(ct), R._float_image(mr)))
+    assert R.mutual_information(ct, mr, res.matrix, ct_mask=mask_vol) == pytest.approx(whole, abs=1e-12)
+    outside = ct.array.copy()
+    outside[0, 0, 0], outside[-1, -1, -1] = 5000, -3000   # extremes outside the mask change nothing
+    assert R.mutual_information(ct.with_array(outside), mr, res.matrix, ct_mask=mask_vol) == pytest.approx(whole, abs=1e-12)

@@ -112,11 +112,22 @@ def _crop(vol: RasVolume, lo, hi) -> RasVolume:
 
 
 def _simpleitk_rigid(ct_box: RasVolume, mri: RasVolume, m0: np.ndarray, progress, should_cancel) -> np.ndarray:
+    return _simpleitk_rigid_result(ct_box, mri, m0, progress, should_cancel).candidate_matrix
+
+
+def _simpleitk_rigid_result(ct_box: RasVolume, mri: RasVolume, m0: np.ndarray, progress, should_cancel):
+    """The rigid refinement's whole result: its ``mi_initial``/``mi_final`` are the box MI (32 bins, no mask) of
+    ``m0`` and of the candidate, the values :func:`refine_local` needs (see :data:`_REFINE_BINS`)."""
     from RegistrationFusionLib.registration.refine import refine_registration
 
-    out = refine_registration(ct_box, mri, m0, shrink=(2, 1), smoothing_mm=(1.0, 0.0), sampling=0.5,
-                              max_samples=60_000, max_step_mm=1.0, progress=progress, should_cancel=should_cancel)
-    return out.candidate_matrix
+    return refine_registration(ct_box, mri, m0, shrink=(2, 1), smoothing_mm=(1.0, 0.0), sampling=0.5,
+                               max_samples=60_000, max_step_mm=1.0, bins=_REFINE_BINS, progress=progress,
+                               should_cancel=should_cancel)
+
+
+# histogram bins of the SimpleITK engine's rigid refinement; its MI before/after equals refine_local's own box MI
+# for the same number of bins (SimpleITK's metric evaluation uses every box voxel whatever the sampling setting)
+_REFINE_BINS = 32
 
 
 def _elastix_rigid(ct_box: RasVolume, mri: RasVolume, m0: np.ndarray, progress, should_cancel) -> np.ndarray:
@@ -203,10 +214,15 @@ def refine_local(ct: RasVolume, mri: RasVolume, landmark_matrix: np.ndarray, tum
     m0 = np.asarray(landmark_matrix, float)
     lo, hi, pts = tumour_box_ct(tumour_mri, m0, margin_mm)
     ct_box = _crop(ct, lo, hi)
-    run = _simpleitk_rigid if engine == "simpleitk" else _elastix_rigid
-    cand = run(ct_box, mri, m0, progress, should_cancel)
-    mi0 = mutual_information(ct_box, mri, m0, bins=bins, max_samples=200_000)
-    mi1 = mutual_information(ct_box, mri, cand, bins=bins, max_samples=200_000)
+    if engine == "simpleitk" and bins == _REFINE_BINS:
+        # the refinement already evaluated the box MI of m0 and of its candidate with these bins: reuse both
+        out = _simpleitk_rigid_result(ct_box, mri, m0, progress, should_cancel)
+        cand, mi0, mi1 = out.candidate_matrix, out.mi_initial, out.mi_final
+    else:
+        run = _simpleitk_rigid if engine == "simpleitk" else _elastix_rigid
+        cand = run(ct_box, mri, m0, progress, should_cancel)
+        mi0 = mutual_information(ct_box, mri, m0, bins=bins, max_samples=200_000)
+        mi1 = mutual_information(ct_box, mri, cand, bins=bins, max_samples=200_000)
     corr = np.linalg.norm(apply_transform(cand @ np.linalg.inv(m0), pts) - pts, axis=1)
     resid, allowed = np.zeros(0), np.zeros(0)
     if capsules_mri is not None and capsules_ct is not None and len(capsules_mri):

@@ -268,7 +268,7 @@ def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_di
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar
+    from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar, save_png
 
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
@@ -306,6 +306,6 @@ def write_fusion_pictures(ct: RasVolume, mri_on_ct: RasVolume, point_ras, out_di
         fig.suptitle(f"MRI fused on CT through R {point_ras[0]:.1f}, A {point_ras[1]:.1f}, S {point_ras[2]:.1f} mm")
         fig.tight_layout(rect=(0, 0.06, 1, 1))
         path = os.path.join(out_dir, f"{prefix}_{kind}.png")
-        fig.savefig(path)
+        save_png(fig, path)
         paths[kind] = path
     return paths

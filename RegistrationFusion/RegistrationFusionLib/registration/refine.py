@@ -54,6 +54,26 @@ def _mask_image(mask: RasVolume | None):
     return sitk.Cast(mask.with_array((mask.array > 0).astype(np.uint8)).to_sitk(), sitk.sitkUInt8)
 
 
+def _crop_to_mask(vol: RasVolume, mask: RasVolume) -> tuple[RasVolume, RasVolume]:
+    """``vol`` and ``mask`` (on the same grid) cut to the mask's bounding box, same world positions.
+
+    With a fixed-image mask the Mattes metric only uses the voxels inside it (sample points and intensity range
+    alike), so it has the same value on the cut images, at a fraction of the cost for a body mask on a whole CT.
+    Returned unchanged when the grids differ, the mask is empty (refused later) or already fills its grid."""
+    m = mask.array
+    if not mask.same_grid(vol) or not m.any():
+        return vol, mask
+    idx = [np.flatnonzero(m.any(axis=ax)) for ax in ((1, 2), (0, 2), (0, 1))]
+    lo = [int(i[0]) for i in idx]
+    hi = [int(i[-1]) + 1 for i in idx]
+    if lo == [0, 0, 0] and hi == list(m.shape):
+        return vol, mask
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    ijk_to_ras = vol.ijk_to_ras.copy()
+    ijk_to_ras[:3, 3] = vol.ijk_to_ras_points(np.array([[lo[2], lo[1], lo[0]]], float))[0]
+    return tuple(RasVolume(np.ascontiguousarray(v.array[box]), ijk_to_ras, v.name, dict(v.meta)) for v in (vol, mask))
+
+
 def _centre_lps(vol: RasVolume) -> np.ndarray:
     k, j, i = vol.array.shape
     c_ras = vol.ijk_to_ras_points(np.array([[(i - 1) / 2, (j - 1) / 2, (k - 1) / 2]]))[0]
@@ -118,6 +138,8 @@ def mutual_information(ct: RasVolume, mri: RasVolume, mri_to_ct_ras: np.ndarray,
     """
     if max_samples:
         sampling = min(sampling, max_samples / float(ct.array.size))
+    if ct_mask is not None:
+        ct, ct_mask = _crop_to_mask(ct, ct_mask)
     reg = _method(bins, sampling, seed, _mask_image(ct_mask))
     reg.SetInitialTransform(itk_from_ras(mri_to_ct_ras))
     return -float(reg.MetricEvaluate(_float_image(ct), _float_image(mri)))

@@ -204,7 +204,9 @@ class FigureStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"{name}.png"
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", metadata={"Software": None})
+        from SmartBiopsyCoreLib.display import save_png
+
+        save_png(fig, buf, metadata={"Software": None})
         data = buf.getvalue()
         path.write_bytes(data)
         self.paths.append(str(path))

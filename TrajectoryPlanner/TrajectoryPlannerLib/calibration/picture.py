@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar, oriented_mip
+from SmartBiopsyCoreLib.display import draw_orientation_letters, draw_scale_bar, oriented_mip, save_png
 from SmartBiopsyCoreLib.geometry import RasVolume
 from SmartBiopsyCoreLib.palette import ENTRY_COLOUR
 from TrajectoryPlannerLib.calibration.frame_fit import CalibrationResult
@@ -71,5 +71,5 @@ def write_calibration_picture(ct: RasVolume, result: CalibrationResult, path, ma
                  f"{'PASSED' if result.passed else 'FAILED'} (fitted model in orange; residual per fiducial)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(str(path))
+    save_png(fig, str(path))
     return str(path)
