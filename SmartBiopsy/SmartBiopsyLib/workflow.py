@@ -289,8 +289,14 @@ def run_case(inputs: CaseInputs, out_dir, options: RunOptions | None = None,
 def commit_run(run: CaseRun, folder) -> None:
     """Move the run's outputs from the staging folder into the case folder (earlier outputs not rewritten are
     removed) and record that in ``summary.json``; ``run.out`` is the case folder afterwards."""
+    staging = str(folder.staging) if folder.staging is not None else None
     folder.commit()
     run.out = folder.out
+    prov = run.results.get("provenance")
+    if staging and isinstance(prov, dict):  # inputs the demo wrote into the staging folder now live in the case folder
+        for entry in prov.get("inputs") or []:
+            if str(entry.get("path", "")).startswith(staging):
+                entry["path"] = str(folder.out.absolute()) + str(entry["path"])[len(staging):]
     run.output_folder = {"rule": "outputs of an earlier run that this run did not write again were removed",
                          "removed": list(folder.removed)}
     if (run.out / "summary.json").exists():

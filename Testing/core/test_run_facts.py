@@ -57,7 +57,7 @@ def test_total_time_and_peak_memory_are_one_number_in_summary_report_and_console
     run = run_case(inputs, tmp_path / "out", RunOptions(export=True))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     total, peak = summary["total_seconds"], summary["peak_memory_mb"]
-    assert total >= 0.35 + 0.02 * (len(STAGES) - 1)
+    assert total + 0.05 >= 0.35 + 0.02 * (len(STAGES) - 1)  # summary.json rounds the total to 0.1 s
     text = (tmp_path / "out" / "report.html").read_text()
     assert _row_value(text, "total time").startswith(f"{total:.1f} s")
     assert _row_value(text, "peak memory") == f"{peak:.0f} MB"
