@@ -7,7 +7,6 @@ is still a hole. The table is a separate component and drops out. World frame: R
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
@@ -45,7 +44,7 @@ def label_components(mask: np.ndarray, threads: int | None = None):
     return img, sitk.GetArrayViewFromImage(img), int(cc.GetObjectCount())
 
 
-def _bbox_slices(mask: np.ndarray) -> tuple:
+def bbox_slices(mask: np.ndarray) -> tuple:
     """Index slices (k, j, i) of the bounding box of the True voxels of a non-empty mask."""
     out = []
     for ax in ((1, 2), (0, 2), (0, 1)):
@@ -123,7 +122,7 @@ def body_mask_array(ct: RasVolume, threshold_hu: float = BODY_HU_THRESHOLD, tabl
     if not m.any():
         raise InputDataError(f"no body found in the CT (nothing above {threshold_hu:.0f} HU); check that the CT is in HU")
     m = _largest_component(m, threads)
-    return _fill_holes(m, _bbox_slices(m), threads)
+    return _fill_holes(m, bbox_slices(m), threads)
 
 
 def body_mask(ct: RasVolume, threshold_hu: float = BODY_HU_THRESHOLD, table_opening_mm: float = 0.0,

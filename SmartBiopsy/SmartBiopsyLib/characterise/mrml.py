@@ -38,26 +38,32 @@ def habitat_segmentation_node(scene, habitats: RasVolume, name: str = "Habitats"
 
     Regions absent from the map get no segment. Returns the ``vtkMRMLSegmentationNode``.
     """
-    import slicer
-
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     seg.CreateDefaultDisplayNodes()
     lab = np.asarray(habitats.array)
     for region, (code, rgb) in SEGMENT_STYLE.items():
-        if not np.any(lab == code):
-            continue
-        tmp = labelmap_node_from_volume(scene, habitats.with_array((lab == code).astype(np.uint8)), f"tmp_{region}")
-        before = seg.GetSegmentation().GetNumberOfSegments()
-        if before == 0:
-            seg.SetReferenceImageGeometryParameterFromVolumeNode(tmp)
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(tmp, seg)
-        scene.RemoveNode(tmp)
-        if not ok or seg.GetSegmentation().GetNumberOfSegments() != before + 1:
-            raise RuntimeError(f"could not import habitat region {region} into the segmentation")
-        segment = seg.GetSegmentation().GetNthSegment(before)
-        segment.SetName(region)
-        segment.SetColor(*rgb)
+        if np.any(lab == code):
+            _import_segment(scene, seg, habitats.with_array((lab == code).astype(np.uint8)), region, rgb,
+                            f"habitat region {region}")
     return seg
+
+
+def _import_segment(scene, seg, mask: RasVolume, name: str, rgb, what: str) -> None:
+    """Add one segment ``name`` (colour ``rgb``) from a 0/1 mask volume to ``seg``; the first segment sets the
+    segmentation's reference geometry. Raises RuntimeError naming ``what`` when Slicer does not import it."""
+    import slicer
+
+    tmp = labelmap_node_from_volume(scene, mask, f"tmp_{name}")
+    before = seg.GetSegmentation().GetNumberOfSegments()
+    if before == 0:
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(tmp)
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(tmp, seg)
+    scene.RemoveNode(tmp)
+    if not ok or seg.GetSegmentation().GetNumberOfSegments() != before + 1:
+        raise RuntimeError(f"could not import {what} into the segmentation")
+    segment = seg.GetSegmentation().GetNthSegment(before)
+    segment.SetName(name)
+    segment.SetColor(*rgb)
 
 
 def _table_node(scene, name: str, columns: dict[str, list]):
@@ -157,22 +163,10 @@ def tumour_and_risk_segmentation(scene, tumour: RasVolume | None = None, risk_la
         parts.append(("Tumour", _cropped(vol), palette.TUMOUR_COLOUR))
     if not parts:
         return None
-    import slicer
-
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     seg.CreateDefaultDisplayNodes()
     for seg_name, vol, rgb in parts:
-        tmp = labelmap_node_from_volume(scene, vol, f"tmp_{seg_name}")
-        before = seg.GetSegmentation().GetNumberOfSegments()
-        if before == 0:
-            seg.SetReferenceImageGeometryParameterFromVolumeNode(tmp)
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(tmp, seg)
-        scene.RemoveNode(tmp)
-        if not ok or seg.GetSegmentation().GetNumberOfSegments() != before + 1:
-            raise RuntimeError(f"could not import {seg_name} into the segmentation")
-        segment = seg.GetSegmentation().GetNthSegment(before)
-        segment.SetName(seg_name)
-        segment.SetColor(*rgb)
+        _import_segment(scene, seg, vol, seg_name, rgb, seg_name)
     return seg
 
 

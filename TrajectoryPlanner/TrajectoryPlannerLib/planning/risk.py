@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD, body_mask_array, label_components
+from SmartBiopsyCoreLib.body import BODY_HU_THRESHOLD, bbox_slices, body_mask_array, label_components
 from SmartBiopsyCoreLib.errors import InputDataError
 from SmartBiopsyCoreLib.geometry import RasVolume, resample
 
@@ -136,15 +136,6 @@ def _sitk_mask(mask: np.ndarray, spacing):
     return img
 
 
-def _bbox_slices(mask: np.ndarray) -> tuple:
-    """Index slices (k, j, i) of the bounding box of the True voxels of a non-empty mask."""
-    out = []
-    for ax in ((1, 2), (0, 2), (0, 1)):
-        nz = np.flatnonzero(mask.any(axis=ax))
-        out.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(out)
-
-
 def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_only: bool = False,
                      threads: int | None = None, keep_touching: tuple | None = None) -> np.ndarray:
     """Connected components (SimpleITK's face connectivity) of at least ``min_mm3`` (mm³) kept, as a mask.
@@ -156,7 +147,7 @@ def _keep_components(mask: np.ndarray, spacing, min_mm3: float = 0.0, largest_on
         return mask.copy()
     # components never leave the mask's bounding box: label there; a box face touches an array face only
     # where they coincide
-    box = _bbox_slices(mask)
+    box = bbox_slices(mask)
     if any(b.stop - b.start < n for b, n in zip(box, mask.shape)):
         if keep_touching is not None:
             keep_touching = tuple((lo and b.start == 0, hi and b.stop == n)
@@ -259,7 +250,7 @@ def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas
     if gas.any():
         # opening with the 6-neighbour cross, on the gas's box grown by one voxel (the erosion sees the same
         # neighbours there, the array's edge value at its faces; the dilation cannot leave that box)
-        gb = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(_bbox_slices(gas), gas.shape))
+        gb = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(bbox_slices(gas), gas.shape))
         g = gas[gb]
         gas[gb] = _dilate6(_erode6(g, edge=True)) & g
         gas = _keep_components(gas, spacing, min_gas_mm3, threads=threads, keep_touching=touching)
