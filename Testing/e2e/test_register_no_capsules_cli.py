@@ -46,3 +46,24 @@ def test_run_fuses_capsule_free_real_pair_in_the_fuse_stage(shared_data, tmp_pat
     q = json.loads((out / "registration" / "qa.json").read_text())
     assert q["method"] == "intensity-only" and q["passed"] and q["fre_mm"] is None
     assert (out / "registration" / "mri_to_ct.json").exists()
+
+
+def test_capsule_free_register_with_failed_qa_exits_3_unless_the_warning_is_accepted(monkeypatch, tmp_path, capsys):
+    """An accepted capsule-free fusion whose intensity-only QA failed is a warning that matters, as on the capsule
+    path: exit 3, and 0 only with --accept-warnings."""
+    from types import SimpleNamespace
+
+    from SmartBiopsyLib.cli import cmd_register
+
+    monkeypatch.setattr(cmd_register, "_write_outputs", lambda *a, **k: None)
+    intensity = SimpleNamespace(error_estimate_mm=6.0, n_agreeing=2, prior="HFS", seconds=1.0)
+    failed = SimpleNamespace(report=SimpleNamespace(passed=False, failures=["estimated error 6.0 mm > 5.0 mm"],
+                                                    notes=[]), intensity=intensity, fallback_reason="no capsules",
+                             matrix=None)
+    args = (None, None, {}, tmp_path, lambda f, m: None)
+    assert cmd_register._write_intensity(failed, *args) == 3
+    assert "registration QA failed (estimated error 6.0 mm" in capsys.readouterr().err
+    assert cmd_register._write_intensity(failed, *args, accept_warnings=True) == 0
+    passed = SimpleNamespace(report=SimpleNamespace(passed=True, failures=[], notes=[]), intensity=intensity,
+                             fallback_reason="no capsules", matrix=None)
+    assert cmd_register._write_intensity(passed, *args) == 0

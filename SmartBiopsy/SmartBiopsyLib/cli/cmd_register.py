@@ -95,7 +95,7 @@ def run(args) -> int:
                                                               default=qa._json_default))
         raise
     if isinstance(result, IntensityFusion):
-        return _write_intensity(result, ct, mri, targets, out, bar)
+        return _write_intensity(result, ct, mri, targets, out, bar, bool(getattr(args, "accept_warnings", False)))
     _write_outputs(result, ct, mri, targets, out, bar, "smartbiopsy register (capsule fusion)",
                    result.refinement if result.refinement is not None else result.matrix)
     rep = result.report
@@ -108,10 +108,15 @@ def run(args) -> int:
     }
     print(jsonio.dumps(summary), file=sys.stdout)
     sys.stdout.flush()
+    return _finish(rep, bool(getattr(args, "accept_warnings", False)))
+
+
+def _finish(rep, accept: bool) -> int:
+    """Exit code of an accepted fusion: 3 when its registration QA failed (0 with ``--accept-warnings``)."""
     from SmartBiopsyLib.cli.main import finish_with_warnings
 
     matter = [] if rep.passed else [f"registration QA failed ({'; '.join(map(str, rep.failures)) or 'see qa.json'})"]
-    return finish_with_warnings(matter, bool(getattr(args, "accept_warnings", False)))
+    return finish_with_warnings(matter, accept)
 
 
 def _write_outputs(result, ct, mri, targets, out: Path, bar, source: str, resample_with) -> None:
@@ -143,8 +148,9 @@ def _write_outputs(result, ct, mri, targets, out: Path, bar, source: str, resamp
     bar(1.0, "done")
 
 
-def _write_intensity(result, ct, mri, targets, out: Path, bar) -> int:
-    """Outputs of an accepted capsule-free fusion (same files as the capsule path; QA says intensity-only)."""
+def _write_intensity(result, ct, mri, targets, out: Path, bar, accept_warnings: bool = False) -> int:
+    """Outputs of an accepted capsule-free fusion (same files as the capsule path; QA says intensity-only); the
+    exit code follows its QA like the capsule path's."""
     _write_outputs(result, ct, mri, targets, out, bar, "smartbiopsy register (capsule-free intensity fusion)",
                    result.matrix)
     rep, res = result.report, result.intensity
@@ -154,4 +160,5 @@ def _write_intensity(result, ct, mri, targets, out: Path, bar) -> int:
         "prior": res.prior, "capsules": result.fallback_reason, "seconds": round(res.seconds, 1), "notes": rep.notes,
     }
     print(jsonio.dumps(summary), file=sys.stdout)
-    return 0
+    sys.stdout.flush()
+    return _finish(rep, accept_warnings)
