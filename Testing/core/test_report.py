@@ -226,3 +226,28 @@ def test_reslice_follows_the_volume_geometry():
     assert np.allclose(img, expected[None, :], atol=1e-3)
     far = report_figures.reslice(vol, centre + 500.0, [1.0, 0, 0], [0, 1.0, 0], 5.0, 4.0)
     assert np.isnan(far).all()
+
+
+def test_summary_section_lists_the_warnings_that_matter_or_says_the_acceptance_was_met(tmp_path):
+    """The run's verdict (summary.json ``acceptance``) is in the report, each warning that matters on its own row."""
+    import html as _html
+
+    from SmartBiopsyLib.report.case import CaseFolder
+    from SmartBiopsyLib.report.figures import FigureStore
+    from SmartBiopsyLib.report.sections.summary import section_summary
+
+    def rows(acceptance):
+        (tmp_path / "summary.json").write_text(json.dumps({"case": {"name": "X"}, "stages": [],
+                                                            "acceptance": acceptance}))
+        text = section_summary(CaseFolder(tmp_path), FigureStore(tmp_path / "figs"))
+        cells = [_html.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td[^>]*>(.*?)</td>", text, re.S)]
+        return list(zip(cells[::2], cells[1::2]))
+
+    tip = "target B: needle tip 8.2 mm from its planned position (tolerance 5 mm)"
+    bad = rows({"met": False, "warnings_that_matter": [tip, "registration QA failed (FRE 2.1 mm > 1.5 mm)"]})
+    assert ("acceptance", "NOT MET: 2 warning(s) that matter") in bad
+    assert ("warning that matters", tip) in bad
+    assert ("warning that matters", "registration QA failed (FRE 2.1 mm > 1.5 mm)") in bad
+    good = rows({"met": True, "warnings_that_matter": []})
+    assert ("acceptance", "every step that ran met its acceptance") in good
+    assert not any(k == "warning that matters" for k, _ in good)

@@ -17,6 +17,7 @@ def section_summary(case: CaseFolder, figs: FigureStore) -> str:
     c = s.get("case") or {}
     rows = [("case", c.get("name", "-")), ("source", c.get("source", "-")),
             ("synthetic data", "yes (phantom)" if c.get("synthetic") else "no")]
+    rows += _acceptance_rows(s)
     rows += _provenance_rows(s)
     if s.get("peak_memory_mb") is not None:
         rows.append(("peak memory", f"{fmt_num(s.get('peak_memory_mb'), 0)} MB"))
@@ -89,3 +90,15 @@ def _provenance_rows(s: dict) -> list:
             what = f"{entry['files']} files, " if entry.get("files") else ""
             rows.append((f"input {name}", f"SHA-256 {entry.get('sha256') or '-'} ({what}{fmt_num(entry.get('bytes'), 0)} bytes)"))
     return rows
+
+
+def _acceptance_rows(s: dict) -> list:
+    """The run's verdict (summary.json ``acceptance``): met, or each warning that matters on its own row."""
+    acc = s.get("acceptance")
+    if not isinstance(acc, dict):
+        return [("acceptance", "not recorded")] if s else []
+    warnings = [str(w) for w in acc.get("warnings_that_matter") or []]
+    if acc.get("met") is True and not warnings:
+        return [("acceptance", RawHtml('<span class="pass">every step that ran met its acceptance</span>'))]
+    rows = [("acceptance", RawHtml(f'<span class="fail">NOT MET: {len(warnings)} warning(s) that matter</span>'))]
+    return rows + [("warning that matters", w) for w in warnings]
