@@ -60,3 +60,12 @@ def test_bad_inputs_are_clear_errors(scene, shown):
         planner_mrml.add_trajectory_node(None, shown["result"].trajectories[0])
     with pytest.raises(TrajectoryPlannerError, match="empty"):
         planner_mrml.add_skin_model_node(scene, vtk.vtkPolyData())
+
+
+def test_only_the_chosen_path_per_target_is_visible(shown):
+    """The other candidates and the shared-entry paths are in the scene but hidden (issue 19: the chosen path
+    per target visible, candidates hidden)."""
+    visible = [n for n in shown["trajectories"] if n.GetDisplayNode().GetVisibility()]
+    best = planner_mrml.chosen_trajectories(shown["result"])
+    assert [n.GetName() for n in visible] == [tr.name for tr in best]
+    assert len(shown["trajectories"]) > len(visible)

@@ -154,8 +154,16 @@ def add_skin_model_node(scene, poly, name: str = "Skin accessibility", scalar: s
 
 
 def show_plan(scene, result, skin_poly=None, include_shared: bool = True) -> dict:
-    """Trajectory line nodes and (if given) the skin model node; returns {"trajectories": [...], "skin": node}."""
+    """Trajectory line nodes and (if given) the skin model node; returns {"trajectories": [...], "skin": node}.
+
+    Only the chosen (best-ranked) path per target is visible; the other candidates and the shared-entry paths
+    are created hidden, as in the case scene."""
     out = {"trajectories": add_trajectory_nodes(scene, result, include_shared), "skin": None}
+    chosen = {id(tr) for tr in chosen_trajectories(result)}
+    shown = list(result.trajectories)
+    for i, node in enumerate(out["trajectories"]):
+        if not (i < len(shown) and id(shown[i]) in chosen):
+            _hide(node)
     if skin_poly is not None:
         out["skin"] = add_skin_model_node(scene, skin_poly)
     return out
