@@ -10,6 +10,7 @@ non-finite value that slipped through raises instead of being written.
     write_json(path, data)         atomic write (temporary file + rename), returns the path
     dumps(data, **json_kwargs)     the text (for stdout summaries, JSON lines, node attributes)
     to_jsonable(data, reasons)     the converted tree; non-finite floats -> None, reasons[path] = why
+    require_exact_keys(...)        readers: a document with an unknown or a missing key is refused (fail closed)
 """
 from __future__ import annotations
 
@@ -90,3 +91,17 @@ def loads_strict(text: str):
         raise ValueError(f"invalid JSON constant {name}")
 
     return json.loads(text, parse_constant=_refuse)
+
+
+def require_exact_keys(data: dict, keys, where: str, unknown_hint: str, missing_hint: str, error=None) -> None:
+    """Refuse a parsed JSON object whose keys are not exactly ``keys``: unknown keys first, then missing ones,
+    each as one sentence ``"<where> has unknown keys a, b<unknown_hint>"`` / ``"<where> lacks a<missing_hint>"``
+    raised as ``error`` (default :class:`~SmartBiopsyCoreLib.errors.InputDataError`)."""
+    if error is None:
+        from SmartBiopsyCoreLib.errors import InputDataError as error
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise error(f"{where} has unknown keys {', '.join(unknown)}{unknown_hint}")
+    missing = sorted(set(keys) - set(data))
+    if missing:
+        raise error(f"{where} lacks {', '.join(missing)}{missing_hint}")

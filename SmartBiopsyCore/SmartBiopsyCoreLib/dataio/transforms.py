@@ -91,12 +91,7 @@ def parse_transform_document(data, where: str = "the transform file") -> np.ndar
         raise InputDataError(f"{where} is not a {SCHEMA} document (a bare matrix does not say its frames); {hint}")
     if data.get("schema") != SCHEMA:
         raise InputDataError(f"{where} has schema {data.get('schema')!r}, not {SCHEMA!r}; {hint}")
-    unknown = sorted(set(data) - _KEYS)
-    if unknown:
-        raise InputDataError(f"{where} has unknown keys {', '.join(unknown)}; {hint}")
-    missing = sorted(_KEYS - set(data))
-    if missing:
-        raise InputDataError(f"{where} lacks {', '.join(missing)}; {hint}")
+    jsonio.require_exact_keys(data, _KEYS, where, f"; {hint}", f"; {hint}")
     frames = (data["from_frame"], data["to_frame"], data["space"], data["units"])
     if frames != ("MRI", "CT", "RAS", "mm"):
         raise InputDataError(f"{where} maps {data['from_frame']} to {data['to_frame']} in {data['space']} "

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from SmartBiopsyCoreLib.errors import InputDataError
+from SmartBiopsyCoreLib.dataio.jsonio import require_exact_keys
 
 SCHEMA = "smartbiopsy.fiducial_frame/1"
 _KEYS = {"schema", "name", "description", "frame", "units", "manufacturing_tolerance_mm", "ct_intensity_hu",
@@ -116,12 +117,7 @@ def parse_model(data, where: str = "the frame model") -> FrameModel:
         raise InputDataError(f"{where} is not a {SCHEMA} JSON object")
     if data.get("schema") != SCHEMA:
         raise InputDataError(f"{where} has schema {data.get('schema')!r}, not {SCHEMA!r}")
-    unknown = sorted(set(data) - _KEYS)
-    if unknown:
-        raise InputDataError(f"{where} has unknown keys {', '.join(unknown)}; see the {SCHEMA} schema")
-    missing = sorted(_KEYS - set(data))
-    if missing:
-        raise InputDataError(f"{where} lacks {', '.join(missing)}; see the {SCHEMA} schema")
+    require_exact_keys(data, _KEYS, where, f"; see the {SCHEMA} schema", f"; see the {SCHEMA} schema")
     if data["frame"] != "ROBOT" or data["units"] != "mm":
         raise InputDataError(f"{where} must give the fiducials in the ROBOT frame in mm "
                              f"(got {data['frame']!r}, {data['units']!r})")

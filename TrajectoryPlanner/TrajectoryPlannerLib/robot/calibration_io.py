@@ -94,12 +94,8 @@ def calibration_from_dict(data, where: str = "the robot calibration") -> RobotCa
     """Validate a parsed calibration document; RobotBridgeError with one sentence when anything is off."""
     if not isinstance(data, dict):
         raise RobotBridgeError(f"{where} is not a JSON object in the {SCHEMA} schema; compute the calibration again.")
-    unknown = sorted(set(data) - _KEYS)
-    if unknown:
-        raise RobotBridgeError(f"{where} has unknown keys {', '.join(unknown)}; only the {SCHEMA} keys are accepted.")
-    missing = sorted(_KEYS - set(data))
-    if missing:
-        raise RobotBridgeError(f"{where} lacks {', '.join(missing)}; compute the calibration again.")
+    jsonio.require_exact_keys(data, _KEYS, where, f"; only the {SCHEMA} keys are accepted.",
+                              "; compute the calibration again.", error=RobotBridgeError)
     for key, value in _FIXED.items():
         if data[key] != value:
             raise RobotBridgeError(f"{where} has {key} {data[key]!r} instead of {value!r}; a calibration in another "
