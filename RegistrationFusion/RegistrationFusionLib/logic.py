@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 #: Node attributes written at approval (read by the planner, the robot bridge and the report).
 APPROVED_ATTRIBUTE = "SmartBiopsy.RegistrationApproved"
 QA_ATTRIBUTE = "SmartBiopsy.RegistrationQA"
+#: What to do when the CT or the MRI selector holds the wrong kind of image.
+SWAP_HINT = "select the planning CT as the CT and the anatomical MRI as the MRI (check that they are not swapped)"
 #: Columns of the capsule QA table (the widget shows :func:`qa_rows` under them).
 QA_COLUMNS = ("use", "capsule pair", "residual (mm)", "expected (mm)", "leave-one-out (mm)", "note")
 TARGET_COLUMNS = ("target", "predicted TRE (mm)", "refinement shift (mm)")
@@ -143,9 +145,17 @@ class FusionLogic:
         """Capsule point list (RAS mm, unlocked for editing) found in ``volume_node``; ``modality`` 'ct' or 'mr'.
         The scene owns the returned node."""
         from RegistrationFusionLib.capsules import detection, mrml as capsules_mrml
-        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import ct_from_node, mri_from_node
 
-        found = detection.detect_capsules(volume_from_node(volume_node), modality, progress=progress,
+        mod = str(modality).lower()
+        mod = "mr" if mod in ("mri", "mr", "t1", "t2") else mod  # the names detection.detect_capsules accepts
+        if mod == "ct":
+            volume = ct_from_node(volume_node, "select a CT, or choose MR as the modality for an MRI")
+        elif mod == "mr":
+            volume = mri_from_node(volume_node, "select an MRI, or choose CT as the modality for a CT")
+        else:
+            raise RegistrationFusionError(f"unknown modality '{modality}'; choose CT or MR")
+        found = detection.detect_capsules(volume, modality, progress=progress,
                                           should_cancel=should_cancel)
         return capsules_mrml.add_capsule_fiducials(self.scene, found, f"Capsules {volume_node.GetName()}", locked=False)
 
@@ -192,14 +202,14 @@ class FusionLogic:
         """Mutual-information refinement started from the current landmark registration; updates the transform
         node with the accepted matrix and returns the RefinementResult."""
         from RegistrationFusionLib.registration import mrml as registration_mrml, pipeline, refine
-        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import ct_from_node, mri_from_node
 
         reg = self.state.registration
         if reg is None:
             raise RegistrationFusionError("register the capsules before refining")
         targets = world_points(targets_node) if targets_node is not None else None
         result = refine.refine_registration(
-            volume_from_node(ct_node), volume_from_node(mri_node), reg.matrix,
+            ct_from_node(ct_node, SWAP_HINT), mri_from_node(mri_node, SWAP_HINT), reg.matrix,
             capsules_mri=reg.moving_points[reg.used],
             capsule_allowed_mm=pipeline.capsule_tolerance_mm(reg)[reg.used],
             targets_ct=targets, affine=affine, deformable=deformable, progress=progress, should_cancel=should_cancel)
@@ -240,9 +250,9 @@ class FusionLogic:
     def save_fusion_pictures(self, ct_node, mri_node, transform_node, targets_node, folder) -> dict:
         """Checkerboard and overlay PNGs of the MRI resampled on the CT, centred on the first target."""
         from RegistrationFusionLib.registration import mrml as registration_mrml, qa, refine
-        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import ct_from_node, mri_from_node
 
-        ct, mri = volume_from_node(ct_node), volume_from_node(mri_node)
+        ct, mri = ct_from_node(ct_node, SWAP_HINT), mri_from_node(mri_node, SWAP_HINT)
         on_ct = refine.resample_mri_on_ct(mri, ct, registration_mrml.matrix_from_transform_node(transform_node))
         if targets_node is not None and targets_node.GetNumberOfControlPoints():
             point = world_points(targets_node)[0]
@@ -254,9 +264,9 @@ class FusionLogic:
              progress=None, should_cancel=None):
         """Whole fusion in one call (detect, pair, register, refine, QA). Returns (transform node, FusionResult)."""
         from RegistrationFusionLib.registration import mrml as registration_mrml, pipeline
-        from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import ct_from_node, mri_from_node
 
-        result = pipeline.fuse_ct_mri(volume_from_node(ct_node), volume_from_node(mri_node),
+        result = pipeline.fuse_ct_mri(ct_from_node(ct_node, SWAP_HINT), mri_from_node(mri_node, SWAP_HINT),
                                       targets_ct=named_targets(targets_node), do_refine=refine_intensity,
                                       progress=progress, should_cancel=should_cancel)
         nodes = registration_mrml.apply_registration(self.scene, result.matrix, [mri_node], transform_node=transform_node)

@@ -156,6 +156,13 @@ def _volume(node):
     return volume_from_node(node)
 
 
+def _mri(node, role: str):
+    """The MRI volume of ``node`` for ``role`` (e.g. "the Dixon fat image"), refused when it is a CT in HU."""
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import mri_from_node
+
+    return mri_from_node(node, f"select {role}")
+
+
 def line_points(line_node) -> tuple[np.ndarray, np.ndarray]:
     """(entry, target) world RAS mm of a trajectory line node."""
     if line_node is None or line_node.GetNumberOfControlPoints() < 2:
@@ -270,13 +277,15 @@ class BiopsyLogic:
                 b = b_value_of_node(node, typed, self.file_for_instance)
                 if b in volumes:
                     raise InputDataError(f"two DWI volumes have b = {b:g} s/mm^2; choose volumes of different b-values")
-                volumes[b] = _volume(node)
+                volumes[b] = _mri(node, f"the diffusion-weighted MRI of b = {b:g} s/mm^2")
             out["adc"] = self._add_volume(maps.compute_adc(volumes, exclude_low_b=exclude_low_b, progress=progress,
                                                            should_cancel=should_cancel), "ADC")
         if water and fat:
-            out["ff"] = self._add_volume(maps.compute_ff(_volume(water), _volume(fat)), "FF")
+            out["ff"] = self._add_volume(maps.compute_ff(_mri(water, "the Dixon water image"),
+                                                         _mri(fat, "the Dixon fat image")), "FF")
         if pre and post:
-            out["ef"] = self._add_volume(maps.compute_ef(_volume(pre), _volume(post)), "EF")
+            out["ef"] = self._add_volume(maps.compute_ef(_mri(pre, "the T1 before contrast"),
+                                                         _mri(post, "the T1 after contrast")), "EF")
         return out
 
     def tumour_mask(self, segmentation_node, segment_id, reference_node):
@@ -347,7 +356,10 @@ class BiopsyLogic:
         entry, _target = line_points(planned_line_node)
         tip = planned_tip(planned_line_node)  # the planned notch tip (beyond the target), as the command line uses
         name = planned_line_node.GetAttribute("TrajectoryPlanner.Target") or planned_line_node.GetName()
-        detection = needle.detect_needle(_volume(ct_node), entry, tip, target_name=name, needle=needle_name,
+        from SmartBiopsyCoreLib.dataio.volumes_mrml import ct_from_node
+
+        ct = ct_from_node(ct_node, "select the confirmation CT with the needle in place")
+        detection = needle.detect_needle(ct, entry, tip, target_name=name, needle=needle_name,
                                          progress=progress, should_cancel=should_cancel)
         sampling_mrml.add_needle_line_node(self.scene, detection)
         self.state.detection, self.state.roi, self.state.notch_values = detection, None, None

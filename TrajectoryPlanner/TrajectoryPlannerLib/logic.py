@@ -123,11 +123,11 @@ def plan(scene, ct_node, targets_node, segmentation_node=None, needle: str = "15
     """Plan and show the trajectories as :func:`show_plan` does (the chosen path per target visible, every other
     candidate hidden in a folder, the planned notch tips as their own points). Returns (PlanResult, [line node per
     trajectory, in plan order, for the trajectory table]); the scene owns the nodes."""
-    from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import ct_from_node
     from TrajectoryPlannerLib.planning import engine
 
     settings = engine.PlanSettings(mode=mode, max_angle_deg=max_angle_deg, top_n=top_n, shared_entry=shared_entry)
-    result = engine.plan(volume_from_node(ct_node), targets_from_node(targets_node), needle,
+    result = engine.plan(ct_from_node(ct_node, "select the planning CT as the CT volume"), targets_from_node(targets_node), needle,
                          user_labelmaps(scene, segmentation_node, ct_node), margins or None, settings, position,
                          auto_structures, progress, should_cancel)
     return result, show_plan(scene, result)["by_trajectory"]
@@ -360,7 +360,7 @@ def calibrate_robot(scene, ct_node, model_name: str, targets_node=None, progress
     always; calibration.json and robot_to_ct.tfm only when the QA passed). Raises CalibrationError (one
     sentence) when the frame is missing, partial, degenerate or ambiguous.
     """
-    from SmartBiopsyCoreLib.dataio.volumes_mrml import volume_from_node
+    from SmartBiopsyCoreLib.dataio.volumes_mrml import ct_from_node
     from SmartBiopsyCoreLib.fiducial_frames.model import load_model
     from TrajectoryPlannerLib.calibration.frame_fit import calibrate_from_ct
     from TrajectoryPlannerLib.calibration.mrml import add_calibration_nodes
@@ -373,7 +373,8 @@ def calibrate_robot(scene, ct_node, model_name: str, targets_node=None, progress
             p = [0.0, 0.0, 0.0]
             targets_node.GetNthControlPointPositionWorld(i, p)
             targets[targets_node.GetNthControlPointLabel(i) or f"T{i + 1}"] = p
-    result = calibrate_from_ct(volume_from_node(ct_node), load_model(model_name), targets,
+    ct = ct_from_node(ct_node, "select the planning CT that shows the robot's fiducial frame")
+    result = calibrate_from_ct(ct, load_model(model_name), targets,
                                progress=progress, should_cancel=should_cancel)
     tnode, mnode = add_calibration_nodes(scene, result)
     if out_dir is not None:
@@ -381,7 +382,7 @@ def calibrate_robot(scene, ct_node, model_name: str, targets_node=None, progress
         from TrajectoryPlannerLib.calibration.picture import write_calibration_picture
 
         write_calibration(result, out_dir)
-        write_calibration_picture(volume_from_node(ct_node), result, Path(out_dir) / "calibration.png")
+        write_calibration_picture(ct, result, Path(out_dir) / "calibration.png")
     return result, tnode, mnode
 
 

@@ -137,6 +137,32 @@ def volume_from_node(node, apply_parent_transform: bool = False) -> RasVolume:
     return RasVolume(array, m, node.GetName(), meta)
 
 
+
+def _node_name(node) -> str:
+    return node.GetName() if node is not None else "(none)"
+
+
+def ct_from_node(node, hint: str = "select the planning CT") -> RasVolume:
+    """:func:`volume_from_node` of a volume a panel uses as a CT, refused with one sentence (InputDataError)
+    unless it is a CT in Hounsfield units (:func:`SmartBiopsyCoreLib.modality.require_ct`), as the command line
+    refuses it. ``hint`` says what to select instead."""
+    from SmartBiopsyCoreLib.modality import require_ct
+
+    volume = volume_from_node(node)
+    require_ct(volume, f"the volume '{_node_name(node)}'", hint)
+    return volume
+
+
+def mri_from_node(node, hint: str = "select the MRI") -> RasVolume:
+    """:func:`volume_from_node` of a volume a panel uses as an MRI, refused with one sentence (InputDataError)
+    when it is (or looks like) a CT in Hounsfield units (:func:`SmartBiopsyCoreLib.modality.require_mri`)."""
+    from SmartBiopsyCoreLib.modality import require_mri
+
+    volume = volume_from_node(node)
+    require_mri(volume, f"the volume '{_node_name(node)}'", hint)
+    return volume
+
+
 def _meta_from_attributes(node) -> dict:
     text = node.GetAttribute(META_JSON_ATTRIBUTE)
     if text:
