@@ -169,6 +169,56 @@ def test_no_run_log_and_no_folder_when_the_output_folder_never_appears(tmp_path)
     assert not out.exists()
 
 
+def _run_in_process(tmp_path, func, debug=False):
+    """run_command with setup_logging as main() does, console captured; returns (exit code, console, run.log)."""
+    import sys
+
+    from SmartBiopsyLib.cli.main import finish_logging, run_command, setup_logging
+
+    out = tmp_path / "out"
+    out.mkdir()  # a folder that existed before the command: kept, so its run.log tells what happened
+    args = argparse.Namespace(debug=debug, quiet=True, out=str(out), func=func, command="plan")
+    err, old = io.StringIO(), sys.stderr
+    sys.stderr = err
+    try:
+        setup_logging(args)
+        code = run_command(args)
+    finally:
+        finish_logging()
+        sys.stderr = old
+    return code, err.getvalue(), (out / "run.log").read_text()
+
+
+def test_run_log_ends_with_the_error_line_and_the_exit_code_said_once_on_the_console(tmp_path):
+    from SmartBiopsyCoreLib.errors import InputDataError
+
+    def refuse(args):
+        logging.getLogger("SmartBiopsyLib.workflow").info("reading the CT")
+        raise InputDataError("the CT is empty; pass the planning CT")
+
+    code, console, log = _run_in_process(tmp_path, refuse)
+    assert code == 2
+    assert console.splitlines() == ["error: the CT is empty; pass the planning CT"], console
+    assert log.splitlines()[-1].endswith("ERROR SmartBiopsyLib.cli.main: error: the CT is empty; pass the planning CT "
+                                         "(exit code 2)"), log
+
+
+def test_run_log_keeps_the_traceback_of_an_unexpected_failure_the_console_only_its_line(tmp_path):
+    def crash(args):
+        return {}["missing key"]
+
+    code, console, log = _run_in_process(tmp_path, crash)
+    assert code == 1 and "Traceback" not in console and len(console.splitlines()) == 1, console
+    assert "unexpected failure (KeyError: 'missing key'; exit code 1)" in log
+    assert "Traceback (most recent call last)" in log and "in crash" in log, log
+
+
+def test_run_log_ends_with_the_exit_code_of_a_finished_command(tmp_path):
+    code, console, log = _run_in_process(tmp_path, lambda args: 3)
+    assert code == 3 and console == ""
+    assert log.splitlines()[-1].endswith("WARNING SmartBiopsyLib.cli.main: finished with exit code 3"), log
+
+
 # ------------------------------------------------------------------------- CT / MRI input checks, real scans
 def _targets_file(tmp_path, vol):
     import numpy as np

@@ -173,6 +173,8 @@ class ConsoleLogHandler(logging.StreamHandler):
         self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
 
     def filter(self, record):
+        if getattr(record, "console", True) is False:  # already said on the console (the outcome line)
+            return False
         if not (self.third_party or is_project_record(record)):
             return False
         return super().filter(record)
@@ -334,6 +336,13 @@ def _command(argv: list[str] | None = None) -> int:
     return run_command(args)
 
 
+def _log_outcome(level: int, line: str, exc_info=None) -> None:
+    """The command's outcome into run.log only (the console has its own ``error:`` line or nothing): the exit
+    code, the one-line error, and for an unexpected failure the traceback."""
+    if any(isinstance(h, RunLogHandler) for h in _LOGGING_STATE.get("handlers", ())):
+        logging.getLogger(__name__).log(level, line, exc_info=exc_info, extra={"console": False})
+
+
 def run_command(args) -> int:
     """Run ``args.func`` with the exit-code rules: user error 2, unexpected 1, Ctrl-C 130 (one line each, no
     traceback); ``--out`` checked writable first; a new output folder left empty by a failure is removed."""
@@ -345,6 +354,7 @@ def run_command(args) -> int:
     out = getattr(args, "out", None)
     existing = nearest_existing(out) if out is not None else None
     ok = False
+    outcome = None  # (level, line, exception) for run.log
     reset()  # a new command (main() may run several times in one process)
     previous_handler = install_sigint_handler()
     try:
@@ -352,17 +362,24 @@ def run_command(args) -> int:
             check_output_folder(out)
         code = int(args.func(args) or 0)
         ok = code in (EXIT_OK, EXIT_WARNINGS)
+        outcome = (logging.INFO if code == EXIT_OK else logging.WARNING, f"finished with exit code {code}", None)
         return code
     except KeyboardInterrupt:
+        outcome = (logging.WARNING, f"{INTERRUPTED_MESSAGE} (exit code {EXIT_INTERRUPTED})", None)
         return _say_interrupted(INTERRUPTED_MESSAGE)
     except errors as exc:
         if interrupted():
+            outcome = (logging.WARNING, f"{INTERRUPTED_MESSAGE} (exit code {EXIT_INTERRUPTED})", None)
             return _say_interrupted(INTERRUPTED_MESSAGE)
         print(f"error: {exc}", file=sys.stderr)
+        outcome = (logging.ERROR, f"error: {exc} (exit code {EXIT_USER_ERROR})", None)
         return EXIT_USER_ERROR
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, no traceback
         if interrupted():  # Ctrl-C that surfaced as another error (e.g. RuntimeError from inside ITK)
+            outcome = (logging.WARNING, f"{INTERRUPTED_MESSAGE} (exit code {EXIT_INTERRUPTED})", None)
             return _say_interrupted(INTERRUPTED_MESSAGE)
+        outcome = (logging.ERROR, f"unexpected failure ({type(exc).__name__}: {exc}; exit code {EXIT_UNEXPECTED})",
+                   exc)
         if args.debug:
             raise
         print(f"error: unexpected failure ({type(exc).__name__}: {exc}); rerun with --debug for details",
@@ -372,6 +389,8 @@ def run_command(args) -> int:
         restore_sigint_handler(previous_handler)
         if not ok and out is not None:
             remove_if_new_and_empty(out, existing)
+        if outcome is not None:  # after the clean-up: a folder removed as empty gets no run.log of its own
+            _log_outcome(*outcome)
 
 
 def _say_interrupted(message: str) -> int:
@@ -385,6 +404,7 @@ def _say_interrupted(message: str) -> int:
     stream.write(f"{lead}{message}\n")
     stream.flush()
     if itk_worker_interrupted():
+        _log_outcome(logging.WARNING, f"{message} (exit code {EXIT_INTERRUPTED})")
         sys.stdout.flush()
         logging.shutdown()
         os._exit(EXIT_INTERRUPTED)
