@@ -271,14 +271,10 @@ class SmartBiopsyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onComputeHabitats(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not compute the habitats."), waitCursor=True):
             result = self.logic.processParameterNode(self._parameterNode)
-            rows = []
-            for t in result["targets"]:
-                sig = t.signature
-                rows.append((t.region, sig.get("adc", {}).get("mean", float("nan")), sig.get("ef", {}).get("mean", float("nan")),
-                             sig.get("ff", {}).get("mean", float("nan")), t.depth_mm, t.predicted_tre_mm,
-                             "ok" if t.targetable else "; ".join(t.reasons)))
-            self._fillTable(self.ui.targetsTable, (_("region"), _("ADC"), _("EF %"), _("FF %"), _("depth mm"),
-                                                   _("TRE mm"), _("flags")), rows)
+            from SmartBiopsyLib.logic import target_rows
+
+            columns, rows = target_rows(result["targets"])
+            self._fillTable(self.ui.targetsTable, columns, rows)
             missing = result["habitats"].missing
             self.ui.statusLabel.text = " ".join(missing.values()) if missing else _("Habitats A, B and C computed.")
 

@@ -163,6 +163,27 @@ def _mri(node, role: str):
     return mri_from_node(node, f"select {role}")
 
 
+#: Columns of the panel's target table (what :func:`target_rows` fills).
+TARGET_COLUMNS = ("region", "ADC", "EF %", "FF %", "depth mm", "TRE mm", "hit probability %", "flags")
+
+
+def target_rows(targets) -> tuple[tuple, list[tuple]]:
+    """(columns, rows) of the panel's target table: the region, its mean ADC (10^-6 mm^2/s), EF and FF (%), the
+    depth inside the region and the predicted TRE (mm), the probability that the notch samples the region (%, with
+    its Monte Carlo standard error; "not evaluated" when it was not computed) and the targetability flags."""
+    nan = float("nan")
+    rows = []
+    for t in targets:
+        sig = t.signature
+        hp = getattr(t, "hit_probability", None)
+        se = getattr(t, "hit_probability_se", None) or 0.0
+        hit = "not evaluated" if hp is None else f"{100 * hp:.0f} \u00b1 {100 * se:.0f}"
+        rows.append((t.region, sig.get("adc", {}).get("mean", nan), sig.get("ef", {}).get("mean", nan),
+                     sig.get("ff", {}).get("mean", nan), t.depth_mm, t.predicted_tre_mm, hit,
+                     "ok" if t.targetable else "; ".join(t.reasons)))
+    return TARGET_COLUMNS, rows
+
+
 def line_points(line_node) -> tuple[np.ndarray, np.ndarray]:
     """(entry, target) world RAS mm of a trajectory line node."""
     if line_node is None or line_node.GetNumberOfControlPoints() < 2:

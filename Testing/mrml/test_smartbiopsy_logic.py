@@ -239,3 +239,28 @@ def test_needle_check_measures_the_needle_against_the_planned_notch_tip_not_the_
     for bad in ("-3", "ten", "nan", "250"):
         with pytest.raises(InputDataError, match="beyond the target"):
             logic.planned_tip(_line(scene, entry, target, bad))
+
+
+# ---------------------------------------------------------------------------------------------- target table
+def test_target_table_shows_each_targets_hit_probability_from_the_habitat_step(scene):
+    case = scenarios.synthetic_tumour(spacing_mm=3.0, radius_mm=20.0)
+    grid = case["grid"]
+    adc = volumes_mrml.add_volume_node(scene, grid.with_array(case["adc"].astype(np.float32)), "ADC")
+    ef = volumes_mrml.add_volume_node(scene, grid.with_array(case["ef"].astype(np.float32)), "EF")
+    out = logic.BiopsyLogic(scene).compute_habitats(adc, ef, None, grid.with_array(case["mask"].astype(np.uint8)))
+    columns, rows = logic.target_rows(out["targets"])
+    assert columns[columns.index("hit probability %") - 1] == "TRE mm" and len(rows) == 3
+    hit = columns.index("hit probability %")
+    for t, row in zip(out["targets"], rows):
+        assert len(row) == len(columns) and row[0] == t.region
+        assert t.hit_probability is not None and 0.0 <= t.hit_probability <= 1.0
+        assert row[hit] == f"{100 * t.hit_probability:.0f} \u00b1 {100 * t.hit_probability_se:.0f}", row
+    t = out["targets"][0]
+    t.hit_probability = None  # e.g. hit_samples=0: said, not shown as a number
+    assert logic.target_rows([t])[1][0][hit] == "not evaluated"
+
+
+def test_widget_fills_the_target_table_from_the_logic():
+    src = (Path(logic.__file__).resolve().parents[1] / "SmartBiopsy.py").read_text()
+    body = src[src.index("def onComputeHabitats"):src.index("def onEditHabitats")]
+    assert "target_rows(result[\"targets\"])" in body and "hit_probability" not in body
