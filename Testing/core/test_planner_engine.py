@@ -142,6 +142,21 @@ def test_no_safe_path_says_which_constraint_removed_how_many(abdomen):
     assert f"{f['entry_region']} in the excluded entry region" in msg
 
 
+def test_a_field_of_view_cut_inside_the_body_says_there_is_no_skin_to_enter_from(abdomen):
+    from SmartBiopsyCoreLib.geometry import RasVolume
+
+    ct, _, targets = abdomen
+    k, j, i = np.round(ct.ras_to_ijk_points(np.asarray(targets[0]["point_ras"], float)[None])[0][::-1]).astype(int)
+    lo = np.array([k - 8, j - 15, i - 15])
+    m = ct.ijk_to_ras.copy()
+    m[:3, 3] = ct.kji_to_ras_points(lo[None])[0]
+    crop = RasVolume(ct.array[k - 8:k + 9, j - 15:j + 16, i - 15:i + 16].copy(), m, "cropped inside the body")
+    for mode, where in (("oblique", "on the CT"), ("in-plane", "on the target's axial slice")):
+        with pytest.raises(engine.NoSafePathError, match=f"no skin was found {where} to enter from; check that the "
+                                                         "CT shows the whole body outline"):
+            engine.plan(crop, targets[:1], settings=engine.PlanSettings(mode=mode, shared_entry=False))
+
+
 def test_target_outside_the_body_or_inside_bone_is_a_clear_error(abdomen):
     ct, labels, _ = abdomen
     with pytest.raises(TrajectoryPlannerError, match="outside the body"):

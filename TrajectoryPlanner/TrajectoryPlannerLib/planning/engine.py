@@ -674,6 +674,11 @@ def evaluate_paths(maps: DistanceMaps, target_ras, entries: np.ndarray, needle: 
 
 
 def _funnel_message(target: str, ev: CandidateEval, needle: NeedleModel, settings: PlanSettings) -> str:
+    if not len(ev.entries):
+        where = "on the target's axial slice" if settings.mode == "in-plane" else "on the CT"
+        return (f"no safe path to target {target}: no skin was found {where} to enter from; check that the CT "
+                "shows the whole body outline around the target (a field of view cut inside the body has no skin) "
+                "and is in Hounsfield units")
     f = ev.funnel()
     parts = []
     for k, c in f.items():
