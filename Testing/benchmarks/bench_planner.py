@@ -45,7 +45,7 @@ from TrajectoryPlannerLib.planning.needles import get_needle  # noqa: E402
 
 # runs in the baseline checkout (and in this one, for the same code path)
 PLAN_SCRIPT = r"""
-import json, sys, time
+import hashlib, json, sys, time
 from SmartBiopsyCoreLib.phantom import abdomen as synthetic
 from TrajectoryPlannerLib.planning import engine
 spacing, fov, needle, surface, *screening = json.loads(sys.argv[1])
@@ -61,9 +61,12 @@ best = {t.target: {"entry": [round(float(v), 3) for v in t.entry_ras], "score": 
 ranked = [[t.target, t.rank, [round(float(v), 3) for v in t.entry_ras], round(float(t.score), 6)] for t in r.trajectories]
 shared = None if r.shared_entry is None else [[round(float(v), 3) for v in r.shared_entry.entry_ras],
                                               [round(float(t.score), 6) for t in r.shared_entry.trajectories]]
+# plan.json's content without the timing fields
+content = {k: v for k, v in r.to_dict().items() if k != "timings_s"}
+digest = hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 print("RESULT" + json.dumps({"total": total, "cpu": cpu, "timings": r.timings_s, "best": best, "n": len(r.trajectories),
                              "bound": r.error_bound_mm, "ranked": ranked, "shared": shared,
-                             "shortest": r.shortest_safe_length_mm}))
+                             "shortest": r.shortest_safe_length_mm, "plan_sha1": digest}))
 """
 
 # the CT body mask on the whole CT, in either checkout
@@ -190,6 +193,10 @@ def main():
     if old and "ranked" in old[0]:
         print(f"all {len(new[0]['ranked'])} ranked trajectories (target, rank, entry, score) identical to the baseline's: "
               f"{new[0]['ranked'] == old[0]['ranked']}")
+    if old:
+        same = all(r["plan_sha1"] == old[0]["plan_sha1"] for r in new + old)
+        print(f"plan.json content without timing fields (every run of both checkouts): "
+              f"{'identical' if same else 'DIFFERENT'} (sha1 {new[0]['plan_sha1'][:12]})")
 
     if args.mesh:
         mesh_rows(spacing, fov, args.needle)

@@ -337,11 +337,18 @@ def distance_map(mask: np.ndarray, spacing_kji, threads: int | None = None, back
 
 
 def _bbox(mask: np.ndarray):
-    """(lo, hi) k, j, i index box of the True voxels, or None."""
-    nz = [np.nonzero(mask.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
-    if any(len(a) == 0 for a in nz):
+    """(lo, hi) k, j, i index box of the True voxels, or None (two passes: slices, then one (j, i) plane)."""
+    kk = np.flatnonzero(mask.any(axis=(1, 2)))
+    if len(kk) == 0:
         return None
-    return np.array([a[0] for a in nz]), np.array([a[-1] + 1 for a in nz])
+    plane = mask[kk[0]:kk[-1] + 1].any(axis=0)
+    jj, ii = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return np.array([kk[0], jj[0], ii[0]]), np.array([kk[-1] + 1, jj[-1] + 1, ii[-1] + 1])
+
+
+def _voxel_kji(mask: np.ndarray) -> np.ndarray:
+    """(N, 3) (k, j, i) indices of the True voxels in C order: ``np.argwhere(mask)`` without its slow N-d path."""
+    return np.stack(np.unravel_index(np.flatnonzero(mask), mask.shape), axis=1)
 
 
 def box_distance(points_mm: np.ndarray, centres_mm: np.ndarray, half_size_mm) -> np.ndarray:
@@ -367,7 +374,7 @@ class DistanceMaps:
 
     def __init__(self, risk: RiskModel, cap_mm: float = 30.0, threads: int | None = None,
                  pool_offset_mm: float = 0.0, domain: tuple | None = None, to_surface: bool = True,
-                 build_maps: bool = True):
+                 build_maps: bool = True, prebuild_trees: bool = False):
         """``pool_offset_mm``: when the masks were max-pooled from a finer grid, the largest distance from a
         pooled voxel centre to a fine voxel centre inside it (reported; with ``to_surface`` it needs no
         separate term, because a pooled voxel's box contains the boxes of its fine voxels).
@@ -376,7 +383,9 @@ class DistanceMaps:
         it readings take the nearest domain value and are not valid). ``to_surface=False`` measures to voxel
         centres (the definition before surfaces; kept for comparisons in the benchmark).
         ``build_maps=False``: no distance maps, no combined field (``combined``/``argmin`` None); only the exact
-        per-structure distances (KD-trees) are available (pooled screening, :mod:`.screening`)."""
+        per-structure distances (KD-trees) are available (pooled screening, :mod:`.screening`).
+        ``prebuild_trees``: build the structures' KD-trees (:meth:`exact_distance`) in a background thread while
+        the distance maps are computed (the planner's returned trajectories need them all)."""
         self.grid = risk.grid
         self.shape = risk.grid.array.shape
         self.spacing_kji = risk.grid.spacing[::-1].astype(float)
@@ -407,6 +416,11 @@ class DistanceMaps:
         self.argmin = np.full(dshape, len(margins) - 1 if margins else 0, np.uint8) if build_maps else None
         boxes = {n: _bbox(self.masks[n]) for n in self.names}
         self.boxes = boxes  # (lo, hi) k, j, i box of each structure, or None
+        self._trees: dict = {}
+        self._lock = threading.Lock()
+        if prebuild_trees:
+            self.build_trees_async()
+        scratch = None  # reused for each group's V and comparison on the domain (no fresh pages per group)
         for gi, (margin, names) in enumerate(self.groups if build_maps else []):
             gcap = self.group_caps[gi]
             pad = np.ceil(gcap / self.spacing_kji).astype(int) + 1
@@ -429,16 +443,20 @@ class DistanceMaps:
             olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)
             if np.any(ohi <= olo):
                 continue
-            v = d[tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, lo))] - np.float32(margin)
+            if scratch is None:
+                scratch = (np.empty(self.combined.size, np.float32), np.empty(self.combined.size, bool))
+            oshape = tuple(int(v) for v in ohi - olo)
+            n_o = int(np.prod(oshape))
+            v = np.subtract(d[tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, lo))], np.float32(margin),
+                            out=scratch[0][:n_o].reshape(oshape))
             dsl = tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, dlo))
             view = self.combined[dsl]
-            better = np.less(v, view)
-            np.copyto(view, v, where=better)
+            better = np.less(v, view, out=scratch[1][:n_o].reshape(oshape))
+            np.minimum(view, v, out=view)  # = v where better, else unchanged (equal values are equal)
             np.copyto(self.argmin[dsl], np.uint8(gi), where=better)
             del v, better
+        del scratch
         self.body = risk.body.view(np.uint8) if risk.body.dtype == bool else risk.body.astype(np.uint8)
-        self._trees: dict = {}
-        self._lock = threading.Lock()
 
     # sampling ------------------------------------------------------------------------------------
     def ras_to_kji(self, ras: np.ndarray) -> np.ndarray:
@@ -477,19 +495,42 @@ class DistanceMaps:
             np.clip(r[:, ax], 0, self.argmin.shape[ax] - 1, out=r[:, ax])
         return self.argmin[r[:, 0], r[:, 1], r[:, 2]].reshape(kji.shape[:-1])
 
+    def _tree(self, name: str):
+        """KD-tree (mm, k, j, i) of structure ``name``'s boundary voxel centres (built once, thread-safe)."""
+        with self._lock:
+            tree = self._trees.get(name)
+            if tree is None:
+                from scipy.spatial import cKDTree
+
+                from TrajectoryPlannerLib.planning.risk import _erode6
+
+                lo, hi = self.boxes[name]
+                sub = self.masks[name][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+                boundary = sub & ~_erode6(sub, edge=False)  # nearest voxel seen from outside is a boundary voxel
+                # an unbalanced tree builds faster and answers nearest-neighbour queries identically
+                tree = cKDTree((_voxel_kji(boundary) + lo) * self.spacing_kji, balanced_tree=False,
+                               compact_nodes=False)
+                self._trees[name] = tree
+            return tree
+
+    def build_trees_async(self) -> threading.Thread:
+        """Start building every structure's KD-tree in a background thread (numpy and the tree build release
+        the GIL, so this overlaps with the distance maps or path evaluation); queries wait for their tree."""
+        def run():
+            for n in self.names:
+                if self.boxes.get(n) is not None:
+                    try:
+                        self._tree(n)
+                    except Exception:  # noqa: BLE001 - rebuilt (and raised) by the query that needs it
+                        logger.debug("background KD-tree for %s failed", n, exc_info=True)
+                        return
+        th = threading.Thread(target=run, name="planner-kdtrees", daemon=True)
+        th.start()
+        return th
+
     def exact_distance(self, name: str, kji: np.ndarray) -> np.ndarray:
         """Exact distance (mm) from points to the nearest voxel centre of structure ``name``; 0 inside it."""
-        from scipy.spatial import cKDTree
-
-        from TrajectoryPlannerLib.planning.risk import _erode6
-
-        with self._lock:
-            if name not in self._trees:
-                m = self.masks[name]
-                lo, hi = self.boxes[name]
-                sub = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-                boundary = sub & ~_erode6(sub, edge=False)  # nearest voxel seen from outside is a boundary voxel
-                self._trees[name] = cKDTree((np.argwhere(boundary) + lo) * self.spacing_kji)
+        self._tree(name)
         pts = kji.reshape(-1, 3)
         d = self._trees[name].query(pts * self.spacing_kji)[0]
         d[self.masks[name].ravel()[self._nearest_flat(pts)]] = 0.0
@@ -563,13 +604,13 @@ def _subsample(points: np.ndarray, spacing_mm: float) -> np.ndarray:
 
 def oblique_entries(risk: RiskModel, spacing_mm: float) -> np.ndarray:
     """Skin voxel centres (RAS mm) subsampled on a ``spacing_mm`` grid."""
-    return _subsample(risk.grid.voxel_centres_ras(risk.skin), spacing_mm)
+    return _subsample(risk.grid.kji_to_ras_points(_voxel_kji(risk.skin)), spacing_mm)
 
 
 def in_plane_entries(risk: RiskModel, target_ras, spacing_mm: float) -> np.ndarray:
     """Skin voxel centres within half a voxel of the target's axial plane, projected onto that plane."""
     n = _axial_normal(risk.grid)
-    pts = risk.grid.voxel_centres_ras(risk.skin)
+    pts = risk.grid.kji_to_ras_points(_voxel_kji(risk.skin))
     half = 0.5 * abs(float(risk.grid.ijk_to_ras[:3, 2] @ n))
     off = (pts - np.asarray(target_ras, float)) @ n
     sel = pts[np.abs(off) <= half + 1e-6]
@@ -837,7 +878,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
                                    to_surface=CLEARANCE_TO_SURFACE)
     else:
         maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain,
-                            to_surface=CLEARANCE_TO_SURFACE)
+                            to_surface=CLEARANCE_TO_SURFACE, prebuild_trees=True)
     timings["distance_maps"] = time.perf_counter() - t0
     check_cancel()
 

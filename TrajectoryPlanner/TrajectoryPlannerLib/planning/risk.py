@@ -231,8 +231,11 @@ def skin_mask(body: np.ndarray) -> np.ndarray:
 
 def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas_hu: float = -400.0,
                     min_bone_mm3: float = 50.0, min_gas_mm3: float = 50.0, margins: dict | None = None,
-                    threads: int | None = None, region: tuple | None = None) -> list[RiskStructure]:
+                    threads: int | None = None, region: tuple | None = None,
+                    names: tuple = ("bone", "gas")) -> list[RiskStructure]:
     """Bone and internal gas from CT HU, cleaned; margins from ``margins`` or the defaults.
+
+    ``names``: which of the two to build (a user label map replacing one makes it unnecessary).
 
     ``region``: (lo, hi) k, j, i box; the structures are then built only there (zero elsewhere). They equal
     the whole-grid ones inside the box, except that components cut by the box face are kept whatever their
@@ -244,10 +247,13 @@ def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas
     shape = a.shape
     box, inner, touching = _work_box(shape, region)
     a, body_b = a[box], body[box]
-    bone = (a > bone_hu) & body_b
-    bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads, keep_touching=touching)
-    gas = (a < gas_hu) & body_b
-    if gas.any():
+    bone = gas = None
+    if "bone" in names:
+        bone = (a > bone_hu) & body_b
+        bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads, keep_touching=touching)
+    if "gas" in names:
+        gas = (a < gas_hu) & body_b
+    if gas is not None and gas.any():
         # opening with the 6-neighbour cross, on the gas's box grown by one voxel (the erosion sees the same
         # neighbours there, the array's edge value at its faces; the dilation cannot leave that box)
         gb = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(bbox_slices(gas), gas.shape))
@@ -256,6 +262,8 @@ def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas
         gas = _keep_components(gas, spacing, min_gas_mm3, threads=threads, keep_touching=touching)
     out = []
     for name, mask in (("bone", bone), ("gas", gas)):
+        if mask is None:
+            continue
         if region is not None:
             mask = _embed(mask, shape, box, inner)
         if mask.any():
@@ -328,7 +336,8 @@ def check_hounsfield(ct: RasVolume) -> None:
     a = np.asarray(ct.array)
     if a.size == 0:
         raise TrajectoryPlannerError("the CT is empty; load a planning CT with at least one slice")
-    if float(np.nanmax(a)) < 100 and float(np.nanmin(a)) >= 0:
+    integer = np.issubdtype(a.dtype, np.integer)
+    if float(a.min() if integer else np.nanmin(a)) >= 0 and float(a.max() if integer else np.nanmax(a)) < 100:
         raise TrajectoryPlannerError("the CT values do not look like Hounsfield units (no air below 0); load the CT in HU")
 
 
@@ -352,8 +361,9 @@ def build_risk_model(ct: RasVolume, labelmaps: list[tuple[RasVolume, dict | None
     user: list[RiskStructure] = []
     for lm, names in labelmaps or []:
         user += structures_from_labelmap(lm, ct, names, margins, region)
-    structures = auto_structures(ct, body, bone_hu, gas_hu, margins=margins, threads=threads,
-                                 region=region) if auto else []
     user_names = {s.name for s in user}
+    wanted = tuple(n for n in ("bone", "gas") if n not in user_names)  # a user structure replaces its namesake
+    structures = auto_structures(ct, body, bone_hu, gas_hu, margins=margins, threads=threads,
+                                 region=region, names=wanted) if auto and wanted else []
     structures = [s for s in structures if s.name not in user_names] + user
     return RiskModel(ct, body, skin, structures, exclusion)
