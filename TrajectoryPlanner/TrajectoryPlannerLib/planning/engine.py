@@ -351,6 +351,45 @@ def _voxel_kji(mask: np.ndarray) -> np.ndarray:
     return np.stack(np.unravel_index(np.flatnonzero(mask), mask.shape), axis=1)
 
 
+def _map_boxes(boxes, pad, dlo, dhi, shape):
+    """Boxes [(lo, hi, member indices)] on which one margin group's distance maps are computed.
+
+    ``boxes``: (lo, hi) k, j, i box of each structure of the group; ``pad``: voxels covering the group's cap;
+    [dlo, dhi): the path domain. A structure's map is needed on the domain within ``pad`` of it (output) and
+    needs the structure's voxels within ``pad`` of the domain (sources): its box is the hull of both (a voxel
+    beyond it is farther than the cap from every domain voxel the map is read at). Structures whose boxes
+    cost less computed together than apart (the hull's volume is at most the sum) share one box; far-apart
+    structures get their own, smaller boxes (the distance to a union is the minimum of the distances).
+    """
+    def own(lo, hi):
+        olo, ohi = np.maximum(dlo, lo - pad), np.minimum(dhi, hi + pad)  # output: domain near the structure
+        slo, shi = np.maximum(lo, dlo - pad), np.minimum(hi, dhi + pad)  # sources: structure near the domain
+        return np.maximum(np.minimum(olo, slo), 0), np.minimum(np.maximum(ohi, shi), shape), np.all(ohi > olo)
+
+    def vol(lo, hi):
+        return float(np.prod(np.maximum(hi - lo, 0)))
+
+    items = []
+    for i, (lo, hi) in enumerate(boxes):
+        blo, bhi, needed = own(np.asarray(lo), np.asarray(hi))
+        if needed:  # else the structure is farther than the cap from every path
+            items.append((blo, bhi, [i]))
+    merged = True
+    while merged and len(items) > 1:
+        merged = False
+        for a in range(len(items)):
+            for b in range(a + 1, len(items)):
+                lo, hi = np.minimum(items[a][0], items[b][0]), np.maximum(items[a][1], items[b][1])
+                if vol(lo, hi) <= vol(*items[a][:2]) + vol(*items[b][:2]):
+                    items[a] = (lo, hi, sorted(items[a][2] + items[b][2]))
+                    del items[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    return items
+
+
 def box_distance(points_mm: np.ndarray, centres_mm: np.ndarray, half_size_mm) -> np.ndarray:
     """Distance (mm) from points (N, 3) to axis-aligned boxes with the given centres (N, K, 3) and half sizes."""
     g = np.abs(np.asarray(points_mm)[:, None, :] - centres_mm) - np.asarray(half_size_mm, float)
@@ -400,7 +439,8 @@ class DistanceMaps:
         margins = sorted(set(self.margins.values()))
         self.groups: list[tuple[float, list[str]]] = [(m, [n for n in self.names if self.margins[n] == m])
                                                       for m in margins]
-        self.maps: list[tuple[np.ndarray, np.ndarray]] = []  # per group: (offset kji, capped map)
+        self.pieces: list[list[tuple[np.ndarray, np.ndarray]]] = []  # per group: [(offset kji, capped map)]
+        self._maps = None  # per group: one (offset kji, capped map), assembled from the pieces on first use
         max_m = margins[-1] if margins else 0.0
         # V starts at cap - max_m; a group with margin m lowers it only where its distance is below
         # cap - max_m + m, so its map needs exact values (and its box the structures) only up to that
@@ -420,43 +460,69 @@ class DistanceMaps:
         self._lock = threading.Lock()
         if prebuild_trees:
             self.build_trees_async()
-        scratch = None  # reused for each group's V and comparison on the domain (no fresh pages per group)
+        self._scratch = None  # reused for each piece's V and comparison on the domain (no fresh pages per piece)
         for gi, (margin, names) in enumerate(self.groups if build_maps else []):
             gcap = self.group_caps[gi]
             pad = np.ceil(gcap / self.spacing_kji).astype(int) + 1
             present = [n for n in names if boxes[n] is not None]
-            lo = np.maximum(np.min([boxes[n][0] for n in present], axis=0) - pad, dlo - pad) if present else dlo
-            hi = np.minimum(np.max([boxes[n][1] for n in present], axis=0) + pad, dhi + pad) if present else dlo
-            lo, hi = np.maximum(lo, 0), np.minimum(hi, self.shape)
-            if not present or np.any(hi <= lo):  # the structure is farther than the cap from every path
-                self.maps.append((np.zeros(3, int), np.full((1, 1, 1), gcap, np.float32)))
-                continue
-            box = tuple(slice(a, b) for a, b in zip(lo, hi))
-            mask = self.masks[present[0]][box].copy()
-            for n in present[1:]:
-                mask |= self.masks[n][box]
-            d = distance_map(mask, self.spacing_kji, threads)
-            del mask
-            np.minimum(d, np.float32(gcap), out=d)
-            self.maps.append((lo, d))
-            # merge into the combined field where the map and the domain overlap
-            olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)
-            if np.any(ohi <= olo):
-                continue
-            if scratch is None:
-                scratch = (np.empty(self.combined.size, np.float32), np.empty(self.combined.size, bool))
-            oshape = tuple(int(v) for v in ohi - olo)
-            n_o = int(np.prod(oshape))
-            v = np.subtract(d[tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, lo))], np.float32(margin),
-                            out=scratch[0][:n_o].reshape(oshape))
-            dsl = tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, dlo))
-            view = self.combined[dsl]
-            better = np.less(v, view, out=scratch[1][:n_o].reshape(oshape))
-            np.minimum(view, v, out=view)  # = v where better, else unchanged (equal values are equal)
-            np.copyto(self.argmin[dsl], np.uint8(gi), where=better)
-            del v, better
-        del scratch
+            pieces = []
+            self.pieces.append(pieces)
+            for lo, hi, members in _map_boxes([boxes[n] for n in present], pad, dlo, dhi, self.shape):
+                box = tuple(slice(a, b) for a, b in zip(lo, hi))
+                mask = self.masks[present[members[0]]][box].copy()
+                for m in members[1:]:
+                    mask |= self.masks[present[m]][box]
+                d = distance_map(mask, self.spacing_kji, threads)
+                del mask
+                np.minimum(d, np.float32(gcap), out=d)
+                pieces.append((lo, d))
+                self._merge(gi, margin, lo, hi, d, dlo, dhi)
+        self._scratch = None
         self.body = risk.body.view(np.uint8) if risk.body.dtype == bool else risk.body.astype(np.uint8)
+
+    def _merge(self, gi, margin, lo, hi, d, dlo, dhi):
+        """Merge one map piece of group ``gi`` (box [lo, hi)) into the combined field and its argmin."""
+        # merge into the combined field where the map and the domain overlap
+        olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)
+        if np.any(ohi <= olo):
+            return
+        if self._scratch is None:
+            self._scratch = (np.empty(self.combined.size, np.float32), np.empty(self.combined.size, bool))
+        scratch = self._scratch
+        oshape = tuple(int(v) for v in ohi - olo)
+        n_o = int(np.prod(oshape))
+        v = np.subtract(d[tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, lo))], np.float32(margin),
+                        out=scratch[0][:n_o].reshape(oshape))
+        dsl = tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, dlo))
+        view = self.combined[dsl]
+        better = np.less(v, view, out=scratch[1][:n_o].reshape(oshape))
+        np.minimum(view, v, out=view)  # = v where better, else unchanged (equal values are equal)
+        np.copyto(self.argmin[dsl], np.uint8(gi), where=better)
+        del v, better
+
+    @property
+    def maps(self) -> list:
+        """Per margin group: (offset kji, capped distance map mm) on the box around all its pieces (cap outside
+        them); exact up to the group's cap on the path domain."""
+        if self._maps is None:
+            out = []
+            for gi, pieces in enumerate(self.pieces):
+                gcap = np.float32(self.group_caps[gi])
+                if not pieces:  # the structures are farther than the cap from every path
+                    out.append((np.zeros(3, int), np.full((1, 1, 1), gcap, np.float32)))
+                    continue
+                if len(pieces) == 1:
+                    out.append(pieces[0])
+                    continue
+                lo = np.min([p[0] for p in pieces], axis=0)
+                hi = np.max([p[0] + p[1].shape for p in pieces], axis=0)
+                d = np.full(tuple(int(v) for v in hi - lo), gcap, np.float32)
+                for plo, pd in pieces:
+                    view = d[tuple(slice(a - b, a - b + n) for a, b, n in zip(plo, lo, pd.shape))]
+                    np.minimum(view, pd, out=view)
+                out.append((lo, d))
+            self._maps = out
+        return self._maps
 
     # sampling ------------------------------------------------------------------------------------
     def ras_to_kji(self, ras: np.ndarray) -> np.ndarray:
