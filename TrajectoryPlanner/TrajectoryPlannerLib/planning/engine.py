@@ -97,6 +97,7 @@ CLEARANCE_DEFINITION = (
 #: Clearance to voxel surfaces (True, the definition above) or, for comparisons only, to voxel centres.
 CLEARANCE_TO_SURFACE = True
 COARSE_EVERY = 8  # coarse pass reads every 8th fine sample (4 mm at 0.5 mm steps)
+MERGE_SLAB_VOXELS = 1 << 20  # temporaries of the margin-field merge (about 5 MB)
 
 
 class NoSafePathError(TrajectoryPlannerError):
@@ -481,24 +482,29 @@ class DistanceMaps:
         self.body = risk.body.view(np.uint8) if risk.body.dtype == bool else risk.body.astype(np.uint8)
 
     def _merge(self, gi, margin, lo, hi, d, dlo, dhi):
-        """Merge one map piece of group ``gi`` (box [lo, hi)) into the combined field and its argmin."""
-        # merge into the combined field where the map and the domain overlap
-        olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)
+        """Merge one map piece of group ``gi`` (box [lo, hi)) into the combined field and its argmin, slab by slab
+        of k (small, reused temporaries)."""
+        olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)  # where the map and the domain overlap
         if np.any(ohi <= olo):
             return
-        if self._scratch is None:
-            self._scratch = (np.empty(self.combined.size, np.float32), np.empty(self.combined.size, bool))
-        scratch = self._scratch
-        oshape = tuple(int(v) for v in ohi - olo)
-        n_o = int(np.prod(oshape))
-        v = np.subtract(d[tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, lo))], np.float32(margin),
-                        out=scratch[0][:n_o].reshape(oshape))
-        dsl = tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, dlo))
-        view = self.combined[dsl]
-        better = np.less(v, view, out=scratch[1][:n_o].reshape(oshape))
-        np.minimum(view, v, out=view)  # = v where better, else unchanged (equal values are equal)
-        np.copyto(self.argmin[dsl], np.uint8(gi), where=better)
-        del v, better
+        plane = int((ohi[1] - olo[1]) * (ohi[2] - olo[2]))
+        step = max(1, MERGE_SLAB_VOXELS // plane)
+        if self._scratch is None or self._scratch[0].size < step * plane:
+            self._scratch = (np.empty(step * plane, np.float32), np.empty(step * plane, bool))
+        m = np.float32(margin)
+        g = np.uint8(gi)
+        for k0 in range(int(olo[0]), int(ohi[0]), step):
+            k1 = min(k0 + step, int(ohi[0]))
+            shape = (k1 - k0, int(ohi[1] - olo[1]), int(ohi[2] - olo[2]))
+            n = shape[0] * plane
+            src = d[k0 - lo[0]:k1 - lo[0], olo[1] - lo[1]:ohi[1] - lo[1], olo[2] - lo[2]:ohi[2] - lo[2]]
+            dsl = (slice(k0 - dlo[0], k1 - dlo[0]), slice(olo[1] - dlo[1], ohi[1] - dlo[1]),
+                   slice(olo[2] - dlo[2], ohi[2] - dlo[2]))
+            v = np.subtract(src, m, out=self._scratch[0][:n].reshape(shape))
+            view = self.combined[dsl]
+            better = np.less(v, view, out=self._scratch[1][:n].reshape(shape))
+            np.minimum(view, v, out=view)  # = v where better, else unchanged (equal values are equal)
+            np.copyto(self.argmin[dsl], g, where=better)
 
     @property
     def maps(self) -> list:
