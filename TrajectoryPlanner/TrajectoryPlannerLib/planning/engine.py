@@ -9,10 +9,13 @@ How a plan is made (:func:`plan`):
 2. Distance maps: one exact Euclidean distance transform per distinct margin (structures with the same
    margin share a map: the distance to a union is the minimum distance), from the ``edt`` package
    (multi-threaded) or, when it is not installed (desktop Slicer), SimpleITK's Maurer transform with the same
-   distances; in mm with the voxel spacing, each on its structures' bounding box grown by its cap and capped
-   there. V starts at ``cap - largest margin`` (cap = ``distance_cap_mm``, at least the largest margin +
-   10 mm), so a group with margin m needs exact distances only up to ``cap - largest margin + m``: that is
-   its cap. The combined field ``V = min_s(d_s - margin_s)`` and the margin group attaining it are kept on
+   distances; in mm with the voxel spacing, capped. Each structure's map is needed on the path domain within
+   the cap of it and needs its voxels within the cap of the domain: its box is the hull of both; structures of
+   a group share a box only when that costs no more than apart, so far-apart structures (say the kidneys
+   and the bowel) get small boxes instead of one spanning them (:func:`_map_boxes`; the minimum over the
+   boxes is the group's distance). V starts at ``cap - largest margin`` (cap = ``distance_cap_mm``, at least
+   the largest margin + 10 mm), so a group with margin m needs exact distances only up to
+   ``cap - largest margin + m``: that is its cap. The combined field ``V = min_s(d_s - margin_s)`` and the margin group attaining it are kept on
    the path domain only.
 3. Candidate entries: skin voxel centres, subsampled on a ``entry_spacing_mm`` grid (oblique mode), or the
    skin voxels within half a voxel of each target's axial plane, projected onto it (in-plane mode).

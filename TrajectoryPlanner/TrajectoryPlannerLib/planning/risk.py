@@ -268,7 +268,9 @@ def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas
             mask = _embed(mask, shape, box, inner)
         if mask.any():
             out.append(RiskStructure(name, mask, margins.get(name, default_margin(name)), "ct"))
-    logger.info("automatic risk structures: %s", ", ".join(f"{s.name} {int(s.mask.sum())} vox" for s in out) or "none")
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("automatic risk structures: %s",
+                    ", ".join(f"{s.name} {np.count_nonzero(s.mask)} vox" for s in out) or "none")
     return out
 
 
