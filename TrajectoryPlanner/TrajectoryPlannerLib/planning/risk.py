@@ -309,16 +309,19 @@ def structures_from_labelmap(labels: RasVolume, grid: RasVolume, names: dict[int
     sub = arr[box]
     values = sorted(names) if names else [int(v) for v in np.unique(sub) if v != 0]
     out = []
+    eq = np.empty(sub.shape, bool)  # one comparison buffer; each mask is written only on its label's box
     for v in values:
         name = names[v] if names else f"label_{v}"
-        if region is None:
-            mask = sub == v
-        else:  # compared straight into the full-grid mask
-            mask = np.zeros(arr.shape, bool)
-            np.equal(sub, v, out=mask[box])
-        if not mask.any():
+        np.equal(sub, v, out=eq)
+        kk = np.flatnonzero(eq.any(axis=(1, 2)))
+        if len(kk) == 0:
             logger.info("risk label %s (%d) not present in the planning region", name, v)
             continue
+        plane = eq[kk[0]:kk[-1] + 1].any(axis=0)
+        jj, ii = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+        lb = (slice(int(kk[0]), int(kk[-1]) + 1), slice(int(jj[0]), int(jj[-1]) + 1), slice(int(ii[0]), int(ii[-1]) + 1))
+        mask = np.zeros(arr.shape, bool)
+        mask[tuple(slice((b.start or 0) + q.start, (b.start or 0) + q.stop) for b, q in zip(box, lb))] = eq[lb]
         out.append(RiskStructure(name, mask, margins.get(name.lower(), default_margin(name)), "user"))
     return out
 
