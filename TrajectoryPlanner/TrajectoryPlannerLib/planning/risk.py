@@ -290,8 +290,12 @@ def _work_box(shape, region, grow: int = 2):
 def _embed(sub: np.ndarray, shape, box, inner) -> np.ndarray:
     """Full-grid mask holding ``sub`` (computed on ``box``) inside the region ``inner`` of it, False elsewhere."""
     full = np.zeros(shape, bool)
-    region = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
-    full[region] = sub[inner]
+    part = sub[inner]
+    if not part.any():
+        return full
+    bb = bbox_slices(part)  # written only on the structure's box (fewer fresh pages)
+    full[tuple(slice(b.start + i.start + q.start, b.start + i.start + q.stop)
+               for b, i, q in zip(box, inner, bb))] = part[bb]
     return full
 
 
