@@ -20,6 +20,9 @@ CT, alternating: wall and CPU seconds per stage, ratio, and whether every ranked
   of both checkouts and whether the masks are voxel-identical;
 * CPU seconds (all threads) of the full plan beside the wall-clock seconds: less sensitive to other load;
 * distance maps: the ``edt`` package against the SimpleITK fallback, same risk model, same run;
+* the independent oracle (``Testing/core/planner_oracle.py``, KD-trees of the label map's voxel boxes, paths
+  marched every 0.1 mm) on this checkout's plan: violated margins of every returned path (ranked and shared
+  entry); ``--no-oracle`` skips it;
 * ``--mesh``: path-evaluation rate of the distance-map engine against a mesh IntersectWithLine baseline.
 
 The machine may be shared: absolute seconds depend on its load; the ratios (same run, alternating) are the
@@ -148,6 +151,7 @@ def main():
     ap.add_argument("--baseline", default=os.environ.get("SMARTBIOPSY_BASELINE", str(ROOT.parents[1] / "main")))
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--mesh", action="store_true")
+    ap.add_argument("--no-oracle", action="store_true", help="skip the independent oracle check of the plan")
     ap.add_argument("--imports-inside", action="store_true",
                     help="include the first import of SimpleITK, edt and scipy.spatial in the plan's time")
     ap.add_argument("--screening", action="store_true",
@@ -217,8 +221,43 @@ def main():
         print(f"plan.json content without timing fields (every run of both checkouts): "
               f"{'identical' if same else 'DIFFERENT'} (sha1 {new[0]['plan_sha1'][:12]})")
 
+    if not args.no_oracle:
+        oracle_rows(spacing, fov, args.needle)
     if args.mesh:
         mesh_rows(spacing, fov, args.needle)
+
+
+#: planner structure -> phantom label values, stated independently of the planner (automatic gas = bowel gas)
+ORACLE_LABELS = {"bone": (3,), "gas": (8,), "aorta": (4,), "ivc": (5,), "kidney": (6,), "bowel": (7,),
+                 "bowel_gas": (8,)}
+
+
+def oracle_rows(spacing, fov, needle_name):
+    """This checkout's full-grid plan checked by the independent oracle (Testing/core/planner_oracle.py): every
+    returned path (ranked and shared entry), every structure, surface distance - needle radius >= margin."""
+    sys.path.insert(0, str(ROOT / "Testing" / "core"))
+    from planner_oracle import Oracle
+
+    ct, labels, targets = synthetic.make_abdomen(spacing, fov)
+    r = engine.plan(ct, targets, needle_name, labelmaps=[(labels, synthetic.RISK_LABELS)],
+                    settings=engine.PlanSettings(threads=2))
+    oracle = Oracle(labels, ORACLE_LABELS)
+    radius = r.needle.outer_radius_mm
+    paths = list(r.trajectories) + (list(r.shared_entry.trajectories) if r.shared_entry else [])
+    worst, violations, looser = np.inf, [], []
+    for tr in paths:
+        for name, dist in oracle.axis_surface_distances(tr.entry_ras, tr.tip_ras).items():
+            if name not in tr.margin_mm:
+                continue
+            slack = dist - radius - tr.margin_mm[name]
+            worst = min(worst, slack)
+            if slack < -1e-6:
+                violations.append((tr.name, name, round(slack, 3)))
+            if tr.clearance_mm[name] > dist - radius + 1e-6:
+                looser.append((tr.name, name))
+    print(f"\noracle (default settings, {len(paths)} returned paths x {len(ORACLE_LABELS)} structures, voxel "
+          f"surfaces): {len(violations)} violated margins {violations[:5]}; reported clearance above the oracle's: "
+          f"{len(looser)}; smallest slack {worst:.2f} mm")
 
 
 def screening_rows(spacing, fov, needle_name, repeat):
