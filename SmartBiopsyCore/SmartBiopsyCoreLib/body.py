@@ -45,12 +45,12 @@ def label_components(mask: np.ndarray, threads: int | None = None):
 
 
 def bbox_slices(mask: np.ndarray) -> tuple:
-    """Index slices (k, j, i) of the bounding box of the True voxels of a non-empty mask."""
-    out = []
-    for ax in ((1, 2), (0, 2), (0, 1)):
-        nz = np.flatnonzero(mask.any(axis=ax))
-        out.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(out)
+    """Index slices (k, j, i) of the bounding box of the True voxels of a non-empty mask (two passes: the
+    occupied slices, then one (j, i) plane over them)."""
+    kk = np.flatnonzero(mask.any(axis=(1, 2)))
+    plane = mask[kk[0]:kk[-1] + 1].any(axis=0)
+    jj, ii = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return tuple(slice(int(a[0]), int(a[-1]) + 1) for a in (kk, jj, ii))
 
 
 def largest_component(mask: np.ndarray, spacing=(1.0, 1.0, 1.0), threads: int | None = None) -> np.ndarray:
@@ -90,13 +90,13 @@ def _fill_holes(m: np.ndarray, box: tuple, threads: int | None = None) -> np.nda
     shape = m.shape
     lo = np.array([s.start for s in box])
     hi = np.array([s.stop for s in box])
-    p = np.zeros(tuple(int(v) for v in hi - lo + 2), bool)
-    p[1:-1, 1:-1, 1:-1] = m[box]
+    q = np.ones(tuple(int(v) for v in hi - lo + 2), bool)  # background of the padded mask, built directly
+    np.logical_not(m[box], out=q[1:-1, 1:-1, 1:-1])
     if lo[0] == 0:
-        p[0] = True
+        q[0] = False
     if hi[0] == shape[0]:
-        p[-1] = True
-    _img, bg, _ = label_components(~p, threads)
+        q[-1] = False
+    _img, bg, _ = label_components(q, threads)
     outside = bg[1, 0, 0]  # the j = lo - 1 ring is background that reaches a j/i face of the array
     out = np.zeros(shape, bool)
     np.not_equal(bg[1:-1, 1:-1, 1:-1], outside, out=out[box])

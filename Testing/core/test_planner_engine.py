@@ -295,3 +295,45 @@ def test_combined_field_of_several_margin_groups_equals_whole_grid_transforms_ca
         ref = np.minimum(ref, np.minimum(d, 30.0) - margin)
     assert np.abs(maps.combined - ref).max() < 1e-4
     assert (ref < 30.0 - 10.0).mean() > 0.5  # most of the domain is within reach of some structure
+
+
+def test_far_apart_structures_of_one_margin_get_separate_map_boxes_and_the_same_field():
+    """Two structures of one margin group at opposite ends of the grid: their distance maps are computed on two
+    small boxes (not one box spanning both), and V on the domain, the group map and the margin group attaining V
+    still equal the whole-grid exact transform of the union capped at the cap."""
+    from SmartBiopsyCoreLib.geometry import RasVolume
+
+    shape = (16, 40, 220)
+    sp_ijk = np.array([0.8, 0.8, 1.5])
+    grid = RasVolume(np.zeros(shape, np.int16), np.diag([*sp_ijk, 1.0]), "g")
+    masks = {}
+    for name, sl in (("left", np.s_[4:10, 10:20, 5:15]), ("right", np.s_[6:12, 18:30, 200:212]),
+                     ("middle", np.s_[2:6, 30:36, 105:112])):
+        m = np.zeros(shape, bool)
+        m[sl] = True
+        masks[name] = m
+    structures = [risk.RiskStructure("left", masks["left"], 5.0), risk.RiskStructure("right", masks["right"], 5.0),
+                  risk.RiskStructure("middle", masks["middle"], 3.0)]
+    rm = risk.RiskModel(grid, np.ones(shape, bool), np.ones(shape, bool), structures)
+    domain = (np.array([0, 5, 0]), np.array([16, 35, 220]))
+    maps = engine.DistanceMaps(rm, cap_mm=30.0, domain=domain)
+    gi = [m for m, _ in maps.groups].index(5.0)
+    assert len(maps.pieces[gi]) == 2  # far apart: two boxes, each much narrower than the grid
+    assert all(d.shape[2] < shape[2] // 2 for _, d in maps.pieces[gi])
+    sl = tuple(slice(a, b) for a, b in zip(*domain))
+    ref = np.full(maps.combined.shape, 30.0 - 5.0)
+    group_ref = {}
+    for margin, cap in ((3.0, 28.0), (5.0, 30.0)):  # group caps: cap - largest margin + margin
+        union = np.any([s.mask for s in structures if s.margin_mm == margin], axis=0)
+        group_ref[margin] = np.minimum(ndimage.distance_transform_edt(~union, sampling=sp_ijk[::-1]), cap)
+        ref = np.minimum(ref, group_ref[margin][sl] - margin)
+    assert np.abs(maps.combined - ref).max() < 1e-4
+    # the margin group attaining V where one group is strictly lower
+    v3, v5 = group_ref[3.0][sl] - 3.0, group_ref[5.0][sl] - 5.0
+    clear = np.abs(v3 - v5) > 1e-3
+    assert np.array_equal(maps.argmin[clear], np.where(v3 < v5, 0, 1)[clear].astype(np.uint8))
+    # the assembled group map equals the capped union transform on the domain
+    lo, d = maps.maps[gi]
+    box = tuple(slice(max(a, b), min(a + n, c)) for a, b, n, c in zip(lo, domain[0], d.shape, domain[1]))
+    got = d[tuple(slice(s.start - a, s.stop - a) for s, a in zip(box, lo))]
+    assert np.abs(got - group_ref[5.0][box]).max() < 1e-4

@@ -215,3 +215,18 @@ def test_automatic_bone_and_gas_equal_the_whole_region_definition_on_a_random_ct
     for name in ("bone", "gas"):
         assert ref[name].sum() > 100
         assert np.array_equal(got[name], ref[name]), name
+
+
+def test_a_user_label_replaces_its_automatic_namesake_and_the_other_stays_automatic(abdomen):
+    """A user 'bone' label replaces the automatic bone (which is then not built at all); gas, not given by the
+    user, stays automatic; without labels both come from the CT."""
+    ct, labels, _ = abdomen
+    auto = {s.name: s for s in risk.build_risk_model(ct).structures}
+    assert auto["bone"].source == "ct" and auto["gas"].source == "ct"
+    user_bone = np.where(labels.array == 3, 3, 0).astype(np.uint8)
+    user_bone[:, :, : user_bone.shape[2] // 2] = 0  # half of it: differs from the automatic bone
+    rm = risk.build_risk_model(ct, [(labels.with_array(user_bone), {3: "bone"})])
+    got = {s.name: s for s in rm.structures}
+    assert [s.name for s in rm.structures].count("bone") == 1
+    assert got["bone"].source == "user" and np.array_equal(got["bone"].mask, user_bone == 3)
+    assert got["gas"].source == "ct" and np.array_equal(got["gas"].mask, auto["gas"].mask)

@@ -9,10 +9,13 @@ How a plan is made (:func:`plan`):
 2. Distance maps: one exact Euclidean distance transform per distinct margin (structures with the same
    margin share a map: the distance to a union is the minimum distance), from the ``edt`` package
    (multi-threaded) or, when it is not installed (desktop Slicer), SimpleITK's Maurer transform with the same
-   distances; in mm with the voxel spacing, each on its structures' bounding box grown by its cap and capped
-   there. V starts at ``cap - largest margin`` (cap = ``distance_cap_mm``, at least the largest margin +
-   10 mm), so a group with margin m needs exact distances only up to ``cap - largest margin + m``: that is
-   its cap. The combined field ``V = min_s(d_s - margin_s)`` and the margin group attaining it are kept on
+   distances; in mm with the voxel spacing, capped. Each structure's map is needed on the path domain within
+   the cap of it and needs its voxels within the cap of the domain: its box is the hull of both; structures of
+   a group share a box only when that costs no more than apart, so far-apart structures (say the kidneys
+   and the bowel) get small boxes instead of one spanning them (:func:`_map_boxes`; the minimum over the
+   boxes is the group's distance). V starts at ``cap - largest margin`` (cap = ``distance_cap_mm``, at least
+   the largest margin + 10 mm), so a group with margin m needs exact distances only up to
+   ``cap - largest margin + m``: that is its cap. The combined field ``V = min_s(d_s - margin_s)`` and the margin group attaining it are kept on
    the path domain only.
 3. Candidate entries: skin voxel centres, subsampled on a ``entry_spacing_mm`` grid (oblique mode), or the
    skin voxels within half a voxel of each target's axial plane, projected onto it (in-plane mode).
@@ -97,6 +100,7 @@ CLEARANCE_DEFINITION = (
 #: Clearance to voxel surfaces (True, the definition above) or, for comparisons only, to voxel centres.
 CLEARANCE_TO_SURFACE = True
 COARSE_EVERY = 8  # coarse pass reads every 8th fine sample (4 mm at 0.5 mm steps)
+MERGE_SLAB_VOXELS = 1 << 20  # temporaries of the margin-field merge (about 5 MB)
 
 
 class NoSafePathError(TrajectoryPlannerError):
@@ -337,11 +341,57 @@ def distance_map(mask: np.ndarray, spacing_kji, threads: int | None = None, back
 
 
 def _bbox(mask: np.ndarray):
-    """(lo, hi) k, j, i index box of the True voxels, or None."""
-    nz = [np.nonzero(mask.any(axis=ax))[0] for ax in ((1, 2), (0, 2), (0, 1))]
-    if any(len(a) == 0 for a in nz):
+    """(lo, hi) k, j, i index box of the True voxels, or None (two passes: slices, then one (j, i) plane)."""
+    kk = np.flatnonzero(mask.any(axis=(1, 2)))
+    if len(kk) == 0:
         return None
-    return np.array([a[0] for a in nz]), np.array([a[-1] + 1 for a in nz])
+    plane = mask[kk[0]:kk[-1] + 1].any(axis=0)
+    jj, ii = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return np.array([kk[0], jj[0], ii[0]]), np.array([kk[-1] + 1, jj[-1] + 1, ii[-1] + 1])
+
+
+def _voxel_kji(mask: np.ndarray) -> np.ndarray:
+    """(N, 3) (k, j, i) indices of the True voxels in C order: ``np.argwhere(mask)`` without its slow N-d path."""
+    return np.stack(np.unravel_index(np.flatnonzero(mask), mask.shape), axis=1)
+
+
+def _map_boxes(boxes, pad, dlo, dhi, shape):
+    """Boxes [(lo, hi, member indices)] on which one margin group's distance maps are computed.
+
+    ``boxes``: (lo, hi) k, j, i box of each structure of the group; ``pad``: voxels covering the group's cap;
+    [dlo, dhi): the path domain. A structure's map is needed on the domain within ``pad`` of it (output) and
+    needs the structure's voxels within ``pad`` of the domain (sources): its box is the hull of both (a voxel
+    beyond it is farther than the cap from every domain voxel the map is read at). Structures whose boxes
+    cost less computed together than apart (the hull's volume is at most the sum) share one box; far-apart
+    structures get their own, smaller boxes (the distance to a union is the minimum of the distances).
+    """
+    def own(lo, hi):
+        olo, ohi = np.maximum(dlo, lo - pad), np.minimum(dhi, hi + pad)  # output: domain near the structure
+        slo, shi = np.maximum(lo, dlo - pad), np.minimum(hi, dhi + pad)  # sources: structure near the domain
+        return np.maximum(np.minimum(olo, slo), 0), np.minimum(np.maximum(ohi, shi), shape), np.all(ohi > olo)
+
+    def vol(lo, hi):
+        return float(np.prod(np.maximum(hi - lo, 0)))
+
+    items = []
+    for i, (lo, hi) in enumerate(boxes):
+        blo, bhi, needed = own(np.asarray(lo), np.asarray(hi))
+        if needed:  # else the structure is farther than the cap from every path
+            items.append((blo, bhi, [i]))
+    merged = True
+    while merged and len(items) > 1:
+        merged = False
+        for a in range(len(items)):
+            for b in range(a + 1, len(items)):
+                lo, hi = np.minimum(items[a][0], items[b][0]), np.maximum(items[a][1], items[b][1])
+                if vol(lo, hi) <= vol(*items[a][:2]) + vol(*items[b][:2]):
+                    items[a] = (lo, hi, sorted(items[a][2] + items[b][2]))
+                    del items[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    return items
 
 
 def box_distance(points_mm: np.ndarray, centres_mm: np.ndarray, half_size_mm) -> np.ndarray:
@@ -367,7 +417,7 @@ class DistanceMaps:
 
     def __init__(self, risk: RiskModel, cap_mm: float = 30.0, threads: int | None = None,
                  pool_offset_mm: float = 0.0, domain: tuple | None = None, to_surface: bool = True,
-                 build_maps: bool = True):
+                 build_maps: bool = True, prebuild_trees: bool = False):
         """``pool_offset_mm``: when the masks were max-pooled from a finer grid, the largest distance from a
         pooled voxel centre to a fine voxel centre inside it (reported; with ``to_surface`` it needs no
         separate term, because a pooled voxel's box contains the boxes of its fine voxels).
@@ -376,7 +426,9 @@ class DistanceMaps:
         it readings take the nearest domain value and are not valid). ``to_surface=False`` measures to voxel
         centres (the definition before surfaces; kept for comparisons in the benchmark).
         ``build_maps=False``: no distance maps, no combined field (``combined``/``argmin`` None); only the exact
-        per-structure distances (KD-trees) are available (pooled screening, :mod:`.screening`)."""
+        per-structure distances (KD-trees) are available (pooled screening, :mod:`.screening`).
+        ``prebuild_trees``: build the structures' KD-trees (:meth:`exact_distance`) in a background thread while
+        the distance maps are computed (the planner's returned trajectories need them all)."""
         self.grid = risk.grid
         self.shape = risk.grid.array.shape
         self.spacing_kji = risk.grid.spacing[::-1].astype(float)
@@ -391,7 +443,8 @@ class DistanceMaps:
         margins = sorted(set(self.margins.values()))
         self.groups: list[tuple[float, list[str]]] = [(m, [n for n in self.names if self.margins[n] == m])
                                                       for m in margins]
-        self.maps: list[tuple[np.ndarray, np.ndarray]] = []  # per group: (offset kji, capped map)
+        self.pieces: list[list[tuple[np.ndarray, np.ndarray]]] = []  # per group: [(offset kji, capped map)]
+        self._maps = None  # per group: one (offset kji, capped map), assembled from the pieces on first use
         max_m = margins[-1] if margins else 0.0
         # V starts at cap - max_m; a group with margin m lowers it only where its distance is below
         # cap - max_m + m, so its map needs exact values (and its box the structures) only up to that
@@ -407,38 +460,78 @@ class DistanceMaps:
         self.argmin = np.full(dshape, len(margins) - 1 if margins else 0, np.uint8) if build_maps else None
         boxes = {n: _bbox(self.masks[n]) for n in self.names}
         self.boxes = boxes  # (lo, hi) k, j, i box of each structure, or None
+        self._trees: dict = {}
+        self._lock = threading.Lock()
+        if prebuild_trees:
+            self.build_trees_async()
+        self._scratch = None  # reused for each piece's V and comparison on the domain (no fresh pages per piece)
         for gi, (margin, names) in enumerate(self.groups if build_maps else []):
             gcap = self.group_caps[gi]
             pad = np.ceil(gcap / self.spacing_kji).astype(int) + 1
             present = [n for n in names if boxes[n] is not None]
-            lo = np.maximum(np.min([boxes[n][0] for n in present], axis=0) - pad, dlo - pad) if present else dlo
-            hi = np.minimum(np.max([boxes[n][1] for n in present], axis=0) + pad, dhi + pad) if present else dlo
-            lo, hi = np.maximum(lo, 0), np.minimum(hi, self.shape)
-            if not present or np.any(hi <= lo):  # the structure is farther than the cap from every path
-                self.maps.append((np.zeros(3, int), np.full((1, 1, 1), gcap, np.float32)))
-                continue
-            box = tuple(slice(a, b) for a, b in zip(lo, hi))
-            mask = self.masks[present[0]][box].copy()
-            for n in present[1:]:
-                mask |= self.masks[n][box]
-            d = distance_map(mask, self.spacing_kji, threads)
-            del mask
-            np.minimum(d, np.float32(gcap), out=d)
-            self.maps.append((lo, d))
-            # merge into the combined field where the map and the domain overlap
-            olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)
-            if np.any(ohi <= olo):
-                continue
-            v = d[tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, lo))] - np.float32(margin)
-            dsl = tuple(slice(a - l, b - l) for a, b, l in zip(olo, ohi, dlo))
-            view = self.combined[dsl]
-            better = np.less(v, view)
-            np.copyto(view, v, where=better)
-            np.copyto(self.argmin[dsl], np.uint8(gi), where=better)
-            del v, better
+            pieces = []
+            self.pieces.append(pieces)
+            for lo, hi, members in _map_boxes([boxes[n] for n in present], pad, dlo, dhi, self.shape):
+                box = tuple(slice(a, b) for a, b in zip(lo, hi))
+                mask = self.masks[present[members[0]]][box].copy()
+                for m in members[1:]:
+                    mask |= self.masks[present[m]][box]
+                d = distance_map(mask, self.spacing_kji, threads)
+                del mask
+                np.minimum(d, np.float32(gcap), out=d)
+                pieces.append((lo, d))
+                self._merge(gi, margin, lo, hi, d, dlo, dhi)
+        self._scratch = None
         self.body = risk.body.view(np.uint8) if risk.body.dtype == bool else risk.body.astype(np.uint8)
-        self._trees: dict = {}
-        self._lock = threading.Lock()
+
+    def _merge(self, gi, margin, lo, hi, d, dlo, dhi):
+        """Merge one map piece of group ``gi`` (box [lo, hi)) into the combined field and its argmin, slab by slab
+        of k (small, reused temporaries)."""
+        olo, ohi = np.maximum(lo, dlo), np.minimum(hi, dhi)  # where the map and the domain overlap
+        if np.any(ohi <= olo):
+            return
+        plane = int((ohi[1] - olo[1]) * (ohi[2] - olo[2]))
+        step = max(1, MERGE_SLAB_VOXELS // plane)
+        if self._scratch is None or self._scratch[0].size < step * plane:
+            self._scratch = (np.empty(step * plane, np.float32), np.empty(step * plane, bool))
+        m = np.float32(margin)
+        g = np.uint8(gi)
+        for k0 in range(int(olo[0]), int(ohi[0]), step):
+            k1 = min(k0 + step, int(ohi[0]))
+            shape = (k1 - k0, int(ohi[1] - olo[1]), int(ohi[2] - olo[2]))
+            n = shape[0] * plane
+            src = d[k0 - lo[0]:k1 - lo[0], olo[1] - lo[1]:ohi[1] - lo[1], olo[2] - lo[2]:ohi[2] - lo[2]]
+            dsl = (slice(k0 - dlo[0], k1 - dlo[0]), slice(olo[1] - dlo[1], ohi[1] - dlo[1]),
+                   slice(olo[2] - dlo[2], ohi[2] - dlo[2]))
+            v = np.subtract(src, m, out=self._scratch[0][:n].reshape(shape))
+            view = self.combined[dsl]
+            better = np.less(v, view, out=self._scratch[1][:n].reshape(shape))
+            np.minimum(view, v, out=view)  # = v where better, else unchanged (equal values are equal)
+            np.copyto(self.argmin[dsl], g, where=better)
+
+    @property
+    def maps(self) -> list:
+        """Per margin group: (offset kji, capped distance map mm) on the box around all its pieces (cap outside
+        them); exact up to the group's cap on the path domain."""
+        if self._maps is None:
+            out = []
+            for gi, pieces in enumerate(self.pieces):
+                gcap = np.float32(self.group_caps[gi])
+                if not pieces:  # the structures are farther than the cap from every path
+                    out.append((np.zeros(3, int), np.full((1, 1, 1), gcap, np.float32)))
+                    continue
+                if len(pieces) == 1:
+                    out.append(pieces[0])
+                    continue
+                lo = np.min([p[0] for p in pieces], axis=0)
+                hi = np.max([p[0] + p[1].shape for p in pieces], axis=0)
+                d = np.full(tuple(int(v) for v in hi - lo), gcap, np.float32)
+                for plo, pd in pieces:
+                    view = d[tuple(slice(a - b, a - b + n) for a, b, n in zip(plo, lo, pd.shape))]
+                    np.minimum(view, pd, out=view)
+                out.append((lo, d))
+            self._maps = out
+        return self._maps
 
     # sampling ------------------------------------------------------------------------------------
     def ras_to_kji(self, ras: np.ndarray) -> np.ndarray:
@@ -477,19 +570,42 @@ class DistanceMaps:
             np.clip(r[:, ax], 0, self.argmin.shape[ax] - 1, out=r[:, ax])
         return self.argmin[r[:, 0], r[:, 1], r[:, 2]].reshape(kji.shape[:-1])
 
+    def _tree(self, name: str):
+        """KD-tree (mm, k, j, i) of structure ``name``'s boundary voxel centres (built once, thread-safe)."""
+        with self._lock:
+            tree = self._trees.get(name)
+            if tree is None:
+                from scipy.spatial import cKDTree
+
+                from TrajectoryPlannerLib.planning.risk import _erode6
+
+                lo, hi = self.boxes[name]
+                sub = self.masks[name][lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+                boundary = sub & ~_erode6(sub, edge=False)  # nearest voxel seen from outside is a boundary voxel
+                # an unbalanced tree builds faster and answers nearest-neighbour queries identically
+                tree = cKDTree((_voxel_kji(boundary) + lo) * self.spacing_kji, balanced_tree=False,
+                               compact_nodes=False)
+                self._trees[name] = tree
+            return tree
+
+    def build_trees_async(self) -> threading.Thread:
+        """Start building every structure's KD-tree in a background thread (numpy and the tree build release
+        the GIL, so this overlaps with the distance maps or path evaluation); queries wait for their tree."""
+        def run():
+            for n in self.names:
+                if self.boxes.get(n) is not None:
+                    try:
+                        self._tree(n)
+                    except Exception:  # noqa: BLE001 - rebuilt (and raised) by the query that needs it
+                        logger.debug("background KD-tree for %s failed", n, exc_info=True)
+                        return
+        th = threading.Thread(target=run, name="planner-kdtrees", daemon=True)
+        th.start()
+        return th
+
     def exact_distance(self, name: str, kji: np.ndarray) -> np.ndarray:
         """Exact distance (mm) from points to the nearest voxel centre of structure ``name``; 0 inside it."""
-        from scipy.spatial import cKDTree
-
-        from TrajectoryPlannerLib.planning.risk import _erode6
-
-        with self._lock:
-            if name not in self._trees:
-                m = self.masks[name]
-                lo, hi = self.boxes[name]
-                sub = m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-                boundary = sub & ~_erode6(sub, edge=False)  # nearest voxel seen from outside is a boundary voxel
-                self._trees[name] = cKDTree((np.argwhere(boundary) + lo) * self.spacing_kji)
+        self._tree(name)
         pts = kji.reshape(-1, 3)
         d = self._trees[name].query(pts * self.spacing_kji)[0]
         d[self.masks[name].ravel()[self._nearest_flat(pts)]] = 0.0
@@ -563,13 +679,13 @@ def _subsample(points: np.ndarray, spacing_mm: float) -> np.ndarray:
 
 def oblique_entries(risk: RiskModel, spacing_mm: float) -> np.ndarray:
     """Skin voxel centres (RAS mm) subsampled on a ``spacing_mm`` grid."""
-    return _subsample(risk.grid.voxel_centres_ras(risk.skin), spacing_mm)
+    return _subsample(risk.grid.kji_to_ras_points(_voxel_kji(risk.skin)), spacing_mm)
 
 
 def in_plane_entries(risk: RiskModel, target_ras, spacing_mm: float) -> np.ndarray:
     """Skin voxel centres within half a voxel of the target's axial plane, projected onto that plane."""
     n = _axial_normal(risk.grid)
-    pts = risk.grid.voxel_centres_ras(risk.skin)
+    pts = risk.grid.kji_to_ras_points(_voxel_kji(risk.skin))
     half = 0.5 * abs(float(risk.grid.ijk_to_ras[:3, 2] @ n))
     off = (pts - np.asarray(target_ras, float)) @ n
     sel = pts[np.abs(off) <= half + 1e-6]
@@ -842,7 +958,7 @@ def plan(ct: RasVolume, targets, needle: str | NeedleModel = DEFAULT_NEEDLE,
                                    to_surface=CLEARANCE_TO_SURFACE)
     else:
         maps = DistanceMaps(risk, settings.distance_cap_mm, settings.threads, pool_offset, domain,
-                            to_surface=CLEARANCE_TO_SURFACE)
+                            to_surface=CLEARANCE_TO_SURFACE, prebuild_trees=True)
     timings["distance_maps"] = time.perf_counter() - t0
     check_cancel()
 

@@ -231,8 +231,11 @@ def skin_mask(body: np.ndarray) -> np.ndarray:
 
 def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas_hu: float = -400.0,
                     min_bone_mm3: float = 50.0, min_gas_mm3: float = 50.0, margins: dict | None = None,
-                    threads: int | None = None, region: tuple | None = None) -> list[RiskStructure]:
+                    threads: int | None = None, region: tuple | None = None,
+                    names: tuple = ("bone", "gas")) -> list[RiskStructure]:
     """Bone and internal gas from CT HU, cleaned; margins from ``margins`` or the defaults.
+
+    ``names``: which of the two to build (a user label map replacing one makes it unnecessary).
 
     ``region``: (lo, hi) k, j, i box; the structures are then built only there (zero elsewhere). They equal
     the whole-grid ones inside the box, except that components cut by the box face are kept whatever their
@@ -244,10 +247,13 @@ def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas
     shape = a.shape
     box, inner, touching = _work_box(shape, region)
     a, body_b = a[box], body[box]
-    bone = (a > bone_hu) & body_b
-    bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads, keep_touching=touching)
-    gas = (a < gas_hu) & body_b
-    if gas.any():
+    bone = gas = None
+    if "bone" in names:
+        bone = (a > bone_hu) & body_b
+        bone = _keep_components(bone, spacing, min_bone_mm3, threads=threads, keep_touching=touching)
+    if "gas" in names:
+        gas = (a < gas_hu) & body_b
+    if gas is not None and gas.any():
         # opening with the 6-neighbour cross, on the gas's box grown by one voxel (the erosion sees the same
         # neighbours there, the array's edge value at its faces; the dilation cannot leave that box)
         gb = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(bbox_slices(gas), gas.shape))
@@ -256,11 +262,15 @@ def auto_structures(ct: RasVolume, body: np.ndarray, bone_hu: float = 200.0, gas
         gas = _keep_components(gas, spacing, min_gas_mm3, threads=threads, keep_touching=touching)
     out = []
     for name, mask in (("bone", bone), ("gas", gas)):
+        if mask is None:
+            continue
         if region is not None:
             mask = _embed(mask, shape, box, inner)
         if mask.any():
             out.append(RiskStructure(name, mask, margins.get(name, default_margin(name)), "ct"))
-    logger.info("automatic risk structures: %s", ", ".join(f"{s.name} {int(s.mask.sum())} vox" for s in out) or "none")
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("automatic risk structures: %s",
+                    ", ".join(f"{s.name} {np.count_nonzero(s.mask)} vox" for s in out) or "none")
     return out
 
 
@@ -280,8 +290,12 @@ def _work_box(shape, region, grow: int = 2):
 def _embed(sub: np.ndarray, shape, box, inner) -> np.ndarray:
     """Full-grid mask holding ``sub`` (computed on ``box``) inside the region ``inner`` of it, False elsewhere."""
     full = np.zeros(shape, bool)
-    region = tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner))
-    full[region] = sub[inner]
+    part = sub[inner]
+    if not part.any():
+        return full
+    bb = bbox_slices(part)  # written only on the structure's box (fewer fresh pages)
+    full[tuple(slice(b.start + i.start + q.start, b.start + i.start + q.stop)
+               for b, i, q in zip(box, inner, bb))] = part[bb]
     return full
 
 
@@ -299,16 +313,19 @@ def structures_from_labelmap(labels: RasVolume, grid: RasVolume, names: dict[int
     sub = arr[box]
     values = sorted(names) if names else [int(v) for v in np.unique(sub) if v != 0]
     out = []
+    eq = np.empty(sub.shape, bool)  # one comparison buffer; each mask is written only on its label's box
     for v in values:
         name = names[v] if names else f"label_{v}"
-        if region is None:
-            mask = sub == v
-        else:  # compared straight into the full-grid mask
-            mask = np.zeros(arr.shape, bool)
-            np.equal(sub, v, out=mask[box])
-        if not mask.any():
+        np.equal(sub, v, out=eq)
+        kk = np.flatnonzero(eq.any(axis=(1, 2)))
+        if len(kk) == 0:
             logger.info("risk label %s (%d) not present in the planning region", name, v)
             continue
+        plane = eq[kk[0]:kk[-1] + 1].any(axis=0)
+        jj, ii = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+        lb = (slice(int(kk[0]), int(kk[-1]) + 1), slice(int(jj[0]), int(jj[-1]) + 1), slice(int(ii[0]), int(ii[-1]) + 1))
+        mask = np.zeros(arr.shape, bool)
+        mask[tuple(slice((b.start or 0) + q.start, (b.start or 0) + q.stop) for b, q in zip(box, lb))] = eq[lb]
         out.append(RiskStructure(name, mask, margins.get(name.lower(), default_margin(name)), "user"))
     return out
 
@@ -328,7 +345,8 @@ def check_hounsfield(ct: RasVolume) -> None:
     a = np.asarray(ct.array)
     if a.size == 0:
         raise TrajectoryPlannerError("the CT is empty; load a planning CT with at least one slice")
-    if float(np.nanmax(a)) < 100 and float(np.nanmin(a)) >= 0:
+    integer = np.issubdtype(a.dtype, np.integer)
+    if float(a.min() if integer else np.nanmin(a)) >= 0 and float(a.max() if integer else np.nanmax(a)) < 100:
         raise TrajectoryPlannerError("the CT values do not look like Hounsfield units (no air below 0); load the CT in HU")
 
 
@@ -352,8 +370,9 @@ def build_risk_model(ct: RasVolume, labelmaps: list[tuple[RasVolume, dict | None
     user: list[RiskStructure] = []
     for lm, names in labelmaps or []:
         user += structures_from_labelmap(lm, ct, names, margins, region)
-    structures = auto_structures(ct, body, bone_hu, gas_hu, margins=margins, threads=threads,
-                                 region=region) if auto else []
     user_names = {s.name for s in user}
+    wanted = tuple(n for n in ("bone", "gas") if n not in user_names)  # a user structure replaces its namesake
+    structures = auto_structures(ct, body, bone_hu, gas_hu, margins=margins, threads=threads,
+                                 region=region, names=wanted) if auto and wanted else []
     structures = [s for s in structures if s.name not in user_names] + user
     return RiskModel(ct, body, skin, structures, exclusion)
