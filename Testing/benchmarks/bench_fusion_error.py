@@ -118,6 +118,17 @@ def load_case(seed: int, deformation: bool) -> dict:
         with open(path.with_suffix(".tmp"), "wb") as fh:
             pickle.dump(d, fh, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(path.with_suffix(".tmp"), path)
+    fat_path = CACHE / f"seed{seed}_{'deformed' if deformation else 'rigid'}_fat.pkl"
+    if fat_path.exists():
+        with open(fat_path, "rb") as fh:
+            d["fat"] = pickle.load(fh)["fat"]
+    else:  # the Dixon fat image (same MRI grid and frame as the T2), cached beside the older case files
+        from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
+
+        d["fat"] = generate_phantom(seed, deformation=deformation, cache=False).mri["dixon_fat"]
+        with open(fat_path.with_suffix(".tmp"), "wb") as fh:
+            pickle.dump({"fat": d["fat"]}, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(fat_path.with_suffix(".tmp"), fat_path)
     disp = None if d["displacement"] is None else displacement_from_params(d["displacement"])
     m = d["mri_to_ct"]
 
@@ -168,7 +179,8 @@ def evaluate_seed(d: dict, engines: list[str]) -> dict:
     """Landmark fusion, each local engine and the error model on one cached case."""
     from RegistrationFusionLib.registration import landmarks as L
     from RegistrationFusionLib.registration.error_model import predict_target_errors
-    from RegistrationFusionLib.registration.local_refine import LocalRefinementUnavailable, refine_local
+    from RegistrationFusionLib.registration.local_refine import (LocalRefinementUnavailable, local_contrast,
+                                                                  refine_local)
     from RegistrationFusionLib.registration.pipeline import capsule_tolerance_mm, fuse_ct_mri
     from RegistrationFusionLib.registration.qa import build_report, check_targetable_depth
 
@@ -181,8 +193,11 @@ def evaluate_seed(d: dict, engines: list[str]) -> dict:
     rows = [("landmark (capsules)", time.perf_counter() - t, np.linalg.norm(L.apply_transform(fus.matrix, pts) - truth, axis=1), True)]
     locals_ = {}
     for eng in engines:
+        # the B-spline engine registers the contrast the workflow gives it (the Dixon fat image); the rigid
+        # engines keep the T2 they were measured on (their rows are the baseline of the fat-image lead)
+        mri = local_contrast(d["fat"], t2)[1] if eng == "bspline" else t2
         try:
-            r = refine_local(ct, t2, fus.matrix, tum, engine=eng, capsules_mri=lm.moving_points[lm.used],
+            r = refine_local(ct, mri, fus.matrix, tum, engine=eng, capsules_mri=lm.moving_points[lm.used],
                              capsules_ct=lm.fixed_points[lm.used],
                              capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])
         except LocalRefinementUnavailable as exc:
@@ -193,6 +208,9 @@ def evaluate_seed(d: dict, engines: list[str]) -> dict:
         e_u = np.linalg.norm(L.apply_transform(r.matrix, pts) - truth, axis=1)
         rows.append((f"{eng} local rigid, candidate", r.seconds, e_c, r.accepted))
         rows.append((f"{eng} local rigid, after acceptance", r.seconds, e_u, r.accepted))
+        if r.deformable is not None:
+            e_d = np.linalg.norm(r.map_mri_to_ct_deformable(pts) - truth, axis=1)
+            rows.append((f"{eng} rigid + B-spline (measurement)", r.seconds, e_d, r.deformation_detected is not None))
     # what ANY rigid or affine local engine could reach at best: the transform fitted to the truth itself
     for lab, rigid in (("ceiling: best rigid (truth fit)", True), ("ceiling: best affine (truth fit)", False)):
         rows.append((lab, 0.0, np.linalg.norm(L.apply_transform(fit_to_truth(pts, truth, rigid), pts) - truth, axis=1),
@@ -204,8 +222,12 @@ def evaluate_seed(d: dict, engines: list[str]) -> dict:
     loc = locals_.get(engines[0]) if engines else None
     used = fus.matrix if loc is None else loc.matrix
     tct = {tg.region: L.apply_transform(used, np.asarray(tg.point_ras)) for tg in targets}
+    measured = None if loc is None or loc.deformation_detected is None else \
+        loc.deformation_mm(np.array([tct[tg.region] for tg in targets]))
     em = predict_target_errors(lm, tct, refined_matrix=None if loc is None else loc.candidate_matrix,
-                               refined_used=bool(loc is not None and loc.accepted), base_matrix=fus.matrix)
+                               refined_used=bool(loc is not None and loc.accepted), base_matrix=fus.matrix,
+                               measured_deformation_mm=measured,
+                               deformation_detected=None if measured is None else loc.deformation_detected)
     allow = {tg.region: tg.depth_mm - 2.0 - 5.0 for tg in targets}
     rep = check_targetable_depth(build_report(lm, tct), em, allow)
     trows = []
@@ -215,20 +237,22 @@ def evaluate_seed(d: dict, engines: list[str]) -> dict:
         trows.append((tg.region, true_e, em.p95(tg.region), allow[tg.region], not failed))
     raw = [dict(t.to_dict(), true_mm=tr[1], allowance_mm=tr[3]) for t, tr in zip(em.targets, trows)]
     return {"rows": rows, "targets": trows, "raw": raw, "accepted": None if loc is None else bool(loc.accepted),
-            "mi": mi}
+            "mi": mi, "detected": None if loc is None else loc.deformation_detected,
+            "deformation": {} if loc is None else dict(loc.deformation_stats_mm)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--deformed", type=int, nargs="*", default=list(range(100, 110)))
     ap.add_argument("--rigid", type=int, nargs="*", default=[100, 101, 102])
-    ap.add_argument("--engines", nargs="*", default=["simpleitk", "elastix"])
+    ap.add_argument("--engines", nargs="*", default=["bspline", "simpleitk", "elastix"],
+                    help="local engines; the first one feeds the error model (the workflow default: bspline)")
     ap.add_argument("--raw", help="append per-seed raw numbers (JSON lines) to this file")
     ap.add_argument("--elastix-seeds", type=int, default=3, help="run elastix on this many seeds of each kind")
-    ap.add_argument("--quick", action="store_true", help="deformed 100-102, rigid 100, SimpleITK only (exploring)")
+    ap.add_argument("--quick", action="store_true", help="deformed 100-101, rigid 100, B-spline engine only")
     args = ap.parse_args(argv)
     if args.quick:
-        args.deformed, args.rigid, args.engines = [100, 101, 102], [100], ["simpleitk"]
+        args.deformed, args.rigid, args.engines = [100, 101], [100], ["bspline"]
     from SmartBiopsyCoreLib.errors import SmartBiopsyError
 
     t_all = time.perf_counter()
@@ -246,9 +270,12 @@ def main(argv=None) -> int:
             if args.raw:
                 with open(args.raw, "a") as fh:
                     fh.write(json.dumps({"kind": kind, "seed": seed, "targets": r["raw"], "accepted": r["accepted"],
+                                     "detected": r["detected"], "deformation": r["deformation"],
                                          "rows": [(lab, t, float(e.mean()), float(e.max()), bool(a))
                                                   for lab, t, e, a in r["rows"]]}) + "\n")
-            print(f"{kind} seed {seed}: " + "; ".join(f"{lab} {e.mean():.2f}" for lab, _, e, _ in r["rows"]), flush=True)
+            print(f"{kind} seed {seed}: " + "; ".join(f"{lab} {e.mean():.2f}" for lab, _, e, _ in r["rows"])
+                  + f"; deformation detected {r['detected']} (p95 {r['deformation'].get('p95', float('nan')):.2f} mm)",
+                  flush=True)
 
     print("\n1. Engines side by side: true TRE at tumour points (mm) and wall time (s), mean over seeds")
     print(f"{'kind':<9} {'method':<40} {'seeds':>5} {'time s':>7} {'TRE mean':>9} {'TRE max':>8} {'accepted':>9} "
