@@ -226,13 +226,13 @@ def _judge(shift_mm, mi_rigid=0.80, mi_def=0.81, capsule_allowed=1.0):
 
     ref = sitk.Image([50, 50, 50], sitk.sitkFloat32)
     ref.SetSpacing([4.0] * 3)
-    ref.SetOrigin([-100.0] * 3)
+    ref.SetOrigin([-150.0, -150.0, -100.0])                    # LPS box; RAS R and A from -50 to 150 mm
     bs = sitk.BSplineTransformInitializer(ref, [2, 2, 2], order=3)
     n = len(bs.GetParameters()) // 3
     bs.SetParameters(tuple([-shift_mm] * n + [0.0] * 2 * n))   # LPS x = -R: the CT point moves +R
     out = LR.LocalRefinement("bspline", np.eye(4), np.eye(4), np.eye(4), False, "", [-100] * 3, [100] * 3, 0.8, 0.8, 0.0)
-    pts = np.random.default_rng(0).uniform(-40, 40, (200, 3))
-    caps = np.array([[30.0, 0, 0], [-30.0, 10, 0], [0, 30.0, 20]])
+    pts = np.random.default_rng(0).uniform(60, 100, (200, 3))  # RAS, inside the box only once flipped to LPS
+    caps = np.array([[70.0, 60, 0], [90.0, 80, 10], [60, 90.0, 20]])
     LR._judge_deformation(out, bs, pts, mi_rigid, mi_def, {}, caps, caps, np.full(3, capsule_allowed), 5.0, 0.6)
     return out
 
@@ -243,7 +243,7 @@ def test_deformation_measurement_is_judged_and_refused_when_implausible():
     assert small.deformation_stats_mm["p95"] == pytest.approx(0.3, abs=0.02)
     assert large.deformation_detected is True and "deformed" in large.deformation_reason
     # the measured deformation is where the B-spline puts a point against the transform in use
-    assert np.allclose(large.deformation_mm([[0.0, 0, 0], [10.0, 5, 5]]), 0.9, atol=0.02)
+    assert np.allclose(large.deformation_mm([[70.0, 70, 0], [80.0, 75, 5]]), 0.9, atol=0.02)
     # fail closed: a capsule pushed beyond its tolerance, a lower MI or an implausible shift -> no verdict
     assert _judge(1.5, capsule_allowed=1.0).deformation_detected is None
     assert "capsule" in _judge(1.5, capsule_allowed=1.0).deformation_reason

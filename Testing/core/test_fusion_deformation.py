@@ -8,7 +8,7 @@ import pytest
 
 from RegistrationFusionLib.registration import landmarks as L
 from RegistrationFusionLib.registration.error_model import predict_target_errors
-from RegistrationFusionLib.registration.local_refine import refine_local
+from RegistrationFusionLib.registration.local_refine import local_contrast, refine_local
 from RegistrationFusionLib.registration.pipeline import capsule_tolerance_mm, fuse_ct_mri
 
 
@@ -68,13 +68,16 @@ def _fuse_and_predict(case):
     t = case.truth
     fus = fuse_ct_mri(case.ct, case.mri["t2"], do_refine=False)
     lm = fus.landmark
-    loc = refine_local(case.ct, case.mri["t2"], fus.matrix, t.tumour_mask_mri,
+    _name, mri = local_contrast(case.mri["dixon_fat"], case.mri["t2"])
+    loc = refine_local(case.ct, mri, fus.matrix, t.tumour_mask_mri,
                        capsules_mri=lm.moving_points[lm.used], capsules_ct=lm.fixed_points[lm.used],
                        capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])
     targets = _habitat_targets(t)
     tct = {g.region: L.apply_transform(loc.matrix, np.asarray(g.point_ras)) for g in targets}
     em = predict_target_errors(lm, tct, refined_matrix=loc.candidate_matrix, refined_used=loc.accepted,
-                               base_matrix=fus.matrix)
+                               base_matrix=fus.matrix,
+                               measured_deformation_mm=loc.deformation_mm(np.array([tct[g.region] for g in targets])),
+                               deformation_detected=loc.deformation_detected)
     true = {g.region: float(np.linalg.norm(tct[g.region] - t.map_mri_to_ct(np.asarray(g.point_ras))[0]))
             for g in targets}
     return fus, loc, em, true

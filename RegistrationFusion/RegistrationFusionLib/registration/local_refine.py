@@ -218,19 +218,13 @@ def _elastix_rigid(ct_box: RasVolume, mri: RasVolume, m0: np.ndarray, progress, 
     return ras_from_itk(e) @ m0
 
 
-def _lps_flip() -> np.ndarray:
-    """The 3x3 RAS <-> LPS axis flip (its own inverse), from the geometry module."""
-    from SmartBiopsyCoreLib.geometry import ras_to_lps_matrix
-
-    return ras_to_lps_matrix(np.eye(4))[:3, :3]
-
-
 def _bspline_displacement_ras(tx, points_ras: np.ndarray) -> np.ndarray:
     """Displacement u(y) (RAS mm) of a SimpleITK transform acting on CT LPS points, at CT-RAS points y."""
-    f = _lps_flip()
-    p = np.asarray(points_ras, float).reshape(-1, 3) @ f.T
+    from SmartBiopsyCoreLib.geometry import lps_to_ras_points, ras_to_lps_points
+
+    p = ras_to_lps_points(np.asarray(points_ras, float).reshape(-1, 3))
     q = np.array([tx.TransformPoint(tuple(map(float, v))) for v in p]).reshape(-1, 3)
-    return (q - p) @ f.T
+    return lps_to_ras_points(q - p)
 
 
 def _box_image(ct_box: RasVolume, grid_mm: float, clamp_hu: tuple[float, float]):

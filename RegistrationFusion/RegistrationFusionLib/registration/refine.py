@@ -81,7 +81,10 @@ def _centre_lps(vol: RasVolume) -> np.ndarray:
 
 
 def _ras_to_lps_point(p_ras) -> np.ndarray:
-    return (ras_to_lps_matrix(np.eye(4))[:3, :3] @ np.asarray(p_ras, float).T).T
+    # points flip x and y; (ras_to_lps_matrix(I) is I: it conjugates a transform, it does not flip a point)
+    from SmartBiopsyCoreLib.geometry import ras_to_lps_points
+
+    return ras_to_lps_points(p_ras)
 
 
 def _rigid_from_matrix(m_lps: np.ndarray, centre_lps: np.ndarray):
