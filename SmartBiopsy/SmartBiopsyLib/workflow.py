@@ -589,8 +589,7 @@ def _predicted_errors(run: CaseRun, fusion, targets_ct: dict):
     return predict_target_errors(fusion.landmark, targets_ct,
                                  refined_matrix=None if local is None else local.candidate_matrix,
                                  refined_used=bool(local is not None and local.accepted),
-                                 base_matrix=run.results.get("fusion_base_matrix"), measured_deformation_mm=measured,
-                                 deformation_detected=None if measured is None else local.deformation_detected)
+                                 base_matrix=run.results.get("fusion_base_matrix"), measured_deformation_mm=measured)
 
 
 def _targetable_depth_mm(t) -> float:

@@ -226,8 +226,7 @@ def evaluate_seed(d: dict, engines: list[str]) -> dict:
         loc.deformation_mm(np.array([tct[tg.region] for tg in targets]))
     em = predict_target_errors(lm, tct, refined_matrix=None if loc is None else loc.candidate_matrix,
                                refined_used=bool(loc is not None and loc.accepted), base_matrix=fus.matrix,
-                               measured_deformation_mm=measured,
-                               deformation_detected=None if measured is None else loc.deformation_detected)
+                               measured_deformation_mm=measured)
     allow = {tg.region: tg.depth_mm - 2.0 - 5.0 for tg in targets}
     rep = check_targetable_depth(build_report(lm, tct), em, allow)
     trows = []

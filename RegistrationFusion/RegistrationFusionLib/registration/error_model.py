@@ -84,8 +84,7 @@ class ErrorModelResult:
     parameters: ErrorModelParameters = field(default_factory=ErrorModelParameters)
     formula: str = ("p95 = sqrt((1.614 * rigid_tre_rms)^2 + (deformation_factor * deformation)^2); "
                     "deformation = max(local disagreement, measured deformation, refinement precision, capsule "
-                    "excess), or the capsule excess alone when a valid deformable measurement saw no deformation")
-    deformation_detected: bool | None = None   # the deformable measurement's verdict (None: none or refused)
+                    "excess)")
 
     def p95(self, name: str) -> float:
         for t in self.targets:
@@ -95,8 +94,7 @@ class ErrorModelResult:
 
     def to_dict(self) -> dict:
         return {"transform": self.transform, "formula": self.formula, "parameters": self.parameters.to_dict(),
-                "targets": [t.to_dict() for t in self.targets], "units": "mm, CT RAS",
-                "deformation_detected": self.deformation_detected}
+                "targets": [t.to_dict() for t in self.targets], "units": "mm, CT RAS"}
 
 
 def capsule_excess_mm(landmark) -> float:
@@ -112,7 +110,7 @@ def capsule_excess_mm(landmark) -> float:
 
 def predict_target_errors(landmark, targets_ct, *, refined_matrix: np.ndarray | None = None,
                           refined_used: bool = False, base_matrix: np.ndarray | None = None,
-                          measured_deformation_mm=None, deformation_detected: bool | None = None,
+                          measured_deformation_mm=None,
                           parameters: ErrorModelParameters | None = None) -> ErrorModelResult:
     """Predicted 95th-percentile registration error at each target (see the module docstring).
 
@@ -121,28 +119,22 @@ def predict_target_errors(landmark, targets_ct, *, refined_matrix: np.ndarray | 
     refinement's MRI->CT candidate (4x4 RAS) whether accepted or not, or None when none ran;
     ``refined_used``: whether that candidate is the transform in use. ``base_matrix``: the transform in use
     when the candidate is not (default the landmark matrix; e.g. an accepted whole-body refinement).
-    ``measured_deformation_mm``: per target (same order as ``targets_ct``, mm) how far the deformable local
-    measurement puts it from the transform in use, and ``deformation_detected`` that measurement's verdict
-    (:attr:`~RegistrationFusionLib.registration.local_refine.LocalRefinement.deformation_detected`): True adds the
-    measurement to the deformation term, False (a valid measurement saw no deformation) drops the precision floor
-    and the rigid candidate's disagreement, None (no valid measurement) keeps the floor.
+    ``measured_deformation_mm``: per target (same order as ``targets_ct``, mm) how far a valid deformable local
+    measurement puts it from the transform in use
+    (:meth:`~RegistrationFusionLib.registration.local_refine.LocalRefinement.deformation_mm`; None: none ran or
+    it was refused).
     """
     prm = parameters or ErrorModelParameters()
     named = {str(k): np.asarray(v, float).reshape(3) for k, v in dict(targets_ct).items()}
     pts = np.array(list(named.values())).reshape(-1, 3)
     if refined_used and refined_matrix is None:
         raise ValueError("refined_used needs the refined matrix")
-    if not (deformation_detected is None or deformation_detected is True or deformation_detected is False):
-        raise ValueError("deformation_detected must be True, False or None")
-    if deformation_detected is not None and measured_deformation_mm is None:
-        raise ValueError("a deformation verdict needs the measured deformation at the targets")
     measured = np.zeros(len(pts)) if measured_deformation_mm is None else \
         np.asarray(measured_deformation_mm, float).reshape(-1)
     if measured.shape != (len(pts),) or not np.all(np.isfinite(measured)):
         raise ValueError("measured_deformation_mm needs one finite value per target")
     if not len(pts):
-        return ErrorModelResult("refined" if refined_used else "landmark", [], prm,
-                                deformation_detected=deformation_detected)
+        return ErrorModelResult("refined" if refined_used else "landmark", [], prm)
     rigid = np.asarray(landmark.predicted_tre(pts), float)
     if refined_matrix is not None:
         # the MRI point under the transform in use, then where the other transform puts it
@@ -154,17 +146,12 @@ def predict_target_errors(landmark, targets_ct, *, refined_matrix: np.ndarray | 
     else:
         disagreement = np.zeros(len(pts))
     cap = capsule_excess_mm(landmark)
-    if deformation_detected is False:
-        # a valid deformable measurement saw no deformation beyond its own noise: only the capsules' evidence
-        d = np.full(len(pts), cap)
-    else:
-        d = np.maximum.reduce([disagreement, measured, np.full(len(pts), prm.refinement_precision_mm),
-                               np.full(len(pts), cap)])
+    d = np.maximum.reduce([disagreement, measured, np.full(len(pts), prm.refinement_precision_mm),
+                           np.full(len(pts), cap)])
     p95 = np.sqrt((CHI3_95 * rigid) ** 2 + (prm.deformation_factor * d) ** 2)
     out = [TargetErrorPrediction(n, [float(v) for v in p], float(r), float(dis), cap, float(dd), float(q), float(mm))
            for (n, p), r, dis, dd, q, mm in zip(named.items(), rigid, disagreement, d, p95, measured)]
     for t in out:
         logger.info("target %s: predicted 95th-percentile error %.2f mm (rigid %.2f, deformation %.2f)", t.name,
                     t.p95_mm, t.rigid_tre_rms_mm, t.deformation_mm)
-    return ErrorModelResult("refined" if refined_used else "landmark", out, prm,
-                            deformation_detected=deformation_detected)
+    return ErrorModelResult("refined" if refined_used else "landmark", out, prm)
