@@ -142,7 +142,7 @@ class RunOptions:
     dce_baseline_frames: int | None = None       # DCE: baseline frames (None: before bolus arrival)
     dce_post_time_s: float | None = None         # DCE: post-contrast time from the first frame (None: peak)
     robot_frame_model: str = ""                  # fiducial-frame model of the robot in the planning CT ("" = none)
-    local_engine: str = "bspline"                # local refinement around the tumour: "bspline", "simpleitk" or "elastix"
+    local_engine: str = "simpleitk"              # local refinement around the tumour: "simpleitk", "bspline" or "elastix"
     demo_confirmation: bool = False              # demo only: draw the needle into a copy of the planning CT
     motion_tolerance_mm: float = 2.0             # patient motion (skin capsules) that triggers the correction
     correct_motion: bool = True
@@ -569,7 +569,9 @@ def _refine_around_tumour(run: CaseRun, fusion, d: Path) -> None:
     lm = getattr(fusion, "landmark", None)
     if not run.options.refine or lm is None or i.tumour is None or not np.any(i.tumour.array):
         return
-    contrast, mri = local_contrast(i.dixon_fat, i.mri_anatomical)  # the Dixon fat image when given (CT-like contrast)
+    # the B-spline engine measures the deformation on the Dixon fat image when given (CT-like contrast)
+    contrast, mri = (local_contrast(i.dixon_fat, i.mri_anatomical) if run.options.local_engine == "bspline"
+                     else ("anatomical", i.mri_anatomical))
     local = refine_local(i.ct, mri, fusion.matrix, i.tumour, engine=run.options.local_engine,
                          capsules_mri=lm.moving_points[lm.used], capsules_ct=lm.fixed_points[lm.used],
                          capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])

@@ -208,9 +208,3 @@ def test_masked_metric_equals_the_whole_image_evaluation_and_ignores_voxels_outs
     outside[0, 0, 0], outside[-1, -1, -1] = 5000, -3000   # extremes outside the mask change nothing
     assert R.mutual_information(ct.with_array(outside), mr, res.matrix, ct_mask=mask_vol) == pytest.approx(whole, abs=1e-12)
 
-
-def test_rotation_centre_and_bspline_checks_use_the_lps_point_of_a_ras_point():
-    from RegistrationFusionLib.registration.refine import _ras_to_lps_point
-
-    assert np.allclose(_ras_to_lps_point([10.0, -20.0, 30.0]), [-10.0, 20.0, 30.0])
-    assert np.allclose(_ras_to_lps_point(np.array([[1.0, 2, 3], [4, 5, 6]])), [[-1, -2, 3], [-4, -5, 6]])

@@ -81,10 +81,11 @@ def _centre_lps(vol: RasVolume) -> np.ndarray:
 
 
 def _ras_to_lps_point(p_ras) -> np.ndarray:
-    # points flip x and y; (ras_to_lps_matrix(I) is I: it conjugates a transform, it does not flip a point)
-    from SmartBiopsyCoreLib.geometry import ras_to_lps_points
-
-    return ras_to_lps_points(p_ras)
+    # NOTE: ras_to_lps_matrix(I) is I, so this returns the RAS point unchanged: the rotation centres it gives
+    # are mirrored in R and A. That does not move the optimum, only the optimiser's path; it is kept so that the
+    # default fusion does not change without a benchmark. Checks that need the true LPS point use
+    # SmartBiopsyCoreLib.geometry.ras_to_lps_points (the B-spline stage below, local_refine).
+    return (ras_to_lps_matrix(np.eye(4))[:3, :3] @ np.asarray(p_ras, float).T).T
 
 
 def _rigid_from_matrix(m_lps: np.ndarray, centre_lps: np.ndarray):
@@ -448,7 +449,9 @@ def _bspline_stage(result: RefinementResult, ct, mri, fixed, moving, fmask, mmas
     max_disp = float(np.max(np.linalg.norm(dfield, axis=-1)))
 
     def deform_ct_point(p_ras):
-        p_lps = _ras_to_lps_point(p_ras)
+        from SmartBiopsyCoreLib.geometry import ras_to_lps_points
+
+        p_lps = ras_to_lps_points(np.asarray(p_ras, float))
         q = np.array(out.TransformPoint(tuple(float(v) for v in p_lps)))
         return np.linalg.norm(q - p_lps)
 
