@@ -239,3 +239,22 @@ def test_deformation_measurement_is_judged_and_refused_when_implausible():
     assert "capsule" in _judge(1.5, capsule_allowed=1.0).deformation_reason
     assert _judge(0.3, mi_def=0.79).deformation_detected is None
     assert _judge(6.0, capsule_allowed=10.0).deformation_detected is None
+
+
+def test_workflow_prediction_adds_a_valid_bspline_measurement_and_ignores_a_refused_one():
+    from types import SimpleNamespace
+
+    from SmartBiopsyLib.workflow import _predicted_errors
+
+    reg = _capsules(np.random.default_rng(11))
+    loc = _judge(1.6, capsule_allowed=5.0)             # a valid measurement moving every tumour point 1.6 mm
+    reg.matrix = np.eye(4)                             # the capsule transform in use (identity)
+    run = SimpleNamespace(results={"local_refinement": loc, "fusion_base_matrix": np.eye(4)})
+    em = _predicted_errors(run, SimpleNamespace(landmark=reg), {"A": np.array([70.0, 70.0, 0.0])})
+    assert loc.deformation_detected is True
+    assert em.targets[0].measured_deformation_mm == pytest.approx(1.6, abs=0.02)
+    assert em.targets[0].deformation_mm == pytest.approx(1.6, abs=0.02)
+    loc.deformation_detected = None                     # refused: the measurement must not count
+    em = _predicted_errors(run, SimpleNamespace(landmark=reg), {"A": np.array([70.0, 70.0, 0.0])})
+    assert em.targets[0].measured_deformation_mm == 0.0
+    assert em.targets[0].deformation_mm == pytest.approx(ErrorModelParameters().refinement_precision_mm)
