@@ -142,7 +142,7 @@ class RunOptions:
     dce_baseline_frames: int | None = None       # DCE: baseline frames (None: before bolus arrival)
     dce_post_time_s: float | None = None         # DCE: post-contrast time from the first frame (None: peak)
     robot_frame_model: str = ""                  # fiducial-frame model of the robot in the planning CT ("" = none)
-    local_engine: str = "simpleitk"              # local refinement around the tumour: "simpleitk", "bspline" or "elastix"
+    local_engine: str = "simpleitk"              # local refinement around the tumour: "simpleitk" or "elastix"
     demo_confirmation: bool = False              # demo only: draw the needle into a copy of the planning CT
     motion_tolerance_mm: float = 2.0             # patient motion (skin capsules) that triggers the correction
     correct_motion: bool = True

@@ -170,7 +170,8 @@ def test_a_deformation_measurement_below_the_floor_does_not_lower_it():
     # 0.12-0.30 mm at targets whose true error is 1.5-2.1 mm), so a quiet measurement cannot rule a deformation out
     reg = _capsules(np.random.default_rng(8))
     prm = ErrorModelParameters()
-    res = predict_target_errors(reg, {"A": [0, 0, 0], "B": [20, -10, 5]}, refined_matrix=_shift(reg.matrix, [0.2, 0, 0]),
+    res = predict_target_errors(reg, {"A": [0, 0, 0], "B": [20, -10, 5]},
+                                refined_matrix=_shift(reg.matrix, [0.2, 0, 0]),
                                 measured_deformation_mm=[0.25, 0.3])
     for t, m in zip(res.targets, (0.25, 0.3)):
         assert t.measured_deformation_mm == pytest.approx(m)
@@ -181,7 +182,8 @@ def test_a_deformation_measurement_below_the_floor_does_not_lower_it():
 def test_a_measured_deformation_above_the_floor_raises_the_prediction_at_that_target():
     reg = _capsules(np.random.default_rng(9))
     prm = ErrorModelParameters()
-    res = predict_target_errors(reg, {"A": [0, 0, 0], "B": [20, -10, 5]}, refined_matrix=_shift(reg.matrix, [0.3, 0, 0]),
+    res = predict_target_errors(reg, {"A": [0, 0, 0], "B": [20, -10, 5]},
+                                refined_matrix=_shift(reg.matrix, [0.3, 0, 0]),
                                 measured_deformation_mm=[1.6, 0.7])
     a, b = res.targets
     assert a.measured_deformation_mm == pytest.approx(1.6) and a.deformation_mm == pytest.approx(1.6)
@@ -220,7 +222,8 @@ def _judge(shift_mm, mi_rigid=0.80, mi_def=0.81, capsule_allowed=1.0):
     bs = sitk.BSplineTransformInitializer(ref, [2, 2, 2], order=3)
     n = len(bs.GetParameters()) // 3
     bs.SetParameters(tuple([-shift_mm] * n + [0.0] * 2 * n))   # LPS x = -R: the CT point moves +R
-    out = LR.LocalRefinement("bspline", np.eye(4), np.eye(4), np.eye(4), False, "", [-100] * 3, [100] * 3, 0.8, 0.8, 0.0)
+    out = LR.LocalRefinement("bspline", np.eye(4), np.eye(4), np.eye(4), False, "", [-100] * 3, [100] * 3,
+                             0.8, 0.8, 0.0)
     pts = np.random.default_rng(0).uniform(60, 100, (200, 3))  # RAS, inside the box only once flipped to LPS
     caps = np.array([[70.0, 60, 0], [90.0, 80, 10], [60, 90.0, 20]])
     LR._judge_deformation(out, bs, pts, mi_rigid, mi_def, {}, caps, caps, np.full(3, capsule_allowed), 5.0, 0.6)

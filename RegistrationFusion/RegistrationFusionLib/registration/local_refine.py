@@ -40,8 +40,9 @@ Acceptance (the landmark transform is kept otherwise, with the reason):
    from the capsules.
 
 On the phantom the T2 engines are not accepted (the fat-image one on 1 of 10 deformed seeds) and none reaches
-the goal: the tumour deformation varies within the tumour, so even the rigid / affine transform fitted to the true tumour positions leaves 1.21 / 1.03 mm mean
-(landmark 1.47 mm, deformed seeds 100-109), and the box MI prefers the landmark pose to that rigid truth fit -
+the goal: the tumour deformation varies within the tumour, so even the rigid / affine transform fitted to the
+true tumour positions leaves 1.21 / 1.03 mm mean (landmark 1.47 mm, deformed seeds 100-109), and the box MI
+prefers the landmark pose to that rigid truth fit -
 see ``Testing/benchmarks/bench_fusion_error.py``.
 
 Whether accepted or not, the candidate's disagreement with the landmark transform at each target feeds the
