@@ -98,7 +98,9 @@ Why no local engine reaches the 1.0 mm goal (measured on deformed seeds 100-109,
   (M 0.12-1.80 mm where the true error is 0.29-3.06 mm); a 1-span B-spline misses deformed test seed 2; a
   6 mm box grid makes the B-spline noisy (0.77 mm on rigid 100); per-target translation probes (60 / 90 mm
   cubes) are 0.12-0.7 mm off on rigid seeds. The engine is ``local_engine="bspline"``, not the default: it
-  costs 17-162 s per case (T2 engine 15-25 s) without meeting the 1.0 mm or the 2 x goal.
+  costs 17-162 s per case under heavy load (same run, quieter: 20.5 / 45.0 s on rigid / deformed seed 100
+  against 1.8 / 2.4 s for the T2 engine, ``--deformed 100 --rigid 100 --engines bspline simpleitk``) without
+  meeting the 1.0 mm or the 2 x goal.
 """
 from __future__ import annotations
 

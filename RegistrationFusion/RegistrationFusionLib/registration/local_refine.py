@@ -26,7 +26,8 @@ seeds 0.21 -> 0.18 mm, worse on 1 of 4); rigid + B-spline reaches 1.33 mm (rigid
 does not see the deformation on every seed (95th percentile 0.37 / 0.51 mm on deformed seeds 105 / 109,
 0.23-0.76 mm on rigid ones), so the landmark transform stays in use (the 1 mm ``min_correction_mm`` is reached
 on 1 of 10 deformed seeds and no rigid one) and the error model keeps its floor. It takes 17-162 s per case on
-2 shared cores (median about 100 s; the T2 engine 15-25 s), which is why it is not the workflow default.
+2 shared cores (median about 100 s under heavy load; in one quieter run 20.5 / 45 s on rigid / deformed seed
+100 against 1.8 / 2.4 s for the T2 engine), which is why it is not the workflow default.
 
 Acceptance (the landmark transform is kept otherwise, with the reason):
 
