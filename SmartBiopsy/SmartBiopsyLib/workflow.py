@@ -560,7 +560,7 @@ def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
 def _refine_around_tumour(run: CaseRun, fusion, d: Path) -> None:
     """Local refinement in a box around the tumour (when a tumour mask is given and refinement is on); an
     accepted result replaces ``fusion.matrix``. The candidate feeds the error model (characterise stage)."""
-    from RegistrationFusionLib.registration.local_refine import refine_local
+    from RegistrationFusionLib.registration.local_refine import local_contrast, refine_local
     from RegistrationFusionLib.registration.pipeline import capsule_tolerance_mm
 
     i = run.inputs
@@ -569,11 +569,14 @@ def _refine_around_tumour(run: CaseRun, fusion, d: Path) -> None:
     lm = getattr(fusion, "landmark", None)
     if not run.options.refine or lm is None or i.tumour is None or not np.any(i.tumour.array):
         return
-    local = refine_local(i.ct, i.mri_anatomical, fusion.matrix, i.tumour, engine=run.options.local_engine,
+    # the B-spline engine measures the deformation on the Dixon fat image when given (CT-like contrast)
+    contrast, mri = (local_contrast(i.dixon_fat, i.mri_anatomical) if run.options.local_engine == "bspline"
+                     else ("anatomical", i.mri_anatomical))
+    local = refine_local(i.ct, mri, fusion.matrix, i.tumour, engine=run.options.local_engine,
                          capsules_mri=lm.moving_points[lm.used], capsules_ct=lm.fixed_points[lm.used],
                          capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])
     run.results["local_refinement"] = local
-    write_json(d / "local_refinement.json", local.to_dict())
+    write_json(d / "local_refinement.json", dict(local.to_dict(), mri_series=contrast))
     if local.accepted:
         fusion.matrix = np.asarray(local.matrix, float)
 
@@ -583,10 +586,12 @@ def _predicted_errors(run: CaseRun, fusion, targets_ct: dict):
     from RegistrationFusionLib.registration.error_model import predict_target_errors
 
     local = run.results.get("local_refinement")
+    measured = None if local is None or local.deformation_detected is None else \
+        local.deformation_mm(np.array([np.asarray(v, float).reshape(3) for v in targets_ct.values()]).reshape(-1, 3))
     return predict_target_errors(fusion.landmark, targets_ct,
                                  refined_matrix=None if local is None else local.candidate_matrix,
                                  refined_used=bool(local is not None and local.accepted),
-                                 base_matrix=run.results.get("fusion_base_matrix"))
+                                 base_matrix=run.results.get("fusion_base_matrix"), measured_deformation_mm=measured)
 
 
 def _targetable_depth_mm(t) -> float:

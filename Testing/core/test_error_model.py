@@ -162,3 +162,102 @@ def test_report_shows_the_predicted_error_against_the_targetable_depth():
     assert "predicted 95th pct" in html and "targetable depth" in html
     assert html.count("FAIL") == 1 and html.count(">ok<") == 1
     assert _error_model_block({"passed": True}) == []
+
+
+# ------------------------------------------------------------------- deformation measured by the local B-spline
+def test_a_deformation_measurement_below_the_floor_does_not_lower_it():
+    # the fat-image B-spline is quiet on rigid cases (0.2-0.8 mm) but also on some deformed ones (seed 105:
+    # 0.12-0.30 mm at targets whose true error is 1.5-2.1 mm), so a quiet measurement cannot rule a deformation out
+    reg = _capsules(np.random.default_rng(8))
+    prm = ErrorModelParameters()
+    res = predict_target_errors(reg, {"A": [0, 0, 0], "B": [20, -10, 5]},
+                                refined_matrix=_shift(reg.matrix, [0.2, 0, 0]),
+                                measured_deformation_mm=[0.25, 0.3])
+    for t, m in zip(res.targets, (0.25, 0.3)):
+        assert t.measured_deformation_mm == pytest.approx(m)
+        assert t.deformation_mm == pytest.approx(prm.refinement_precision_mm)
+        assert t.p95_mm == pytest.approx(_expected(reg, t.point_ct_ras, prm.refinement_precision_mm))
+
+
+def test_a_measured_deformation_above_the_floor_raises_the_prediction_at_that_target():
+    reg = _capsules(np.random.default_rng(9))
+    prm = ErrorModelParameters()
+    res = predict_target_errors(reg, {"A": [0, 0, 0], "B": [20, -10, 5]},
+                                refined_matrix=_shift(reg.matrix, [0.3, 0, 0]),
+                                measured_deformation_mm=[1.6, 0.7])
+    a, b = res.targets
+    assert a.measured_deformation_mm == pytest.approx(1.6) and a.deformation_mm == pytest.approx(1.6)
+    assert a.p95_mm == pytest.approx(_expected(reg, [0, 0, 0], 1.6)) and a.p95_mm >= 2 * 1.6
+    assert b.deformation_mm == pytest.approx(prm.refinement_precision_mm)
+    assert res.to_dict()["targets"][0]["measured_deformation_mm"] == pytest.approx(1.6)
+
+
+def test_measured_deformation_needs_one_finite_value_per_target():
+    reg = _capsules(np.random.default_rng(10))
+    for bad in ([0.1, 0.2], [float("nan")], []):
+        with pytest.raises(ValueError):
+            predict_target_errors(reg, {"A": [0, 0, 0]}, measured_deformation_mm=bad)
+
+
+def test_local_refinement_registers_the_dixon_fat_image_when_given():
+    from RegistrationFusionLib.registration.local_refine import local_contrast
+    from SmartBiopsyCoreLib.geometry import RasVolume
+
+    fat = RasVolume(np.ones((4, 4, 4), np.float32), np.eye(4), "fat")
+    t2 = RasVolume(np.ones((4, 4, 4), np.float32), np.eye(4), "t2")
+    assert local_contrast(fat, t2) == ("dixon_fat", fat)
+    assert local_contrast(None, t2) == ("anatomical", t2)
+    assert local_contrast(fat.with_array(np.zeros((4, 4, 4), np.float32)), t2)[0] == "anatomical"
+
+
+def _judge(shift_mm, mi_rigid=0.80, mi_def=0.81, capsule_allowed=1.0):
+    """A LocalRefinement whose B-spline moves every point of a 200 mm box by ``shift_mm`` along R, judged."""
+    import SimpleITK as sitk
+
+    from RegistrationFusionLib.registration import local_refine as LR
+
+    ref = sitk.Image([50, 50, 50], sitk.sitkFloat32)
+    ref.SetSpacing([4.0] * 3)
+    ref.SetOrigin([-150.0, -150.0, -100.0])                    # LPS box; RAS R and A from -50 to 150 mm
+    bs = sitk.BSplineTransformInitializer(ref, [2, 2, 2], order=3)
+    n = len(bs.GetParameters()) // 3
+    bs.SetParameters(tuple([-shift_mm] * n + [0.0] * 2 * n))   # LPS x = -R: the CT point moves +R
+    out = LR.LocalRefinement("bspline", np.eye(4), np.eye(4), np.eye(4), False, "", [-100] * 3, [100] * 3,
+                             0.8, 0.8, 0.0)
+    pts = np.random.default_rng(0).uniform(60, 100, (200, 3))  # RAS, inside the box only once flipped to LPS
+    caps = np.array([[70.0, 60, 0], [90.0, 80, 10], [60, 90.0, 20]])
+    LR._judge_deformation(out, bs, pts, mi_rigid, mi_def, {}, caps, caps, np.full(3, capsule_allowed), 5.0, 0.6)
+    return out
+
+
+def test_deformation_measurement_is_judged_and_refused_when_implausible():
+    small, large = _judge(0.3), _judge(0.9, capsule_allowed=2.0)
+    assert small.deformation_detected is False and "no deformation seen" in small.deformation_reason
+    assert small.deformation_stats_mm["p95"] == pytest.approx(0.3, abs=0.02)
+    assert large.deformation_detected is True and "deformed" in large.deformation_reason
+    # the measured deformation is where the B-spline puts a point against the transform in use
+    assert np.allclose(large.deformation_mm([[70.0, 70, 0], [80.0, 75, 5]]), 0.9, atol=0.02)
+    # fail closed: a capsule pushed beyond its tolerance, a lower MI or an implausible shift -> no verdict
+    assert _judge(1.5, capsule_allowed=1.0).deformation_detected is None
+    assert "capsule" in _judge(1.5, capsule_allowed=1.0).deformation_reason
+    assert _judge(0.3, mi_def=0.79).deformation_detected is None
+    assert _judge(6.0, capsule_allowed=10.0).deformation_detected is None
+
+
+def test_workflow_prediction_adds_a_valid_bspline_measurement_and_ignores_a_refused_one():
+    from types import SimpleNamespace
+
+    from SmartBiopsyLib.workflow import _predicted_errors
+
+    reg = _capsules(np.random.default_rng(11))
+    loc = _judge(1.6, capsule_allowed=5.0)             # a valid measurement moving every tumour point 1.6 mm
+    reg.matrix = np.eye(4)                             # the capsule transform in use (identity)
+    run = SimpleNamespace(results={"local_refinement": loc, "fusion_base_matrix": np.eye(4)})
+    em = _predicted_errors(run, SimpleNamespace(landmark=reg), {"A": np.array([70.0, 70.0, 0.0])})
+    assert loc.deformation_detected is True
+    assert em.targets[0].measured_deformation_mm == pytest.approx(1.6, abs=0.02)
+    assert em.targets[0].deformation_mm == pytest.approx(1.6, abs=0.02)
+    loc.deformation_detected = None                     # refused: the measurement must not count
+    em = _predicted_errors(run, SimpleNamespace(landmark=reg), {"A": np.array([70.0, 70.0, 0.0])})
+    assert em.targets[0].measured_deformation_mm == 0.0
+    assert em.targets[0].deformation_mm == pytest.approx(ErrorModelParameters().refinement_precision_mm)

@@ -185,7 +185,7 @@ def test_local_refinement_reports_the_box_mutual_information_of_both_transforms(
     tum[k - 2:k + 3, j - 15:j + 15, i - 15:i + 15] = 1
     tum_mri = mr.with_array(tum)
     m0 = res.matrix @ rigid((0, 0, 1), 1.5, (1.0, -1.0, 0.5))
-    loc = L.refine_local(ct, mr, m0, tum_mri)
+    loc = L.refine_local(ct, mr, m0, tum_mri, engine="simpleitk")
     lo, hi, _pts = L.tumour_box_ct(tum_mri, m0, 15.0)
     box = L._crop(ct, lo, hi)
     assert loc.mi_landmark == R.mutual_information(box, mr, m0, bins=32, max_samples=200_000)
@@ -207,3 +207,4 @@ def test_masked_metric_equals_the_whole_image_evaluation_and_ignores_voxels_outs
     outside = ct.array.copy()
     outside[0, 0, 0], outside[-1, -1, -1] = 5000, -3000   # extremes outside the mask change nothing
     assert R.mutual_information(ct.with_array(outside), mr, res.matrix, ct_mask=mask_vol) == pytest.approx(whole, abs=1e-12)
+

@@ -81,6 +81,10 @@ def _centre_lps(vol: RasVolume) -> np.ndarray:
 
 
 def _ras_to_lps_point(p_ras) -> np.ndarray:
+    # NOTE: ras_to_lps_matrix(I) is I, so this returns the RAS point unchanged: the rotation centres it gives
+    # are mirrored in R and A. That does not move the optimum, only the optimiser's path; it is kept so that the
+    # default fusion does not change without a benchmark. Checks that need the true LPS point use
+    # SmartBiopsyCoreLib.geometry.ras_to_lps_points (the B-spline stage below, local_refine).
     return (ras_to_lps_matrix(np.eye(4))[:3, :3] @ np.asarray(p_ras, float).T).T
 
 
@@ -445,7 +449,9 @@ def _bspline_stage(result: RefinementResult, ct, mri, fixed, moving, fmask, mmas
     max_disp = float(np.max(np.linalg.norm(dfield, axis=-1)))
 
     def deform_ct_point(p_ras):
-        p_lps = _ras_to_lps_point(p_ras)
+        from SmartBiopsyCoreLib.geometry import ras_to_lps_points
+
+        p_lps = ras_to_lps_points(np.asarray(p_ras, float))
         q = np.array(out.TransformPoint(tuple(float(v) for v in p_lps)))
         return np.linalg.norm(q - p_lps)
 
