@@ -203,6 +203,7 @@ class CaseRun:
     truth_lines: list = field(default_factory=list)  # phantom truth check (synthetic cases only)
     final_out: Path | None = None                 # the case folder while ``out`` is the staging folder
     output_folder: dict | None = None             # what the move from staging replaced/removed (summary)
+    background: dict = field(default_factory=dict)   # work started early in a worker (see "overlapped work")
 
     def truth(self, line: str) -> None:
         """One line of the phantom truth check: printed at the end and listed in summary.json and the report."""
@@ -304,7 +305,15 @@ def commit_run(run: CaseRun, folder) -> None:
 
 
 def _run_stages(run: CaseRun, progress_factory, should_cancel, stop_after) -> StageFailed | None:
-    """The stages in order; returns the first stage failure (the report still runs after it)."""
+    """The stages in order; returns the first stage failure (the report still runs after it). Work a stage
+    started early in a worker and no stage took is ended and leaves nothing behind (:func:`_end_background`)."""
+    try:
+        return _run_stages_in_order(run, progress_factory, should_cancel, stop_after)
+    finally:
+        _end_background(run)
+
+
+def _run_stages_in_order(run: CaseRun, progress_factory, should_cancel, stop_after) -> StageFailed | None:
     from SmartBiopsyCoreLib.interruption import Interrupted, interruptible, interrupted, mark_interrupted
 
     should_cancel = interruptible(should_cancel) if should_cancel is not None else interruptible(lambda: False)
@@ -319,14 +328,17 @@ def _run_stages(run: CaseRun, progress_factory, should_cancel, stop_after) -> St
         run.stages.append(rec)
         if stop is not None:
             rec.status, rec.message = "skipped", "not run: interrupted by the user (Ctrl-C)"
+            _end_background(run)
             continue
         if failure is not None:
             rec.status, rec.message = "skipped", f"not run: stage '{failure.stage}' failed"
             if name != "report":
+                _end_background(run)  # work started for a step that will not run
                 continue
         elif run.stopped is not None:
             rec.status, rec.message = "skipped", f"not run: the run stopped at step '{run.stopped[0]}'"
             if name != "report":
+                _end_background(run)
                 continue
         progress = interruptible(progress_factory(name))
         rec.status = "running"
@@ -491,6 +503,7 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
         raise InputDataError("no anatomical MRI (e.g. T2) was given for the capsule fusion; pass --t2 or a transform")
     from RegistrationFusionLib.registration.pipeline import fuse_with_fallback  # < 3 capsule pairs: capsule-free
 
+    _start_characterisation_inputs(run, should_cancel)  # MRI only: runs while the fusion registers
     fusion = fuse_with_fallback(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
                                 should_cancel=should_cancel)
     if getattr(fusion, "method", "capsules") == "intensity":
@@ -604,12 +617,10 @@ def _truth_tre(truth, m: np.ndarray) -> float:
 
 
 def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.characterise.habitats import compute_habitats, write_regions_csv
+    from SmartBiopsyLib.characterise.habitats import write_regions_csv
     from SmartBiopsyCoreLib.dataio.imageio import save_image
-    from SmartBiopsyLib.characterise.maps import compute_adc, compute_ef, compute_ff
-    from SmartBiopsyLib.characterise.radiomics import compute_radiomics, write_radiomics_csv
+    from SmartBiopsyLib.characterise.radiomics import write_radiomics_csv
     from SmartBiopsyLib.characterise.targets import plan_targets
-    from SmartBiopsyLib.characterise.tumour import measure_tumour
 
     i = run.inputs
     d = run.out / "characterisation"
@@ -621,57 +632,20 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         write_json(d / "targets.json", {"targets": [{"name": k, "region": k[-1:], "point_ct_ras": v}
                                                     for k, v in i.targets_ct.items()], "source": "supplied"})
         return f"{len(i.targets_ct)} targets supplied by the user"
-    progress(0.05, "ADC")
-    adc = i.adc if i.adc is not None else (compute_adc(i.dwi) if i.dwi else None)
-    if adc is None:
-        raise InputDataError("no DWI (two or more b-values) and no ADC map were given; pass --dwi or --adc")
-    progress(0.25, "FF")
-    ff = i.ff if i.ff is not None else (compute_ff(i.dixon_water, i.dixon_fat)
-                                        if i.dixon_water is not None and i.dixon_fat is not None else None)
-    progress(0.35, "EF")
-    ef = i.ef if i.ef is not None else (compute_ef(i.t1_pre, i.t1_post)
-                                        if i.t1_pre is not None and i.t1_post is not None else None)
-    if ef is None and i.dce is not None:
-        from SmartBiopsyLib.characterise.maps import compute_ef_dynamic
-        ef = compute_ef_dynamic(i.dce.frames, i.dce.times_s, baseline_frames=run.options.dce_baseline_frames,
-                                post_time_s=run.options.dce_post_time_s)
-        run.lines.append(f"EF from the DCE: {ef.meta['dynamic_sentence']}")
-    if ef is None:
-        raise InputDataError("no pre/post-contrast T1, DCE or EF map were given; pass --t1-pre and --t1-post, "
-                             "--dce or --ef")
-    from SmartBiopsyLib.characterise.maps import to_common_grid
-    moved, grids = to_common_grid({"ef": ef, "ff": ff}, adc, i.map_transforms)
-    ef, ff = moved["ef"], moved.get("ff")
-    for name, how in grids.items():
-        if how != "same grid":
-            run.lines.append(f"{name.upper()} {how} onto the ADC grid")
-    if i.tumour is None:
-        raise InputDataError("no tumour segmentation was given; pass --tumour (a label map on the MRI grid)")
-    tumour = i.tumour
-    if not np.any(tumour.array):
-        raise InputDataError("the tumour segmentation is empty; segment the tumour first")
-    if not tumour.same_grid(adc):
-        # a tumour drawn on another MRI grid: bring it onto the map grid (same MRI world)
-        from SmartBiopsyCoreLib.geometry import resample
-        lo, hi = tumour.bounds_ras()
-        alo, ahi = adc.bounds_ras()
-        if np.any(hi < alo) or np.any(lo > ahi):
-            raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
-        tumour = resample(tumour, adc, None, order=0)
-        if not np.any(tumour.array):
-            raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
-    maps = {"adc": adc, "ef": ef}
-    if ff is not None:
-        maps["ff"] = ff
+    progress(0.05, "maps")
+    pre = _characterisation_inputs(run, should_cancel)  # started with the fuse step when it could be
+    run.lines.extend(pre.value["lines"])
+    pre.raise_at("maps")
+    adc, ef, tumour, maps = pre.value["adc"], pre.value["ef"], pre.value["tumour"], pre.value["maps"]
     for k, v in maps.items():
         save_image(v, d / f"{k}.nrrd")
     from SmartBiopsyLib.characterise.maps import write_adc_qc, write_ef_qc
     write_adc_qc(adc, d / "adc_qc.json")
     write_ef_qc(ef, d / "ef_qc.json")
     save_image(tumour, d / "tumour.nrrd")
-    size = measure_tumour(tumour)
     progress(0.45, "habitats")
-    hab = compute_habitats(adc, ef, ff, tumour, should_cancel=should_cancel)
+    pre.raise_at("habitats")
+    size, hab = pre.value["size"], pre.value["habitats"]
     save_image(hab.labels, d / "habitats.nrrd")
     fusion = run.results.get("fusion")
 
@@ -694,7 +668,8 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     write_regions_csv(hab, d / "regions.csv")
     progress(0.7, "radiomics")
     try:
-        rows = compute_radiomics(hab.labels, maps)
+        pre.raise_at("radiomics")
+        rows = pre.value["radiomics"]
         write_radiomics_csv(rows, d / "radiomics.csv")
         run.results["radiomics"] = rows
         from SmartBiopsyLib.characterise.radiomics import NOT_AVAILABLE
@@ -776,6 +751,7 @@ def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
     from TrajectoryPlannerLib.planning.engine import PlanSettings, plan
     from TrajectoryPlannerLib.planning.needles import DEFAULT_NEEDLE
 
+    _start_background_export(run, records_written=False)  # segmentations and maps while the next steps run
     i = run.inputs
     d = run.out / "plan"
     d.mkdir(parents=True, exist_ok=True)
@@ -1219,6 +1195,7 @@ def _stage_scene(run: CaseRun, progress, should_cancel) -> str:
     from SmartBiopsyCoreLib.dataio.scene_io import save_scene_bundle
     from SmartBiopsyLib.scene_build import build_case_scene
 
+    _start_background_export(run, records_written=True)  # normally started with the plan step
     rt = new_runtime()
     counts = build_case_scene(rt.scene, run)
     progress(0.6, "saving scene bundle")
@@ -1254,15 +1231,176 @@ def _finish_report_facts(run: CaseRun) -> None:
 def _export_for_hospital(run: CaseRun) -> None:
     """DICOM SEG / Parametric Maps / TID 1500 SR and FHIR Specimens into ``<out>/export`` before the report lists
     them. Never fails the run: a missing library or a problem becomes one line in the summary."""
-    from SmartBiopsyLib.export.case import export_case
+    from SmartBiopsyLib.export.background import export_lines
 
-    try:
-        res = export_case(run.out, run.out / "export", risk_labelmaps=run.inputs.risk_labelmaps or None,
-                          accession=run.options.export_accession)
-        bad = sum(1 for o in res.objects if o.validation.get("errors"))
-        run.lines.append(f"hospital export: {res.sentence()} in export/"
-                         + (f"; {bad} object(s) FAIL dciodvfy" if bad else ""))
-    except Exception as exc:  # noqa: BLE001 - the export is an extra; the report says why it is missing
-        logger.warning("hospital export skipped: %s", exc)
-        run.lines.append(f"hospital export not written: {_sentence(exc)}")
+    started = run.background.pop("export", None)  # started with the scene step (export/background.py)
+    done = started.result() if started is not None else None
+    line, warning = done if done is not None else export_lines(run.out, run.inputs.risk_labelmaps,
+                                                                 run.options.export_accession)
+    if warning is not None:
+        logger.warning("hospital export skipped: %s", warning)
+    run.lines.append(line)
     run.write_summary()
+
+
+# ====================================================================== overlapped work
+# Work that does not depend on the step before it starts early in a worker, and the step that owns it takes the
+# result: its outputs, messages and failures appear in that step exactly as when it runs there. Inside the Slicer
+# application, or with SMARTBIOPSY_SERIAL=1, every step runs in order in the calling thread.
+def _start_background_export(run: CaseRun, records_written: bool) -> None:
+    """The hospital export in a child process: started with the plan step when the characterisation wrote its
+    habitat map (segmentations and parametric maps are written while the plan, robot and sampling steps run),
+    released by the scene step (``records_written``: targets, plan, needles and specimens are all written) for
+    the rest; the report step takes its result."""
+    if not run.options.export:
+        return
+    if "export" not in run.background:
+        from SmartBiopsyLib.export.background import BackgroundExport, process_allowed
+
+        if not process_allowed() or not (records_written or (run.out / "characterisation" / "habitats.nrrd").is_file()):
+            return
+        try:
+            run.background["export"] = BackgroundExport(run.out, run.inputs.risk_labelmaps,
+                                                        run.options.export_accession)
+        except Exception as exc:  # noqa: BLE001 - no child process here: the report step exports itself
+            logger.info("hospital export in the run's own process (%s)", exc)
+            return
+    if records_written:
+        run.background["export"].release()
+
+
+class _Steps:
+    """What a sequence of steps produced (``value``) and the exception that stopped it with the step it stopped at;
+    :meth:`raise_at` re-raises that exception where the serial code would have raised it."""
+
+    def __init__(self):
+        self.value: dict = {}
+        self.error: BaseException | None = None
+        self.error_at: str | None = None
+
+    def raise_at(self, step: str) -> None:
+        if self.error is not None and self.error_at == step:
+            raise self.error
+
+
+class _Worker:
+    """Steps run in a daemon thread (SimpleITK and numpy release the interpreter lock in their heavy calls).
+    :meth:`result` waits for them; :meth:`cancel` asks them to stop at their next step and waits."""
+
+    def __init__(self, func, name: str):
+        import threading
+
+        self.stop = threading.Event()
+        self._out: _Steps | None = None
+        self._thread = threading.Thread(target=self._run, args=(func,), name=f"smartbiopsy-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, func) -> None:
+        self._out = func(self.stop)
+
+    def result(self) -> _Steps:
+        while self._thread.is_alive():
+            self._thread.join(0.05)  # short waits: the main thread stays where Ctrl-C is handled
+        return self._out
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self._thread.join()  # a thread must not be inside ITK when the process ends
+
+
+def _start_characterisation_inputs(run: CaseRun, should_cancel) -> None:
+    """Maps, tumour on the map grid, habitats and radiomics need only the MRI: computed while the fusion runs
+    (the characterise step takes them, writes them and raises their errors where it would have)."""
+    i = run.inputs
+    if i.targets_ct or "characterisation_inputs" in run.background:
+        return
+    from SmartBiopsyLib.export.background import process_allowed
+
+    if process_allowed():  # same rule as for processes: not inside the Slicer application, not SMARTBIOPSY_SERIAL
+        run.background["characterisation_inputs"] = _Worker(
+            lambda stop: _compute_characterisation_inputs(run, lambda: stop.is_set() or should_cancel(), stop),
+            "characterise")
+
+
+def _characterisation_inputs(run: CaseRun, should_cancel) -> _Steps:
+    """The result of :func:`_start_characterisation_inputs`, or the same computed now in this thread."""
+    job = run.background.pop("characterisation_inputs", None)
+    return job.result() if job is not None else _compute_characterisation_inputs(run, should_cancel)
+
+
+def _compute_characterisation_inputs(run: CaseRun, should_cancel, stop=None) -> _Steps:
+    """Steps "maps" (ADC, FF, EF on one grid, tumour checked and on that grid), "habitats" (tumour size, habitat
+    map) and "radiomics"; nothing is written and nothing raised (:class:`_Steps`). ``stop``: an Event that ends
+    the steps early (the run will not use them)."""
+    from SmartBiopsyLib.characterise.habitats import compute_habitats
+    from SmartBiopsyLib.characterise.maps import compute_adc, compute_ef, compute_ff, to_common_grid
+    from SmartBiopsyLib.characterise.radiomics import compute_radiomics
+    from SmartBiopsyLib.characterise.tumour import measure_tumour
+
+    i = run.inputs
+    out = _Steps()
+    v = out.value
+    v["lines"] = []
+    step = "maps"
+    try:
+        adc = i.adc if i.adc is not None else (compute_adc(i.dwi) if i.dwi else None)
+        if adc is None:
+            raise InputDataError("no DWI (two or more b-values) and no ADC map were given; pass --dwi or --adc")
+        ff = i.ff if i.ff is not None else (compute_ff(i.dixon_water, i.dixon_fat)
+                                            if i.dixon_water is not None and i.dixon_fat is not None else None)
+        ef = i.ef if i.ef is not None else (compute_ef(i.t1_pre, i.t1_post)
+                                            if i.t1_pre is not None and i.t1_post is not None else None)
+        if ef is None and i.dce is not None:
+            from SmartBiopsyLib.characterise.maps import compute_ef_dynamic
+            ef = compute_ef_dynamic(i.dce.frames, i.dce.times_s, baseline_frames=run.options.dce_baseline_frames,
+                                    post_time_s=run.options.dce_post_time_s)
+            v["lines"].append(f"EF from the DCE: {ef.meta['dynamic_sentence']}")
+        if ef is None:
+            raise InputDataError("no pre/post-contrast T1, DCE or EF map were given; pass --t1-pre and --t1-post, "
+                                 "--dce or --ef")
+        moved, grids = to_common_grid({"ef": ef, "ff": ff}, adc, i.map_transforms)
+        ef, ff = moved["ef"], moved.get("ff")
+        for name, how in grids.items():
+            if how != "same grid":
+                v["lines"].append(f"{name.upper()} {how} onto the ADC grid")
+        if i.tumour is None:
+            raise InputDataError("no tumour segmentation was given; pass --tumour (a label map on the MRI grid)")
+        tumour = i.tumour
+        if not np.any(tumour.array):
+            raise InputDataError("the tumour segmentation is empty; segment the tumour first")
+        if not tumour.same_grid(adc):
+            # a tumour drawn on another MRI grid: bring it onto the map grid (same MRI world)
+            from SmartBiopsyCoreLib.geometry import resample
+            lo, hi = tumour.bounds_ras()
+            alo, ahi = adc.bounds_ras()
+            if np.any(hi < alo) or np.any(lo > ahi):
+                raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
+            tumour = resample(tumour, adc, None, order=0)
+            if not np.any(tumour.array):
+                raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
+        maps = {"adc": adc, "ef": ef}
+        if ff is not None:
+            maps["ff"] = ff
+        v.update(adc=adc, ef=ef, ff=ff, tumour=tumour, maps=maps)
+        if stop is not None and stop.is_set():
+            return out
+        step = "habitats"
+        v["size"] = measure_tumour(tumour)
+        v["habitats"] = compute_habitats(adc, ef, ff, tumour, should_cancel=should_cancel)
+        if stop is not None and stop.is_set():
+            return out
+        step = "radiomics"
+        v["radiomics"] = compute_radiomics(v["habitats"].labels, maps)
+    except BaseException as exc:  # noqa: BLE001 - raised by the characterise step at this step (raise_at)
+        out.error, out.error_at = exc, step
+    return out
+
+
+def _end_background(run: CaseRun) -> None:
+    """End the work no step took (the run failed, stopped or was interrupted before): nothing of it is kept."""
+    for key in list(run.background):
+        job = run.background.pop(key)
+        try:
+            job.cancel()
+        except Exception:  # noqa: BLE001 - never hide the run's own outcome behind a cleanup problem
+            logger.debug("ending the background %s failed", key, exc_info=True)

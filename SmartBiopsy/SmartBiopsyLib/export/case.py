@@ -69,10 +69,12 @@ def default_source_folders(case_dir: Path) -> list[Path]:
 
 
 def export_case(case_dir, out_dir, *, source_folders=None, risk_labelmaps=None, accession: str = "",
-                validate: bool = True, progress=None) -> ExportResult:
+                validate: bool = True, progress=None, before_records=None) -> ExportResult:
     """Export ``case_dir`` into ``out_dir`` (see module doc). ``source_folders``: DICOM folders with the original
     series (default :func:`default_source_folders`); ``risk_labelmaps``: [(label RasVolume on the CT grid,
     {value: name})]; ``accession``: the procedure's accession number (cores become ``<accession>-<n>``).
+    ``before_records``: called after the segmentations and parametric maps, before the targets, trajectories and
+    specimen records are read (the workflow's background export waits there until the procedure wrote them).
 
     Raises InputDataError when the case has nothing to export; ExportUnavailable when highdicom or fhir.resources is
     missing (nothing is written then)."""
@@ -165,6 +167,8 @@ def export_case(case_dir, out_dir, *, source_folders=None, risk_labelmaps=None, 
     else:
         res.skipped.append("planning CT: inputs/ct.nrrd is absent; no CT-frame objects (risk SEG, measurement report)")
     # SR
+    if before_records is not None:
+        before_records()
     progress(0.7, "measurement report")
     records, sigs = _journal(case_dir)
     if ct_src is not None:
