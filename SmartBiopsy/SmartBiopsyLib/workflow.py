@@ -504,6 +504,8 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     from RegistrationFusionLib.registration.pipeline import fuse_with_fallback  # < 3 capsule pairs: capsule-free
 
     _start_characterisation_inputs(run, should_cancel)  # MRI only: runs while the fusion registers
+    _start_robot_frame_fit(run)  # planning CT only
+    _start_preload(run)
     fusion = fuse_with_fallback(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
                                 should_cancel=should_cancel)
     if getattr(fusion, "method", "capsules") == "intensity":
@@ -523,7 +525,6 @@ def _write_fusion_outputs(run: CaseRun, fusion, d: Path, progress, source: str, 
     patient's case)."""
     from RegistrationFusionLib.registration.qa import write_fusion_pictures
     from RegistrationFusionLib.registration.refine import resample_mri_on_ct
-    from SmartBiopsyCoreLib.dataio.imageio import save_image
     from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
     from SmartBiopsyCoreLib.optional import MissingPackageError
 
@@ -536,17 +537,25 @@ def _write_fusion_outputs(run: CaseRun, fusion, d: Path, progress, source: str, 
     write_itk_transform(m, str(d / "mri_to_ct.tfm"))
     progress(0.96, "resampling MRI on CT")
     t2_on_ct = resample_mri_on_ct(i.mri_anatomical, i.ct, m)
-    save_image(t2_on_ct, d / "t2_on_ct.nrrd")
-    run.results["t2_on_ct"] = t2_on_ct
+    writing = _ImageWrite(t2_on_ct, d / "t2_on_ct.nrrd")  # compressed in a worker while the pictures are drawn
     if i.tumour is not None and np.any(i.tumour.array):
         centre = apply_transform(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))
     else:
         centre = np.asarray(fallback_centre, float)
+    pictures, missing, failed = {}, None, None
     try:
-        write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+        pictures = write_fusion_pictures(i.ct, t2_on_ct, centre, d)
     except MissingPackageError as exc:  # matplotlib absent: the pictures are optional, the fusion is not
-        logger.warning("%s", exc)
-        run.lines.append(str(exc))
+        missing = exc
+    except BaseException as exc:  # noqa: BLE001 - raised after the image write, which came first
+        failed = exc
+    writing.wait(drop_on_error=list((pictures or {}).values()))
+    if failed is not None:
+        raise failed
+    run.results["t2_on_ct"] = t2_on_ct
+    if missing is not None:
+        logger.warning("%s", missing)
+        run.lines.append(str(missing))
     if i.truth is None:
         return ""
     err = _truth_tre(i.truth, m)
@@ -814,17 +823,17 @@ def _registration_qa_for_robot(run: CaseRun, best) -> dict:
 
 def _stage_calibrate(run: CaseRun, progress, should_cancel) -> str:
     """Robot-to-CT calibration from the robot's fiducial frame in the planning CT (robot/calibration/)."""
-    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
     from TrajectoryPlannerLib.calibration.calibration_file import write_calibration
-    from TrajectoryPlannerLib.calibration.frame_fit import calibrate_from_ct
+    from TrajectoryPlannerLib.calibration.frame_fit import check_calibration
     from TrajectoryPlannerLib.calibration.picture import write_calibration_picture
 
     if not run.options.robot_frame_model:
         return "skipped (no robot fiducial frame model given)"
-    model = load_model(run.options.robot_frame_model)
+    fitted = _robot_frame_fit(run, should_cancel, progress)  # fitted while the fusion ran when it could be
+    fitted.raise_at("fit")
+    model = fitted.value["model"]
     targets = {t.target: list(t.target_ras) for t in run.results["best_trajectories"]}
-    result = calibrate_from_ct(run.inputs.ct, model, targets, progress=lambda f, m: progress(0.9 * f, m),
-                               should_cancel=should_cancel)
+    result = check_calibration(fitted.value["fit"], targets, progress=lambda f, m: progress(0.9 * f, m))
     d = run.out / "robot" / "calibration"
     write_calibration(result, d)
     write_calibration_picture(run.inputs.ct, result, d / "calibration.png")
@@ -1196,6 +1205,7 @@ def _stage_scene(run: CaseRun, progress, should_cancel) -> str:
     from SmartBiopsyLib.scene_build import build_case_scene
 
     _start_background_export(run, records_written=True)  # normally started with the plan step
+    _start_report_sections(run)
     rt = new_runtime()
     counts = build_case_scene(rt.scene, run)
     progress(0.6, "saving scene bundle")
@@ -1211,7 +1221,8 @@ def _stage_report(run: CaseRun, progress, should_cancel) -> str:
     if run.options.export:
         _export_for_hospital(run)
     _finish_report_facts(run)
-    path = write_report(run.out)
+    job = run.background.pop("report_sections", None)  # started with the scene step (_start_report_sections)
+    path = write_report(run.out, drawn=job.result() if job is not None else None)
     return f"report {Path(path).name}"
 
 
@@ -1231,12 +1242,12 @@ def _finish_report_facts(run: CaseRun) -> None:
 def _export_for_hospital(run: CaseRun) -> None:
     """DICOM SEG / Parametric Maps / TID 1500 SR and FHIR Specimens into ``<out>/export`` before the report lists
     them. Never fails the run: a missing library or a problem becomes one line in the summary."""
-    from SmartBiopsyLib.export.background import export_lines
+    from SmartBiopsyLib.export.case import export_case_line
 
-    started = run.background.pop("export", None)  # started with the scene step (export/background.py)
+    started = run.background.pop("export", None)  # started with the plan step (_start_background_export)
     done = started.result() if started is not None else None
-    line, warning = done if done is not None else export_lines(run.out, run.inputs.risk_labelmaps,
-                                                                 run.options.export_accession)
+    line, warning = done if done is not None else export_case_line(run.out, run.inputs.risk_labelmaps,
+                                                                   run.options.export_accession)
     if warning is not None:
         logger.warning("hospital export skipped: %s", warning)
     run.lines.append(line)
@@ -1255,13 +1266,15 @@ def _start_background_export(run: CaseRun, records_written: bool) -> None:
     if not run.options.export:
         return
     if "export" not in run.background:
-        from SmartBiopsyLib.export.background import BackgroundExport, process_allowed
+        from SmartBiopsyLib.background import ChildJob, process_allowed
 
         if not process_allowed() or not (records_written or (run.out / "characterisation" / "habitats.nrrd").is_file()):
             return
         try:
-            run.background["export"] = BackgroundExport(run.out, run.inputs.risk_labelmaps,
-                                                        run.options.export_accession)
+            run.background["export"] = ChildJob(
+                "SmartBiopsyLib.export.case:export_case_line",
+                (str(run.out), run.inputs.risk_labelmaps, run.options.export_accession),
+                outputs=[run.out / "export"], gated=True, name="export")
         except Exception as exc:  # noqa: BLE001 - no child process here: the report step exports itself
             logger.info("hospital export in the run's own process (%s)", exc)
             return
@@ -1281,6 +1294,46 @@ class _Steps:
     def raise_at(self, step: str) -> None:
         if self.error is not None and self.error_at == step:
             raise self.error
+
+
+class _ImageWrite:
+    """``save_image(volume, path)`` in a worker thread (SimpleITK compresses without the interpreter lock);
+    :meth:`wait` raises its error as the call would have. Serial where workers are not used."""
+
+    def __init__(self, volume: RasVolume, path: Path):
+        import threading
+
+        from SmartBiopsyCoreLib.dataio.imageio import save_image
+        from SmartBiopsyLib.background import process_allowed
+
+        self._error: BaseException | None = None
+        self._thread = None
+        if not process_allowed():
+            save_image(volume, path)
+            return
+
+        def write():
+            try:
+                save_image(volume, path)
+            except BaseException as exc:  # noqa: BLE001 - raised by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="smartbiopsy-write", daemon=True)
+        self._thread.start()
+
+    def wait(self, drop_on_error=()) -> None:
+        """Wait for the write; on its error remove ``drop_on_error`` (files written meanwhile that the serial
+        order would not have written) and raise it."""
+        if self._thread is not None:
+            try:
+                while self._thread.is_alive():
+                    self._thread.join(0.05)
+            finally:
+                self._thread.join()  # never end the process while ITK writes
+        if self._error is not None:
+            for p in drop_on_error:
+                Path(p).unlink(missing_ok=True)
+            raise self._error
 
 
 class _Worker:
@@ -1314,7 +1367,7 @@ def _start_characterisation_inputs(run: CaseRun, should_cancel) -> None:
     i = run.inputs
     if i.targets_ct or "characterisation_inputs" in run.background:
         return
-    from SmartBiopsyLib.export.background import process_allowed
+    from SmartBiopsyLib.background import process_allowed
 
     if process_allowed():  # same rule as for processes: not inside the Slicer application, not SMARTBIOPSY_SERIAL
         run.background["characterisation_inputs"] = _Worker(
@@ -1394,6 +1447,83 @@ def _compute_characterisation_inputs(run: CaseRun, should_cancel, stop=None) -> 
     except BaseException as exc:  # noqa: BLE001 - raised by the characterise step at this step (raise_at)
         out.error, out.error_at = exc, step
     return out
+
+
+def _start_robot_frame_fit(run: CaseRun) -> None:
+    """The robot's fiducial frame is found and fitted in the planning CT alone: done while the fusion runs (the
+    calibrate step adds the errors at the planned targets and the QA, writes the files and raises its errors)."""
+    from SmartBiopsyLib.background import process_allowed
+
+    if run.options.robot_frame_model and "robot_frame_fit" not in run.background and process_allowed():
+        run.background["robot_frame_fit"] = _Worker(
+            lambda stop: _compute_robot_frame_fit(run, lambda: stop.is_set()), "calibrate")
+
+
+def _robot_frame_fit(run: CaseRun, should_cancel, progress) -> _Steps:
+    """The result of :func:`_start_robot_frame_fit`, or the same computed now in this thread."""
+    job = run.background.pop("robot_frame_fit", None)
+    if job is not None:
+        return job.result()
+    return _compute_robot_frame_fit(run, should_cancel, lambda f, m: progress(0.8 * f, m))
+
+
+def _compute_robot_frame_fit(run: CaseRun, should_cancel, progress=None) -> _Steps:
+    """Step "fit": the frame model (``RunOptions.robot_frame_model``) and its fit in the planning CT
+    (:func:`TrajectoryPlannerLib.calibration.frame_fit.fit_frame`); nothing is written and nothing raised."""
+    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
+    from TrajectoryPlannerLib.calibration.frame_fit import fit_frame
+
+    out = _Steps()
+    try:
+        out.value["model"] = load_model(run.options.robot_frame_model)
+        out.value["fit"] = fit_frame(run.inputs.ct, out.value["model"], progress=progress, should_cancel=should_cancel)
+    except BaseException as exc:  # noqa: BLE001 - raised by the calibrate step (raise_at)
+        out.error, out.error_at = exc, "fit"
+    return out
+
+
+#: modules the later steps import (landmark matching, fusion and report figures, skin model, scene), imported by a
+#: worker while the fusion registers; the first import of each takes 0.3-1.5 s on the main path otherwise
+PRELOAD_MODULES = ("scipy.optimize", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.patches",
+                   "vtk", "vtk.util.numpy_support", "scipy.spatial", "slicer")
+
+
+def _start_preload(run: CaseRun) -> None:
+    """Import :data:`PRELOAD_MODULES` in a worker thread (a module that is missing is left to the step that needs
+    it, which says so as before). Nothing runs inside the Slicer application (everything is imported there)."""
+    from SmartBiopsyLib.background import process_allowed
+
+    if "preload" in run.background or not process_allowed():
+        return
+
+    def preload(stop):
+        import importlib
+
+        for name in PRELOAD_MODULES:
+            if stop.is_set():
+                break
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - ImportError and friends: the step that needs it reports it
+                logger.debug("preloading %s failed", name, exc_info=True)
+        return _Steps()
+
+    run.background["preload"] = _Worker(preload, "preload")
+
+
+def _start_report_sections(run: CaseRun) -> None:
+    """The report sections that read only what the steps up to 'record' wrote (fusion, habitats, trajectories,
+    notch, procedure, heterogeneity; ``report.writer.EARLY_SECTIONS``), drawn in a child process while the scene
+    is built; the report step writes the report with them (and draws them itself if the child failed)."""
+    from SmartBiopsyLib.background import ChildJob, process_allowed
+
+    if "report_sections" in run.background or not process_allowed():
+        return
+    try:
+        run.background["report_sections"] = ChildJob("SmartBiopsyLib.report.writer:draw_sections", (str(run.out),),
+                                                      outputs=[run.out / "figures"], name="report figures")
+    except Exception as exc:  # noqa: BLE001 - no child process here: the report step draws every section
+        logger.info("report figures in the run's own process (%s)", exc)
 
 
 def _end_background(run: CaseRun) -> None:

@@ -115,11 +115,15 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--demo", action="store_true", help="also run the whole demo three times (a few minutes)")
     ap.add_argument("--baseline", default=os.environ.get("SMARTBIOPSY_BASELINE", str(ROOT.parents[1] / "main")))
+    ap.add_argument("--keep", default="", help="keep the demo outputs in this folder (for a closer comparison)")
     args = ap.parse_args()
     print(f"cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}")
     rows = phantom_rows(args.seed)
     if args.demo:
         with tempfile.TemporaryDirectory() as tmp:
+            if args.keep:
+                Path(args.keep).mkdir(parents=True, exist_ok=True)
+                tmp = args.keep
             cache = str(Path(tmp) / "cache")
             cold, st_cold = run_demo(ROOT, Path(tmp) / "cold", args.seed, cache)
             warm, st_warm = run_demo(ROOT, Path(tmp) / "warm", args.seed, cache)

@@ -215,6 +215,26 @@ def export_case(case_dir, out_dir, *, source_folders=None, risk_labelmaps=None, 
     return res
 
 
+def export_case_line(case_dir, risk_labelmaps=None, accession: str = "", wait_for_go=None) -> tuple[str, str | None]:
+    """The workflow's export: ``case_dir`` into ``<case_dir>/export``; returns (summary line, warning text or None).
+    Never raises for a problem of the export (a missing library or bad data becomes the line "hospital export not
+    written: ..."). ``wait_for_go``: :func:`export_case`'s ``before_records``."""
+    from SmartBiopsyCoreLib.errors import SmartBiopsyError
+
+    case_dir = Path(case_dir)
+    try:
+        res = export_case(case_dir, case_dir / "export", risk_labelmaps=risk_labelmaps or None, accession=accession,
+                          before_records=wait_for_go)
+        bad = sum(1 for o in res.objects if o.validation.get("errors"))
+        return (f"hospital export: {res.sentence()} in export/" + (f"; {bad} object(s) FAIL dciodvfy" if bad else ""),
+                None)
+    except Exception as exc:  # noqa: BLE001 - the export is an extra; the report says why it is missing
+        text = str(exc).strip() or type(exc).__name__
+        sentence = (text.splitlines()[0] if isinstance(exc, SmartBiopsyError)
+                    else f"unexpected {type(exc).__name__}: {text.splitlines()[0]}")
+        return f"hospital export not written: {sentence}", str(exc)
+
+
 def read_manifest(out_dir) -> dict | None:
     return _json(Path(out_dir) / MANIFEST)
 
