@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-#: the demo, announcing the scene step while its scene is built (both children are running then) and their pids
+#: the demo, announcing the scene step once the report child wrote a figure (both children have written files
+#: then) with the children's pids
 _DRIVER = r"""
 import sys, time
 import SmartBiopsyLib.scene_build as sb
@@ -23,9 +24,12 @@ _build = sb.build_case_scene
 
 def _announced(scene, run):
     pids = {k: run.background[k].pid for k in ("export", "report_sections") if k in run.background}
+    t0 = time.monotonic()
+    while not list((run.out / "figures").glob("*.png")) and time.monotonic() - t0 < 120:
+        time.sleep(0.1)  # until the report child has written its first figure
     sys.stderr.write(f"\nSCENE-STEP-RUNNING {pids.get('export', 0)} {pids.get('report_sections', 0)}\n")
     sys.stderr.flush()
-    time.sleep(2.0)  # the Ctrl-C lands here, in the scene step, while both children work
+    time.sleep(2.0)  # the Ctrl-C lands here, in the scene step, while the children have written files
     return _build(scene, run)
 
 
