@@ -1,10 +1,11 @@
 """Work of the workflow run in a child process, so that it overlaps with the steps that follow.
 
 Pure-Python work (pydicom and highdicom for the hospital export, matplotlib for the report figures) holds the
-interpreter lock, so a thread would not overlap it with anything; a child process started with ``spawn`` does
-(safe in a process that runs ITK and VTK threads, and the same on every platform). Ctrl-C is blocked in the
-child: the terminal sends it to the whole process group, and the parent (the command line's handler) decides and
-ends the child itself. Inside the Slicer application, or with ``SMARTBIOPSY_SERIAL=1``, nothing is started and
+interpreter lock, so a thread would not overlap it with anything; a child process does. On Linux the child is
+forked: it starts at once with every module already imported (ITK's thread pool, OpenBLAS and Python's logging
+re-initialise themselves in a forked child); elsewhere it is started with ``spawn`` (a fresh interpreter that
+imports what it needs; its arguments are pickled). Ctrl-C is blocked in the child: the terminal sends it to the
+whole process group, and the parent (the command line's handler) decides and ends the child itself. Inside the Slicer application, or with ``SMARTBIOPSY_SERIAL=1``, nothing is started and
 the workflow does the work in its own process, in order (:func:`process_allowed`).
 """
 from __future__ import annotations
@@ -55,6 +56,8 @@ def _child(conn, target: str, args: tuple, gated: bool) -> None:
     (status, value, log records) through ``conn``."""
     handler = _Collect()
     root = logging.getLogger()
+    for h in list(root.handlers):  # a forked child inherits the parent's console and run.log handlers
+        root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
     logging.captureWarnings(True)  # Python warnings (e.g. highdicom's) go to the parent's log, not to the console
@@ -96,7 +99,7 @@ class ChildJob:
 
         self.name = name
         self.outputs = [Path(p) for p in outputs]
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._released = not gated
         self._proc = ctx.Process(target=_child, args=(child_conn, target, tuple(args), gated),
