@@ -31,6 +31,17 @@ QA failed, the robot did not reach a target, a needle tip further than :data:`TI
 or off-axis by more than :data:`ANGLE_TOLERANCE_DEG`); ``summary.json`` carries them under ``acceptance`` and
 the command line exits 3 for them unless ``--accept-warnings`` is given.
 
+Overlapped work (see "overlapped work" below): what does not need the step before it starts early, and the step
+that owns it takes the result, so every step still records its own time, message, files and errors, in the
+same order as when it computes everything itself. While the fusion registers, worker threads compute the
+characterisation maps, habitats and radiomics (MRI only), fit the robot's fiducial frame (planning CT only) and
+import what later steps need; the fused T2 is compressed to disk while the fusion pictures are drawn. The
+hospital export runs in a child process from the plan step (segmentations and maps) and reads the records once
+the scene step released it; the report sections that need only the procedure's files are drawn in a child
+process while the scene is built (``SmartBiopsyLib.background``). A failed, stopped or interrupted run ends the
+workers and keeps nothing of their work. Inside the Slicer application, off the main thread, or with
+``SMARTBIOPSY_SERIAL=1`` every step runs in order in the calling thread.
+
 Confirmation CTs: ``run`` uses only the user's (``CaseInputs.confirm_cts``); without one per target it stops
 after the plan (or robot) step with "no confirmation CT for target A; sampling needs one per target". It
 never records specimen pots, a procedure log or pathology: the operator records pots
