@@ -31,6 +31,17 @@ QA failed, the robot did not reach a target, a needle tip further than :data:`TI
 or off-axis by more than :data:`ANGLE_TOLERANCE_DEG`); ``summary.json`` carries them under ``acceptance`` and
 the command line exits 3 for them unless ``--accept-warnings`` is given.
 
+Overlapped work (see "overlapped work" below): what does not need the step before it starts early, and the step
+that owns it takes the result, so every step still records its own time, message, files and errors, in the
+same order as when it computes everything itself. While the fusion registers, worker threads compute the
+characterisation maps, habitats and radiomics (MRI only), fit the robot's fiducial frame (planning CT only) and
+import what later steps need; the fused T2 is compressed to disk while the fusion pictures are drawn. The
+hospital export runs in a child process from the plan step (segmentations and maps) and reads the records once
+the scene step released it; the report sections that need only the procedure's files are drawn in a child
+process while the scene is built (``SmartBiopsyLib.background``). A failed, stopped or interrupted run ends the
+workers and keeps nothing of their work. Inside the Slicer application, off the main thread, or with
+``SMARTBIOPSY_SERIAL=1`` every step runs in order in the calling thread.
+
 Confirmation CTs: ``run`` uses only the user's (``CaseInputs.confirm_cts``); without one per target it stops
 after the plan (or robot) step with "no confirmation CT for target A; sampling needs one per target". It
 never records specimen pots, a procedure log or pathology: the operator records pots
@@ -203,6 +214,7 @@ class CaseRun:
     truth_lines: list = field(default_factory=list)  # phantom truth check (synthetic cases only)
     final_out: Path | None = None                 # the case folder while ``out`` is the staging folder
     output_folder: dict | None = None             # what the move from staging replaced/removed (summary)
+    background: dict = field(default_factory=dict)   # work started early in a worker (see "overlapped work")
 
     def truth(self, line: str) -> None:
         """One line of the phantom truth check: printed at the end and listed in summary.json and the report."""
@@ -304,7 +316,15 @@ def commit_run(run: CaseRun, folder) -> None:
 
 
 def _run_stages(run: CaseRun, progress_factory, should_cancel, stop_after) -> StageFailed | None:
-    """The stages in order; returns the first stage failure (the report still runs after it)."""
+    """The stages in order; returns the first stage failure (the report still runs after it). Work a stage
+    started early in a worker and no stage took is ended and leaves nothing behind (:func:`_end_background`)."""
+    try:
+        return _run_stages_in_order(run, progress_factory, should_cancel, stop_after)
+    finally:
+        _end_background(run)
+
+
+def _run_stages_in_order(run: CaseRun, progress_factory, should_cancel, stop_after) -> StageFailed | None:
     from SmartBiopsyCoreLib.interruption import Interrupted, interruptible, interrupted, mark_interrupted
 
     should_cancel = interruptible(should_cancel) if should_cancel is not None else interruptible(lambda: False)
@@ -319,14 +339,17 @@ def _run_stages(run: CaseRun, progress_factory, should_cancel, stop_after) -> St
         run.stages.append(rec)
         if stop is not None:
             rec.status, rec.message = "skipped", "not run: interrupted by the user (Ctrl-C)"
+            _end_background(run)
             continue
         if failure is not None:
             rec.status, rec.message = "skipped", f"not run: stage '{failure.stage}' failed"
             if name != "report":
+                _end_background(run)  # work started for a step that will not run
                 continue
         elif run.stopped is not None:
             rec.status, rec.message = "skipped", f"not run: the run stopped at step '{run.stopped[0]}'"
             if name != "report":
+                _end_background(run)
                 continue
         progress = interruptible(progress_factory(name))
         rec.status = "running"
@@ -491,6 +514,9 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
         raise InputDataError("no anatomical MRI (e.g. T2) was given for the capsule fusion; pass --t2 or a transform")
     from RegistrationFusionLib.registration.pipeline import fuse_with_fallback  # < 3 capsule pairs: capsule-free
 
+    _start_characterisation_inputs(run, should_cancel)  # MRI only: runs while the fusion registers
+    _start_robot_frame_fit(run)  # planning CT only
+    _start_preload(run)
     fusion = fuse_with_fallback(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
                                 should_cancel=should_cancel)
     if getattr(fusion, "method", "capsules") == "intensity":
@@ -510,7 +536,6 @@ def _write_fusion_outputs(run: CaseRun, fusion, d: Path, progress, source: str, 
     patient's case)."""
     from RegistrationFusionLib.registration.qa import write_fusion_pictures
     from RegistrationFusionLib.registration.refine import resample_mri_on_ct
-    from SmartBiopsyCoreLib.dataio.imageio import save_image
     from SmartBiopsyCoreLib.dataio.transforms import write_itk_transform, write_transform_json
     from SmartBiopsyCoreLib.optional import MissingPackageError
 
@@ -523,17 +548,25 @@ def _write_fusion_outputs(run: CaseRun, fusion, d: Path, progress, source: str, 
     write_itk_transform(m, str(d / "mri_to_ct.tfm"))
     progress(0.96, "resampling MRI on CT")
     t2_on_ct = resample_mri_on_ct(i.mri_anatomical, i.ct, m)
-    save_image(t2_on_ct, d / "t2_on_ct.nrrd")
-    run.results["t2_on_ct"] = t2_on_ct
+    writing = _ImageWrite(t2_on_ct, d / "t2_on_ct.nrrd")  # compressed in a worker while the pictures are drawn
     if i.tumour is not None and np.any(i.tumour.array):
         centre = apply_transform(m, i.tumour.voxel_centres_ras(i.tumour.array > 0).mean(axis=0))
     else:
         centre = np.asarray(fallback_centre, float)
+    pictures, missing, failed = {}, None, None
     try:
-        write_fusion_pictures(i.ct, t2_on_ct, centre, d)
+        pictures = write_fusion_pictures(i.ct, t2_on_ct, centre, d)
     except MissingPackageError as exc:  # matplotlib absent: the pictures are optional, the fusion is not
-        logger.warning("%s", exc)
-        run.lines.append(str(exc))
+        missing = exc
+    except BaseException as exc:  # noqa: BLE001 - raised after the image write, which came first
+        failed = exc
+    writing.wait(drop_on_error=list((pictures or {}).values()))
+    if failed is not None:
+        raise failed
+    run.results["t2_on_ct"] = t2_on_ct
+    if missing is not None:
+        logger.warning("%s", missing)
+        run.lines.append(str(missing))
     if i.truth is None:
         return ""
     err = _truth_tre(i.truth, m)
@@ -609,12 +642,10 @@ def _truth_tre(truth, m: np.ndarray) -> float:
 
 
 def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
-    from SmartBiopsyLib.characterise.habitats import compute_habitats, write_regions_csv
+    from SmartBiopsyLib.characterise.habitats import write_regions_csv
     from SmartBiopsyCoreLib.dataio.imageio import save_image
-    from SmartBiopsyLib.characterise.maps import compute_adc, compute_ef, compute_ff
-    from SmartBiopsyLib.characterise.radiomics import compute_radiomics, write_radiomics_csv
+    from SmartBiopsyLib.characterise.radiomics import write_radiomics_csv
     from SmartBiopsyLib.characterise.targets import plan_targets
-    from SmartBiopsyLib.characterise.tumour import measure_tumour
 
     i = run.inputs
     d = run.out / "characterisation"
@@ -626,57 +657,20 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
         write_json(d / "targets.json", {"targets": [{"name": k, "region": k[-1:], "point_ct_ras": v}
                                                     for k, v in i.targets_ct.items()], "source": "supplied"})
         return f"{len(i.targets_ct)} targets supplied by the user"
-    progress(0.05, "ADC")
-    adc = i.adc if i.adc is not None else (compute_adc(i.dwi) if i.dwi else None)
-    if adc is None:
-        raise InputDataError("no DWI (two or more b-values) and no ADC map were given; pass --dwi or --adc")
-    progress(0.25, "FF")
-    ff = i.ff if i.ff is not None else (compute_ff(i.dixon_water, i.dixon_fat)
-                                        if i.dixon_water is not None and i.dixon_fat is not None else None)
-    progress(0.35, "EF")
-    ef = i.ef if i.ef is not None else (compute_ef(i.t1_pre, i.t1_post)
-                                        if i.t1_pre is not None and i.t1_post is not None else None)
-    if ef is None and i.dce is not None:
-        from SmartBiopsyLib.characterise.maps import compute_ef_dynamic
-        ef = compute_ef_dynamic(i.dce.frames, i.dce.times_s, baseline_frames=run.options.dce_baseline_frames,
-                                post_time_s=run.options.dce_post_time_s)
-        run.lines.append(f"EF from the DCE: {ef.meta['dynamic_sentence']}")
-    if ef is None:
-        raise InputDataError("no pre/post-contrast T1, DCE or EF map were given; pass --t1-pre and --t1-post, "
-                             "--dce or --ef")
-    from SmartBiopsyLib.characterise.maps import to_common_grid
-    moved, grids = to_common_grid({"ef": ef, "ff": ff}, adc, i.map_transforms)
-    ef, ff = moved["ef"], moved.get("ff")
-    for name, how in grids.items():
-        if how != "same grid":
-            run.lines.append(f"{name.upper()} {how} onto the ADC grid")
-    if i.tumour is None:
-        raise InputDataError("no tumour segmentation was given; pass --tumour (a label map on the MRI grid)")
-    tumour = i.tumour
-    if not np.any(tumour.array):
-        raise InputDataError("the tumour segmentation is empty; segment the tumour first")
-    if not tumour.same_grid(adc):
-        # a tumour drawn on another MRI grid: bring it onto the map grid (same MRI world)
-        from SmartBiopsyCoreLib.geometry import resample
-        lo, hi = tumour.bounds_ras()
-        alo, ahi = adc.bounds_ras()
-        if np.any(hi < alo) or np.any(lo > ahi):
-            raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
-        tumour = resample(tumour, adc, None, order=0)
-        if not np.any(tumour.array):
-            raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
-    maps = {"adc": adc, "ef": ef}
-    if ff is not None:
-        maps["ff"] = ff
+    progress(0.05, "maps")
+    pre = _characterisation_inputs(run, should_cancel)  # started with the fuse step when it could be
+    run.lines.extend(pre.value["lines"])
+    pre.raise_at("maps")
+    adc, ef, tumour, maps = pre.value["adc"], pre.value["ef"], pre.value["tumour"], pre.value["maps"]
     for k, v in maps.items():
         save_image(v, d / f"{k}.nrrd")
     from SmartBiopsyLib.characterise.maps import write_adc_qc, write_ef_qc
     write_adc_qc(adc, d / "adc_qc.json")
     write_ef_qc(ef, d / "ef_qc.json")
     save_image(tumour, d / "tumour.nrrd")
-    size = measure_tumour(tumour)
     progress(0.45, "habitats")
-    hab = compute_habitats(adc, ef, ff, tumour, should_cancel=should_cancel)
+    pre.raise_at("habitats")
+    size, hab = pre.value["size"], pre.value["habitats"]
     save_image(hab.labels, d / "habitats.nrrd")
     fusion = run.results.get("fusion")
 
@@ -699,7 +693,8 @@ def _stage_characterise(run: CaseRun, progress, should_cancel) -> str:
     write_regions_csv(hab, d / "regions.csv")
     progress(0.7, "radiomics")
     try:
-        rows = compute_radiomics(hab.labels, maps)
+        pre.raise_at("radiomics")
+        rows = pre.value["radiomics"]
         write_radiomics_csv(rows, d / "radiomics.csv")
         run.results["radiomics"] = rows
         from SmartBiopsyLib.characterise.radiomics import NOT_AVAILABLE
@@ -781,6 +776,7 @@ def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
     from TrajectoryPlannerLib.planning.engine import PlanSettings, plan
     from TrajectoryPlannerLib.planning.needles import DEFAULT_NEEDLE
 
+    _start_background_export(run, records_written=False)  # segmentations and maps while the next steps run
     i = run.inputs
     d = run.out / "plan"
     d.mkdir(parents=True, exist_ok=True)
@@ -843,17 +839,17 @@ def _registration_qa_for_robot(run: CaseRun, best) -> dict:
 
 def _stage_calibrate(run: CaseRun, progress, should_cancel) -> str:
     """Robot-to-CT calibration from the robot's fiducial frame in the planning CT (robot/calibration/)."""
-    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
     from TrajectoryPlannerLib.calibration.calibration_file import write_calibration
-    from TrajectoryPlannerLib.calibration.frame_fit import calibrate_from_ct
+    from TrajectoryPlannerLib.calibration.frame_fit import check_calibration
     from TrajectoryPlannerLib.calibration.picture import write_calibration_picture
 
     if not run.options.robot_frame_model:
         return "skipped (no robot fiducial frame model given)"
-    model = load_model(run.options.robot_frame_model)
+    fitted = _robot_frame_fit(run, should_cancel, progress)  # fitted while the fusion ran when it could be
+    fitted.raise_at("fit")
+    model = fitted.value["model"]
     targets = {t.target: list(t.target_ras) for t in run.results["best_trajectories"]}
-    result = calibrate_from_ct(run.inputs.ct, model, targets, progress=lambda f, m: progress(0.9 * f, m),
-                               should_cancel=should_cancel)
+    result = check_calibration(fitted.value["fit"], targets, progress=lambda f, m: progress(0.9 * f, m))
     d = run.out / "robot" / "calibration"
     write_calibration(result, d)
     write_calibration_picture(run.inputs.ct, result, d / "calibration.png")
@@ -1224,6 +1220,8 @@ def _stage_scene(run: CaseRun, progress, should_cancel) -> str:
     from SmartBiopsyCoreLib.dataio.scene_io import save_scene_bundle
     from SmartBiopsyLib.scene_build import build_case_scene
 
+    _start_background_export(run, records_written=True)  # normally started with the plan step
+    _start_report_sections(run)
     rt = new_runtime()
     counts = build_case_scene(rt.scene, run)
     progress(0.6, "saving scene bundle")
@@ -1239,7 +1237,8 @@ def _stage_report(run: CaseRun, progress, should_cancel) -> str:
     if run.options.export:
         _export_for_hospital(run)
     _finish_report_facts(run)
-    path = write_report(run.out)
+    job = run.background.pop("report_sections", None)  # started with the scene step (_start_report_sections)
+    path = write_report(run.out, drawn=job.result() if job is not None else None)
     return f"report {Path(path).name}"
 
 
@@ -1259,15 +1258,295 @@ def _finish_report_facts(run: CaseRun) -> None:
 def _export_for_hospital(run: CaseRun) -> None:
     """DICOM SEG / Parametric Maps / TID 1500 SR and FHIR Specimens into ``<out>/export`` before the report lists
     them. Never fails the run: a missing library or a problem becomes one line in the summary."""
-    from SmartBiopsyLib.export.case import export_case
+    from SmartBiopsyLib.export.case import export_case_line
 
-    try:
-        res = export_case(run.out, run.out / "export", risk_labelmaps=run.inputs.risk_labelmaps or None,
-                          accession=run.options.export_accession)
-        bad = sum(1 for o in res.objects if o.validation.get("errors"))
-        run.lines.append(f"hospital export: {res.sentence()} in export/"
-                         + (f"; {bad} object(s) FAIL dciodvfy" if bad else ""))
-    except Exception as exc:  # noqa: BLE001 - the export is an extra; the report says why it is missing
-        logger.warning("hospital export skipped: %s", exc)
-        run.lines.append(f"hospital export not written: {_sentence(exc)}")
+    started = run.background.pop("export", None)  # started with the plan step (_start_background_export)
+    done = started.result() if started is not None else None
+    line, warning = done if done is not None else export_case_line(run.out, run.inputs.risk_labelmaps,
+                                                                   run.options.export_accession)
+    if warning is not None:
+        logger.warning("hospital export skipped: %s", warning)
+    run.lines.append(line)
     run.write_summary()
+
+
+# ====================================================================== overlapped work
+# Work that does not depend on the step before it starts early in a worker, and the step that owns it takes the
+# result: its outputs, messages and failures appear in that step exactly as when it runs there. Inside the Slicer
+# application, or with SMARTBIOPSY_SERIAL=1, every step runs in order in the calling thread.
+def _start_background_export(run: CaseRun, records_written: bool) -> None:
+    """The hospital export in a child process: started with the plan step when the characterisation wrote its
+    habitat map (segmentations and parametric maps are written while the plan, robot and sampling steps run),
+    released by the scene step (``records_written``: targets, plan, needles and specimens are all written) for
+    the rest; the report step takes its result."""
+    if not run.options.export:
+        return
+    if "export" not in run.background:
+        from SmartBiopsyLib.background import ChildJob, process_allowed
+
+        if not process_allowed() or not (records_written or (run.out / "characterisation" / "habitats.nrrd").is_file()):
+            return
+        try:
+            run.background["export"] = ChildJob(
+                "SmartBiopsyLib.export.case:export_case_line",
+                (str(run.out), run.inputs.risk_labelmaps, run.options.export_accession),
+                outputs=[run.out / "export"], gated=True, name="export")
+        except Exception as exc:  # noqa: BLE001 - no child process here: the report step exports itself
+            logger.info("hospital export in the run's own process (%s)", exc)
+            return
+    if records_written:
+        run.background["export"].release()
+
+
+class _Steps:
+    """What a sequence of steps produced (``value``) and the exception that stopped it with the step it stopped at;
+    :meth:`raise_at` re-raises that exception where the serial code would have raised it."""
+
+    def __init__(self):
+        self.value: dict = {}
+        self.error: BaseException | None = None
+        self.error_at: str | None = None
+
+    def raise_at(self, step: str) -> None:
+        if self.error is not None and self.error_at == step:
+            raise self.error
+
+
+class _ImageWrite:
+    """``save_image(volume, path)`` in a worker thread (SimpleITK compresses without the interpreter lock);
+    :meth:`wait` raises its error as the call would have. Serial where workers are not used."""
+
+    def __init__(self, volume: RasVolume, path: Path):
+        import threading
+
+        from SmartBiopsyCoreLib.dataio.imageio import save_image
+        from SmartBiopsyLib.background import process_allowed
+
+        self._error: BaseException | None = None
+        self._thread = None
+        if not process_allowed():
+            save_image(volume, path)
+            return
+
+        def write():
+            try:
+                save_image(volume, path)
+            except BaseException as exc:  # noqa: BLE001 - raised by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name="smartbiopsy-write", daemon=True)
+        self._thread.start()
+
+    def wait(self, drop_on_error=()) -> None:
+        """Wait for the write; on its error remove ``drop_on_error`` (files written meanwhile that the serial
+        order would not have written) and raise it."""
+        if self._thread is not None:
+            try:
+                while self._thread.is_alive():
+                    self._thread.join(0.05)
+            finally:
+                self._thread.join()  # never end the process while ITK writes
+        if self._error is not None:
+            for p in drop_on_error:
+                Path(p).unlink(missing_ok=True)
+            raise self._error
+
+
+class _Worker:
+    """Steps run in a daemon thread (SimpleITK and numpy release the interpreter lock in their heavy calls).
+    :meth:`result` waits for them; :meth:`cancel` asks them to stop at their next step and waits."""
+
+    def __init__(self, func, name: str):
+        import threading
+
+        self.stop = threading.Event()
+        self._out: _Steps | None = None
+        self._thread = threading.Thread(target=self._run, args=(func,), name=f"smartbiopsy-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, func) -> None:
+        self._out = func(self.stop)
+
+    def result(self) -> _Steps:
+        while self._thread.is_alive():
+            self._thread.join(0.05)  # short waits: the main thread stays where Ctrl-C is handled
+        return self._out
+
+    def cancel(self) -> None:
+        self.stop.set()
+        self._thread.join()  # a thread must not be inside ITK when the process ends
+
+
+def _start_characterisation_inputs(run: CaseRun, should_cancel) -> None:
+    """Maps, tumour on the map grid, habitats and radiomics need only the MRI: computed while the fusion runs
+    (the characterise step takes them, writes them and raises their errors where it would have)."""
+    i = run.inputs
+    if i.targets_ct or "characterisation_inputs" in run.background:
+        return
+    from SmartBiopsyLib.background import process_allowed
+
+    if process_allowed():  # same rule as for processes: not inside the Slicer application, not SMARTBIOPSY_SERIAL
+        run.background["characterisation_inputs"] = _Worker(
+            lambda stop: _compute_characterisation_inputs(run, lambda: stop.is_set() or should_cancel(), stop),
+            "characterise")
+
+
+def _characterisation_inputs(run: CaseRun, should_cancel) -> _Steps:
+    """The result of :func:`_start_characterisation_inputs`, or the same computed now in this thread."""
+    job = run.background.pop("characterisation_inputs", None)
+    return job.result() if job is not None else _compute_characterisation_inputs(run, should_cancel)
+
+
+def _compute_characterisation_inputs(run: CaseRun, should_cancel, stop=None) -> _Steps:
+    """Steps "maps" (ADC, FF, EF on one grid, tumour checked and on that grid), "habitats" (tumour size, habitat
+    map) and "radiomics"; nothing is written and nothing raised (:class:`_Steps`). ``stop``: an Event that ends
+    the steps early (the run will not use them)."""
+    from SmartBiopsyLib.characterise.habitats import compute_habitats
+    from SmartBiopsyLib.characterise.maps import compute_adc, compute_ef, compute_ff, to_common_grid
+    from SmartBiopsyLib.characterise.radiomics import compute_radiomics
+    from SmartBiopsyLib.characterise.tumour import measure_tumour
+
+    i = run.inputs
+    out = _Steps()
+    v = out.value
+    v["lines"] = []
+    step = "maps"
+    try:
+        adc = i.adc if i.adc is not None else (compute_adc(i.dwi) if i.dwi else None)
+        if adc is None:
+            raise InputDataError("no DWI (two or more b-values) and no ADC map were given; pass --dwi or --adc")
+        ff = i.ff if i.ff is not None else (compute_ff(i.dixon_water, i.dixon_fat)
+                                            if i.dixon_water is not None and i.dixon_fat is not None else None)
+        ef = i.ef if i.ef is not None else (compute_ef(i.t1_pre, i.t1_post)
+                                            if i.t1_pre is not None and i.t1_post is not None else None)
+        if ef is None and i.dce is not None:
+            from SmartBiopsyLib.characterise.maps import compute_ef_dynamic
+            ef = compute_ef_dynamic(i.dce.frames, i.dce.times_s, baseline_frames=run.options.dce_baseline_frames,
+                                    post_time_s=run.options.dce_post_time_s)
+            v["lines"].append(f"EF from the DCE: {ef.meta['dynamic_sentence']}")
+        if ef is None:
+            raise InputDataError("no pre/post-contrast T1, DCE or EF map were given; pass --t1-pre and --t1-post, "
+                                 "--dce or --ef")
+        moved, grids = to_common_grid({"ef": ef, "ff": ff}, adc, i.map_transforms)
+        ef, ff = moved["ef"], moved.get("ff")
+        for name, how in grids.items():
+            if how != "same grid":
+                v["lines"].append(f"{name.upper()} {how} onto the ADC grid")
+        if i.tumour is None:
+            raise InputDataError("no tumour segmentation was given; pass --tumour (a label map on the MRI grid)")
+        tumour = i.tumour
+        if not np.any(tumour.array):
+            raise InputDataError("the tumour segmentation is empty; segment the tumour first")
+        if not tumour.same_grid(adc):
+            # a tumour drawn on another MRI grid: bring it onto the map grid (same MRI world)
+            from SmartBiopsyCoreLib.geometry import resample
+            lo, hi = tumour.bounds_ras()
+            alo, ahi = adc.bounds_ras()
+            if np.any(hi < alo) or np.any(lo > ahi):
+                raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
+            tumour = resample(tumour, adc, None, order=0)
+            if not np.any(tumour.array):
+                raise InputDataError("the tumour segmentation lies outside the MRI maps; check it was drawn on this MRI")
+        maps = {"adc": adc, "ef": ef}
+        if ff is not None:
+            maps["ff"] = ff
+        v.update(adc=adc, ef=ef, ff=ff, tumour=tumour, maps=maps)
+        if stop is not None and stop.is_set():
+            return out
+        step = "habitats"
+        v["size"] = measure_tumour(tumour)
+        v["habitats"] = compute_habitats(adc, ef, ff, tumour, should_cancel=should_cancel)
+        if stop is not None and stop.is_set():
+            return out
+        step = "radiomics"
+        v["radiomics"] = compute_radiomics(v["habitats"].labels, maps)
+    except BaseException as exc:  # noqa: BLE001 - raised by the characterise step at this step (raise_at)
+        out.error, out.error_at = exc, step
+    return out
+
+
+def _start_robot_frame_fit(run: CaseRun) -> None:
+    """The robot's fiducial frame is found and fitted in the planning CT alone: done while the fusion runs (the
+    calibrate step adds the errors at the planned targets and the QA, writes the files and raises its errors)."""
+    from SmartBiopsyLib.background import process_allowed
+
+    if run.options.robot_frame_model and "robot_frame_fit" not in run.background and process_allowed():
+        run.background["robot_frame_fit"] = _Worker(
+            lambda stop: _compute_robot_frame_fit(run, lambda: stop.is_set()), "calibrate")
+
+
+def _robot_frame_fit(run: CaseRun, should_cancel, progress) -> _Steps:
+    """The result of :func:`_start_robot_frame_fit`, or the same computed now in this thread."""
+    job = run.background.pop("robot_frame_fit", None)
+    if job is not None:
+        return job.result()
+    return _compute_robot_frame_fit(run, should_cancel, lambda f, m: progress(0.8 * f, m))
+
+
+def _compute_robot_frame_fit(run: CaseRun, should_cancel, progress=None) -> _Steps:
+    """Step "fit": the frame model (``RunOptions.robot_frame_model``) and its fit in the planning CT
+    (:func:`TrajectoryPlannerLib.calibration.frame_fit.fit_frame`); nothing is written and nothing raised."""
+    from SmartBiopsyCoreLib.fiducial_frames.model import load_model
+    from TrajectoryPlannerLib.calibration.frame_fit import fit_frame
+
+    out = _Steps()
+    try:
+        out.value["model"] = load_model(run.options.robot_frame_model)
+        out.value["fit"] = fit_frame(run.inputs.ct, out.value["model"], progress=progress, should_cancel=should_cancel)
+    except BaseException as exc:  # noqa: BLE001 - raised by the calibrate step (raise_at)
+        out.error, out.error_at = exc, "fit"
+    return out
+
+
+#: modules the later steps import (landmark matching, fusion and report figures, skin model, scene), imported by a
+#: worker while the fusion registers; the first import of each takes 0.3-1.5 s on the main path otherwise
+PRELOAD_MODULES = ("scipy.optimize", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.patches",
+                   "vtk", "vtk.util.numpy_support", "scipy.spatial", "slicer")
+
+
+def _start_preload(run: CaseRun) -> None:
+    """Import :data:`PRELOAD_MODULES` in a worker thread (a module that is missing is left to the step that needs
+    it, which says so as before). Nothing runs inside the Slicer application (everything is imported there)."""
+    from SmartBiopsyLib.background import process_allowed
+
+    if "preload" in run.background or not process_allowed():
+        return
+
+    def preload(stop):
+        import importlib
+
+        for name in PRELOAD_MODULES:
+            if stop.is_set():
+                break
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - ImportError and friends: the step that needs it reports it
+                logger.debug("preloading %s failed", name, exc_info=True)
+        return _Steps()
+
+    run.background["preload"] = _Worker(preload, "preload")
+
+
+def _start_report_sections(run: CaseRun) -> None:
+    """The report sections that read only what the steps up to 'record' wrote (fusion, habitats, trajectories,
+    notch, procedure, heterogeneity; ``report.writer.EARLY_SECTIONS``), drawn in a child process while the scene
+    is built; the report step writes the report with them (and draws them itself if the child failed)."""
+    from SmartBiopsyLib.background import ChildJob, process_allowed
+
+    if "report_sections" in run.background or not process_allowed():
+        return
+    try:
+        run.background["report_sections"] = ChildJob("SmartBiopsyLib.report.writer:draw_sections", (str(run.out),),
+                                                      outputs=[run.out / "figures"], name="report figures")
+    except Exception as exc:  # noqa: BLE001 - no child process here: the report step draws every section
+        logger.info("report figures in the run's own process (%s)", exc)
+
+
+def _end_background(run: CaseRun) -> None:
+    """End the work no step took (the run failed, stopped or was interrupted before): nothing of it is kept."""
+    for key in list(run.background):
+        job = run.background.pop(key)
+        try:
+            job.cancel()
+        except Exception:  # noqa: BLE001 - never hide the run's own outcome behind a cleanup problem
+            logger.debug("ending the background %s failed", key, exc_info=True)

@@ -8,8 +8,11 @@
    table from summary.json, the CPU seconds of each process (steadier than wall time on a shared machine) and
    a check that targets, best paths and the MRI->CT transform are identical to the baseline's.
 
+The runs are interleaved (this, baseline, this, baseline); ``--serial`` adds a warm run of this checkout with
+``SMARTBIOPSY_SERIAL=1`` (every step in order in one process) to show what the overlapped steps alone change.
 The machine may be shared: absolute seconds depend on its load; the ratios measured in the same run are the
-figures to quote. Usage: python Testing/benchmarks/bench_demo.py [--seed 0] [--demo] [--baseline DIR]
+figures to quote. Usage: python Testing/benchmarks/bench_demo.py [--seed 0] [--demo] [--serial] [--baseline DIR]
+[--keep DIR]
 """
 from __future__ import annotations
 
@@ -57,10 +60,10 @@ def child_cpu_s() -> float:
 CPU: dict = {}  # output folder -> CPU seconds of its demo process
 
 
-def run_demo(checkout: Path, out: Path, seed: int, cache_dir: str | None) -> tuple[float, dict]:
+def run_demo(checkout: Path, out: Path, seed: int, cache_dir: str | None, serial: bool = False) -> tuple[float, dict]:
     c0 = child_cpu_s()
     try:
-        return _run_demo(checkout, out, seed, cache_dir)
+        return _run_demo(checkout, out, seed, cache_dir, serial)
     finally:
         CPU[str(out)] = child_cpu_s() - c0
 
@@ -95,9 +98,12 @@ def result_differences(a: dict, b: dict) -> str:
     return ("identical" if same else "DIFFERENT") + " (" + ", ".join(parts) + ")"
 
 
-def _run_demo(checkout: Path, out: Path, seed: int, cache_dir: str | None) -> tuple[float, dict]:
+def _run_demo(checkout: Path, out: Path, seed: int, cache_dir: str | None, serial: bool = False) -> tuple[float, dict]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(str(checkout / m) for m in MODULES)
+    env.pop("SMARTBIOPSY_SERIAL", None)
+    if serial:  # every step in order in one process (no worker thread, no child process)
+        env["SMARTBIOPSY_SERIAL"] = "1"
     if cache_dir:
         env["SMARTBIOPSY_PHANTOM_CACHE_DIR"] = cache_dir
     t0 = time.perf_counter()
@@ -115,19 +121,33 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--demo", action="store_true", help="also run the whole demo three times (a few minutes)")
     ap.add_argument("--baseline", default=os.environ.get("SMARTBIOPSY_BASELINE", str(ROOT.parents[1] / "main")))
+    ap.add_argument("--serial", action="store_true",
+                    help="also run this checkout warm with SMARTBIOPSY_SERIAL=1 (the overlap's own effect)")
+    ap.add_argument("--keep", default="", help="keep the demo outputs in this folder (for a closer comparison)")
     args = ap.parse_args()
     print(f"cores {os.cpu_count()}; load {os.getloadavg()[0]:.1f}")
     rows = phantom_rows(args.seed)
     if args.demo:
         with tempfile.TemporaryDirectory() as tmp:
+            if args.keep:
+                Path(args.keep).mkdir(parents=True, exist_ok=True)
+                tmp = args.keep
             cache = str(Path(tmp) / "cache")
-            cold, st_cold = run_demo(ROOT, Path(tmp) / "cold", args.seed, cache)
-            warm, st_warm = run_demo(ROOT, Path(tmp) / "warm", args.seed, cache)
             base = Path(args.baseline)
-            if (base / "SmartBiopsy").is_dir() and base.resolve() != ROOT.resolve():
-                bcache = str(Path(tmp) / "base_cache")
+            with_base = (base / "SmartBiopsy").is_dir() and base.resolve() != ROOT.resolve()
+            bcache = str(Path(tmp) / "base_cache")
+            # interleaved (this, baseline, this, baseline): a load that changes during the run hits both alike
+            cold, st_cold = run_demo(ROOT, Path(tmp) / "cold", args.seed, cache)
+            if with_base:
                 b_cold, _ = run_demo(base, Path(tmp) / "base_cold", args.seed, bcache)
+            warm, st_warm = run_demo(ROOT, Path(tmp) / "warm", args.seed, cache)
+            if with_base:
                 b, st_b = run_demo(base, Path(tmp) / "base", args.seed, bcache)
+            if args.serial:
+                serial, _ = run_demo(ROOT, Path(tmp) / "serial", args.seed, cache, serial=True)
+                rows.append(("demo, warm: overlapped steps vs the same code with SMARTBIOPSY_SERIAL=1", warm, serial,
+                             f"CPU {CPU[str(Path(tmp) / 'warm')]:.1f} s vs {CPU[str(Path(tmp) / 'serial')]:.1f} s"))
+            if with_base:
                 cpu = {k: CPU[str(Path(tmp) / k)] for k in ("cold", "warm", "base_cold", "base")}
                 rows.append(("demo, first run (cold phantom cache) vs baseline cold", cold, b_cold,
                              f"CPU {cpu['cold']:.1f} s vs {cpu['base_cold']:.1f} s"))

@@ -69,10 +69,12 @@ def default_source_folders(case_dir: Path) -> list[Path]:
 
 
 def export_case(case_dir, out_dir, *, source_folders=None, risk_labelmaps=None, accession: str = "",
-                validate: bool = True, progress=None) -> ExportResult:
+                validate: bool = True, progress=None, before_records=None) -> ExportResult:
     """Export ``case_dir`` into ``out_dir`` (see module doc). ``source_folders``: DICOM folders with the original
     series (default :func:`default_source_folders`); ``risk_labelmaps``: [(label RasVolume on the CT grid,
     {value: name})]; ``accession``: the procedure's accession number (cores become ``<accession>-<n>``).
+    ``before_records``: called after the segmentations and parametric maps, before the targets, trajectories and
+    specimen records are read (the workflow's background export waits there until the procedure wrote them).
 
     Raises InputDataError when the case has nothing to export; ExportUnavailable when highdicom or fhir.resources is
     missing (nothing is written then)."""
@@ -165,6 +167,8 @@ def export_case(case_dir, out_dir, *, source_folders=None, risk_labelmaps=None, 
     else:
         res.skipped.append("planning CT: inputs/ct.nrrd is absent; no CT-frame objects (risk SEG, measurement report)")
     # SR
+    if before_records is not None:
+        before_records()
     progress(0.7, "measurement report")
     records, sigs = _journal(case_dir)
     if ct_src is not None:
@@ -209,6 +213,26 @@ def export_case(case_dir, out_dir, *, source_folders=None, risk_labelmaps=None, 
     (out_dir / MANIFEST).write_text(jsonio.dumps(res.to_dict(), with_reasons=True, indent=1, default=str), encoding="utf-8")
     progress(1.0, res.sentence())
     return res
+
+
+def export_case_line(case_dir, risk_labelmaps=None, accession: str = "", wait_for_go=None) -> tuple[str, str | None]:
+    """The workflow's export: ``case_dir`` into ``<case_dir>/export``; returns (summary line, warning text or None).
+    Never raises for a problem of the export (a missing library or bad data becomes the line "hospital export not
+    written: ..."). ``wait_for_go``: :func:`export_case`'s ``before_records``."""
+    from SmartBiopsyCoreLib.errors import SmartBiopsyError
+
+    case_dir = Path(case_dir)
+    try:
+        res = export_case(case_dir, case_dir / "export", risk_labelmaps=risk_labelmaps or None, accession=accession,
+                          before_records=wait_for_go)
+        bad = sum(1 for o in res.objects if o.validation.get("errors"))
+        return (f"hospital export: {res.sentence()} in export/" + (f"; {bad} object(s) FAIL dciodvfy" if bad else ""),
+                None)
+    except Exception as exc:  # noqa: BLE001 - the export is an extra; the report says why it is missing
+        text = str(exc).strip() or type(exc).__name__
+        sentence = (text.splitlines()[0] if isinstance(exc, SmartBiopsyError)
+                    else f"unexpected {type(exc).__name__}: {text.splitlines()[0]}")
+        return f"hospital export not written: {sentence}", str(exc)
 
 
 def read_manifest(out_dir) -> dict | None:

@@ -49,14 +49,42 @@ logger = logging.getLogger(__name__)
 _SECTIONS = (section_summary, section_fusion, section_habitats, section_trajectories, section_notch,
              section_specimens, section_procedure, section_heterogeneity)
 
+#: sections (indices into the report's sections) that read only what the workflow's steps up to 'record' wrote:
+#: not the step table and total time (summary) nor the hospital export (specimens). The workflow draws them
+#: while the scene is built (:func:`draw_sections` in a child process) and hands them to :func:`write_report`.
+EARLY_SECTIONS = (1, 2, 3, 4, 6, 7)
 
-def write_report(out_dir, title: str | None = None) -> str:
+
+def _draw_section(i: int, case: CaseFolder, figs: FigureStore) -> str:
+    heading, fn = SECTION_TITLES[i], _SECTIONS[i]
+    try:
+        return fn(case, figs)
+    except Exception as exc:  # noqa: BLE001 - the report must still be written
+        logger.exception("report section '%s' failed", heading)
+        return na_note(f"not available (this section could not be drawn: {type(exc).__name__}: {exc})")
+
+
+def draw_sections(out_dir, indices=EARLY_SECTIONS) -> dict:
+    """Sections ``indices`` of the report of ``out_dir`` drawn now, their figures written to ``figures/``:
+    {index: (body HTML, figure paths, names of the figures not drawn)} for ``write_report(drawn=...)``."""
+    root = Path(out_dir)
+    case = CaseFolder(root)
+    out = {}
+    for i in indices:
+        figs = FigureStore(root / "figures")
+        out[i] = (_draw_section(i, case, figs), list(figs.paths), list(figs.missing))
+    return out
+
+
+def write_report(out_dir, title: str | None = None, drawn: dict | None = None) -> str:
     """Write ``<out_dir>/report.html`` (self-contained) and ``<out_dir>/figures/*.png``; return the HTML path.
 
     Reads the case output folder described in the module docstring. A missing or unreadable artefact never
     raises: its section says ``not available (step <stage> did not finish: <message>)`` using the stage
     messages of ``summary.json``; a section whose drawing fails says so and the rest is still written.
+    ``drawn``: sections already drawn from this folder by :func:`draw_sections` (their figures written).
     """
+    drawn = drawn or {}
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     case = CaseFolder(root)
@@ -73,12 +101,13 @@ def write_report(out_dir, title: str | None = None) -> str:
     notes_at = len(parts)
     parts.append("<ul>" + "".join(f'<li><a href="#s{i + 1}">{esc(t)}</a></li>' for i, t in enumerate(SECTION_TITLES))
                  + "</ul>")
-    for i, (heading, fn) in enumerate(zip(SECTION_TITLES, _SECTIONS)):
-        try:
-            body = fn(case, figs)
-        except Exception as exc:  # noqa: BLE001 - the report must still be written
-            logger.exception("report section '%s' failed", heading)
-            body = na_note(f"not available (this section could not be drawn: {type(exc).__name__}: {exc})")
+    for i, heading in enumerate(SECTION_TITLES):
+        if i in drawn:
+            body, paths, missing = drawn[i]
+            figs.paths += paths
+            figs.missing += missing
+        else:
+            body = _draw_section(i, case, figs)
         parts.append(f'<section><h2 id="s{i + 1}">{esc(heading)}</h2>\n{body}</section>')
     note = optional_parts_note(case, figs)
     if note:

@@ -592,8 +592,17 @@ def calibrate_from_ct(ct: RasVolume, model: FrameModel, targets_ras: dict | None
     ``targets_ras``: {name: RAS point} at which the predicted error is reported and checked. The returned
     matrix maps robot-frame points to CT RAS (mm). Raises :class:`CalibrationError` (one sentence) when the
     frame is missing, partial, degenerate or ambiguous; a frame that is found but fails a QA limit is
-    returned with ``passed`` False and the failing check named.
+    returned with ``passed`` False and the failing check named. The same as :func:`fit_frame` followed by
+    :func:`check_calibration` (a run that fits the frame before its targets are planned calls them apart).
     """
+    result = fit_frame(ct, model, thresholds, progress=progress, should_cancel=should_cancel, seed=seed)
+    return check_calibration(result, targets_ras, progress=progress)
+
+
+def fit_frame(ct: RasVolume, model: FrameModel, thresholds: CalibrationThresholds | None = None, *, progress=None,
+              should_cancel=None, seed: int = 0) -> CalibrationResult:
+    """The fitted frame of :func:`calibrate_from_ct` before its QA (no target errors, no checks: ``passed`` is
+    False until :func:`check_calibration`). Raises :class:`CalibrationError` as :func:`calibrate_from_ct` does."""
     th = thresholds or CalibrationThresholds()
     if model_symmetries(model):
         raise CalibrationError(f"the {model.name} frame model is symmetric (a rotation maps it onto itself), so its "
@@ -690,12 +699,23 @@ def calibrate_from_ct(ct: RasVolume, model: FrameModel, targets_ras: dict | None
         raise CalibrationError(f"partial {model.name} frame: tube(s) {', '.join(sorted(low))} only "
                                f"{100 * min(low.values()):.0f} % in the scan (at least {100 * th.min_coverage:.0f} % "
                                "needed); the whole frame must be in the scan")
+    return result
+
+
+def check_calibration(result: CalibrationResult, targets_ras: dict | None = None, *, progress=None) -> CalibrationResult:
+    """The QA of a frame fitted by :func:`fit_frame`: predicted error at each of ``targets_ras`` ({name: RAS
+    point}) and the checks (every fiducial found, residual, coverage, target error); returns ``result``."""
+    model, th, residuals, coverage = result.model, result.thresholds, result.residuals_mm, result.coverage
+    n_model = len(model.tubes or model.spheres)
+    n_found = len({f.name for f in (model.tubes or model.spheres)})  # fit_frame raises when one is missing
+    kind = "tubes" if model.tubes else "spheres"
     report(progress, 0.85, "predicted error at the targets")
+    result.target_errors = {}
     for name, p in (targets_ras or {}).items():
         result.target_errors[str(name)] = predicted_target_error(result, p)
     worst_fid = max(residuals.values())
     result.checks = {
-        "all_fiducials_found": {"passed": True, "value": f"{len(found)} of {n_model}"},
+        "all_fiducials_found": {"passed": True, "value": f"{n_found} of {n_model}"},
         "residual": {"passed": bool(worst_fid <= th.max_residual_mm), "value_mm": round(worst_fid, 4),
                      "limit_mm": th.max_residual_mm},
         "coverage": {"passed": True, "value": round(min(coverage.values()), 3) if coverage else None,
@@ -707,8 +727,8 @@ def calibrate_from_ct(ct: RasVolume, model: FrameModel, targets_ras: dict | None
                          **({} if result.target_errors else {"reason": "no target given"})},
     }
     report(progress, 1.0, "calibration " + ("passed" if result.passed else "failed QA"))
-    logger.info("robot calibration %s: %d/%d %s, residual RMS %.3f mm, QA %s", model.name, len(found), n_model, kind,
-                rms, "passed" if result.passed else "failed")
+    logger.info("robot calibration %s: %d/%d %s, residual RMS %.3f mm, QA %s", model.name, n_found, n_model, kind,
+                result.rms_mm, "passed" if result.passed else "failed")
     return result
 
 

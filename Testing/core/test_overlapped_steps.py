@@ -1,0 +1,90 @@
+"""Work a run starts early in a worker thread (the characterisation maps, habitats and radiomics while the fusion
+registers; the robot frame fit in the planning CT) fails in its own step, with the same sentence and after the
+same files as when the step computes it itself (``SMARTBIOPSY_SERIAL=1``); no worker is left behind.
+
+The steps are called directly on small synthetic volumes (no phantom): these tests check the plumbing of the
+overlapped work, not the image processing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from SmartBiopsyCoreLib.errors import InputDataError, SmartBiopsyError
+from SmartBiopsyCoreLib.geometry import RasVolume
+from SmartBiopsyLib import workflow
+from SmartBiopsyLib.workflow import CaseInputs, CaseRun, RunOptions
+
+
+@pytest.fixture(params=["overlapped", "serial"])
+def mode(request, monkeypatch):
+    if request.param == "serial":
+        monkeypatch.setenv("SMARTBIOPSY_SERIAL", "1")
+    else:
+        monkeypatch.delenv("SMARTBIOPSY_SERIAL", raising=False)
+    return request.param
+
+
+def _vol(value, dtype=np.float32, shape=(12, 16, 16), name="v"):
+    return RasVolume(np.full(shape, value, dtype), np.diag([2.0, 2.0, 2.0, 1.0]), name)
+
+
+def _run(tmp_path, inputs: dict | None = None, **options) -> CaseRun:
+    ct = _vol(-1000, np.int16, (20, 40, 40), "ct")
+    ct.array[4:16, 8:32, 8:32] = 40  # a body without any robot frame around it
+    run = CaseRun(tmp_path, CaseInputs(name="T", ct=ct, **(inputs or {})), RunOptions(**options))
+    run.results["mri_to_ct"] = np.eye(4)
+    return run
+
+
+def _quiet(f, m):
+    return None
+
+
+def test_a_missing_dwi_fails_the_characterise_step_with_its_sentence_and_writes_nothing(tmp_path, mode):
+    run = _run(tmp_path)
+    workflow._start_characterisation_inputs(run, lambda: False)
+    assert ("characterisation_inputs" in run.background) == (mode == "overlapped")
+    with pytest.raises(InputDataError, match=r"^no DWI \(two or more b-values\) and no ADC map were given; "):
+        workflow._stage_characterise(run, _quiet, lambda: False)
+    assert not run.background  # the step took the worker's result
+    assert not list((tmp_path / "characterisation").iterdir())
+
+
+def test_a_habitat_failure_is_raised_after_the_maps_are_written(tmp_path, mode, monkeypatch):
+    """The maps, their QC and the tumour are written before the habitats are computed, as in the serial order."""
+    from SmartBiopsyLib.characterise import habitats
+
+    def fail(*args, **kwargs):
+        raise InputDataError("habitats could not be computed (test)")
+
+    monkeypatch.setattr(habitats, "compute_habitats", fail)
+    tumour = _vol(0, np.uint8, name="tumour")
+    tumour.array[4:8, 5:11, 5:11] = 1
+    run = _run(tmp_path, {"adc": _vol(1200.0, name="adc"), "ef": _vol(30.0, name="ef"), "tumour": tumour})
+    workflow._start_characterisation_inputs(run, lambda: False)
+    with pytest.raises(InputDataError, match=r"^habitats could not be computed \(test\)$"):
+        workflow._stage_characterise(run, _quiet, lambda: False)
+    d = tmp_path / "characterisation"
+    assert {p.name for p in d.iterdir()} == {"adc.nrrd", "ef.nrrd", "adc_qc.json", "ef_qc.json", "tumour.nrrd"}
+
+
+def test_a_missing_robot_frame_fails_the_calibrate_step_with_its_sentence(tmp_path, mode):
+    run = _run(tmp_path, robot_frame_model="zframe-7tube")
+    workflow._start_robot_frame_fit(run)
+    assert ("robot_frame_fit" in run.background) == (mode == "overlapped")
+    with pytest.raises(SmartBiopsyError, match=r"^no zframe-7tube frame found in the CT"):
+        workflow._stage_calibrate(run, _quiet, lambda: False)
+    assert not run.background
+    assert not (tmp_path / "robot").exists()
+
+
+def test_work_of_a_step_that_does_not_run_is_ended(tmp_path, mode):
+    """A run that stops before the characterise and calibrate steps ends their workers (none left running)."""
+    import threading
+
+    run = _run(tmp_path, robot_frame_model="zframe-7tube")
+    workflow._start_characterisation_inputs(run, lambda: False)
+    workflow._start_robot_frame_fit(run)
+    workflow._end_background(run)
+    assert not run.background
+    assert not [t for t in threading.enumerate() if t.name.startswith("smartbiopsy-") and t.is_alive()]
