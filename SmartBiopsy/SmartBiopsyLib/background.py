@@ -16,9 +16,14 @@ import os
 import shutil
 import sys
 import threading
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+#: Seconds a released child may take to answer before it is ended and the step does the work itself (a child
+#: forked from a multi-threaded process could in principle hang; the work then costs time, never correctness).
+CHILD_ANSWER_TIMEOUT_S = 600.0
 
 
 def process_allowed() -> bool:
@@ -126,14 +131,24 @@ class ChildJob:
             except (OSError, ValueError):  # the child is gone: result() says so
                 pass
 
-    def result(self):
+    def result(self, timeout_s: float | None = None):
         """The function's value once the child finished, its log records re-emitted here; None when the child
-        died or failed (its ``outputs`` are removed then, and the caller does the work itself)."""
+        died, failed or gave no answer within ``timeout_s`` seconds of this call (default
+        :data:`CHILD_ANSWER_TIMEOUT_S`; it is ended then): its ``outputs`` are removed and the caller does the
+        work itself."""
         self.release()
         msg = None
+        limit = time.monotonic() + (CHILD_ANSWER_TIMEOUT_S if timeout_s is None else float(timeout_s))
         try:
             while not self._conn.poll(0.05):  # short waits: the main thread stays where Ctrl-C is handled
                 if not self._proc.is_alive() and not self._conn.poll(0):
+                    break
+                if time.monotonic() > limit:
+                    logger.warning("the background %s gave no answer in time; ending it", self.name)
+                    self._proc.terminate()
+                    self._proc.join(timeout=30)
+                    if self._proc.is_alive():
+                        self._proc.kill()
                     break
             if self._conn.poll(0):
                 msg = self._conn.recv()

@@ -88,3 +88,18 @@ def test_work_of_a_step_that_does_not_run_is_ended(tmp_path, mode):
     workflow._end_background(run)
     assert not run.background
     assert not [t for t in threading.enumerate() if t.name.startswith("smartbiopsy-") and t.is_alive()]
+
+
+def test_a_child_that_never_answers_is_ended_and_its_outputs_removed(tmp_path):
+    import sys
+
+    from SmartBiopsyLib.background import ChildJob
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("forked children: Linux only")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "half.dcm").write_bytes(b"partial")
+    job = ChildJob("time:sleep", (3600,), outputs=[out], name="hanging job")
+    assert job.result(timeout_s=1.0) is None  # the step then does the work itself
+    assert not job._proc.is_alive() and not out.exists()
