@@ -321,6 +321,7 @@ def _run_stages(run: CaseRun, progress_factory, should_cancel, stop_after) -> St
     try:
         return _run_stages_in_order(run, progress_factory, should_cancel, stop_after)
     finally:
+        _wait_skin_model(run, raise_error=False)  # plan/skin_model.vtp complete before the run's outputs are moved
         _end_background(run)
 
 
@@ -801,12 +802,8 @@ def _stage_plan(run: CaseRun, progress, should_cancel) -> str:
     run.results["plan_hit_probability"] = {t.target: h for t, h in zip(result.trajectories, hits)
                                            if h is not None and any(t is b for b in best)}
     write_json(d / "plan.json", pdict)
-    from TrajectoryPlannerLib.planning.skinmap import skin_model, write_skin_model
-
     progress(0.9, "skin accessibility model")
-    poly = skin_model(result)
-    write_skin_model(poly, d / "skin_model.vtp")
-    run.results["skin_poly"] = poly
+    run.results["skin_model_job"] = _SkinModelJob(result, d / "skin_model.vtp")
     run.results["best_trajectories"] = best
     ph = run.results.get("plan_hit_probability") or {}
     return "; ".join(f"{t.target}: {t.length_mm:.0f} mm, {t.angle_to_axial_deg:.0f} deg"
@@ -1221,6 +1218,7 @@ def _stage_scene(run: CaseRun, progress, should_cancel) -> str:
     from SmartBiopsyLib.scene_build import build_case_scene
 
     _start_background_export(run, records_written=True)  # normally started with the plan step
+    _wait_skin_model(run)  # the plan's skin map (and skin_model.vtp) before the scene and the report figures use it
     _start_report_sections(run)
     rt = new_runtime()
     counts = build_case_scene(rt.scene, run)
@@ -1350,6 +1348,67 @@ class _ImageWrite:
             for p in drop_on_error:
                 Path(p).unlink(missing_ok=True)
             raise self._error
+
+
+class _SkinModelJob:
+    """The plan step's skin map (``skinmap.skin_model`` and ``skin_model.vtp``) built in a worker thread (VTK
+    releases the interpreter lock) while the calibrate, robot and sample steps run; serial where workers are not
+    used. A plan without skin data is refused at once in the plan step, as before; an error of the surface itself
+    is raised where the map is first used (:func:`_wait_skin_model`)."""
+
+    def __init__(self, result, path: Path):
+        import threading
+
+        from SmartBiopsyLib.background import process_allowed
+        from TrajectoryPlannerLib.planning.skinmap import check_skin_data
+
+        check_skin_data(result)
+        self.poly = None
+        self._error: BaseException | None = None
+        self._thread = None
+        if not process_allowed():
+            self._build(result, path)
+            if self._error is not None:
+                raise self._error
+            return
+        self._thread = threading.Thread(target=self._build, args=(result, path), name="smartbiopsy-skin-map",
+                                        daemon=True)
+        self._thread.start()
+
+    def _build(self, result, path: Path) -> None:
+        from TrajectoryPlannerLib.planning.skinmap import skin_model, write_skin_model
+
+        try:
+            poly = skin_model(result)
+            write_skin_model(poly, path)
+            self.poly = poly
+        except BaseException as exc:  # noqa: BLE001 - raised by wait()
+            self._error = exc
+
+    def wait(self):
+        """The skin map (vtkPolyData), once built and written; raises the error of building it."""
+        if self._thread is not None:
+            try:
+                while self._thread.is_alive():
+                    self._thread.join(0.05)  # short waits: the main thread stays where Ctrl-C is handled
+            finally:
+                self._thread.join()  # never end the process while VTK writes
+        if self._error is not None:
+            raise self._error
+        return self.poly
+
+
+def _wait_skin_model(run: CaseRun, raise_error: bool = True) -> None:
+    """Take the plan step's skin map into ``run.results["skin_poly"]`` (waiting for its worker)."""
+    job = run.results.pop("skin_model_job", None)
+    if job is None:
+        return
+    try:
+        run.results["skin_poly"] = job.wait()
+    except Exception as exc:  # noqa: BLE001 - said in the step that uses the map
+        if raise_error:
+            raise SmartBiopsyError(f"the plan's skin map could not be built ({_sentence(exc)})") from exc
+        logger.error("the plan's skin map could not be built: %s", exc)
 
 
 class _Worker:

@@ -103,3 +103,92 @@ def test_a_child_that_never_answers_is_ended_and_its_outputs_removed(tmp_path):
     job = ChildJob("time:sleep", (3600,), outputs=[out], name="hanging job")
     assert job.result(timeout_s=1.0) is None  # the step then does the work itself
     assert not job._proc.is_alive() and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- the plan's skin map
+def _plan_with_skin():
+    from types import SimpleNamespace
+
+    body = _vol(1, np.uint8, (6, 8, 8), "body")
+    return SimpleNamespace(body=body, skin_points_ras=np.zeros((3, 3)), skin_clearance_mm=np.ones(3),
+                           skin_targets_reachable=np.ones(3, np.int16))
+
+
+def test_a_plan_without_skin_data_is_refused_in_the_plan_step(tmp_path, mode):
+    from TrajectoryPlannerLib.errors import TrajectoryPlannerError
+
+    plan = _plan_with_skin()
+    plan.skin_points_ras = np.zeros((0, 3))
+    with pytest.raises(TrajectoryPlannerError, match="the plan holds no skin data"):
+        workflow._SkinModelJob(plan, tmp_path / "skin_model.vtp")
+
+
+def test_skin_map_is_written_before_the_run_ends_and_its_error_is_said_where_it_is_used(tmp_path, mode, monkeypatch):
+    import threading
+
+    from TrajectoryPlannerLib.planning import skinmap
+
+    gate = threading.Event()
+
+    def slow_model(result, *a, **k):
+        gate.wait(5.0)  # still building when the step ends
+        return "poly"
+
+    monkeypatch.setattr(skinmap, "skin_model", slow_model)
+    monkeypatch.setattr(skinmap, "write_skin_model", lambda poly, path: path.write_text(poly))
+    run = _run(tmp_path)
+    path = tmp_path / "skin_model.vtp"
+    if mode == "overlapped":
+        threading.Timer(0.3, gate.set).start()
+    else:
+        gate.set()
+    run.results["skin_model_job"] = workflow._SkinModelJob(_plan_with_skin(), path)
+    workflow._wait_skin_model(run, raise_error=False)  # what the end of every run does
+    assert path.read_text() == "poly" and run.results["skin_poly"] == "poly"
+
+    def broken_model(result, *a, **k):
+        raise RuntimeError("vtkDecimatePro ran out of memory")
+
+    monkeypatch.setattr(skinmap, "skin_model", broken_model)
+    if mode == "serial":  # computed in the plan step itself, which fails with it as before
+        with pytest.raises(RuntimeError, match="out of memory"):
+            workflow._SkinModelJob(_plan_with_skin(), tmp_path / "other.vtp")
+        return
+    run.results["skin_model_job"] = workflow._SkinModelJob(_plan_with_skin(), tmp_path / "other.vtp")
+    with pytest.raises(SmartBiopsyError, match=r"the plan's skin map could not be built \(.*out of memory"):
+        workflow._wait_skin_model(run)  # the scene step, the first that uses it
+    assert not (tmp_path / "other.vtp").exists()
+
+
+@pytest.mark.parametrize("end", ["stop after plan", "a later step fails"])
+def test_a_run_that_ends_after_the_plan_step_still_has_the_whole_skin_map(tmp_path, monkeypatch, end):
+    import time
+
+    from TrajectoryPlannerLib.planning import skinmap
+
+    monkeypatch.delenv("SMARTBIOPSY_SERIAL", raising=False)
+
+    def slow_model(result, *a, **k):
+        time.sleep(0.5)
+        return "poly"
+
+    monkeypatch.setattr(skinmap, "skin_model", slow_model)
+    monkeypatch.setattr(skinmap, "write_skin_model", lambda poly, path: path.write_text(poly))
+    path = tmp_path / "skin_model.vtp"
+
+    def plan_step(run, progress, should_cancel):
+        run.results["skin_model_job"] = workflow._SkinModelJob(_plan_with_skin(), path)
+        return "planned"
+
+    def failing_step(run, progress, should_cancel):
+        raise InputDataError("no robot frame in the CT")
+
+    for name in workflow.STAGES:
+        monkeypatch.setattr(workflow, f"_stage_{name}", lambda run, p, c: "done")
+    monkeypatch.setattr(workflow, "_stage_plan", plan_step)
+    monkeypatch.setattr(workflow, "_stage_calibrate", failing_step)
+    monkeypatch.setattr(workflow.CaseRun, "write_summary", lambda self: None)
+    run = _run(tmp_path)
+    failure = workflow._run_stages(run, None, None, "plan" if end == "stop after plan" else None)
+    assert path.read_text() == "poly", "the plan step's file must be complete when the run ends"
+    assert (failure is None) == (end == "stop after plan")

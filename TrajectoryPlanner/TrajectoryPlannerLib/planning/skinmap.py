@@ -69,14 +69,18 @@ def skin_surface(body, decimate: float = 0.7, smooth_iterations: int = 0):
     return out
 
 
+def check_skin_data(result) -> None:
+    """Raise :class:`TrajectoryPlannerError` when a :class:`PlanResult` holds no skin data for :func:`skin_model`."""
+    if result.body is None or result.skin_points_ras is None or len(result.skin_points_ras) == 0:
+        raise TrajectoryPlannerError("the plan holds no skin data; run the planner again before building the skin map")
+
+
 def skin_model(result, decimate: float = 0.7, max_distance_mm: float | None = None):
     """Skin surface (vtkPolyData, RAS mm) of a :class:`PlanResult` with ClearanceMM/TargetsReachable arrays."""
-    import vtk
     from scipy.spatial import cKDTree
     from vtk.util import numpy_support
 
-    if result.body is None or result.skin_points_ras is None or len(result.skin_points_ras) == 0:
-        raise TrajectoryPlannerError("the plan holds no skin data; run the planner again before building the skin map")
+    check_skin_data(result)
     poly = skin_surface(result.body, decimate)
     pts = numpy_support.vtk_to_numpy(poly.GetPoints().GetData()).astype(float)
     if max_distance_mm is None:
