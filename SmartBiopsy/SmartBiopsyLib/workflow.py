@@ -519,7 +519,8 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     _start_robot_frame_fit(run)  # planning CT only
     _start_preload(run)
     fusion = fuse_with_fallback(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
-                                should_cancel=should_cancel)
+                                should_cancel=should_cancel,
+                                on_landmark=lambda lm: _start_local_refinement(run, lm, should_cancel))
     if getattr(fusion, "method", "capsules") == "intensity":
         return _stage_fuse_intensity(run, fusion, d, progress)
     _refine_around_tumour(run, fusion, d)
@@ -594,25 +595,69 @@ def _stage_fuse_intensity(run: CaseRun, fusion, d, progress) -> str:
 def _refine_around_tumour(run: CaseRun, fusion, d: Path) -> None:
     """Local refinement in a box around the tumour (when a tumour mask is given and refinement is on); an
     accepted result replaces ``fusion.matrix``. The candidate feeds the error model (characterise stage)."""
-    from RegistrationFusionLib.registration.local_refine import local_contrast, refine_local
-    from RegistrationFusionLib.registration.pipeline import capsule_tolerance_mm
-
-    i = run.inputs
     run.results["fusion_base_matrix"] = np.asarray(fusion.matrix, float)
     run.results["local_refinement"] = None
     lm = getattr(fusion, "landmark", None)
-    if not run.options.refine or lm is None or i.tumour is None or not np.any(i.tumour.array):
+    early = run.background.pop("local_refinement", None)
+    if not _local_refinement_wanted(run, lm):
+        if early is not None:
+            early.cancel()
         return
-    # the B-spline engine measures the deformation on the Dixon fat image when given (CT-like contrast)
-    contrast, mri = (local_contrast(i.dixon_fat, i.mri_anatomical) if run.options.local_engine == "bspline"
-                     else ("anatomical", i.mri_anatomical))
-    local = refine_local(i.ct, mri, fusion.matrix, i.tumour, engine=run.options.local_engine,
-                         capsules_mri=lm.moving_points[lm.used], capsules_ct=lm.fixed_points[lm.used],
-                         capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])
+    if early is not None and np.array_equal(early.matrix, np.asarray(fusion.matrix, float)):
+        out = early.result()  # started from this same transform while the intensity refinement ran
+        out.raise_at("local")
+        contrast, local = out.value["contrast"], out.value["local"]
+    else:  # the intensity refinement was accepted (another start), or nothing started early
+        if early is not None:
+            early.cancel()
+        contrast, local = _local_refinement(run, fusion.matrix, lm)
     run.results["local_refinement"] = local
     write_json(d / "local_refinement.json", dict(local.to_dict(), mri_series=contrast))
     if local.accepted:
         fusion.matrix = np.asarray(local.matrix, float)
+
+
+def _local_refinement_wanted(run: CaseRun, lm) -> bool:
+    i = run.inputs
+    return bool(run.options.refine and lm is not None and i.tumour is not None and np.any(i.tumour.array))
+
+
+def _local_refinement(run: CaseRun, matrix, lm):
+    """(MRI series used, LocalRefinement) of the local refinement started from ``matrix`` (MRI->CT RAS)."""
+    from RegistrationFusionLib.registration.local_refine import local_contrast, refine_local
+    from RegistrationFusionLib.registration.pipeline import capsule_tolerance_mm
+
+    i = run.inputs
+    # the B-spline engine measures the deformation on the Dixon fat image when given (CT-like contrast)
+    contrast, mri = (local_contrast(i.dixon_fat, i.mri_anatomical) if run.options.local_engine == "bspline"
+                     else ("anatomical", i.mri_anatomical))
+    local = refine_local(i.ct, mri, matrix, i.tumour, engine=run.options.local_engine,
+                         capsules_mri=lm.moving_points[lm.used], capsules_ct=lm.fixed_points[lm.used],
+                         capsule_allowed_mm=capsule_tolerance_mm(lm, factor=2.0, floor_mm=0.5)[lm.used])
+    return contrast, local
+
+
+def _start_local_refinement(run: CaseRun, lm, should_cancel) -> None:
+    """The local refinement from the landmark transform, in a worker while the intensity refinement runs: the
+    fuse step takes it when the intensity refinement is rejected (the transform in use is still the landmark
+    one), and otherwise computes it again from the refined transform (:func:`_refine_around_tumour`)."""
+    from SmartBiopsyLib.background import process_allowed
+
+    if not process_allowed() or not _local_refinement_wanted(run, lm) or "local_refinement" in run.background:
+        return
+    matrix = np.asarray(lm.matrix, float).copy()
+
+    def work(stop) -> _Steps:
+        out = _Steps()
+        try:
+            out.value["contrast"], out.value["local"] = _local_refinement(run, matrix, lm)
+        except BaseException as exc:  # noqa: BLE001 - raised by the fuse step (raise_at) where it would have been
+            out.error, out.error_at = exc, "local"
+        return out
+
+    job = _Worker(work, "local-refinement")
+    job.matrix = matrix
+    run.background["local_refinement"] = job
 
 
 def _predicted_errors(run: CaseRun, fusion, targets_ct: dict):

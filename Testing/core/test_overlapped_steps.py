@@ -192,3 +192,68 @@ def test_a_run_that_ends_after_the_plan_step_still_has_the_whole_skin_map(tmp_pa
     failure = workflow._run_stages(run, None, None, "plan" if end == "stop after plan" else None)
     assert path.read_text() == "poly", "the plan step's file must be complete when the run ends"
     assert (failure is None) == (end == "stop after plan")
+
+
+# ---------------------------------------------------------------------------------------------- local refinement
+class _Local:
+    def __init__(self, matrix):
+        self.matrix, self.accepted = matrix, False
+
+    def to_dict(self):
+        return {"started_from": np.asarray(self.matrix).tolist()}
+
+
+def _fusion_and_landmark(matrix):
+    from types import SimpleNamespace
+
+    lm = SimpleNamespace(matrix=np.asarray(matrix, float))
+    return SimpleNamespace(matrix=np.asarray(matrix, float), landmark=lm), lm
+
+
+@pytest.mark.parametrize("intensity", ["rejected", "accepted"])
+def test_local_refinement_started_early_is_used_only_from_the_transform_in_use(tmp_path, monkeypatch, intensity):
+    import time
+
+    monkeypatch.delenv("SMARTBIOPSY_SERIAL", raising=False)
+    calls = []
+
+    def local(run, matrix, lm):
+        calls.append(np.asarray(matrix, float).copy())
+        time.sleep(0.2)
+        return "anatomical", _Local(matrix)
+
+    monkeypatch.setattr(workflow, "_local_refinement", local)
+    tumour = _vol(0, np.uint8, name="tumour")
+    tumour.array[4:8, 4:8, 4:8] = 1
+    run = _run(tmp_path, {"tumour": tumour})
+    fusion, lm = _fusion_and_landmark(np.eye(4))
+    workflow._start_local_refinement(run, lm, lambda: False)  # the landmark transform exists: started now
+    assert "local_refinement" in run.background
+    if intensity == "accepted":  # the intensity refinement moved the transform: the early work is not used
+        fusion.matrix = np.eye(4)
+        fusion.matrix[:3, 3] = [0.5, 0.0, 0.0]
+    workflow._refine_around_tumour(run, fusion, tmp_path)
+    assert "local_refinement" not in run.background
+    used = run.results["local_refinement"].matrix
+    assert np.array_equal(used, fusion.matrix), "the local refinement must start from the transform in use"
+    assert len(calls) == (1 if intensity == "rejected" else 2) and np.array_equal(calls[-1], fusion.matrix)
+    assert (tmp_path / "local_refinement.json").exists()
+
+
+def test_an_error_of_the_early_local_refinement_fails_the_fuse_step_with_its_sentence(tmp_path, monkeypatch):
+    from RegistrationFusionLib.errors import RegistrationFusionError
+
+    monkeypatch.delenv("SMARTBIOPSY_SERIAL", raising=False)
+
+    def broken(run, matrix, lm):
+        raise RegistrationFusionError("the tumour box lies outside the CT; check the tumour segmentation")
+
+    monkeypatch.setattr(workflow, "_local_refinement", broken)
+    tumour = _vol(0, np.uint8, name="tumour")
+    tumour.array[4:8, 4:8, 4:8] = 1
+    run = _run(tmp_path, {"tumour": tumour})
+    fusion, lm = _fusion_and_landmark(np.eye(4))
+    workflow._start_local_refinement(run, lm, lambda: False)
+    with pytest.raises(RegistrationFusionError, match="the tumour box lies outside the CT"):
+        workflow._refine_around_tumour(run, fusion, tmp_path)
+    assert not (tmp_path / "local_refinement.json").exists()

@@ -72,8 +72,12 @@ def fuse_ct_mri(ct: RasVolume, mri: RasVolume, *, targets_ct=None, capsules_ct=N
                 register_options: dict | None = None, do_refine: bool = True, refine_options: dict | None = None,
                 use_body_mask: bool = True, thresholds: qa.QAThresholds | None = None,
                 progress: Callable[[float, str], None] | None = None,
-                should_cancel: Callable[[], bool] | None = None) -> FusionResult:
+                should_cancel: Callable[[], bool] | None = None,
+                on_landmark: Callable[[landmarks.PointRegistration], None] | None = None) -> FusionResult:
     """Register an MRI to the planning CT through the skin capsules, then refine by mutual information.
+
+    ``on_landmark``: called with the capsule (landmark) registration as soon as it exists, before the intensity
+    refinement (e.g. to start work that needs only the landmark result while the refinement runs).
 
     ``capsules_ct``/``capsules_mri``: detections (objects with ``centres_ras`` and ``fle_cov_ras``/``fle_mm``
     as returned by ``capsules.detect_capsules``) or plain (N, 3) RAS arrays; detected when omitted.
@@ -101,6 +105,8 @@ def fuse_ct_mri(ct: RasVolume, mri: RasVolume, *, targets_ct=None, capsules_ct=N
     corr, reg = landmarks.register_capsules(pts_ct, pts_mr, fle_ct=_fle_of(capsules_ct, 0.3),
                                             fle_mri=_fle_of(capsules_mri, 0.5), match_options=match_options,
                                             **(register_options or {}))
+    if on_landmark is not None:
+        on_landmark(reg)
     named = targets_ct
     tgt_arr = None
     if targets_ct is not None:
