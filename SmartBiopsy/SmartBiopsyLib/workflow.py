@@ -35,7 +35,10 @@ Overlapped work (see "overlapped work" below): what does not need the step befor
 that owns it takes the result, so every step still records its own time, message, files and errors, in the
 same order as when it computes everything itself. While the fusion registers, worker threads compute the
 characterisation maps, habitats and radiomics (MRI only), fit the robot's fiducial frame (planning CT only) and
-import what later steps need; the fused T2 is compressed to disk while the fusion pictures are drawn. The
+import what later steps need; the local refinement around the tumour starts from the landmark transform as soon
+as it exists (used only if the intensity refinement is rejected, so that the transform in use is still that one);
+the fused T2 is compressed to disk while the fusion pictures are drawn; the plan's skin map is built while the
+calibrate, robot and sample steps run (a plan without skin data is still refused in the plan step). The
 hospital export runs in a child process from the plan step (segmentations and maps) and reads the records once
 the scene step released it; the report sections that need only the procedure's files are drawn in a child
 process while the scene is built (``SmartBiopsyLib.background``). A failed, stopped or interrupted run ends the
