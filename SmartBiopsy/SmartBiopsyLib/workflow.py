@@ -523,7 +523,7 @@ def _stage_fuse(run: CaseRun, progress, should_cancel) -> str:
     _start_preload(run)
     fusion = fuse_with_fallback(i.ct, i.mri_anatomical, do_refine=run.options.refine, progress=progress,
                                 should_cancel=should_cancel,
-                                on_landmark=lambda lm: _start_local_refinement(run, lm, should_cancel))
+                                on_landmark=lambda lm: _start_local_refinement(run, lm))
     if getattr(fusion, "method", "capsules") == "intensity":
         return _stage_fuse_intensity(run, fusion, d, progress)
     _refine_around_tumour(run, fusion, d)
@@ -640,7 +640,7 @@ def _local_refinement(run: CaseRun, matrix, lm):
     return contrast, local
 
 
-def _start_local_refinement(run: CaseRun, lm, should_cancel) -> None:
+def _start_local_refinement(run: CaseRun, lm) -> None:
     """The local refinement from the landmark transform, in a worker while the intensity refinement runs: the
     fuse step takes it when the intensity refinement is rejected (the transform in use is still the landmark
     one), and otherwise computes it again from the refined transform (:func:`_refine_around_tumour`)."""
@@ -1358,92 +1358,84 @@ class _Steps:
             raise self.error
 
 
-class _ImageWrite:
-    """``save_image(volume, path)`` in a worker thread (SimpleITK compresses without the interpreter lock);
-    :meth:`wait` raises its error as the call would have. Serial where workers are not used."""
+class _ThreadCall:
+    """``func()`` in a daemon worker thread (for calls that release the interpreter lock: SimpleITK, VTK);
+    :meth:`wait` returns its value or raises its error as the call would have. Where workers are not used
+    (:func:`SmartBiopsyLib.background.process_allowed`) the call runs at once and raises there."""
 
-    def __init__(self, volume: RasVolume, path: Path):
+    def __init__(self, func, name: str):
         import threading
 
-        from SmartBiopsyCoreLib.dataio.imageio import save_image
         from SmartBiopsyLib.background import process_allowed
 
+        self.value = None
         self._error: BaseException | None = None
         self._thread = None
         if not process_allowed():
-            save_image(volume, path)
+            self.value = func()
             return
 
-        def write():
+        def call():
             try:
-                save_image(volume, path)
+                self.value = func()
             except BaseException as exc:  # noqa: BLE001 - raised by wait()
                 self._error = exc
 
-        self._thread = threading.Thread(target=write, name="smartbiopsy-write", daemon=True)
+        self._thread = threading.Thread(target=call, name=f"smartbiopsy-{name}", daemon=True)
         self._thread.start()
 
-    def wait(self, drop_on_error=()) -> None:
-        """Wait for the write; on its error remove ``drop_on_error`` (files written meanwhile that the serial
-        order would not have written) and raise it."""
-        if self._thread is not None:
-            try:
-                while self._thread.is_alive():
-                    self._thread.join(0.05)
-            finally:
-                self._thread.join()  # never end the process while ITK writes
-        if self._error is not None:
-            for p in drop_on_error:
-                Path(p).unlink(missing_ok=True)
-            raise self._error
-
-
-class _SkinModelJob:
-    """The plan step's skin map (``skinmap.skin_model`` and ``skin_model.vtp``) built in a worker thread (VTK
-    releases the interpreter lock) while the calibrate, robot and sample steps run; serial where workers are not
-    used. A plan without skin data is refused at once in the plan step, as before; an error of the surface itself
-    is raised where the map is first used (:func:`_wait_skin_model`)."""
-
-    def __init__(self, result, path: Path):
-        import threading
-
-        from SmartBiopsyLib.background import process_allowed
-        from TrajectoryPlannerLib.planning.skinmap import check_skin_data
-
-        check_skin_data(result)
-        self.poly = None
-        self._error: BaseException | None = None
-        self._thread = None
-        if not process_allowed():
-            self._build(result, path)
-            if self._error is not None:
-                raise self._error
-            return
-        self._thread = threading.Thread(target=self._build, args=(result, path), name="smartbiopsy-skin-map",
-                                        daemon=True)
-        self._thread.start()
-
-    def _build(self, result, path: Path) -> None:
-        from TrajectoryPlannerLib.planning.skinmap import skin_model, write_skin_model
-
-        try:
-            poly = skin_model(result)
-            write_skin_model(poly, path)
-            self.poly = poly
-        except BaseException as exc:  # noqa: BLE001 - raised by wait()
-            self._error = exc
-
-    def wait(self):
-        """The skin map (vtkPolyData), once built and written; raises the error of building it."""
+    def _join(self) -> None:
         if self._thread is not None:
             try:
                 while self._thread.is_alive():
                     self._thread.join(0.05)  # short waits: the main thread stays where Ctrl-C is handled
             finally:
-                self._thread.join()  # never end the process while VTK writes
+                self._thread.join()  # never end the process while ITK or VTK writes
+
+    def wait(self):
+        self._join()
         if self._error is not None:
             raise self._error
-        return self.poly
+        return self.value
+
+
+class _ImageWrite(_ThreadCall):
+    """``save_image(volume, path)`` in a worker thread (SimpleITK compresses without the interpreter lock)."""
+
+    def __init__(self, volume: RasVolume, path: Path):
+        from SmartBiopsyCoreLib.dataio.imageio import save_image
+
+        super().__init__(lambda: save_image(volume, path), "write")
+
+    def wait(self, drop_on_error=()) -> None:
+        """Wait for the write; on its error remove ``drop_on_error`` (files written meanwhile that the serial
+        order would not have written) and raise it."""
+        self._join()
+        if self._error is not None:
+            for p in drop_on_error:
+                Path(p).unlink(missing_ok=True)
+        super().wait()
+
+
+class _SkinModelJob(_ThreadCall):
+    """The plan step's skin map (``skinmap.skin_model`` and ``skin_model.vtp``) built in a worker thread (VTK
+    releases the interpreter lock) while the calibrate, robot and sample steps run; serial where workers are not
+    used. A plan without skin data is refused at once in the plan step, as before; an error of the surface itself
+    is raised where the map is first used (:func:`_wait_skin_model`); :meth:`wait` returns the vtkPolyData."""
+
+    def __init__(self, result, path: Path):
+        from TrajectoryPlannerLib.planning.skinmap import check_skin_data
+
+        check_skin_data(result)
+
+        def build():
+            from TrajectoryPlannerLib.planning.skinmap import skin_model, write_skin_model
+
+            poly = skin_model(result)
+            write_skin_model(poly, path)
+            return poly
+
+        super().__init__(build, "skin-map")
 
 
 def _wait_skin_model(run: CaseRun, raise_error: bool = True) -> None:

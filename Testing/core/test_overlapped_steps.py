@@ -227,7 +227,7 @@ def test_local_refinement_started_early_is_used_only_from_the_transform_in_use(t
     tumour.array[4:8, 4:8, 4:8] = 1
     run = _run(tmp_path, {"tumour": tumour})
     fusion, lm = _fusion_and_landmark(np.eye(4))
-    workflow._start_local_refinement(run, lm, lambda: False)  # the landmark transform exists: started now
+    workflow._start_local_refinement(run, lm)  # the landmark transform exists: started now
     assert "local_refinement" in run.background
     if intensity == "accepted":  # the intensity refinement moved the transform: the early work is not used
         fusion.matrix = np.eye(4)
@@ -253,7 +253,7 @@ def test_an_error_of_the_early_local_refinement_fails_the_fuse_step_with_its_sen
     tumour.array[4:8, 4:8, 4:8] = 1
     run = _run(tmp_path, {"tumour": tumour})
     fusion, lm = _fusion_and_landmark(np.eye(4))
-    workflow._start_local_refinement(run, lm, lambda: False)
+    workflow._start_local_refinement(run, lm)
     with pytest.raises(RegistrationFusionError, match="the tumour box lies outside the CT"):
         workflow._refine_around_tumour(run, fusion, tmp_path)
     assert not (tmp_path / "local_refinement.json").exists()
