@@ -137,16 +137,49 @@ def mutual_information(ct: RasVolume, mri: RasVolume, mri_to_ct_ras: np.ndarray,
                        max_samples: int | None = 400_000) -> float:
     """Mattes mutual information (nats, larger = better aligned) of the CT and the MRI under a transform.
 
-    Evaluated on the CT grid (optionally inside ``ct_mask``); ``sampling`` < 1 uses a regular subset, and
-    at most about ``max_samples`` grid points are used (None: no cap).
+    Evaluated on the CT grid points (optionally only those inside ``ct_mask``). ``sampling`` < 1 keeps that
+    fraction of them and ``max_samples`` caps their number (None: no cap), both by a regular subset: every
+    s-th grid point along each axis (:func:`_regular_subset`), so the value is deterministic and two transforms
+    compared with the same settings are scored on the same points. ``seed`` is not used (kept for callers).
     """
-    if max_samples:
-        sampling = min(sampling, max_samples / float(ct.array.size))
     if ct_mask is not None:
         ct, ct_mask = _crop_to_mask(ct, ct_mask)
-    reg = _method(bins, sampling, seed, _mask_image(ct_mask))
+    n = int(np.count_nonzero(ct_mask.array)) if ct_mask is not None and ct_mask.same_grid(ct) else int(ct.array.size)
+    target = n * min(1.0, float(sampling))
+    if max_samples:
+        target = min(target, float(max_samples))
+    ct, ct_mask = _regular_subset(ct, ct_mask, target)
+    reg = _method(bins, 1.0, seed, _mask_image(ct_mask))
     reg.SetInitialTransform(itk_from_ras(mri_to_ct_ras))
     return -float(reg.MetricEvaluate(_float_image(ct), _float_image(mri)))
+
+
+def _regular_subset(ct: RasVolume, ct_mask: RasVolume | None, target: float):
+    """``ct`` (and ``ct_mask`` on the same grid) on every s-th grid point along each axis, same world positions.
+
+    SimpleITK's metric evaluation ignores the registration's sampling settings and scores every grid point, so
+    the subset is made here: the step grows on the axis whose samples are closest in mm until at most about
+    ``target`` points (inside the mask when given) remain. Returned unchanged when no step is needed, or when the
+    subset would leave fewer than 1000 mask points."""
+    m = None if ct_mask is None or not ct_mask.same_grid(ct) else ct_mask.array
+    n = float(np.count_nonzero(m)) if m is not None else float(ct.array.size)
+    sp = np.asarray(ct.spacing, float)[::-1]  # (k, j, i) mm
+    steps = np.ones(3, int)
+    while n / np.prod(steps) > max(target, 1.0) and np.any(steps < np.asarray(ct.array.shape)):
+        free = steps < np.asarray(ct.array.shape)
+        ax = int(np.argmin(np.where(free, sp * steps, np.inf)))
+        steps[ax] += 1
+    if np.all(steps == 1):
+        return ct, ct_mask
+    box = tuple(slice(None, None, int(s)) for s in steps)
+    ijk_to_ras = ct.ijk_to_ras @ np.diag([float(steps[2]), float(steps[1]), float(steps[0]), 1.0])
+    sub = RasVolume(np.ascontiguousarray(ct.array[box]), ijk_to_ras, ct.name, dict(ct.meta))
+    if m is None:
+        return sub, ct_mask
+    sub_mask = RasVolume(np.ascontiguousarray(m[box]), ijk_to_ras, ct_mask.name, dict(ct_mask.meta))
+    if np.count_nonzero(sub_mask.array) < 1000:
+        return ct, ct_mask
+    return sub, sub_mask
 
 
 def moments_initialisation(ct: RasVolume, mri: RasVolume, threshold_ct: float = BODY_HU_THRESHOLD) -> np.ndarray:
