@@ -185,24 +185,36 @@ def test_metric_scores_a_regular_subset_of_at_most_max_samples_grid_points(rire,
 
 
 def test_regular_subset_keeps_world_positions_and_the_sample_budget(rire):
-    ct, _mr = rire
-    mask = np.zeros(ct.array.shape, np.uint8)
+    ct, mr = rire
+    # an oblique, anisotropic grid (0.8 x 1.1 x 3 mm) with distinct values, so a wrong step or axis shows
+    rng = np.random.default_rng(0)
+    rot = rigid((1, 2, 3), 25, (0, 0, 0))[:3, :3]
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rot @ np.diag([0.8, 1.1, 3.0])
+    ijk_to_ras[:3, 3] = (-40.0, 12.5, 7.0)
+    vol = RasVolume(rng.integers(-1000, 1000, (24, 70, 90)).astype(np.int16), ijk_to_ras, "grid")
+    mask = np.zeros(vol.array.shape, np.uint8)
     mask[2:-2, 10:-10, 10:-10] = 1
-    mask_vol = ct.with_array(mask)
+    mask_vol = vol.with_array(mask)
     target = int(mask.sum()) // 10
-    sub, sub_mask = R._regular_subset(ct, mask_vol, target)
+    sub, sub_mask = R._regular_subset(vol, mask_vol, target)
     assert sub_mask.same_grid(sub)
-    assert target / 2 < np.count_nonzero(sub_mask.array) <= target
+    assert target / 3 < np.count_nonzero(sub_mask.array) <= target
+    steps = np.rint(sub.spacing / vol.spacing).astype(int)  # (i, j, k)
+    assert len(set(steps.tolist())) > 1 and steps[2] == 1  # the 3 mm axis is the last one stepped
     # every sub-grid point is an original grid point with the same value
-    kji = np.array([[0, 0, 0], [1, 2, 3], [sub.array.shape[0] - 1, sub.array.shape[1] - 1, sub.array.shape[2] - 1]])
+    kji = np.vstack([np.argwhere(sub.array == sub.array)[rng.choice(sub.array.size, 60, replace=False)],
+                     np.array(sub.array.shape) - 1])
     world = sub.kji_to_ras_points(kji)
-    ijk = np.rint(ct.ras_to_ijk_points(world)).astype(int)
-    assert np.allclose(ct.ijk_to_ras_points(ijk.astype(float)), world, atol=1e-6)
-    assert [ct.array[k, j, i] for i, j, k in ijk] == [sub.array[tuple(p)] for p in kji]
-    # finer axes are stepped first: the sub-grid is about as fine in mm along each axis
-    sp = sub.spacing
-    assert sp.max() / sp.min() <= 2.0 * max(1.0, ct.spacing.max() / ct.spacing.min())
-    assert R._regular_subset(ct, mask_vol, 10 * mask.sum())[0] is ct  # nothing to leave out
+    ijk = np.rint(vol.ras_to_ijk_points(world)).astype(int)
+    assert np.allclose(vol.ijk_to_ras_points(ijk.astype(float)), world, atol=1e-6)
+    assert [vol.array[k, j, i] for i, j, k in ijk] == [sub.array[tuple(p)] for p in kji]
+    assert [mask[k, j, i] for i, j, k in ijk] == [sub_mask.array[tuple(p)] for p in kji]
+    assert R._regular_subset(vol, mask_vol, 10 * mask.sum())[0] is vol  # nothing to leave out
+    assert R._regular_subset(vol, mask_vol, 10)[0] is vol  # too few points left for a histogram: all are scored
+    assert R._regular_subset(vol, None, 10)[0] is vol
+    assert R.mutual_information(ct, mr, np.eye(4), sampling=1e-9) == R.mutual_information(ct, mr, np.eye(4),
+                                                                                           max_samples=None)
 
 
 def test_local_refinement_reports_the_box_mutual_information_of_both_transforms(rire, rire_reference):

@@ -160,7 +160,7 @@ def _regular_subset(ct: RasVolume, ct_mask: RasVolume | None, target: float):
     SimpleITK's metric evaluation ignores the registration's sampling settings and scores every grid point, so
     the subset is made here: the step grows on the axis whose samples are closest in mm until at most about
     ``target`` points (inside the mask when given) remain. Returned unchanged when no step is needed, or when the
-    subset would leave fewer than 1000 mask points."""
+    subset would keep fewer than 1000 points."""
     m = None if ct_mask is None or not ct_mask.same_grid(ct) else ct_mask.array
     n = float(np.count_nonzero(m)) if m is not None else float(ct.array.size)
     sp = np.asarray(ct.spacing, float)[::-1]  # (k, j, i) mm
@@ -172,14 +172,15 @@ def _regular_subset(ct: RasVolume, ct_mask: RasVolume | None, target: float):
     if np.all(steps == 1):
         return ct, ct_mask
     box = tuple(slice(None, None, int(s)) for s in steps)
+    kept = int(np.count_nonzero(m[box])) if m is not None else int(np.prod([len(range(0, n_ax, int(s))) for n_ax, s in
+                                                                              zip(ct.array.shape, steps)]))
+    if kept < 1000:  # too few points for a 32-bin joint histogram: score them all
+        return ct, ct_mask
     ijk_to_ras = ct.ijk_to_ras @ np.diag([float(steps[2]), float(steps[1]), float(steps[0]), 1.0])
     sub = RasVolume(np.ascontiguousarray(ct.array[box]), ijk_to_ras, ct.name, dict(ct.meta))
     if m is None:
         return sub, ct_mask
-    sub_mask = RasVolume(np.ascontiguousarray(m[box]), ijk_to_ras, ct_mask.name, dict(ct_mask.meta))
-    if np.count_nonzero(sub_mask.array) < 1000:
-        return ct, ct_mask
-    return sub, sub_mask
+    return sub, RasVolume(np.ascontiguousarray(m[box]), ijk_to_ras, ct_mask.name, dict(ct_mask.meta))
 
 
 def moments_initialisation(ct: RasVolume, mri: RasVolume, threshold_ct: float = BODY_HU_THRESHOLD) -> np.ndarray:
