@@ -1332,6 +1332,7 @@ def _start_background_export(run: CaseRun, records_written: bool) -> None:
 
         if not process_allowed() or not (records_written or (run.out / "characterisation" / "habitats.nrrd").is_file()):
             return
+        _no_import_under_way(run)
         try:
             run.background["export"] = ChildJob(
                 "SmartBiopsyLib.export.case:export_case_line",
@@ -1626,6 +1627,15 @@ def _start_preload(run: CaseRun) -> None:
     run.background["preload"] = _Worker(preload, "preload")
 
 
+def _no_import_under_way(run: CaseRun) -> None:
+    """Wait for the preloading worker to end before a child process is forked: a module being imported holds its
+    import lock, and a forked child that imports the same module would wait for it forever (the thread that holds
+    it does not exist in the child). The preload ends seconds before the first child in practice."""
+    job = run.background.get("preload")
+    if job is not None:
+        job.result()
+
+
 def _start_report_sections(run: CaseRun) -> None:
     """The report sections that read only what the steps up to 'record' wrote (fusion, habitats, trajectories,
     notch, procedure, heterogeneity; ``report.writer.EARLY_SECTIONS``), drawn in a child process while the scene
@@ -1634,6 +1644,7 @@ def _start_report_sections(run: CaseRun) -> None:
 
     if "report_sections" in run.background or not process_allowed():
         return
+    _no_import_under_way(run)
     try:
         run.background["report_sections"] = ChildJob("SmartBiopsyLib.report.writer:draw_sections", (str(run.out),),
                                                       outputs=[run.out / "figures"], name="report figures")

@@ -257,3 +257,39 @@ def test_an_error_of_the_early_local_refinement_fails_the_fuse_step_with_its_sen
     with pytest.raises(RegistrationFusionError, match="the tumour box lies outside the CT"):
         workflow._refine_around_tumour(run, fusion, tmp_path)
     assert not (tmp_path / "local_refinement.json").exists()
+
+
+def test_no_child_is_forked_while_the_preload_imports(tmp_path, monkeypatch):
+    """A forked child inherits the import locks of modules a thread is importing; the export and report-figure
+    children start only once the preloading worker has ended."""
+    import threading
+    import time
+
+    from SmartBiopsyLib import background
+
+    monkeypatch.delenv("SMARTBIOPSY_SERIAL", raising=False)
+    run = _run(tmp_path, export=True)
+    (tmp_path / "characterisation").mkdir()
+    (tmp_path / "characterisation" / "habitats.nrrd").write_bytes(b"")
+    started, preload_done = [], threading.Event()
+
+    class Child:
+        def __init__(self, target, *args, **kwargs):
+            started.append((target, preload_done.is_set()))
+
+        def release(self):
+            pass
+
+    def slow_preload(stop):
+        time.sleep(0.3)
+        preload_done.set()
+        return workflow._Steps()
+
+    monkeypatch.setattr(background, "ChildJob", Child)
+    run.background["preload"] = workflow._Worker(slow_preload, "preload")
+    workflow._start_background_export(run, records_written=False)
+    preload_done.clear()
+    run.background["preload"] = workflow._Worker(slow_preload, "preload")
+    workflow._start_report_sections(run)
+    assert [s[0].split(":")[1] for s in started] == ["export_case_line", "draw_sections"]
+    assert all(done for _target, done in started), started
