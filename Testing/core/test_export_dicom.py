@@ -283,3 +283,26 @@ def test_exported_segments_show_the_colours_of_the_scene_and_the_report(exported
     risk = {s.label: s for s in read_segmentation(out / "dicom" / "seg_risk.dcm").segments}
     assert np.allclose(risk["kidney"].display_rgb, palette.RISK_COLOURS["kidney"], atol=2e-3)
     assert all(s.display_rgb is not None for s in risk.values())
+
+
+def test_person_names_are_written_as_dicom_person_names_without_library_warnings(tmp_path):
+    """The derived sources' patient name and the report's observer (the operator) are single-component person
+    names marked with a trailing caret; highdicom warns about an ambiguous name otherwise."""
+    import warnings
+
+    from SmartBiopsyCoreLib.dataio.dicomio import person_name
+
+    assert person_name("PHANTOM0000") == "PHANTOM0000^"
+    assert person_name("Doe^Jane") == "Doe^Jane"
+    assert person_name("") == ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _case, out, _res, _facts, _labels = build_and_export(tmp_path)
+    about_names = [str(w.message)[:90] for w in caught if "person name" in str(w.message)]
+    assert not about_names, about_names
+    sr = pydicom.dcmread(out / "dicom" / "sr_measurements.dcm")
+    names = []
+    sr.walk(lambda _ds, elem: names.append(str(elem.value)) if elem.keyword == "PersonName" else None)
+    assert names and all("^" in n for n in names), names
+    derived = [pydicom.dcmread(p, stop_before_pixels=True) for p in (out / "dicom" / "source").rglob("*.dcm")]
+    assert derived and all(str(ds.PatientName).endswith("^") for ds in derived)  # derived source series

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from SmartBiopsyCoreLib.dataio.dicomio import person_name
 from SmartBiopsyCoreLib.geometry import ras_to_lps_points
 from SmartBiopsyLib.export.common import (MANUFACTURER, SCHEME, ExportedObject, code, need_highdicom, unit)
 from SmartBiopsyLib.export.sources import SourceSeries
@@ -134,7 +135,8 @@ def build_report(targets: list, cores: list, trajectories: list, ct_source: Sour
     context = hd.sr.ObservationContext(
         observer_person_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Person,
-            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=observer or "Unknown")),
+            observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                name=person_name(observer or "Unknown"))),
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.DCM.Device,
             observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(

@@ -833,6 +833,14 @@ def _save_dataset(ds, path) -> None:
         ds.save_as(path, write_like_original=False)
 
 
+def person_name(text: str) -> str:
+    """``text`` as a DICOM person name (PN, PS3.5 6.2.1.2): unchanged when it already has components (``^``),
+    else a single family-name component marked as intended by a trailing caret ("PHANTOM0000" -> "PHANTOM0000^").
+    Without the caret a single-component name is ambiguous, and DICOM libraries warn about it."""
+    text = str(text).strip()
+    return text if "^" in text or not text else text + "^"
+
+
 def _write_series(items, out_dir, *, modality, series_description, series_number, patient_id, patient_name,
                   study_uid, series_uid, frame_of_reference_uid, study_description, acquisition_datetime,
                   uid_seed, file_prefix, flip_angle=None) -> list[str]:
@@ -881,7 +889,7 @@ def _write_series(items, out_dir, *, modality, series_description, series_number
         ds.ReferringPhysicianName = ""
         ds.StudyDescription = study_description
         ds.SeriesDescription = series_description
-        ds.PatientName = patient_name or patient_id
+        ds.PatientName = person_name(patient_name or patient_id)
         ds.PatientID = patient_id
         ds.PatientBirthDate = ""
         ds.PatientSex = ""
