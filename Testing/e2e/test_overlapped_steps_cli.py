@@ -13,13 +13,29 @@ import time
 import pytest
 
 #: the demo, announcing the scene step once the report child wrote a figure (both children have written files
-#: then) with the children's pids
+#: then) with the children's pids; both children stay at work once their files are written (forked: the patched
+#: functions are the ones they run), so that the export child, released at the start of the scene step, cannot
+#: finish before the check that both are alive
 _DRIVER = r"""
 import sys, time
+import SmartBiopsyLib.export.case as export_case
+import SmartBiopsyLib.report.writer as report_writer
 import SmartBiopsyLib.scene_build as sb
 from SmartBiopsyLib.cli.main import main
 
 _build = sb.build_case_scene
+
+
+def _lingering(func):
+    def work(*args, **kwargs):
+        value = func(*args, **kwargs)
+        time.sleep(120)  # still at work when the Ctrl-C comes, its files written
+        return value
+    return work
+
+
+export_case.export_case_line = _lingering(export_case.export_case_line)
+report_writer.draw_sections = _lingering(report_writer.draw_sections)
 
 
 def _announced(scene, run):
