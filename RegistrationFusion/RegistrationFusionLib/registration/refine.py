@@ -144,10 +144,10 @@ def mutual_information(ct: RasVolume, mri: RasVolume, mri_to_ct_ras: np.ndarray,
     """
     if ct_mask is not None:
         ct, ct_mask = _crop_to_mask(ct, ct_mask)
-    n = int(np.count_nonzero(ct_mask.array)) if ct_mask is not None and ct_mask.same_grid(ct) else int(ct.array.size)
-    target = n * min(1.0, float(sampling))
-    if max_samples:
-        target = min(target, float(max_samples))
+    target = float(max_samples) if max_samples else float("inf")
+    if sampling < 1.0:  # a fraction of the points scored (inside the mask when it is on the CT grid)
+        n = np.count_nonzero(ct_mask.array) if ct_mask is not None and ct_mask.same_grid(ct) else ct.array.size
+        target = min(target, float(n) * float(sampling))
     ct, ct_mask = _regular_subset(ct, ct_mask, target)
     reg = _method(bins, 1.0, seed, _mask_image(ct_mask))
     reg.SetInitialTransform(itk_from_ras(mri_to_ct_ras))
@@ -172,8 +172,7 @@ def _regular_subset(ct: RasVolume, ct_mask: RasVolume | None, target: float):
     if np.all(steps == 1):
         return ct, ct_mask
     box = tuple(slice(None, None, int(s)) for s in steps)
-    kept = int(np.count_nonzero(m[box])) if m is not None else int(np.prod([len(range(0, n_ax, int(s))) for n_ax, s in
-                                                                              zip(ct.array.shape, steps)]))
+    kept = int(np.count_nonzero(m[box])) if m is not None else ct.array[box].size
     if kept < 1000:  # too few points for a 32-bin joint histogram: score them all
         return ct, ct_mask
     ijk_to_ras = ct.ijk_to_ras @ np.diag([float(steps[2]), float(steps[1]), float(steps[0]), 1.0])
