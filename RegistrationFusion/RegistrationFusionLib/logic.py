@@ -27,7 +27,7 @@ QA_ATTRIBUTE = "SmartBiopsy.RegistrationQA"
 SWAP_HINT = "select the planning CT as the CT and the anatomical MRI as the MRI (check that they are not swapped)"
 #: Columns of the capsule QA table (the widget shows :func:`qa_rows` under them).
 QA_COLUMNS = ("use", "capsule pair", "residual (mm)", "expected (mm)", "leave-one-out (mm)", "note")
-TARGET_COLUMNS = ("target", "predicted TRE (mm)", "refinement shift (mm)")
+TARGET_COLUMNS = ("target", "predicted error 95 % (mm)", "capsule TRE (mm)", "refinement shift (mm)")
 
 
 def _matrix_to_world(transform_node) -> np.ndarray:
@@ -94,8 +94,10 @@ def qa_rows(report, excluded_pairs) -> list[tuple]:
 
 
 def target_rows(report) -> list[tuple]:
-    """Rows (name, predicted TRE mm, refinement shift mm or None) of the target table."""
-    return [(t.name, t.predicted_tre_mm, t.refinement_displacement_mm) for t in report.targets]
+    """Rows (name, predicted 95th-percentile error mm, capsule RMS TRE mm, refinement shift mm or None) of the
+    target table. The first is the one to trust: it adds the deformation the skin capsules cannot see."""
+    return [(t.name, t.predicted_error_p95_mm, t.predicted_tre_mm, t.refinement_displacement_mm)
+            for t in report.targets]
 
 
 def qa_summary(report) -> str:
@@ -235,9 +237,13 @@ class FusionLogic:
         r = self.state.report
         if r is None:
             raise RegistrationFusionError("register the capsules and review the QA before approving")
-        tre = max([t.predicted_tre_mm for t in r.targets], default=float("nan"))
-        return (f"Approve this registration for targeting? FRE {r.fre_mm:.2f} mm; "
-                f"largest predicted TRE {tre:.2f} mm.")
+        if not r.targets:
+            return (f"Approve this registration for targeting? FRE {r.fre_mm:.2f} mm; no targets were given, so "
+                    "no error is predicted at them.")
+        p95 = max(t.predicted_error_p95_mm for t in r.targets)
+        tre = max(t.predicted_tre_mm for t in r.targets)
+        return (f"Approve this registration for targeting? FRE {r.fre_mm:.2f} mm; largest predicted error "
+                f"{p95:.2f} mm (95th percentile, with unmodelled deformation; capsule TRE alone {tre:.2f} mm).")
 
     def approve(self, transform_node) -> None:
         """Record the approval and the QA summary on the transform node (fails closed without a passed QA)."""

@@ -164,12 +164,13 @@ def _mri(node, role: str):
 
 
 #: Columns of the panel's target table (what :func:`target_rows` fills).
-TARGET_COLUMNS = ("region", "ADC", "EF %", "FF %", "depth mm", "TRE mm", "hit probability %", "flags")
+TARGET_COLUMNS = ("region", "ADC", "EF %", "FF %", "depth mm", "error 95 % mm", "hit probability %", "flags")
 
 
 def target_rows(targets) -> tuple[tuple, list[tuple]]:
     """(columns, rows) of the panel's target table: the region, its mean ADC (10^-6 mm^2/s), EF and FF (%), the
-    depth inside the region and the predicted TRE (mm), the probability that the notch samples the region (%, with
+    depth inside the region and the predicted registration error (95th percentile, mm), the probability that the
+    notch samples the region (%, with
     its Monte Carlo standard error; "not evaluated" when it was not computed) and the targetability flags."""
     nan = float("nan")
     rows = []
@@ -224,12 +225,21 @@ def planned_tip(line_node) -> np.ndarray:
 
 
 def predicted_tre(transform_node):
-    """Largest predicted TRE (mm) stored by Registration Fusion at approval, else None."""
+    """Largest predicted registration error (mm) stored by Registration Fusion at approval: the error model's
+    95th percentile (capsule TRE + unmodelled deformation), as the command line uses it; None when there is no
+    approval or it gives no targets. An approval whose targets lack that percentile (recorded before it was
+    stored) is refused: its capsule-only TRE understates the error at a deep target."""
     text = transform_node.GetAttribute("SmartBiopsy.RegistrationQA") if transform_node is not None else None
     if not text:
         return None
-    values = [t["predicted_tre_mm"] for t in json.loads(text).get("targets", [])]
-    return max(values) if values else None
+    entries = json.loads(text).get("targets", [])
+    if not entries:
+        return None
+    values = [t.get("predicted_error_p95_mm") for t in entries]
+    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0 for v in values):
+        raise InputDataError("the approved registration gives no 95th-percentile error at its targets (approved with "
+                             "an older version); run its QA again in Registration Fusion and approve it")
+    return float(max(values))
 
 
 def region_of_target(line_node) -> str:
@@ -348,14 +358,17 @@ class BiopsyLogic:
         labelled A/B/C: the Trajectory Planner's input; its display is hidden) and "target_points" (what the views
         show, as in the case scene: one locked node "Target A" per target holding the point "target A", in the
         habitat's palette colour; see :func:`show_targets_per_habitat`)."""
-        from SmartBiopsyLib.characterise import habitats, mrml as characterisation_mrml, targets
+        from SmartBiopsyLib.characterise import habitats, hitprob, mrml as characterisation_mrml, targets
 
         adc, ef = _volume(adc_node), _volume(ef_node)
         ff = _volume(ff_node) if ff_node else None
         mask = np.asarray(tumour_mask.array) != 0
         result = habitats.compute_habitats(adc, ef, ff, mask, habitats.HabitatConfig(mode=mode))
         named = {"adc": adc, "ef": ef} | ({"ff": ff} if ff is not None else {})
-        ts = targets.plan_targets(result.labels, named, predicted_tre(transform_node), needle_error_mm, notch_length_mm)
+        p95 = predicted_tre(transform_node)
+        reg_error = None if p95 is None else hitprob.RegistrationError.from_p95(
+            p95, "largest 95th-percentile error of the approved registration (Registration Fusion QA)")
+        ts = targets.plan_targets(result.labels, named, p95, needle_error_mm, notch_length_mm, registration_error=reg_error)
         nodes = characterisation_mrml.characterisation_nodes(self.scene, result, ts)
         nodes["target_points"] = show_targets_per_habitat(self.scene, nodes["targets"], ts)
         if transform_node is not None:

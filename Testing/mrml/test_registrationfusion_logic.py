@@ -103,3 +103,87 @@ def test_button_states_follow_the_parameter_node(scene):
 def test_logic_scenario_of_the_self_test(scene):
     out = scenarios.scenario_logic_reregistration(scene)
     assert out["twice_mm"] < 0.01 and out["untick_mm"] < 0.01
+
+
+def _targets_node(scene, points):
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Targets")
+    for name, p in points.items():
+        node.SetNthControlPointLabel(node.AddControlPoint(*map(float, p)), name)
+    return node
+
+
+def test_qa_table_approval_and_stored_qa_give_the_error_models_95th_percentile_not_the_capsule_tre(scene):
+    """The capsules sit on the skin: their TRE says nothing of the deformation under it. The panel's target table,
+    the approval question and the QA stored at approval (read by Smart Biopsy) carry the error model's 95th
+    percentile, as the command line's QA does."""
+    from RegistrationFusionLib.logic import QA_ATTRIBUTE, target_rows
+    from RegistrationFusionLib.registration.error_model import ErrorModelParameters, predict_target_errors
+    from SmartBiopsyLib import logic as biopsy_logic
+
+    ct, mri, vol, _ = scenarios.reregistration_case(scene)
+    logic = FusionLogic(scene)
+    t = logic.register(ct, mri, vol)
+    points = {"A": PROBE[0], "B": PROBE[1]}
+    report = logic.qa_report(_targets_node(scene, points))
+    expected = predict_target_errors(logic.state.registration, points)
+    floor = ErrorModelParameters().deformation_factor * ErrorModelParameters().refinement_precision_mm
+    rows = target_rows(report)
+    for row, e, qt in zip(rows, expected.targets, report.targets):
+        name, p95, tre, _shift = row
+        assert name == e.name and p95 == pytest.approx(e.p95_mm) and tre == pytest.approx(qt.predicted_tre_mm)
+        assert p95 >= floor > tre, (p95, tre)  # the capsules alone would claim a fraction of it
+    assert report.error_model["targets"][0]["p95_mm"] == pytest.approx(expected.targets[0].p95_mm)
+    largest = max(e.p95_mm for e in expected.targets)
+    assert f"largest predicted error {largest:.2f} mm (95th percentile" in logic.approval_question()
+    logic.approve(t)
+    import json
+    stored = json.loads(t.GetAttribute(QA_ATTRIBUTE))
+    assert [e["predicted_error_p95_mm"] for e in stored["targets"]] == pytest.approx([e.p95_mm for e in expected.targets])
+    # Smart Biopsy's targets use that percentile (margin and hit probability), as the command line does
+    assert biopsy_logic.predicted_tre(t) == pytest.approx(largest)
+
+
+def test_an_approval_without_the_95th_percentile_is_refused_by_smart_biopsy(scene):
+    import json
+
+    from SmartBiopsyCoreLib.errors import InputDataError
+    from SmartBiopsyLib import logic as biopsy_logic
+
+    t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "MRI to CT")
+    assert biopsy_logic.predicted_tre(t) is None  # nothing approved
+    t.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps({"passed": True, "targets": []}))
+    assert biopsy_logic.predicted_tre(t) is None  # approved without targets
+    for bad in ({"name": "A", "predicted_tre_mm": 0.3}, {"name": "A", "predicted_tre_mm": 0.3,
+                                                          "predicted_error_p95_mm": None},
+                {"name": "A", "predicted_error_p95_mm": True}, {"name": "A", "predicted_error_p95_mm": -1.0}):
+        t.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps({"passed": True, "targets": [bad]}))
+        with pytest.raises(InputDataError, match="no 95th-percentile error"):
+            biopsy_logic.predicted_tre(t)
+    t.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps(
+        {"passed": True, "targets": [{"name": "A", "predicted_tre_mm": 0.3, "predicted_error_p95_mm": 2.6},
+                                     {"name": "B", "predicted_tre_mm": 0.4, "predicted_error_p95_mm": 2.9}]}))
+    assert biopsy_logic.predicted_tre(t) == pytest.approx(2.9)
+    # and the habitat step plans its targets with it: the margin of every target and its hit probability
+    from SmartBiopsyCoreLib.dataio import volumes_mrml
+    from SmartBiopsyLib import scenarios as biopsy_scenarios
+
+    case = biopsy_scenarios.synthetic_tumour(spacing_mm=3.0, radius_mm=20.0)
+    grid = case["grid"]
+    adc = volumes_mrml.add_volume_node(scene, grid.with_array(case["adc"].astype(np.float32)), "ADC")
+    ef = volumes_mrml.add_volume_node(scene, grid.with_array(case["ef"].astype(np.float32)), "EF")
+    mask = grid.with_array(case["mask"].astype(np.uint8))
+    out = biopsy_logic.BiopsyLogic(scene).compute_habitats(adc, ef, None, mask, transform_node=t)
+    assert [x.predicted_tre_mm for x in out["targets"]] == pytest.approx([2.9] * len(out["targets"]))
+    # depth 7.5-7.9 mm: with 2 mm needle error and half a 10 mm notch, a 2.9 mm error leaves no target safe
+    assert not any(x.targetable for x in out["targets"])
+
+    def plan(p95):
+        t.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps(
+            {"passed": True, "targets": [{"name": "A", "predicted_tre_mm": 0.4, "predicted_error_p95_mm": p95}]}))
+        return {x.region: x for x in biopsy_logic.BiopsyLogic(scene).compute_habitats(
+            adc, ef, None, mask, transform_node=t)["targets"]}
+
+    small, large = plan(0.4), plan(6.0)
+    assert small["A"].targetable and small["C"].targetable
+    # the hit probability is computed with that error too: the thin region B is hit less often with a larger one
+    assert large["B"].hit_probability < small["B"].hit_probability - 0.03

@@ -249,7 +249,7 @@ def test_target_table_shows_each_targets_hit_probability_from_the_habitat_step(s
     ef = volumes_mrml.add_volume_node(scene, grid.with_array(case["ef"].astype(np.float32)), "EF")
     out = logic.BiopsyLogic(scene).compute_habitats(adc, ef, None, grid.with_array(case["mask"].astype(np.uint8)))
     columns, rows = logic.target_rows(out["targets"])
-    assert columns[columns.index("hit probability %") - 1] == "TRE mm" and len(rows) == 3
+    assert columns[columns.index("hit probability %") - 1] == "error 95 % mm" and len(rows) == 3
     hit = columns.index("hit probability %")
     for t, row in zip(out["targets"], rows):
         assert len(row) == len(columns) and row[0] == t.region

@@ -42,6 +42,8 @@ class QATarget:
     predicted_tre_mm: float
     predicted_tre_fwm_mm: float
     refinement_displacement_mm: float | None = None
+    #: the error model's 95th percentile at the target (capsule TRE + unmodelled deformation, see error_model)
+    predicted_error_p95_mm: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,7 +155,10 @@ def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, c
         notes.append(refinement.reason)
         if refinement.deformable_reason:
             notes.append(refinement.deformable_reason)
+    errors = None
     if named:
+        from RegistrationFusionLib.registration.error_model import predict_target_errors
+
         pts = np.array(list(named.values()))
         pred = registration.predicted_tre(pts)
         fwm = registration.predicted_tre_fwm(pts)
@@ -161,8 +166,13 @@ def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, c
         if refinement is not None:
             cand = refinement.matrix @ np.linalg.inv(registration.matrix)
             disp = list(np.linalg.norm(pts @ cand[:3, :3].T + cand[:3, 3] - pts, axis=1))
-        for (name, p), t, f, d in zip(named.items(), pred, fwm, disp):
-            targets.append(QATarget(name, [float(v) for v in p], float(t), float(f), None if d is None else float(d)))
+        # the honest error at each target: the capsule TRE alone says nothing about the deformation under the skin
+        errors = predict_target_errors(
+            registration, named, refined_matrix=None if refinement is None else refinement.candidate_matrix,
+            refined_used=bool(refinement is not None and refinement.accepted))
+        for (name, p), t, f, d, e in zip(named.items(), pred, fwm, disp, errors.targets):
+            targets.append(QATarget(name, [float(v) for v in p], float(t), float(f), None if d is None else float(d),
+                                    float(e.p95_mm)))
             if t > th.max_predicted_tre_mm:
                 failures.append(f"predicted TRE {t:.2f} mm at target {name} exceeds {th.max_predicted_tre_mm:.2f} mm")
     if correspondence is not None and getattr(correspondence, "note", ""):
@@ -172,6 +182,8 @@ def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, c
     report = QAReport(not failures, failures, th, float(registration.fre_mm), markers,
                       [e.to_dict() for e in registration.excluded], targets, np.asarray(matrix).tolist(),
                       None if correspondence is None else correspondence.to_dict(), ref_d, notes)
+    if errors is not None:
+        report.error_model = errors.to_dict()
     logger.info("registration QA %s%s", "passed" if report.passed else "FAILED: ", "; ".join(failures))
     return report
 
@@ -196,7 +208,8 @@ def build_intensity_report(result, targets_ct: dict | np.ndarray | None = None,
     notes = [f"intensity-only fusion (no skin capsules used, {result.prior}): no capsule FRE/TRE exists; error "
              f"estimate {est:.1f} mm = spread of {result.n_agreeing} agreeing starts {result.spread_mm:.1f} mm + "
              f"floor {result.error_floor_mm:.1f} mm", result.reason]
-    targets = [QATarget(n, [float(v) for v in p], est, est, None) for n, p in named.items()]
+    # the estimate is used as a 95th percentile (as the workflow's hit probability takes it)
+    targets = [QATarget(n, [float(v) for v in p], est, est, None, est) for n, p in named.items()]
     rep = QAReport(not failures, failures, th, float("nan"), [], [], targets, np.asarray(result.matrix).tolist(),
                    None, _clean(result.to_dict()), notes, method="intensity-only", error_estimate_mm=est)
     logger.info("intensity-only fusion QA %s%s", "passed" if rep.passed else "FAILED: ", "; ".join(failures))
@@ -224,6 +237,9 @@ def check_targetable_depth(report: QAReport, errors, targetable_depth_mm: dict) 
                 f"its targetable depth {depths[name]:.1f} mm")
     report.passed = not report.failures
     report.error_model = errors.to_dict()
+    for t in report.targets:  # the QA's targets carry the same prediction as the error model it was checked with
+        if t.name in pred:
+            t.predicted_error_p95_mm = float(pred[t.name].p95_mm)
     report.target_depths = depths
     logger.info("registration QA with target depths %s", "passed" if report.passed else "FAILED")
     return report
