@@ -224,22 +224,43 @@ def planned_tip(line_node) -> np.ndarray:
     return target + beyond * d / length
 
 
-def predicted_tre(transform_node):
-    """Largest predicted registration error (mm) stored by Registration Fusion at approval: the error model's
-    95th percentile (capsule TRE + unmodelled deformation), as the command line uses it; None when there is no
-    approval or it gives no targets. An approval whose targets lack that percentile (recorded before it was
-    stored) is refused: its capsule-only TRE understates the error at a deep target."""
+def registration_error_p95(transform_node):
+    """The approved registration's predicted error as a function ``f(point_mri) -> mm`` (95th percentile) at any
+    point of the MRI world, or None when ``transform_node`` carries no registration QA.
+
+    The QA stored by Registration Fusion at approval holds the capsule registration and its refinement, so the
+    error model (capsule TRE + unmodelled deformation, ``error_model.predict_from_qa``) is evaluated at each
+    target as the command line does, whether or not targets were given to the QA. An intensity-only fusion
+    gives its error estimate (taken as a 95th percentile) everywhere. A QA without either (stored by an older
+    version, or damaged) is refused: the capsule TRE alone understates the error at a deep target."""
+    from RegistrationFusionLib.errors import RegistrationFusionError
+    from RegistrationFusionLib.registration.error_model import predict_from_qa
+
     text = transform_node.GetAttribute("SmartBiopsy.RegistrationQA") if transform_node is not None else None
     if not text:
         return None
-    entries = json.loads(text).get("targets", [])
-    if not entries:
-        return None
-    values = [t.get("predicted_error_p95_mm") for t in entries]
-    if any(not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0 for v in values):
-        raise InputDataError("the approved registration gives no 95th-percentile error at its targets (approved with "
-                             "an older version); run its QA again in Registration Fusion and approve it")
-    return float(max(values))
+    qa = json.loads(text)
+    redo = "run its QA again in Registration Fusion and approve it"
+    if not isinstance(qa, dict):
+        raise InputDataError(f"the registration QA on '{transform_node.GetName()}' is not a QA report; {redo}")
+    if qa.get("method") == "intensity-only":
+        est = qa.get("error_estimate_mm")
+        if not isinstance(est, (int, float)) or isinstance(est, bool) or not np.isfinite(est) or est <= 0:
+            raise InputDataError(f"the intensity-only fusion QA gives no valid error estimate; {redo}")
+        return lambda point_mri: float(est)
+    m = np.asarray(qa.get("matrix_mri_to_ct_ras", []), float)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise InputDataError(f"the registration QA gives no valid MRI-to-CT transform; {redo}")
+    try:
+        predict_from_qa(qa, {"check": m[:3, 3]})  # refuses an incomplete QA before any target is planned
+    except RegistrationFusionError as e:
+        raise InputDataError(f"the approved registration gives no 95th-percentile error ({e}); {redo}") from e
+
+    def p95(point_mri) -> float:
+        p = np.asarray(point_mri, float).reshape(3)
+        return float(predict_from_qa(qa, {"t": m[:3, :3] @ p + m[:3, 3]}).targets[0].p95_mm)
+
+    return p95
 
 
 def region_of_target(line_node) -> str:
@@ -365,9 +386,9 @@ class BiopsyLogic:
         mask = np.asarray(tumour_mask.array) != 0
         result = habitats.compute_habitats(adc, ef, ff, mask, habitats.HabitatConfig(mode=mode))
         named = {"adc": adc, "ef": ef} | ({"ff": ff} if ff is not None else {})
-        p95 = predicted_tre(transform_node)
-        reg_error = None if p95 is None else hitprob.RegistrationError.from_p95(
-            p95, "largest 95th-percentile error of the approved registration (Registration Fusion QA)")
+        p95 = registration_error_p95(transform_node)
+        reg_error = None if p95 is None else (lambda p: hitprob.RegistrationError.from_p95(
+            p95(p), "95th percentile of the approved registration's error model (Registration Fusion QA)"))
         ts = targets.plan_targets(result.labels, named, p95, needle_error_mm, notch_length_mm, registration_error=reg_error)
         nodes = characterisation_mrml.characterisation_nodes(self.scene, result, ts)
         nodes["target_points"] = show_targets_per_habitat(self.scene, nodes["targets"], ts)

@@ -115,6 +115,36 @@ def test_excludes_displaced_capsule_with_reason():
     assert d["excluded"][0]["pair_index"] == 5 and d["markers"][5]["used"] is False
 
 
+
+def test_stored_registration_predicts_the_same_error_and_refuses_what_is_missing():
+    """The QA stored at approval carries the registration (to_dict); rebuilt from it (the JSON text, as Smart
+    Biopsy reads it) it predicts the same TRE and capsule excess, the excluded capsule staying out."""
+    import json
+
+    from RegistrationFusionLib.registration.error_model import capsule_excess_mm
+
+    ct = phantom_like_layout()
+    m = rigid()
+    rng = np.random.default_rng(3)
+    mr = L.apply_transform(np.linalg.inv(m), ct) + rng.normal(0, 0.1, ct.shape)
+    mr[5] += np.array([0.0, 3.0, 2.0])
+    reg = L.register_points(ct, mr, fle_ct=0.2, fle_mri=(0.2, 0.2, 0.4))
+    back = L.PointRegistration.from_dict(json.loads(json.dumps(reg.to_dict())))
+    assert back.used.tolist() == reg.used.tolist() and 5 not in back.used
+    probe = np.vstack([TARGETS_CT, [[150.0, -120.0, 90.0]]])
+    assert np.allclose(back.predicted_tre(probe), reg.predicted_tre(probe), rtol=1e-12)
+    assert capsule_excess_mm(back) == pytest.approx(capsule_excess_mm(reg), rel=1e-12)
+    for key in ("cov_ct_mm2", "used", "residual_mm"):
+        d = json.loads(json.dumps(reg.to_dict()))
+        del d["markers"][0][key]
+        with pytest.raises(RegistrationFusionError, match="incomplete"):
+            L.PointRegistration.from_dict(d)
+    d = json.loads(json.dumps(reg.to_dict()))
+    d["markers"][1]["cov_mri_mm2"] = [[float("nan")] * 3] * 3
+    with pytest.raises(RegistrationFusionError, match="not finite"):
+        L.PointRegistration.from_dict(d)
+
+
 def test_keeps_three_non_collinear_markers_even_with_large_residual():
     ct = np.array([[0, 0, 0], [40, 0, 0], [0, 40, 0], [40, 40, 0.0]])
     mr = ct.copy()

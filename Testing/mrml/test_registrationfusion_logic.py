@@ -114,8 +114,10 @@ def _targets_node(scene, points):
 
 def test_qa_table_approval_and_stored_qa_give_the_error_models_95th_percentile_not_the_capsule_tre(scene):
     """The capsules sit on the skin: their TRE says nothing of the deformation under it. The panel's target table,
-    the approval question and the QA stored at approval (read by Smart Biopsy) carry the error model's 95th
-    percentile, as the command line's QA does."""
+    the approval question and the QA stored at approval carry the error model's 95th percentile, and Smart Biopsy
+    evaluates the same model at its own targets from the stored QA, as the command line does."""
+    import json
+
     from RegistrationFusionLib.logic import QA_ATTRIBUTE, target_rows
     from RegistrationFusionLib.registration.error_model import ErrorModelParameters, predict_target_errors
     from SmartBiopsyLib import logic as biopsy_logic
@@ -136,54 +138,86 @@ def test_qa_table_approval_and_stored_qa_give_the_error_models_95th_percentile_n
     largest = max(e.p95_mm for e in expected.targets)
     assert f"largest predicted error {largest:.2f} mm (95th percentile" in logic.approval_question()
     logic.approve(t)
-    import json
     stored = json.loads(t.GetAttribute(QA_ATTRIBUTE))
     assert [e["predicted_error_p95_mm"] for e in stored["targets"]] == pytest.approx([e.p95_mm for e in expected.targets])
-    # Smart Biopsy's targets use that percentile (margin and hit probability), as the command line does
-    assert biopsy_logic.predicted_tre(t) == pytest.approx(largest)
+    # Smart Biopsy: the same model at any MRI point (here the QA's targets carried back into the MRI world)
+    m = logic.state.registration.matrix
+    p95_at = biopsy_logic.registration_error_p95(t)
+    for e in expected.targets:
+        x_mri = np.linalg.solve(m[:3, :3], np.asarray(e.point_ct_ras) - m[:3, 3])
+        assert p95_at(x_mri) == pytest.approx(e.p95_mm, rel=1e-9)
+    # approved without targets (the usual order: targets come later, from the habitats): still predicted
+    logic.qa_report(None)
+    logic.approve(t)
+    assert biopsy_logic.registration_error_p95(t)(np.zeros(3)) == pytest.approx(
+        predict_target_errors(logic.state.registration, {"o": m[:3, 3]}).targets[0].p95_mm, rel=1e-9)
+    # a capsule pair unticked by the user stays out of the stored registration's prediction too
+    logic.set_pair_used(2, False, ct, mri, vol, t)
+    logic.qa_report(None)
+    logic.approve(t)
+    m = logic.state.registration.matrix
+    far = np.array([[-90.0, 120.0, -70.0]])  # where the capsule geometry matters
+    x_mri = np.linalg.solve(m[:3, :3], far[0] - m[:3, 3])
+    assert biopsy_logic.registration_error_p95(t)(x_mri) == pytest.approx(
+        predict_target_errors(logic.state.registration, {"far": far[0]}).targets[0].p95_mm, rel=1e-9)
 
 
-def test_an_approval_without_the_95th_percentile_is_refused_by_smart_biopsy(scene):
+def test_smart_biopsy_refuses_a_stored_qa_it_cannot_predict_the_error_from_and_plans_with_the_one_it_can(scene):
     import json
 
-    from SmartBiopsyCoreLib.errors import InputDataError
-    from SmartBiopsyLib import logic as biopsy_logic
-
-    t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "MRI to CT")
-    assert biopsy_logic.predicted_tre(t) is None  # nothing approved
-    t.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps({"passed": True, "targets": []}))
-    assert biopsy_logic.predicted_tre(t) is None  # approved without targets
-    for bad in ({"name": "A", "predicted_tre_mm": 0.3}, {"name": "A", "predicted_tre_mm": 0.3,
-                                                          "predicted_error_p95_mm": None},
-                {"name": "A", "predicted_error_p95_mm": True}, {"name": "A", "predicted_error_p95_mm": -1.0}):
-        t.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps({"passed": True, "targets": [bad]}))
-        with pytest.raises(InputDataError, match="no 95th-percentile error"):
-            biopsy_logic.predicted_tre(t)
-    t.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps(
-        {"passed": True, "targets": [{"name": "A", "predicted_tre_mm": 0.3, "predicted_error_p95_mm": 2.6},
-                                     {"name": "B", "predicted_tre_mm": 0.4, "predicted_error_p95_mm": 2.9}]}))
-    assert biopsy_logic.predicted_tre(t) == pytest.approx(2.9)
-    # and the habitat step plans its targets with it: the margin of every target and its hit probability
     from SmartBiopsyCoreLib.dataio import volumes_mrml
-    from SmartBiopsyLib import scenarios as biopsy_scenarios
+    from SmartBiopsyCoreLib.errors import InputDataError
+    from SmartBiopsyLib import logic as biopsy_logic, scenarios as biopsy_scenarios
 
+    ct, mri, vol, _ = scenarios.reregistration_case(scene)
+    logic = FusionLogic(scene)
+    t = logic.register(ct, mri, vol)
+    logic.qa_report(None)
+    logic.approve(t)
+    good = json.loads(t.GetAttribute("SmartBiopsy.RegistrationQA"))
+    other = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "MRI to CT")
+    assert biopsy_logic.registration_error_p95(other) is None  # nothing approved
+
+    def stored(qa):
+        other.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps(qa))
+        return biopsy_logic.registration_error_p95(other)
+
+    older = {k: v for k, v in good.items() if k != "capsule_registration"}  # stored before the error model was
+    no_cov = json.loads(json.dumps(good))
+    del no_cov["capsule_registration"]["markers"][0]["cov_mri_mm2"]
+    bad_ref = dict(good, refinement={"accepted": "yes", "candidate_matrix_mri_to_ct_ras": np.eye(4).tolist()})
+    for bad in (older, no_cov, bad_ref, dict(good, matrix_mri_to_ct_ras=None),
+                {"method": "intensity-only", "error_estimate_mm": None}, [1, 2]):
+        with pytest.raises(InputDataError, match="run its QA again"):
+            stored(bad)
+    assert stored({"method": "intensity-only", "error_estimate_mm": 4.2})(np.zeros(3)) == 4.2
+    # a refinement candidate 3 mm away from the transform in use is a 3 mm deformation term (factor 2.5)
+    cand = np.array(good["matrix_mri_to_ct_ras"])
+    cand[0, 3] += 3.0
+    for accepted in (False, True):
+        with_ref = dict(good, refinement={"accepted": accepted, "candidate_matrix_mri_to_ct_ras": cand.tolist()})
+        assert 7.5 <= stored(with_ref)(np.zeros(3)) < 7.6
+
+    # the habitat step plans its targets with it: the margin of every target and its hit probability
     case = biopsy_scenarios.synthetic_tumour(spacing_mm=3.0, radius_mm=20.0)
     grid = case["grid"]
     adc = volumes_mrml.add_volume_node(scene, grid.with_array(case["adc"].astype(np.float32)), "ADC")
     ef = volumes_mrml.add_volume_node(scene, grid.with_array(case["ef"].astype(np.float32)), "EF")
     mask = grid.with_array(case["mask"].astype(np.uint8))
-    out = biopsy_logic.BiopsyLogic(scene).compute_habitats(adc, ef, None, mask, transform_node=t)
-    assert [x.predicted_tre_mm for x in out["targets"]] == pytest.approx([2.9] * len(out["targets"]))
-    # depth 7.5-7.9 mm: with 2 mm needle error and half a 10 mm notch, a 2.9 mm error leaves no target safe
-    assert not any(x.targetable for x in out["targets"])
 
-    def plan(p95):
-        t.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps(
-            {"passed": True, "targets": [{"name": "A", "predicted_tre_mm": 0.4, "predicted_error_p95_mm": p95}]}))
+    def plan(qa):
+        other.SetAttribute("SmartBiopsy.RegistrationQA", json.dumps(qa))
         return {x.region: x for x in biopsy_logic.BiopsyLogic(scene).compute_habitats(
-            adc, ef, None, mask, transform_node=t)["targets"]}
+            adc, ef, None, mask, transform_node=other)["targets"]}
 
-    small, large = plan(0.4), plan(6.0)
+    capsules = plan(good)
+    p95_at = biopsy_logic.registration_error_p95(other)
+    for x in capsules.values():
+        assert x.predicted_tre_mm == pytest.approx(p95_at(x.point_ras)) and x.predicted_tre_mm > 2.5
+    # depth 7.5-7.9 mm: with 2 mm needle error and half a 10 mm notch, a 2.5 mm error leaves no target safe
+    assert not any(x.targetable for x in capsules.values())
+    small = plan({"method": "intensity-only", "error_estimate_mm": 0.4})
+    large = plan({"method": "intensity-only", "error_estimate_mm": 6.0})
     assert small["A"].targetable and small["C"].targetable
     # the hit probability is computed with that error too: the thin region B is hit less often with a larger one
     assert large["B"].hit_probability < small["B"].hit_probability - 0.03

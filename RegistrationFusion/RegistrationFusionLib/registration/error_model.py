@@ -169,3 +169,29 @@ def predict_target_errors(landmark, targets_ct, *, refined_matrix: np.ndarray | 
         logger.info("target %s: predicted 95th-percentile error %.2f mm (rigid %.2f, deformation %.2f)", t.name,
                     t.p95_mm, t.rigid_tre_rms_mm, t.deformation_mm)
     return ErrorModelResult("refined" if refined_used else "landmark", out, prm)
+
+
+def predict_from_qa(qa: dict, targets_ct) -> ErrorModelResult:
+    """:func:`predict_target_errors` at targets chosen after the QA, from the QA report's dict (``qa.json``, or the
+    QA stored on the approved transform): its capsule registration and its whole-body refinement (the candidate,
+    and whether it is the transform in use). ``targets_ct``: {name: CT-RAS point} under the QA's transform.
+
+    Refused (:class:`RegistrationFusionError`) for a QA without its capsule registration (an intensity-only
+    fusion, whose error estimate is used as it is, or a QA stored by an older version)."""
+    from RegistrationFusionLib.errors import RegistrationFusionError
+    from RegistrationFusionLib.registration.landmarks import PointRegistration
+
+    if not isinstance(qa, dict) or not isinstance(qa.get("capsule_registration"), dict):
+        raise RegistrationFusionError("the registration QA holds no capsule registration to predict the error from; "
+                                      "run the QA again")
+    reg = PointRegistration.from_dict(qa["capsule_registration"])
+    ref = qa.get("refinement")
+    refined, used = None, False
+    if isinstance(ref, dict) and "candidate_matrix_mri_to_ct_ras" in ref:
+        refined = np.asarray(ref["candidate_matrix_mri_to_ct_ras"], float)
+        if refined.shape != (4, 4) or not np.all(np.isfinite(refined)) or not isinstance(ref.get("accepted"), bool):
+            raise RegistrationFusionError("the registration QA's refinement is incomplete; run the QA again")
+        used = ref["accepted"]
+    elif ref is not None:
+        raise RegistrationFusionError("the registration QA's refinement is incomplete; run the QA again")
+    return predict_target_errors(reg, targets_ct, refined_matrix=refined, refined_used=used)

@@ -466,10 +466,40 @@ class PointRegistration:
                  "used": bool(i in set(self.used.tolist())),
                  "residual_mm": float(self.residuals_mm[i]),
                  "expected_residual_mm": float(self.expected_residual_mm[i]),
-                 "loo_mm": None if not np.isfinite(self.loo_mm[i]) else float(self.loo_mm[i])}
+                 "loo_mm": None if not np.isfinite(self.loo_mm[i]) else float(self.loo_mm[i]),
+                 "cov_ct_mm2": np.asarray(self.cov_fixed[i]).tolist(),
+                 "cov_mri_mm2": np.asarray(self.cov_moving[i]).tolist()}
                 for i in range(len(self.fixed_points))],
             "excluded": [e.to_dict() for e in self.excluded],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PointRegistration":
+        """The registration back from :meth:`to_dict` (e.g. the QA stored at approval), as far as the predicted
+        TRE and the error model need it (excluded capsules keep their flag, not their reasons). Anything missing,
+        non-finite or of the wrong shape is refused: the error predicted from it would be wrong."""
+        try:
+            markers = list(d["markers"])
+            m = np.asarray(d["matrix_mri_to_ct_ras"], float)
+            scale = float(d["scale"])
+            fixed = np.array([mk["ct_ras"] for mk in markers], float).reshape(-1, 3)
+            moving = np.array([mk["mri_ras"] for mk in markers], float).reshape(-1, 3)
+            used = np.array([i for i, mk in enumerate(markers) if mk["used"] is True], int)
+            res = np.array([mk["residual_mm"] for mk in markers], float)
+            exp = np.array([mk["expected_residual_mm"] for mk in markers], float)
+            loo = np.array([np.nan if mk["loo_mm"] is None else mk["loo_mm"] for mk in markers], float)
+            cov_f = np.array([mk["cov_ct_mm2"] for mk in markers], float)
+            cov_m = np.array([mk["cov_mri_mm2"] for mk in markers], float)
+            fre = float(d["fre_mm"])
+            labels = [str(mk["label"]) for mk in markers]
+        except (KeyError, TypeError, ValueError) as e:
+            raise RegistrationFusionError(f"the stored capsule registration is incomplete ({e!r}); register again") from e
+        n = len(markers)
+        if (m.shape != (4, 4) or cov_f.shape != (n, 3, 3) or cov_m.shape != (n, 3, 3) or len(used) < 3
+                or not all(np.all(np.isfinite(a)) for a in (m, fixed, moving, cov_f, cov_m, res, exp))
+                or not np.isfinite(scale) or scale <= 0):
+            raise RegistrationFusionError("the stored capsule registration is incomplete or not finite; register again")
+        return cls(m, scale, fixed, moving, used, res, exp, fre, loo, [], cov_f, cov_m, labels)
 
 
 def _expected_residuals(fixed: np.ndarray, cov_f: np.ndarray, cov_m_in_f: np.ndarray) -> np.ndarray:

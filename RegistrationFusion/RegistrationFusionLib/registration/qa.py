@@ -71,11 +71,15 @@ class QAReport:
     error_estimate_mm: float | None = None
     error_model: dict | None = None
     target_depths: dict | None = None
+    #: the capsule registration (``PointRegistration.to_dict``, with the capsules' localisation covariances):
+    #: enough to predict the error at targets chosen after the QA (``error_model.predict_from_qa``)
+    capsule_registration: dict | None = None
 
     def to_dict(self) -> dict:
         return {
             "method": self.method, "error_estimate_mm": self.error_estimate_mm,
             "error_model": self.error_model, "targetable_depth_mm": self.target_depths,
+            "capsule_registration": self.capsule_registration,
             "passed": bool(self.passed), "failures": list(self.failures),
             "thresholds": self.thresholds.to_dict(),
             "fre_mm": float(self.fre_mm) if np.isfinite(self.fre_mm) else None,
@@ -182,6 +186,7 @@ def build_report(registration, targets_ct: dict | np.ndarray | None = None, *, c
     report = QAReport(not failures, failures, th, float(registration.fre_mm), markers,
                       [e.to_dict() for e in registration.excluded], targets, np.asarray(matrix).tolist(),
                       None if correspondence is None else correspondence.to_dict(), ref_d, notes)
+    report.capsule_registration = _clean(reg_d)
     if errors is not None:
         report.error_model = errors.to_dict()
     logger.info("registration QA %s%s", "passed" if report.passed else "FAILED: ", "; ".join(failures))

@@ -107,12 +107,14 @@ def section_fusion(case: CaseFolder, figs: FigureStore) -> str:
         out.append(na_note("per-marker residuals not available (the QA report lists no markers)"))
     tgts = [t for t in (qa_d.get("targets") or []) if isinstance(t, dict)]
     if tgts:
-        rows = [(t.get("name"), fmt_num(t.get("predicted_tre_mm"), 2), fmt_num(t.get("predicted_tre_fwm_mm"), 2),
-                 fmt_num(t.get("refinement_displacement_mm"), 2),
+        rows = [(t.get("name"), fmt_num(t.get("predicted_error_p95_mm"), 2), fmt_num(t.get("predicted_tre_mm"), 2),
+                 fmt_num(t.get("predicted_tre_fwm_mm"), 2), fmt_num(t.get("refinement_displacement_mm"), 2),
                  " ".join(fmt_num(v) for v in (t.get("ras") or []))) for t in tgts]
-        out.append("<p>Predicted target registration error at each target:</p>")
-        out.append(html_table(("target", "predicted TRE (mm)", "TRE, FLE-weighted (mm)", "moved by refinement (mm)",
-                           "CT RAS (mm)"), rows, num_cols=(1, 2, 3)))
+        out.append("<p>Predicted registration error at each target: the 95th percentile with unmodelled deformation, "
+                   "and the capsules' own TRE (RMS), which does not include it:</p>")
+        out.append(html_table(("target", "predicted error, 95th percentile (mm)", "predicted TRE (mm)",
+                               "TRE, FLE-weighted (mm)", "moved by refinement (mm)", "CT RAS (mm)"), rows,
+                              num_cols=(1, 2, 3, 4)))
     else:
         out.append(na_note("predicted TRE at the targets not available (the QA was computed without targets)"))
     out.extend(_error_model_block(qa_d))
