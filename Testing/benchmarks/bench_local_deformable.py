@@ -171,23 +171,29 @@ def _images(ct_box, mri, m0, args):
     return fixed, sitk.SmoothingRecursiveGaussian(ct.to_sitk(), 1.0)
 
 
-def noise_free_ct(d: dict):
-    """The case's CT without its 10 HU noise (same seed, same anatomy and pose), cached beside the case."""
+def _cached(name: str, d: dict, make):
+    """``make()`` pickled beside the case as ``seed<N>_<kind>_<name>.pkl`` (written atomically), or read back."""
     import pickle
 
     from bench_fusion_error import CACHE
 
-    path = CACHE / f"seed{d['seed']}_{'deformed' if d['deformation'] else 'rigid'}_ct_noise_free.pkl"
+    path = CACHE / f"seed{d['seed']}_{'deformed' if d['deformation'] else 'rigid'}_{name}.pkl"
     if path.exists():
         with open(path, "rb") as fh:
             return pickle.load(fh)
+    value = make()
+    with open(path.with_suffix(".tmp"), "wb") as fh:
+        pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    path.with_suffix(".tmp").replace(path)
+    return value
+
+
+def noise_free_ct(d: dict):
+    """The case's CT without its 10 HU noise (same seed, same anatomy and pose), cached beside the case."""
     from SmartBiopsyCoreLib.phantom.sarcoma import generate_phantom
 
-    ct = generate_phantom(d["seed"], deformation=d["deformation"], cache=False, ct_noise_hu=0.0).ct
-    with open(path.with_suffix(".tmp"), "wb") as fh:
-        pickle.dump(ct, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    path.with_suffix(".tmp").replace(path)
-    return ct
+    return _cached("ct_noise_free", d, lambda: generate_phantom(d["seed"], deformation=d["deformation"], cache=False,
+                                                                ct_noise_hu=0.0).ct)
 
 
 def oracle_image(d: dict, slice_mm: float):
@@ -195,19 +201,16 @@ def oracle_image(d: dict, slice_mm: float):
     (rigid pose and deformation) on a grid with the MRI's orientation, in-plane grid and slab extent, with slices
     every ``slice_mm`` (6 mm: the MRI's own grid). Registering it to the (noisy) CT asks how far the CT's own
     content in the tumour box can pin down the deformation, whatever the MRI shows. Cached beside the case."""
-    import pickle
+    return _cached(f"oracle_{slice_mm:g}mm", d, lambda: _make_oracle(d, slice_mm))
 
-    from bench_fusion_error import CACHE
+
+def _make_oracle(d: dict, slice_mm: float):
     from scipy.ndimage import map_coordinates
 
     from SmartBiopsyCoreLib.geometry import RasVolume
 
-    kind = "deformed" if d["deformation"] else "rigid"
-    path = CACHE / f"seed{d['seed']}_{kind}_oracle_{slice_mm:g}mm.pkl"
-    if path.exists():
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
     ct = noise_free_ct(d)
+    ct_hu = ct.array.astype(np.float32)
     mri = d["fat"]
     m = mri.ijk_to_ras.copy()
     dz = float(np.linalg.norm(m[:3, 2]))
@@ -221,12 +224,8 @@ def oracle_image(d: dict, slice_mm: float):
         ijk = np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k)], 1).astype(float)
         y = d["true_map"](ijk @ m[:3, :3].T + m[:3, 3])
         kji = (y @ inv[:3, :3].T + inv[:3, 3])[:, ::-1].T
-        out[k] = map_coordinates(ct.array.astype(np.float32), kji, order=1, mode="nearest").reshape(shape[1:])
-    vol = RasVolume(out, m, f"oracle {slice_mm:g} mm")
-    with open(path.with_suffix(".tmp"), "wb") as fh:
-        pickle.dump(vol, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    path.with_suffix(".tmp").replace(path)
-    return vol
+        out[k] = map_coordinates(ct_hu, kji, order=1, mode="nearest").reshape(shape[1:])
+    return RasVolume(out, m, f"oracle {slice_mm:g} mm")
 
 
 def _field_ras(arr_lps: np.ndarray) -> np.ndarray:
