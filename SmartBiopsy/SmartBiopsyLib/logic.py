@@ -170,8 +170,8 @@ TARGET_COLUMNS = ("region", "ADC", "EF %", "FF %", "depth mm", "error 95 % mm", 
 def target_rows(targets) -> tuple[tuple, list[tuple]]:
     """(columns, rows) of the panel's target table: the region, its mean ADC (10^-6 mm^2/s), EF and FF (%), the
     depth inside the region and the predicted registration error (95th percentile, mm), the probability that the
-    notch samples the region (%, with
-    its Monte Carlo standard error; "not evaluated" when it was not computed) and the targetability flags."""
+    notch samples the region (%, with its Monte Carlo standard error; "not evaluated" when it was not computed)
+    and the targetability flags."""
     nan = float("nan")
     rows = []
     for t in targets:
@@ -229,12 +229,12 @@ def registration_error_p95(transform_node):
     point of the MRI world, or None when ``transform_node`` carries no registration QA.
 
     The QA stored by Registration Fusion at approval holds the capsule registration and its refinement, so the
-    error model (capsule TRE + unmodelled deformation, ``error_model.predict_from_qa``) is evaluated at each
+    error model (capsule TRE + unmodelled deformation, ``error_model.predictor_from_qa``) is evaluated at each
     target as the command line does, whether or not targets were given to the QA. An intensity-only fusion
     gives its error estimate (taken as a 95th percentile) everywhere. A QA without either (stored by an older
     version, or damaged) is refused: the capsule TRE alone understates the error at a deep target."""
     from RegistrationFusionLib.errors import RegistrationFusionError
-    from RegistrationFusionLib.registration.error_model import predict_from_qa
+    from RegistrationFusionLib.registration.error_model import predictor_from_qa
 
     text = transform_node.GetAttribute("SmartBiopsy.RegistrationQA") if transform_node is not None else None
     if not text:
@@ -252,13 +252,13 @@ def registration_error_p95(transform_node):
     if m.shape != (4, 4) or not np.all(np.isfinite(m)):
         raise InputDataError(f"the registration QA gives no valid MRI-to-CT transform; {redo}")
     try:
-        predict_from_qa(qa, {"check": m[:3, 3]})  # refuses an incomplete QA before any target is planned
+        predict = predictor_from_qa(qa)  # refuses an incomplete QA before any target is planned
     except RegistrationFusionError as e:
         raise InputDataError(f"the approved registration gives no 95th-percentile error ({e}); {redo}") from e
 
     def p95(point_mri) -> float:
         p = np.asarray(point_mri, float).reshape(3)
-        return float(predict_from_qa(qa, {"t": m[:3, :3] @ p + m[:3, 3]}).targets[0].p95_mm)
+        return float(predict({"t": m[:3, :3] @ p + m[:3, 3]}).targets[0].p95_mm)
 
     return p95
 

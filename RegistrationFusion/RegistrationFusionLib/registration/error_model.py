@@ -171,13 +171,15 @@ def predict_target_errors(landmark, targets_ct, *, refined_matrix: np.ndarray | 
     return ErrorModelResult("refined" if refined_used else "landmark", out, prm)
 
 
-def predict_from_qa(qa: dict, targets_ct) -> ErrorModelResult:
-    """:func:`predict_target_errors` at targets chosen after the QA, from the QA report's dict (``qa.json``, or the
-    QA stored on the approved transform): its capsule registration and its whole-body refinement (the candidate,
-    and whether it is the transform in use). ``targets_ct``: {name: CT-RAS point} under the QA's transform.
+def predictor_from_qa(qa: dict):
+    """:func:`predict_target_errors` for targets chosen after the QA, from the QA report's dict (``qa.json``, or
+    the QA stored on the approved transform): its capsule registration and its whole-body refinement (the
+    candidate, and whether it is the transform in use), read and checked once. Returns ``f(targets_ct) ->
+    ErrorModelResult``; ``targets_ct``: {name: CT-RAS point} under the QA's transform.
 
     Refused (:class:`RegistrationFusionError`) for a QA without its capsule registration (an intensity-only
-    fusion, whose error estimate is used as it is, or a QA stored by an older version)."""
+    fusion, whose error estimate is used as it is, or a QA stored by an older version) or with an incomplete
+    refinement."""
     from RegistrationFusionLib.errors import RegistrationFusionError
     from RegistrationFusionLib.registration.landmarks import PointRegistration
 
@@ -194,4 +196,4 @@ def predict_from_qa(qa: dict, targets_ct) -> ErrorModelResult:
         used = ref["accepted"]
     elif ref is not None:
         raise RegistrationFusionError("the registration QA's refinement is incomplete; run the QA again")
-    return predict_target_errors(reg, targets_ct, refined_matrix=refined, refined_used=used)
+    return lambda targets_ct: predict_target_errors(reg, targets_ct, refined_matrix=refined, refined_used=used)

@@ -72,7 +72,7 @@ class QAReport:
     error_model: dict | None = None
     target_depths: dict | None = None
     #: the capsule registration (``PointRegistration.to_dict``, with the capsules' localisation covariances):
-    #: enough to predict the error at targets chosen after the QA (``error_model.predict_from_qa``)
+    #: enough to predict the error at targets chosen after the QA (``error_model.predictor_from_qa``)
     capsule_registration: dict | None = None
 
     def to_dict(self) -> dict:
